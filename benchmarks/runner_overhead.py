@@ -1,0 +1,200 @@
+"""Runner overhead: a trivial batch stage through the runner vs. a plain pyarrow loop, same shards.
+
+    python benchmarks/runner_overhead.py --rows 1000000 --payload-kb 50
+
+Both sides do the same work per shard: read it, run the stage's `process`, split kept from
+rejected, write both as Parquet. The runner adds Ray Data scheduling, the ledger and manifests.
+Its ingest copy of the input is timed separately (it is a one-off per input, not per stage).
+
+Payloads are `--distinct-payloads` random blobs (incompressible, like JPEG bytes) repeated over the
+rows, written with Parquet dictionary encoding so 1M x 50 KB fits on this disk; in memory every row
+still carries its full 50 KB. Peak RSS is sampled every 50 ms over the driver and all its child
+processes (Ray workers included; shared object-store pages are counted once per process that maps
+them, so it is an upper bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.runner import Pipeline, Runner  # noqa: E402
+from stages.base import BatchStage, param, reject  # noqa: E402
+from stages.ledger import split_rejected  # noqa: E402
+from stages.schema import IMAGE_TYPE, conform  # noqa: E402
+from stages.shards import Location, write_table_atomic  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class TrivialParams:
+    max_chars: int = param(40, "reject captions longer than this")
+
+
+class Trivial(BatchStage):
+    """Caption length filter: the cheapest stage that still reads a column and rejects rows."""
+
+    name = "trivial"
+    Params = TrivialParams
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        lengths = pc.utf8_length(batch.column("caption"))
+        return reject(
+            batch,
+            pc.greater(lengths, self.params.max_chars).to_numpy(zero_copy_only=False),
+            "trivial: long",
+        )
+
+
+class PeakRSS:
+    def __init__(self) -> None:
+        self.peak_tree = self.peak_driver = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            try:
+                procs = [me, *me.children(recursive=True)]
+                total = 0
+                for p in procs:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak_tree = max(self.peak_tree, total)
+                self.peak_driver = max(self.peak_driver, me.memory_info().rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def make_shards(
+    folder: Path, rows: int, per_shard: int, payload_kb: int, distinct: int, seed: int
+) -> int:
+    rng = np.random.default_rng(seed)
+    payloads = [rng.bytes(payload_kb * 1024) for _ in range(distinct)]
+    folder.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for s, start in enumerate(range(0, rows, per_shard)):
+        n = min(per_shard, rows - start)
+        idx = rng.integers(0, distinct, n)
+        images = pa.array(
+            [[{"bytes": payloads[i], "path": None}] for i in idx], pa.list_(IMAGE_TYPE)
+        )
+        caps = pa.array([("a cat " * int(k % 12)).strip() for k in range(start, start + n)])
+        ids = pa.array([f"b-{k:08d}" for k in range(start, start + n)])
+        table = conform(pa.table({"id": ids, "images": images, "caption": caps}))
+        pq.write_table(
+            table,
+            folder / f"shard-{s:05d}.parquet",
+            use_dictionary=True,
+            dictionary_pagesize_limit=1 << 30,
+            row_group_size=n,
+        )
+        written += n
+    return written
+
+
+def plain_loop(src: Path, dst: Path, stage: Trivial) -> int:
+    out = Location.of(dst)
+    out.join("rejected").mkdir()
+    rows = 0
+    for f in sorted(src.glob("*.parquet")):
+        table = pq.read_table(f)
+        kept, rejected = split_rejected(stage.process(table))
+        write_table_atomic(kept, out.join(f"{f.stem}.parquet"))
+        if rejected.num_rows:
+            write_table_atomic(rejected, out.join("rejected", f"{f.stem}.parquet"))
+        rows += table.num_rows
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--payload-kb", type=int, default=50)
+    ap.add_argument("--rows-per-shard", type=int, default=2_000)
+    ap.add_argument("--distinct-payloads", type=int, default=64)
+    ap.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="warren-bench-"))
+    src = work / "input"
+    try:
+        t0 = time.perf_counter()
+        n = make_shards(
+            src, args.rows, args.rows_per_shard, args.payload_kb, args.distinct_payloads, args.seed
+        )
+        print(
+            f"generated {n:,} rows x {args.payload_kb} KB in {time.perf_counter() - t0:.1f} s -> {src}"
+        )
+        stage = Trivial()
+
+        with PeakRSS() as rss:
+            t0 = time.perf_counter()
+            plain_loop(src, work / "plain", stage)
+            plain_s = time.perf_counter() - t0
+        print(
+            f"plain pyarrow loop: {plain_s:.1f} s, {n / plain_s:,.0f} rows/s, peak RSS {rss.peak_driver / 2**30:.2f} GiB"
+        )
+        shutil.rmtree(work / "plain")
+
+        with PeakRSS() as rss:
+            t0 = time.perf_counter()
+            Runner(
+                Pipeline("bench", [stage]),
+                str(src),
+                str(work / "runner"),
+                input_format="parquet",
+                progress=False,
+            ).run()
+            total_s = time.perf_counter() - t0
+        import json
+
+        manifests = {
+            p.parent.name: json.loads(p.read_text())
+            for p in (work / "runner").glob("*/_manifest.json")
+        }
+        ingest_s = manifests["00-ingest"]["seconds"]
+        stage_s = manifests["01-trivial"]["seconds"]
+        print(
+            f"runner: ingest copy {ingest_s:.1f} s, stage {stage_s:.1f} s ({n / stage_s:,.0f} rows/s), "
+            f"whole run {total_s:.1f} s incl. Ray start; peak RSS driver {rss.peak_driver / 2**30:.2f} GiB, "
+            f"driver+workers {rss.peak_tree / 2**30:.2f} GiB"
+        )
+        print(f"ratio runner stage / plain loop (time): {stage_s / plain_s:.2f}x")
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    main()

@@ -1,0 +1,155 @@
+"""The command line every recipe script shares, generated from the stages' parameter dataclasses.
+
+`python pipelines/<recipe>.py --help` lists the runner's flags and one `--<stage>.<param>` flag per
+stage parameter, with the default and help text declared on the dataclass field: a default lives
+in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipelines.runner import Pipeline, PipelineError, Runner
+from stages.base import Stage
+from stages.readers.base import InputError
+from stages.schema import SchemaError
+
+DEMO_DATA = str(Path(__file__).resolve().parent / "demo_data" / "demo.parquet")
+
+
+def _flag_type(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin is typing.Union and len(args) == 1:
+        return _flag_type(args[0])
+    if tp is bool:
+        return _parse_bool
+    if tp in (int, float, str):
+        return tp
+    if origin in (list, tuple, dict) or tp in (list, tuple, dict):
+        return json.loads
+    return str
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_stage_flags(parser: argparse.ArgumentParser, stages: Sequence[Stage]) -> None:
+    for stage in stages:
+        group = parser.add_argument_group(
+            f"stage {stage.name} (v{stage.version})", type(stage).__doc__
+        )
+        hints = typing.get_type_hints(type(stage.params))
+        for f in dataclasses.fields(stage.params):
+            default = getattr(stage.params, f.name)
+            group.add_argument(
+                f"--{stage.name}.{f.name}",
+                dest=f"{stage.name}.{f.name}",
+                type=_flag_type(hints.get(f.name, str)),
+                default=None,
+                metavar=type(default).__name__.upper(),
+                help=f"{f.metadata.get('help', '')} (default: {json.dumps(default)})",
+            )
+
+
+def apply_stage_flags(args: argparse.Namespace, stages: Sequence[Stage]) -> list[Stage]:
+    out = []
+    for stage in stages:
+        overrides = {
+            f.name: getattr(args, f"{stage.name}.{f.name}")
+            for f in dataclasses.fields(stage.params)
+            if getattr(args, f"{stage.name}.{f.name}") is not None
+        }
+        out.append(type(stage)(stage.params, **overrides) if overrides else stage)
+    return out
+
+
+def build_parser(pipeline: Pipeline, default_output: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"{pipeline.name}",
+        description=pipeline.description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--input", default=DEMO_DATA, help="input path or URI (default: the bundled demo pool)"
+    )
+    parser.add_argument(
+        "--input-format",
+        default=None,
+        help="parquet, img2dataset, llava_json, image_folder, hf_datasets (default: detected)",
+    )
+    parser.add_argument(
+        "--input-option",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help='reader option, e.g. image_root="/data/coco" or columns=\'{"caption": "TEXT"}\'',
+    )
+    parser.add_argument("--output", default=default_output, help="output folder or URI")
+    parser.add_argument("--force", action="store_true", help="recompute every stage")
+    parser.add_argument(
+        "--from", dest="from_stage", help="recompute this stage and everything after it"
+    )
+    parser.add_argument("--only", help="recompute this stage alone (its input must be up to date)")
+    parser.add_argument(
+        "--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)"
+    )
+    parser.add_argument("--describe", action="store_true", help="print the pipeline and exit")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines or funnel")
+    add_stage_flags(parser, pipeline.stages)
+    return parser
+
+
+def _reader_options(items: list[str]) -> dict[str, Any]:
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--input-option {item!r}: expected KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def main(
+    pipeline: Pipeline, argv: Sequence[str] | None = None, default_output: str | None = None
+) -> int:
+    """Parse the command line, run the pipeline, print the funnel. Returns the exit code."""
+    parser = build_parser(pipeline, default_output or f"warren-out/{pipeline.name}")
+    args = parser.parse_args(argv)
+    try:
+        stages = apply_stage_flags(args, pipeline.stages)
+        configured = Pipeline(pipeline.name, stages, pipeline.description)
+        if args.describe:
+            print(configured.describe())
+            return 0
+        Runner(
+            configured,
+            args.input,
+            args.output,
+            input_format=args.input_format,
+            reader_options=_reader_options(args.input_option),
+            force=args.force,
+            from_stage=args.from_stage,
+            only=args.only,
+            progress=not args.quiet,
+            num_cpus=args.num_cpus,
+        ).run()
+    except (PipelineError, InputError, SchemaError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,700 @@
+"""The pipeline runner: ingest, then each stage in order, each materialised and cached.
+
+For a pipeline run into OUTPUT:
+
+- `OUTPUT/00-ingest/` holds the input as canonical rows; `OUTPUT/NN-<stage>/` each stage's kept
+  rows as Parquet shards, `.../rejected/` its rejected rows with a `reason` column, and
+  `.../_manifest.json` (name, version, parameters, fingerprints, counts, time, schema) once the
+  stage completed.
+- A stage's fingerprint hashes its name, version, parameters and its input's fingerprint. A re-run
+  skips every stage whose manifest carries the same fingerprint (and whose files are all there),
+  so changing one parameter recomputes that stage and what follows it, nothing before.
+- A map stage interrupted half way (a kill, a lost node) resumes source shard by source shard: see
+  `stages.ledger`. Global stages restart from their input.
+- Progress lines are printed while a stage runs; a funnel table at the end, saved as
+  `OUTPUT/run.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from stages.base import BatchStage, GlobalContext, GlobalStage, Stage, stable_hash
+from stages.ledger import (
+    PROGRESS_DIR,
+    REJECTED_DIR,
+    commit_piece,
+    complete_sources,
+    mark_source_done,
+    prune_incomplete,
+    read_ledger,
+)
+from stages.readers.base import Reader, ReadUnit
+from stages.schema import conform
+from stages.shards import Location, list_shards, parquet_row_count
+
+MANIFEST = "_manifest.json"
+ATTEMPT = "_attempt.json"
+INGEST = "ingest"
+SRC_COLUMN = "path"
+GLOBAL_ROWS_PER_PART = 2048  # the column Ray's read_parquet(include_paths=True) adds
+
+
+class PipelineError(RuntimeError):
+    """A run cannot go on; the message says which stage and why."""
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """An ordered list of stages with a name; the recipe scripts build one and call `main`."""
+
+    name: str
+    stages: list[Stage]
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.stages]
+        if INGEST in names:
+            raise ValueError(f"'{INGEST}' is reserved for the input stage")
+        for s in self.stages:
+            if not isinstance(s, (BatchStage, GlobalStage)):
+                raise TypeError(f"{s!r} is neither a BatchStage nor a GlobalStage")
+
+    def folders(self) -> list[str]:
+        return [f"00-{INGEST}"] + [f"{i:02d}-{s.name}" for i, s in enumerate(self.stages, 1)]
+
+    def describe(self) -> str:
+        lines = [
+            f"pipeline {self.name}: {self.description}".rstrip(": "),
+            f"  00 {INGEST}: read the input into canonical rows",
+        ]
+        for i, s in enumerate(self.stages, 1):
+            d = s.describe()
+            lines.append(
+                f"  {i:02d} {s.name} v{s.version} ({d['kind']}, cpus={s.num_cpus}, gpus={s.num_gpus}) {d['params']}"
+            )
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class StageReport:
+    index: int
+    name: str
+    folder: str
+    status: str  # "computed", "resumed", "cached"
+    rows_in: int
+    kept: int
+    rejected: int
+    reasons: dict[str, int]
+    seconds: float
+    fingerprint: str
+
+    @property
+    def kept_share(self) -> float:
+        return self.kept / self.rows_in if self.rows_in else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Ray
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Connect to the cluster a job runs on (RAY_ADDRESS), or start Ray in-process sized to the machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {
+        "configure_logging": True,
+        "logging_level": "WARNING",
+        "log_to_driver": True,
+    }
+    if not os.environ.get("RAY_ADDRESS"):
+        kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
+        kwargs["include_dashboard"] = False
+        # Workers must import the recipe's stages the way the driver does.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
+    ray.init(**kwargs)
+
+
+def _cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def _map_resources(stage: BatchStage) -> dict[str, Any]:
+    """Resources for map_batches; actor pools are bounded so read tasks always have a CPU."""
+    import ray
+
+    cpus = _cluster_cpus()
+    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    num_gpus = stage.num_gpus if gpus >= stage.num_gpus else 0.0
+    num_cpus = min(stage.num_cpus, max(cpus / 2, 0.25))
+    args: dict[str, Any] = {"num_cpus": num_cpus}
+    if num_gpus:
+        args["num_gpus"] = num_gpus
+    if stage.uses_model:
+        if stage.concurrency is not None:
+            lo, hi = stage.concurrency
+        else:
+            by_cpu = int((cpus - 1) // num_cpus) if cpus > 1 else 1
+            by_gpu = int(gpus // num_gpus) if num_gpus else by_cpu
+            hi = max(1, min(by_cpu, by_gpu))
+            lo = 1
+        args["concurrency"] = (lo, max(lo, hi))
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Workers: they run in Ray, write their own output and return only a one-row summary per piece.
+
+
+_SETUP_DONE: dict[int, Stage] = {}
+
+
+def _summary(entries: list[dict]) -> pa.Table:
+    return pa.table(
+        {
+            "src": [e["src"] for e in entries],
+            "rows_in": [e["rows_in"] for e in entries],
+            "kept": [e["kept"] for e in entries],
+            "rejected": [e["rejected"] for e in entries],
+        },
+        schema=pa.schema(
+            [
+                ("src", pa.string()),
+                ("rows_in", pa.int64()),
+                ("kept", pa.int64()),
+                ("rejected", pa.int64()),
+            ]
+        ),
+    )
+
+
+def _apply_stage(stage: BatchStage, batch: pa.Table) -> pa.Table:
+    n = batch.num_rows
+    ids = batch.column("id")
+    out = stage.process(batch)
+    if not isinstance(out, pa.Table):
+        raise PipelineError(
+            f"stage {stage.name}: process() returned {type(out).__name__}, expected pyarrow.Table"
+        )
+    if out.num_rows != n:
+        raise PipelineError(
+            f"stage {stage.name}: process() returned {out.num_rows} rows for {n} input rows; "
+            "a stage must return every row (mark rejects with stages.base.reject)"
+        )
+    if not out.column("id").equals(ids):
+        raise PipelineError(f"stage {stage.name}: process() changed the row order or the ids")
+    return conform(out, where=f"stage {stage.name}")
+
+
+def _commit_by_source(out: Location, src_col: pa.ChunkedArray, table: pa.Table) -> list[dict]:
+    import pyarrow.compute as pc
+
+    entries = []
+    for src in pc.unique(src_col).to_pylist():
+        piece = table.filter(pc.equal(src_col, src))
+        entries.append(commit_piece(out, _normalise_src(src), piece))
+    return entries
+
+
+def _normalise_src(path: str) -> str:
+    return path.split("://", 1)[-1]
+
+
+class _MapActor:
+    """Actor-pool worker for model stages: setup() once, then process and write each batch."""
+
+    def __init__(self, stage: BatchStage, out_uri: str) -> None:
+        self.stage = stage
+        self.out = Location.of(out_uri)
+        stage.setup()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        src = batch.column(SRC_COLUMN)
+        table = _apply_stage(self.stage, batch.drop_columns([SRC_COLUMN]))
+        return _summary(_commit_by_source(self.out, src, table))
+
+
+def _map_task(batch: pa.Table, stage: BatchStage, out_uri: str) -> pa.Table:
+    key = id(stage)
+    if key not in _SETUP_DONE:
+        stage.setup()
+        _SETUP_DONE[key] = stage
+    src = batch.column(SRC_COLUMN)
+    table = _apply_stage(_SETUP_DONE[key], batch.drop_columns([SRC_COLUMN]))
+    return _summary(_commit_by_source(Location.of(out_uri), src, table))
+
+
+def _ingest_task(batch: pa.Table, reader: Reader, out_uri: str) -> pa.Table:
+    out = Location.of(out_uri)
+    entries = []
+    for row in batch.to_pylist():
+        unit = ReadUnit(key=row["key"], path=row["path"], options=json.loads(row["options"]))
+        total = 0
+        for table in reader.read(unit):
+            table = conform(table, where=f"{reader.format} reader, {unit.path}")
+            entries.append(commit_piece(out, unit.key, table))
+            total += table.num_rows
+        mark_source_done(out, unit.key, total)
+    return _summary(entries)
+
+
+def _global_write_task(batch: pa.Table, out_uri: str, name: str) -> pa.Table:
+    table = conform(batch, where=f"stage {name}")
+    return _summary([commit_piece(Location.of(out_uri), "global", table)])
+
+
+# --------------------------------------------------------------------------------------------
+# The runner
+
+
+class _Progress:
+    def __init__(self, label: str, total: int | None, enabled: bool) -> None:
+        self.label, self.total, self.enabled = label, total, enabled
+        self.rows = self.kept = self.rejected = self.printed_rows = 0
+        self.start = self.last = time.monotonic()
+
+    def add(self, summary: pa.Table) -> None:
+        self.rows += sum(summary.column("rows_in").to_pylist())
+        self.kept += sum(summary.column("kept").to_pylist())
+        self.rejected += sum(summary.column("rejected").to_pylist())
+        now = time.monotonic()
+        if self.enabled and now - self.last >= 2.0:
+            self.last = now
+            self.print()
+
+    def print(self) -> None:
+        self.printed_rows = self.rows
+        done = f"{self.rows:,}" + (
+            f"/{self.total:,} ({100 * self.rows / self.total:.0f}%)" if self.total else ""
+        )
+        rate = self.rows / max(time.monotonic() - self.start, 1e-9)
+        print(
+            f"  [{self.label}] {done} rows, kept {self.kept:,}, rejected {self.rejected:,}, {rate:,.0f} rows/s",
+            flush=True,
+        )
+
+
+class Runner:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        input_uri: str,
+        output_uri: str,
+        *,
+        input_format: str | None = None,
+        reader_options: dict[str, Any] | None = None,
+        reader: Reader | None = None,
+        force: bool = False,
+        from_stage: str | None = None,
+        only: str | None = None,
+        progress: bool = True,
+        num_cpus: int | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.output = Location.of(output_uri)
+        from stages.readers import get_reader
+
+        self.reader = reader or get_reader(input_format, input_uri, **(reader_options or {}))
+        self.force = force
+        self.progress = progress
+        self.num_cpus = num_cpus
+        self.folders = pipeline.folders()
+        self.from_index = self._stage_index(from_stage, "--from") if from_stage else None
+        self.only_index = self._stage_index(only, "--only") if only else None
+
+    def _stage_index(self, ref: str, flag: str) -> int:
+        names = [INGEST] + [s.name for s in self.pipeline.stages]
+        for i, (name, folder) in enumerate(zip(names, self.folders, strict=True)):
+            if ref in (name, folder, str(i)):
+                return i
+        raise PipelineError(
+            f"{flag} {ref!r}: no such stage in pipeline {self.pipeline.name} (stages: {', '.join(names)})"
+        )
+
+    def log(self, msg: str) -> None:
+        if self.progress:
+            print(msg, flush=True)
+
+    # ---- caching
+
+    def _manifest(self, folder: str) -> dict | None:
+        loc = self.output.join(folder, MANIFEST)
+        if not loc.exists():
+            return None
+        try:
+            return loc.read_json()
+        except (ValueError, OSError):
+            return None
+
+    def _cached(self, folder: str, fingerprint: str) -> dict | None:
+        """The manifest, if it matches the fingerprint and every file it lists is there."""
+        m = self._manifest(folder)
+        if not m or m.get("fingerprint") != fingerprint:
+            return None
+        base = self.output.join(folder)
+        for f in m["files"]:
+            info = base.fs.get_file_info(base.join(f["name"]).path)
+            if info.size != f["bytes"]:
+                self.log(f"  {folder}: {f['name']} is missing or changed; recomputing")
+                return None
+        return m
+
+    def _must_run(self, index: int) -> bool:
+        if self.force:
+            return True
+        if self.only_index is not None:
+            return index == self.only_index
+        return self.from_index is not None and index >= self.from_index
+
+    # ---- running
+
+    def run(self) -> list[StageReport]:
+        ensure_ray(self.num_cpus)
+        _quiet_ray_data(not self.progress)
+        started = time.time()
+        self.output.mkdir()
+        self.log(self.pipeline.describe())
+        self.log(f"input: {self.reader.uri} ({self.reader.format}); output: {self.output.uri}")
+        reports: list[StageReport] = []
+        fingerprint = stable_hash({"reader": self.reader.fingerprint(), "stage": INGEST})
+        last = len(self.pipeline.stages) if self.only_index is None else self.only_index
+        for index in range(0, last + 1):
+            folder = self.folders[index]
+            stage = None if index == 0 else self.pipeline.stages[index - 1]
+            if stage is not None:
+                fingerprint = stable_hash(
+                    {
+                        "stage": stage.name,
+                        "version": stage.version,
+                        "params": stage.params_hash,
+                        "input": fingerprint,
+                    }
+                )
+            cached = None if self._must_run(index) else self._cached(folder, fingerprint)
+            if self.only_index is not None and index < self.only_index:
+                cached = self._cached(folder, fingerprint)
+                if cached is None:
+                    raise PipelineError(
+                        f"--only {self.folders[self.only_index]} needs the output of {folder}, which is missing "
+                        "or out of date; run without --only (or with --from) first"
+                    )
+            if cached is not None:
+                reports.append(self._report_from_manifest(index, folder, cached, "cached"))
+                self.log(
+                    f"[{folder}] cached: {cached['kept']:,} rows kept of {cached['rows_in']:,}"
+                )
+                continue
+            reports.append(self._run_stage(index, folder, stage, fingerprint))
+        summary = self._write_run_json(reports, time.time() - started)
+        if self.progress:
+            print(format_funnel(summary), flush=True)
+        return reports
+
+    def _run_stage(
+        self, index: int, folder: str, stage: Stage | None, fingerprint: str
+    ) -> StageReport:
+        out = self.output.join(folder)
+        started = time.time()
+        attempt = out.join(ATTEMPT)
+        resumable = stage is None or isinstance(stage, BatchStage)
+        status = "computed"
+        if out.exists():
+            previous = attempt.read_json() if attempt.exists() else None
+            if (
+                resumable
+                and previous
+                and previous.get("fingerprint") == fingerprint
+                and not self._manifest(folder)
+            ):
+                status = "resumed"
+            else:
+                out.rmtree()
+        out.mkdir()
+        out.join(REJECTED_DIR).mkdir()
+        out.join(PROGRESS_DIR).mkdir()
+        if status == "computed":
+            attempt.write_json_atomic({"fingerprint": fingerprint, "started": _now()})
+        label = stage.name if stage else INGEST
+        self.log(f"[{folder}] {'resuming' if status == 'resumed' else 'running'} {label}")
+
+        if stage is None:
+            expected = None
+            self._run_ingest(out, status == "resumed")
+        else:
+            in_folder = self.output.join(self.folders[index - 1])
+            sources = list_shards(in_folder)
+            expected = {_normalise_src(p): parquet_row_count(in_folder.fs, p) for p in sources}
+            if isinstance(stage, BatchStage):
+                self._run_map(stage, out, sources, expected)
+            else:
+                self._run_global(stage, out, sources, sum(expected.values()))
+
+        state = read_ledger(out)
+        if stage is None:
+            complete = complete_sources(state, None)
+            units = {u.key for u in self._units}
+            if complete != units:
+                raise PipelineError(f"{folder}: {len(units - complete)} input units did not finish")
+        elif isinstance(stage, BatchStage):
+            rows = state.rows_by_src()
+            bad = {s: (rows.get(s, 0), n) for s, n in expected.items() if rows.get(s, 0) != n}
+            if bad:
+                s, (got, n) = next(iter(bad.items()))
+                raise PipelineError(
+                    f"{folder}: rows in != kept + rejected for {len(bad)} shards (e.g. {s}: {got} of {n})"
+                )
+        totals = state.totals()
+        if stage is not None and totals["rows_in"] != sum(expected.values()):
+            raise PipelineError(
+                f"{folder}: stage {stage.name} accounted for {totals['rows_in']:,} rows "
+                f"(kept {totals['kept']:,} + rejected {totals['rejected']:,}) but received {sum(expected.values()):,}"
+            )
+        seconds = time.time() - started
+        manifest = {
+            "stage": label,
+            "folder": folder,
+            "version": stage.version if stage else "1",
+            "kind": "ingest"
+            if stage is None
+            else ("batch" if isinstance(stage, BatchStage) else "global"),
+            "params": dataclasses.asdict(stage.params) if stage else self.reader.describe(),
+            "params_hash": stage.params_hash if stage else stable_hash(self.reader.describe()),
+            "input_fingerprint": self.folders[index - 1] if stage else self.reader.fingerprint(),
+            "fingerprint": fingerprint,
+            "rows_in": totals["rows_in"],
+            "kept": totals["kept"],
+            "rejected": totals["rejected"],
+            "reasons": totals["reasons"],
+            "files": totals["files"],
+            "rejected_files": totals["rejected_files"],
+            "seconds": round(seconds, 3),
+            "status": status,
+            "completed_at": _now(),
+            "schema": _schema_of(out, totals["files"]),
+        }
+        if stage is not None:
+            prev = self._manifest(self.folders[index - 1])
+            manifest["input_fingerprint"] = prev["fingerprint"] if prev else None
+        out.join(MANIFEST).write_json_atomic(manifest)
+        report = self._report_from_manifest(index, folder, manifest, status)
+        self.log(
+            f"[{folder}] done: {report.rows_in:,} in, {report.kept:,} kept, {report.rejected:,} rejected, {seconds:.1f} s"
+        )
+        return report
+
+    def _pending(
+        self, out: Location, expected: dict[str, int] | None, keys: Sequence[str]
+    ) -> list[str]:
+        state = read_ledger(out)
+        complete = complete_sources(state, expected)
+        prune_incomplete(out, state, complete)
+        pending = [k for k in keys if k not in complete]
+        if complete:
+            self.log(f"  {len(complete)} of {len(keys)} sources already done; {len(pending)} to go")
+        return pending
+
+    def _run_ingest(self, out: Location, resumed: bool) -> None:
+        import ray
+
+        self._units = self.reader.plan()
+        if len({u.key for u in self._units}) != len(self._units):
+            raise PipelineError(f"{self.reader.format} reader planned duplicate unit keys")
+        by_key = {u.key: u for u in self._units}
+        pending = self._pending(out, None, list(by_key))
+        if not pending:
+            return
+        items = [
+            {"key": k, "path": by_key[k].path, "options": json.dumps(by_key[k].options)}
+            for k in pending
+        ]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(
+            _ingest_task,
+            batch_size=1,
+            batch_format="pyarrow",
+            fn_args=(self.reader, out.uri),
+            num_cpus=1,
+        )
+        self._drain(ds, INGEST, None)
+
+    def _run_map(
+        self, stage: BatchStage, out: Location, sources: list[str], expected: dict[str, int]
+    ) -> None:
+        import ray
+
+        by_src = {_normalise_src(p): p for p in sources}
+        pending = self._pending(out, expected, list(by_src))
+        pending = [p for p in pending if expected[p] > 0]
+        if not pending:
+            return
+        in_fs = self.output.fs
+        ds = ray.data.read_parquet(
+            [by_src[p] for p in pending], filesystem=in_fs, include_paths=True, partitioning=None
+        )
+        resources = _map_resources(stage)
+        if stage.uses_model:
+            ds = ds.map_batches(
+                _MapActor,
+                fn_constructor_args=(stage, out.uri),
+                batch_size=stage.batch_size,
+                batch_format="pyarrow",
+                zero_copy_batch=True,
+                **resources,
+            )
+        else:
+            ds = ds.map_batches(
+                _map_task,
+                fn_args=(stage, out.uri),
+                batch_size=stage.batch_size,
+                batch_format="pyarrow",
+                **resources,
+            )
+        self._drain(ds, stage.name, sum(expected[p] for p in pending))
+
+    def _run_global(
+        self, stage: GlobalStage, out: Location, sources: list[str], total: int
+    ) -> None:
+        import ray
+
+        if not sources:
+            return
+        ds = ray.data.read_parquet(sources, filesystem=self.output.fs, partitioning=None)
+        ds = stage.run(
+            ds, GlobalContext(num_rows=total, num_shards=len(sources), num_cpus=_cluster_cpus())
+        )
+        # Shuffles emit many small blocks; combine them so the output is not a thousand tiny files.
+        ds = ds.repartition(target_num_rows_per_block=GLOBAL_ROWS_PER_PART)
+        ds = ds.map_batches(
+            _global_write_task,
+            fn_args=(out.uri, stage.name),
+            batch_format="pyarrow",
+            batch_size=None,
+        )
+        self._drain(ds, stage.name, total)
+
+    def _drain(self, ds, label: str, total: int | None) -> None:
+        progress = _Progress(label, total, self.progress)
+        try:
+            for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                progress.add(summary)
+        except Exception as exc:  # Ray wraps worker errors; show the user the cause, not the stack
+            cause = _root_cause(exc)
+            raise PipelineError(f"stage {label} failed: {type(cause).__name__}: {cause}") from exc
+        if self.progress and progress.printed_rows != progress.rows:
+            progress.print()
+
+    # ---- reporting
+
+    def _report_from_manifest(self, index: int, folder: str, m: dict, status: str) -> StageReport:
+        return StageReport(
+            index=index,
+            name=m["stage"],
+            folder=folder,
+            status=status,
+            rows_in=m["rows_in"],
+            kept=m["kept"],
+            rejected=m["rejected"],
+            reasons=m["reasons"],
+            seconds=m["seconds"] if status != "cached" else 0.0,
+            fingerprint=m["fingerprint"],
+        )
+
+    def _write_run_json(self, reports: list[StageReport], seconds: float) -> dict:
+        summary = {
+            "pipeline": self.pipeline.name,
+            "input": self.reader.describe(),
+            "output": self.output.uri,
+            "finished_at": _now(),
+            "seconds": round(seconds, 3),
+            "stages": [
+                dict(dataclasses.asdict(r), kept_share=round(r.kept_share, 6)) for r in reports
+            ],
+            "final": {"folder": reports[-1].folder, "rows": reports[-1].kept} if reports else None,
+        }
+        self.output.join("run.json").write_json_atomic(summary)
+        return summary
+
+
+def format_funnel(summary: dict, top_reasons: int = 3) -> str:
+    """The funnel table: rows in, kept, rejected, kept share, top rejection reasons and seconds."""
+    head = f"{'stage':<24} {'status':<9} {'rows in':>10} {'kept':>10} {'rejected':>10} {'kept %':>7} {'sec':>7}  top rejection reasons"
+    lines = [f"funnel for {summary['pipeline']} -> {summary['output']}", head, "-" * len(head)]
+    for s in summary["stages"]:
+        reasons = sorted(s["reasons"].items(), key=lambda kv: -kv[1])[:top_reasons]
+        rtext = "; ".join(f"{k} x{v:,}" for k, v in reasons)
+        lines.append(
+            f"{s['folder']:<24} {s['status']:<9} {s['rows_in']:>10,} {s['kept']:>10,} {s['rejected']:>10,} "
+            f"{100 * s['kept_share']:>6.1f}% {s['seconds']:>7.1f}  {rtext}"
+        )
+    if summary.get("final"):
+        lines.append(
+            f"final: {summary['final']['rows']:,} rows in {summary['final']['folder']} ({summary['seconds']:.1f} s)"
+        )
+    return "\n".join(lines)
+
+
+def _schema_of(out: Location, files: list[dict]) -> str | None:
+    import pyarrow.parquet as pq
+
+    if not files:
+        return None
+    with out.fs.open_input_file(out.join(files[0]["name"]).path) as f:
+        return str(pq.read_schema(f))
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        nxt = getattr(exc, "cause", None) or exc.__cause__
+        if nxt is None or not isinstance(nxt, BaseException):
+            break
+        exc = nxt
+    return exc
+
+
+def _quiet_ray_data(quiet: bool) -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    # Our own progress lines are shorter than Ray's bars and survive `ray job logs`.
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def run_pipeline(
+    pipeline: Pipeline, input_uri: str, output_uri: str, **kwargs: Any
+) -> list[StageReport]:
+    """Python API: the same as the recipe's command line."""
+    return Runner(pipeline, input_uri, output_uri, **kwargs).run()
+
+
+__all__ = [
+    "Pipeline",
+    "PipelineError",
+    "Runner",
+    "StageReport",
+    "run_pipeline",
+    "format_funnel",
+    "ensure_ray",
+]

@@ -1,0 +1,73 @@
+"""exact_dedup: rows whose image bytes (and, optionally, caption) are identical keep one copy.
+
+A global stage: the rows are hash-partitioned by a content key with Ray Data's `groupby`, so each
+duplicate group meets in one task and memory is bounded by a group, not by the dataset. The row
+with the smallest id in a group is kept (a stable rule: the same row survives every re-run); the
+others are rejected as `exact_dedup: duplicate (of <id>)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import pyarrow as pa
+
+from stages.base import GlobalContext, GlobalStage, param, reject
+
+KEY_COLUMN = "_exact_key"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactDedupParams:
+    key: str = param("image", "what must match: 'image' (image bytes) or 'image+caption'")
+
+
+def content_key(table: pa.Table, key: str) -> pa.Table:
+    """Append the content hash used to group duplicates; rows without images hash their caption."""
+    images = table.column("images").to_pylist()
+    captions = (
+        table.column("caption").to_pylist() if key == "image+caption" else [None] * table.num_rows
+    )
+    keys = []
+    for imgs, cap in zip(images, captions, strict=True):
+        h = hashlib.sha256()
+        for img in imgs or []:
+            data = img.get("bytes") or b""
+            h.update(len(data).to_bytes(8, "little"))
+            h.update(data)
+        if not imgs or key == "image+caption":
+            h.update(b"\x1ecaption\x1e" + (cap or "").encode())
+        keys.append(h.hexdigest())
+    return table.append_column(KEY_COLUMN, pa.array(keys, pa.string()))
+
+
+def resolve_group(group: pa.Table) -> pa.Table:
+    """Keep the smallest id of one duplicate group, reject the rest naming the kept id."""
+    ids = group.column("id").to_pylist()
+    keeper = min(ids)
+    mask = [i != keeper for i in ids]
+    out = reject(group, mask, f"exact_dedup: duplicate (of {keeper})")
+    return out.drop_columns([KEY_COLUMN])
+
+
+class ExactDedup(GlobalStage):
+    """Exact duplicates by content hash; one row per group survives."""
+
+    name = "exact_dedup"
+    version = "1"
+    Params = ExactDedupParams
+
+    def check_params(self) -> None:
+        if self.params.key not in ("image", "image+caption"):
+            raise ValueError(
+                f"exact_dedup: key must be 'image' or 'image+caption', got {self.params.key!r}"
+            )
+
+    def run(self, ds, ctx: GlobalContext):
+        keyed = ds.map_batches(content_key, fn_args=(self.params.key,), batch_format="pyarrow")
+        grouped = keyed.groupby(KEY_COLUMN, num_partitions=ctx.partitions())
+        return grouped.map_groups(resolve_group, batch_format="pyarrow")
+
+
+__all__ = ["ExactDedup", "ExactDedupParams", "content_key", "resolve_group"]

@@ -1,0 +1,190 @@
+"""The canonical warren row: the one definition every stage, reader, exporter and trainer uses.
+
+A row is an Arrow record. Stages add the columns they produce and never rename others; any column
+named here must have the type given here, so shards written by different stages and different
+runs always concatenate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+import pyarrow as pa
+
+# The Hugging Face `Image` feature layout, so `datasets` reads `images` as a list of images.
+IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+TURN_TYPE = pa.struct([pa.field("from", pa.string()), pa.field("value", pa.string())])
+
+# Columns every row has (possibly null / empty), in canonical order.
+CORE_FIELDS: list[pa.Field] = [
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("images", pa.list_(IMAGE_TYPE)),
+    pa.field("caption", pa.string()),
+    pa.field("conversations", pa.list_(TURN_TYPE)),
+    pa.field("source", pa.string()),
+    pa.field("url", pa.string()),
+    pa.field("license", pa.string()),
+]
+
+# Columns that stages add. Their type is fixed so every shard agrees; embeddings are
+# fixed_size_list<float16> whose width depends on the model, checked by `is_embedding_type`.
+SIGNAL_FIELDS: list[pa.Field] = [
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("clip_score", pa.float32()),
+    pa.field("cluster_id", pa.int64()),
+    pa.field("cos_to_centroid", pa.float32()),
+    pa.field("ppl", pa.float32()),
+    pa.field("gen_model", pa.string()),
+    pa.field("gen_prompt", pa.string()),
+    pa.field("gen_params", pa.string()),
+]
+EMBEDDING_COLUMNS = ("image_emb", "text_emb")
+
+CORE_SCHEMA = pa.schema(CORE_FIELDS)
+KNOWN_TYPES: dict[str, pa.DataType] = {f.name: f.type for f in CORE_FIELDS + SIGNAL_FIELDS}
+
+# The column a stage sets to a non-null string to reject a row; the runner turns it into the
+# `reason` column of the rejected ledger and drops it from kept rows.
+REJECT_COLUMN = "_reject"
+REASON_COLUMN = "reason"
+
+IMAGE_MARKER = "<image>"
+
+
+class SchemaError(ValueError):
+    """A table does not match the canonical schema; the message names the column and the types."""
+
+
+def embedding_type(dim: int) -> pa.DataType:
+    return pa.list_(pa.float16(), dim)
+
+
+def is_embedding_type(t: pa.DataType) -> bool:
+    return pa.types.is_fixed_size_list(t) and pa.types.is_float16(t.value_type)
+
+
+def _describe(where: str | None) -> str:
+    return f"{where}: " if where else ""
+
+
+def validate(table: pa.Table | pa.Schema, where: str | None = None) -> None:
+    """Raise SchemaError naming the first column whose type is not the canonical one.
+
+    `where` (a file name, a stage name) is put in front of the message so the user knows which
+    input is wrong.
+    """
+    schema = table if isinstance(table, pa.Schema) else table.schema
+    if "id" not in schema.names:
+        raise SchemaError(f"{_describe(where)}missing required column 'id' (expected string)")
+    for field in schema:
+        name = field.name
+        if name in EMBEDDING_COLUMNS:
+            if not is_embedding_type(field.type):
+                raise SchemaError(
+                    f"{_describe(where)}column '{name}' has type {field.type}, "
+                    "expected fixed_size_list<float16>[dim]"
+                )
+            continue
+        expected = KNOWN_TYPES.get(name)
+        if expected is not None and not field.type.equals(expected):
+            raise SchemaError(
+                f"{_describe(where)}column '{name}' has type {field.type}, expected {expected}"
+            )
+    if isinstance(table, pa.Table) and table.column("id").null_count:
+        raise SchemaError(
+            f"{_describe(where)}column 'id' has {table.column('id').null_count} nulls"
+        )
+
+
+def conform(table: pa.Table, where: str | None = None) -> pa.Table:
+    """Return `table` with every core column present and every known column in its canonical type.
+
+    Missing core columns are added as nulls (an empty list for `images`). Columns whose type
+    differs are cast when the cast is lossless in meaning (e.g. large_string -> string,
+    null -> anything); anything else raises SchemaError naming the column.
+    """
+    n = table.num_rows
+    columns = {}
+    for field in CORE_FIELDS:
+        if field.name in table.column_names:
+            continue
+        if field.name == "id":
+            raise SchemaError(f"{_describe(where)}missing required column 'id' (expected string)")
+        columns[field.name] = pa.nulls(n, field.type)
+    for name, arr in columns.items():
+        table = table.append_column(pa.field(name, arr.type), arr)
+    for i, field in enumerate(table.schema):
+        expected = KNOWN_TYPES.get(field.name)
+        if expected is None or field.type.equals(expected):
+            continue
+        try:
+            table = table.set_column(
+                i, pa.field(field.name, expected), table.column(i).cast(expected)
+            )
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise SchemaError(
+                f"{_describe(where)}column '{field.name}' has type {field.type}, expected {expected} "
+                f"({exc})"
+            ) from exc
+    validate(table, where)
+    return order_columns(table)
+
+
+def order_columns(table: pa.Table) -> pa.Table:
+    """Core columns first in canonical order, then the rest as they came."""
+    core = [f.name for f in CORE_FIELDS if f.name in table.column_names]
+    rest = [c for c in table.column_names if c not in core]
+    return table.select(core + rest)
+
+
+def content_id(*parts: bytes | str | None) -> str:
+    """A stable id derived from content, for sources that have none."""
+    h = hashlib.sha1()
+    for p in parts:
+        if p is None:
+            p = b"\x00"
+        h.update(p.encode() if isinstance(p, str) else p)
+        h.update(b"\x1f")
+    return h.hexdigest()[:24]
+
+
+def image_value(data: bytes | None, path: str | None = None) -> dict:
+    return {"bytes": data, "path": path}
+
+
+def rows_to_table(rows: Iterable[dict]) -> pa.Table:
+    """Build a conformed table from Python dicts (readers and tests; not for hot paths)."""
+    rows = list(rows)
+    names: list[str] = [f.name for f in CORE_FIELDS]
+    for r in rows:
+        for k in r:
+            if k not in names:
+                names.append(k)
+    fields = []
+    for name in names:
+        if name in KNOWN_TYPES:
+            fields.append(pa.field(name, KNOWN_TYPES[name]))
+        elif name == REJECT_COLUMN:
+            fields.append(pa.field(name, pa.string()))
+    typed = {f.name for f in fields}
+    data = {name: [r.get(name) for r in rows] for name in names}
+    arrays = []
+    out_fields = []
+    for name in names:
+        if name in typed:
+            t = KNOWN_TYPES.get(name, pa.string())
+            arrays.append(pa.array(data[name], type=t))
+            out_fields.append(pa.field(name, t))
+        else:
+            arr = pa.array(data[name])
+            arrays.append(arr)
+            out_fields.append(pa.field(name, arr.type))
+    return conform(pa.Table.from_arrays(arrays, schema=pa.schema(out_fields)))
+
+
+def count_image_markers(conversations: list[dict] | None) -> int:
+    if not conversations:
+        return 0
+    return sum((turn.get("value") or "").count(IMAGE_MARKER) for turn in conversations)

@@ -1,0 +1,72 @@
+"""Small stages used by the runner tests (importable by Ray workers through PYTHONPATH)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from stages.base import BatchStage, param, reject
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionLengthParams:
+    max_chars: int = param(1000, "reject captions longer than this")
+    sleep_per_batch: float = param(0.0, "seconds to sleep per batch (to test interruption)")
+
+
+class CaptionLength(BatchStage):
+    """Adds caption_len; rejects captions longer than max_chars."""
+
+    name = "caption_length"
+    version = "1"
+    Params = CaptionLengthParams
+    batch_size = 10
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        if self.params.sleep_per_batch:
+            time.sleep(self.params.sleep_per_batch)
+        lengths = pc.utf8_length(pc.fill_null(batch.column("caption"), ""))
+        out = batch.append_column("caption_len", lengths.cast(pa.int32()))
+        too_long = pc.greater(lengths, self.params.max_chars).to_numpy(zero_copy_only=False)
+        reasons = [f"caption_length: too long ({n} chars)" for n in lengths.to_pylist()]
+        return reject(out, too_long, reasons)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuloParams:
+    modulo: int = param(7, "reject rows whose numeric id suffix is divisible by this")
+
+
+class ModuloModel(BatchStage):
+    """A 'model' stage (actor pool) that records the pid that set it up."""
+
+    name = "modulo_model"
+    version = "1"
+    Params = ModuloParams
+    uses_model = True
+    num_cpus = 0.5
+    batch_size = 16
+
+    def setup(self) -> None:
+        self.setup_pid = os.getpid()
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        nums = [int(i.rsplit("-", 1)[1]) for i in batch.column("id").to_pylist()]
+        out = batch.append_column(
+            "setup_pid", pa.array([self.setup_pid] * batch.num_rows, pa.int64())
+        )
+        mask = [n % self.params.modulo == 0 for n in nums]
+        return reject(out, mask, f"modulo_model: divisible (by {self.params.modulo})")
+
+
+class DropsRows(BatchStage):
+    """Breaks the contract on purpose: loses a row."""
+
+    name = "drops_rows"
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        return batch.slice(1)

@@ -1,0 +1,268 @@
+"""The runner: accounting, caching, re-runs, --from/--only/--force, errors, and resume after kill -9."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from stages_for_tests import CaptionLength, DropsRows, ModuloModel
+
+from pipelines.runner import Pipeline, PipelineError, Runner
+from stages.exact_dedup import ExactDedup
+from stages.schema import rows_to_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _png(seed: int) -> bytes:
+    img = Image.new("RGB", (8, 8), ((seed * 37) % 256, (seed * 91) % 256, (seed * 13) % 256))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_pool(folder: Path, n: int = 120, shards: int = 4) -> list[dict]:
+    """n rows over `shards` files; captions of varying length; every 10th row duplicates row 0's image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        img = _png(0) if i % 10 == 0 else _png(i)
+        rows.append(
+            {
+                "id": f"r-{i:04d}",
+                "images": [{"bytes": img, "path": f"{i}.png"}],
+                "caption": "x" * (i % 50),
+                "source": "test",
+            }
+        )
+    per = n // shards
+    for s in range(shards):
+        pq.write_table(rows_to_table(rows[s * per : (s + 1) * per]), folder / f"shard-{s}.parquet")
+    return rows
+
+
+def read_folder(folder: Path) -> list[dict]:
+    files = sorted(p for p in folder.glob("part-*.parquet"))
+    rows = []
+    for f in files:
+        rows.extend(pq.read_table(f).to_pylist())
+    return rows
+
+
+def manifests(out: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/_manifest.json"))}
+
+
+def pipeline(max_chars: int = 30, modulo: int = 7) -> Pipeline:
+    return Pipeline(
+        "t",
+        [CaptionLength(max_chars=max_chars), ModuloModel(modulo=modulo), ExactDedup()],
+    )
+
+
+def run(pool: Path, out: Path, pipe: Pipeline, **kw):
+    return Runner(pipe, str(pool), str(out), input_format="parquet", progress=False, **kw).run()
+
+
+def expected_kept(rows: list[dict], max_chars: int, modulo: int) -> set[str]:
+    """Brute force of the three stages in plain Python."""
+    survivors = [
+        r for r in rows if len(r["caption"]) <= max_chars and int(r["id"][2:]) % modulo != 0
+    ]
+    first_by_image: dict[bytes, str] = {}
+    for r in sorted(survivors, key=lambda r: r["id"]):
+        first_by_image.setdefault(r["images"][0]["bytes"], r["id"])
+    return set(first_by_image.values())
+
+
+def test_every_stage_accounts_for_every_row_and_rejects_carry_reasons(ray_session, tmp_path):
+    rows = make_pool(tmp_path / "pool")
+    reports = run(tmp_path / "pool", tmp_path / "out", pipeline())
+    assert [r.folder for r in reports] == [
+        "00-ingest",
+        "01-caption_length",
+        "02-modulo_model",
+        "03-exact_dedup",
+    ]
+    for r in reports:
+        assert r.rows_in == r.kept + r.rejected
+    for prev, nxt in zip(reports, reports[1:], strict=False):
+        assert nxt.rows_in == prev.kept
+    kept = read_folder(tmp_path / "out" / "03-exact_dedup")
+    assert {r["id"] for r in kept} == expected_kept(rows, 30, 7)
+    assert len(kept) == len({r["id"] for r in kept})
+    # the added columns survive to the end, and the model stage ran in set-up actors
+    assert all(r["caption_len"] == len(r["caption"]) for r in kept)
+    assert all(r["setup_pid"] > 0 for r in kept)
+    rejected = pq.read_table(tmp_path / "out" / "01-caption_length" / "rejected").to_pylist()
+    assert {r["id"] for r in rejected} == {r["id"] for r in rows if len(r["caption"]) > 30}
+    assert all(
+        r["reason"] == f"caption_length: too long ({len(r['caption'])} chars)" for r in rejected
+    )
+    m = manifests(tmp_path / "out")["01-caption_length"]
+    assert m["reasons"] == {"caption_length: too long": len(rejected)}
+    dedup_rej = pq.read_table(tmp_path / "out" / "03-exact_dedup" / "rejected").to_pylist()
+    assert dedup_rej and all(
+        r["reason"].startswith("exact_dedup: duplicate (of r-") for r in dedup_rej
+    )
+    summary = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert [s["kept"] for s in summary["stages"]] == [r.kept for r in reports]
+
+
+def test_second_run_recomputes_nothing_and_a_parameter_change_recomputes_that_stage_and_after(
+    ray_session, tmp_path
+):
+    make_pool(tmp_path / "pool")
+    out = tmp_path / "out"
+    run(tmp_path / "pool", out, pipeline())
+    first = manifests(out)
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
+
+    reports = run(tmp_path / "pool", out, pipeline())
+    assert [r.status for r in reports] == ["cached"] * 4
+    assert manifests(out) == first
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == mtimes
+
+    reports = run(tmp_path / "pool", out, pipeline(modulo=5))
+    assert [r.status for r in reports] == ["cached", "cached", "computed", "computed"]
+    after = manifests(out)
+    for folder in ("00-ingest", "01-caption_length"):
+        assert after[folder] == first[folder]
+    for folder in ("02-modulo_model", "03-exact_dedup"):
+        assert after[folder]["completed_at"] >= first[folder]["completed_at"]
+        assert after[folder]["fingerprint"] != first[folder]["fingerprint"]
+    assert after["02-modulo_model"]["params"] == {"modulo": 5}
+
+
+def test_from_only_and_force_choose_what_is_recomputed(ray_session, tmp_path):
+    make_pool(tmp_path / "pool")
+    out = tmp_path / "out"
+    run(tmp_path / "pool", out, pipeline())
+    assert [
+        r.status for r in run(tmp_path / "pool", out, pipeline(), from_stage="modulo_model")
+    ] == [
+        "cached",
+        "cached",
+        "computed",
+        "computed",
+    ]
+    reports = run(tmp_path / "pool", out, pipeline(), only="caption_length")
+    assert [r.status for r in reports] == ["cached", "computed"]
+    assert [r.status for r in run(tmp_path / "pool", out, pipeline(), force=True)] == [
+        "computed"
+    ] * 4
+    with pytest.raises(PipelineError, match="no such stage"):
+        run(tmp_path / "pool", out, pipeline(), only="nope")
+
+
+def test_only_refuses_to_run_on_stale_input(ray_session, tmp_path):
+    make_pool(tmp_path / "pool")
+    out = tmp_path / "out"
+    run(tmp_path / "pool", out, pipeline())
+    with pytest.raises(PipelineError, match="out of date"):
+        run(tmp_path / "pool", out, pipeline(max_chars=10), only="modulo_model")
+
+
+def test_a_deleted_output_shard_makes_its_stage_recompute(ray_session, tmp_path):
+    make_pool(tmp_path / "pool")
+    out = tmp_path / "out"
+    run(tmp_path / "pool", out, pipeline())
+    next((out / "02-modulo_model").glob("part-*.parquet")).unlink()
+    reports = run(tmp_path / "pool", out, pipeline())
+    assert [r.status for r in reports] == ["cached", "cached", "computed", "computed"]
+
+
+def test_a_stage_that_loses_rows_fails_naming_the_stage(ray_session, tmp_path):
+    make_pool(tmp_path / "pool", n=40)
+    with pytest.raises(PipelineError, match="drops_rows.*returned"):
+        run(tmp_path / "pool", tmp_path / "out", Pipeline("t", [DropsRows()]))
+
+
+KILL_SCRIPT = """
+import sys
+from pipelines.runner import Pipeline, Runner
+from stages.exact_dedup import ExactDedup
+from stages_for_tests import CaptionLength
+pool, out, sleep = sys.argv[1], sys.argv[2], float(sys.argv[3])
+pipe = Pipeline("t", [CaptionLength(max_chars=30, sleep_per_batch=sleep), ExactDedup()])
+Runner(pipe, pool, out, input_format="parquet", progress=False, num_cpus=2).run()
+"""
+
+
+def test_rerun_after_kill_9_in_a_map_stage_loses_and_duplicates_nothing(ray_session, tmp_path):
+    rows = make_pool(tmp_path / "pool", n=240, shards=12)
+    script = tmp_path / "run.py"
+    script.write_text(KILL_SCRIPT)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), RAY_ADDRESS=""
+    )
+    env.pop("RAY_ADDRESS")
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "pool"), str(out), "0.15"],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    progress = out / "01-caption_length" / "_progress"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            if progress.exists() and len(list(progress.glob("*.json"))) >= 6:
+                break
+            if proc.poll() is not None:
+                pytest.fail(
+                    f"run ended before it could be killed:\n{proc.stdout.read().decode()[-3000:]}"
+                )
+            time.sleep(0.05)
+        else:
+            pytest.fail("map stage never started")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, at once
+        proc.wait()
+    assert not (out / "01-caption_length" / "_manifest.json").exists()
+    done_before = len(list(progress.glob("*.json")))
+
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "pool"), str(out), "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = json.loads((out / "01-caption_length" / "_manifest.json").read_text())
+    assert m["status"] == "resumed"
+    assert done_before > 0
+
+    resumed_kept = read_folder(out / "01-caption_length")
+    resumed_rej = pq.read_table(out / "01-caption_length" / "rejected").to_pylist()
+    clean = tmp_path / "clean"
+    Runner(
+        Pipeline("t", [CaptionLength(max_chars=30), ExactDedup()]),
+        str(tmp_path / "pool"),
+        str(clean),
+        input_format="parquet",
+        progress=False,
+    ).run()
+    clean_kept = read_folder(clean / "01-caption_length")
+    ids = [r["id"] for r in resumed_kept]
+    assert len(ids) == len(set(ids))
+    assert sorted(ids) == sorted(r["id"] for r in clean_kept)
+    assert sorted(ids) == sorted(r["id"] for r in rows if len(r["caption"]) <= 30)
+    assert sorted(r["id"] for r in resumed_rej) == sorted(
+        r["id"] for r in rows if len(r["caption"]) > 30
+    )
+    final = sorted(r["id"] for r in read_folder(out / "02-exact_dedup"))
+    assert final == sorted(r["id"] for r in read_folder(clean / "02-exact_dedup"))
