@@ -6,9 +6,9 @@ For a pipeline run into OUTPUT:
   rows as Parquet shards, `.../rejected/` its rejected rows with a `reason` column, and
   `.../_manifest.json` (name, version, parameters, fingerprints, counts, time, schema) once the
   stage completed.
-- A stage's fingerprint hashes its name, version, parameters and its input's fingerprint. A re-run
-  skips every stage whose manifest carries the same fingerprint (and whose files are all there),
-  so changing one parameter recomputes that stage and what follows it, nothing before.
+- A stage's fingerprint hashes its name, version, parameters and the exact files of its input. A
+  re-run skips every stage whose manifest carries the same fingerprint (and whose files are all
+  there), so changing one parameter recomputes that stage and what follows it, nothing before.
 - A map stage interrupted half way (a kill, a lost node) resumes source shard by source shard: see
   `stages.ledger`. Global stages restart from their input.
 - Progress lines are printed while a stage runs; a funnel table at the end, saved as
@@ -153,7 +153,7 @@ def _map_resources(stage: BatchStage) -> dict[str, Any]:
             by_gpu = int(gpus // num_gpus) if num_gpus else by_cpu
             hi = max(1, min(by_cpu, by_gpu))
             lo = 1
-        args["concurrency"] = (lo, max(lo, hi))
+        args["compute"] = ray.data.ActorPoolStrategy(min_size=lo, max_size=max(lo, hi))
     return args
 
 
@@ -371,43 +371,50 @@ class Runner:
         self.log(self.pipeline.describe())
         self.log(f"input: {self.reader.uri} ({self.reader.format}); output: {self.output.uri}")
         reports: list[StageReport] = []
-        fingerprint = stable_hash({"reader": self.reader.fingerprint(), "stage": INGEST})
+        # A stage's fingerprint covers what it is (name, version, parameters) and what it reads: the
+        # reader's view of the input files for ingest, the exact output files of the stage before
+        # for every other stage. So a recomputed upstream stage always invalidates what follows.
+        input_fp = self.reader.fingerprint()
         last = len(self.pipeline.stages) if self.only_index is None else self.only_index
         for index in range(0, last + 1):
             folder = self.folders[index]
             stage = None if index == 0 else self.pipeline.stages[index - 1]
-            if stage is not None:
-                fingerprint = stable_hash(
-                    {
-                        "stage": stage.name,
-                        "version": stage.version,
-                        "params": stage.params_hash,
-                        "input": fingerprint,
-                    }
-                )
+            identity = (
+                {"stage": INGEST}
+                if stage is None
+                else {
+                    "stage": stage.name,
+                    "version": stage.version,
+                    "params": stage.params_hash,
+                }
+            )
+            fingerprint = stable_hash({**identity, "input": input_fp})
             cached = None if self._must_run(index) else self._cached(folder, fingerprint)
-            if self.only_index is not None and index < self.only_index:
-                cached = self._cached(folder, fingerprint)
-                if cached is None:
-                    raise PipelineError(
-                        f"--only {self.folders[self.only_index]} needs the output of {folder}, which is missing "
-                        "or out of date; run without --only (or with --from) first"
-                    )
+            if self.only_index is not None and index < self.only_index and cached is None:
+                raise PipelineError(
+                    f"--only {self.folders[self.only_index]} needs the output of {folder}, which is missing "
+                    "or out of date; run without --only (or with --from) first"
+                )
             if cached is not None:
+                manifest = cached
                 reports.append(self._report_from_manifest(index, folder, cached, "cached"))
                 self.log(
                     f"[{folder}] cached: {cached['kept']:,} rows kept of {cached['rows_in']:,}"
                 )
-                continue
-            reports.append(self._run_stage(index, folder, stage, fingerprint))
+            else:
+                manifest = self._run_stage(index, folder, stage, fingerprint, input_fp)
+                reports.append(
+                    self._report_from_manifest(index, folder, manifest, manifest["status"])
+                )
+            input_fp = manifest["output_fingerprint"]
         summary = self._write_run_json(reports, time.time() - started)
         if self.progress:
             print(format_funnel(summary), flush=True)
         return reports
 
     def _run_stage(
-        self, index: int, folder: str, stage: Stage | None, fingerprint: str
-    ) -> StageReport:
+        self, index: int, folder: str, stage: Stage | None, fingerprint: str, input_fp: str
+    ) -> dict:
         out = self.output.join(folder)
         started = time.time()
         attempt = out.join(ATTEMPT)
@@ -474,8 +481,11 @@ class Runner:
             else ("batch" if isinstance(stage, BatchStage) else "global"),
             "params": dataclasses.asdict(stage.params) if stage else self.reader.describe(),
             "params_hash": stage.params_hash if stage else stable_hash(self.reader.describe()),
-            "input_fingerprint": self.folders[index - 1] if stage else self.reader.fingerprint(),
+            "input_fingerprint": input_fp,
             "fingerprint": fingerprint,
+            "output_fingerprint": stable_hash(
+                {"fingerprint": fingerprint, "files": totals["files"]}
+            ),
             "rows_in": totals["rows_in"],
             "kept": totals["kept"],
             "rejected": totals["rejected"],
@@ -487,15 +497,12 @@ class Runner:
             "completed_at": _now(),
             "schema": _schema_of(out, totals["files"]),
         }
-        if stage is not None:
-            prev = self._manifest(self.folders[index - 1])
-            manifest["input_fingerprint"] = prev["fingerprint"] if prev else None
         out.join(MANIFEST).write_json_atomic(manifest)
-        report = self._report_from_manifest(index, folder, manifest, status)
         self.log(
-            f"[{folder}] done: {report.rows_in:,} in, {report.kept:,} kept, {report.rejected:,} rejected, {seconds:.1f} s"
+            f"[{folder}] done: {manifest['rows_in']:,} in, {manifest['kept']:,} kept, "
+            f"{manifest['rejected']:,} rejected, {seconds:.1f} s"
         )
-        return report
+        return manifest
 
     def _pending(
         self, out: Location, expected: dict[str, int] | None, keys: Sequence[str]
@@ -658,14 +665,16 @@ def _schema_of(out: Location, files: list[dict]) -> str | None:
 
 
 def _root_cause(exc: BaseException) -> BaseException:
-    seen = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        nxt = getattr(exc, "cause", None) or exc.__cause__
-        if nxt is None or not isinstance(nxt, BaseException):
-            break
-        exc = nxt
-    return exc
+    """The user's exception inside Ray's wrappers (RayTaskError, UserCodeException, ...)."""
+    e, seen = exc, set()
+    found = None
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if not type(e).__module__.startswith("ray."):
+            found = e
+        nxt = getattr(e, "cause", None) or e.__cause__
+        e = nxt if isinstance(nxt, BaseException) else None
+    return found or exc
 
 
 def _quiet_ray_data(quiet: bool) -> None:

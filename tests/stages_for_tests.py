@@ -15,7 +15,6 @@ from stages.base import BatchStage, param, reject
 @dataclasses.dataclass(frozen=True)
 class CaptionLengthParams:
     max_chars: int = param(1000, "reject captions longer than this")
-    sleep_per_batch: float = param(0.0, "seconds to sleep per batch (to test interruption)")
 
 
 class CaptionLength(BatchStage):
@@ -27,8 +26,9 @@ class CaptionLength(BatchStage):
     batch_size = 10
 
     def process(self, batch: pa.Table) -> pa.Table:
-        if self.params.sleep_per_batch:
-            time.sleep(self.params.sleep_per_batch)
+        # Slowed down through the environment, not a parameter, so the interrupted run and the
+        # resumed run have the same fingerprint.
+        time.sleep(float(os.environ.get("WARREN_TEST_SLEEP_PER_BATCH", "0")))
         lengths = pc.utf8_length(pc.fill_null(batch.column("caption"), ""))
         out = batch.append_column("caption_len", lengths.cast(pa.int32()))
         too_long = pc.greater(lengths, self.params.max_chars).to_numpy(zero_copy_only=False)

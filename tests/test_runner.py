@@ -192,8 +192,8 @@ import sys
 from pipelines.runner import Pipeline, Runner
 from stages.exact_dedup import ExactDedup
 from stages_for_tests import CaptionLength
-pool, out, sleep = sys.argv[1], sys.argv[2], float(sys.argv[3])
-pipe = Pipeline("t", [CaptionLength(max_chars=30, sleep_per_batch=sleep), ExactDedup()])
+pool, out = sys.argv[1], sys.argv[2]
+pipe = Pipeline("t", [CaptionLength(max_chars=30), ExactDedup()])
 Runner(pipe, pool, out, input_format="parquet", progress=False, num_cpus=2).run()
 """
 
@@ -208,8 +208,8 @@ def test_rerun_after_kill_9_in_a_map_stage_loses_and_duplicates_nothing(ray_sess
     env.pop("RAY_ADDRESS")
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path / "pool"), str(out), "0.15"],
-        env=env,
+        [sys.executable, str(script), str(tmp_path / "pool"), str(out)],
+        env=dict(env, WARREN_TEST_SLEEP_PER_BATCH="0.15"),
         start_new_session=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -234,7 +234,7 @@ def test_rerun_after_kill_9_in_a_map_stage_loses_and_duplicates_nothing(ray_sess
     done_before = len(list(progress.glob("*.json")))
 
     proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "pool"), str(out), "0"],
+        [sys.executable, str(script), str(tmp_path / "pool"), str(out)],
         env=env,
         capture_output=True,
         text=True,

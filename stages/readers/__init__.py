@@ -1,0 +1,114 @@
+"""Readers: turn an input format into canonical rows (see `stages.readers.base` for the contract).
+
+    reader = get_reader("llava_json", "data/llava.json", image_root="data/images")
+    for unit in reader.plan():          # on the driver: lists and checks the input
+        for table in reader.read(unit):  # in a task: conformed tables with `_reject`
+            ...
+
+`get_reader(None, uri)` (or format "auto") guesses the format with `detect_format`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from stages.readers.base import InputError, Reader, ReadUnit
+from stages.readers.hf_datasets import HFDatasetsReader
+from stages.readers.image_folder import IMAGE_SUFFIXES, ImageFolderReader
+from stages.readers.img2dataset import Img2DatasetReader
+from stages.readers.llava_json import LlavaJsonReader
+from stages.readers.parquet import ParquetReader, open_parquet_schema
+from stages.shards import Location, list_files
+
+READERS: dict[str, type[Reader]] = {
+    cls.format: cls
+    for cls in (
+        ParquetReader,
+        Img2DatasetReader,
+        LlavaJsonReader,
+        ImageFolderReader,
+        HFDatasetsReader,
+    )
+}
+
+_HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+_IMG2DATASET_COLUMNS = ("key", "status")
+
+__all__ = [
+    "READERS",
+    "HFDatasetsReader",
+    "ImageFolderReader",
+    "Img2DatasetReader",
+    "InputError",
+    "LlavaJsonReader",
+    "ParquetReader",
+    "ReadUnit",
+    "Reader",
+    "detect_format",
+    "get_reader",
+]
+
+
+def _known() -> str:
+    return ", ".join(sorted(READERS))
+
+
+def get_reader(format: str | None, uri: str, **options: Any) -> Reader:
+    """The reader for `format` (None or "auto": `detect_format(uri)`), built with `options`."""
+    if format in (None, "", "auto"):
+        format = detect_format(uri)
+    cls = READERS.get(format)
+    if cls is None:
+        raise InputError(f"unknown input format {format!r}; known formats: {_known()}")
+    return cls(uri, **options)
+
+
+def _parquet_format(fs: pafs.FileSystem, path: str) -> str:
+    """img2dataset when the Parquet file has img2dataset's `key` and `status` columns."""
+    schema, _ = open_parquet_schema("detect_format", fs, path)
+    return "img2dataset" if all(c in schema.names for c in _IMG2DATASET_COLUMNS) else "parquet"
+
+
+def detect_format(uri: str) -> str:
+    """Guess the input format of `uri`:
+
+    - `*.json` / `*.jsonl` file -> llava_json; `*.parquet` file -> as a folder of one file;
+      `*.tar` file -> img2dataset;
+    - folder with `dataset_info.json`, `state.json` or `dataset_dict.json` -> hf_datasets;
+    - folder with `*.tar` -> img2dataset;
+    - folder of Parquet files -> img2dataset if they have `key` and `status` columns, else parquet;
+    - folder of images -> image_folder; folder of JSON/JSONL files -> llava_json.
+    """
+    loc = Location.of(uri)
+    info = loc.fs.get_file_info(loc.path)
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"{loc.uri}: no such file or directory")
+    if info.type == pafs.FileType.File:
+        name = loc.path.lower()
+        if name.endswith((".json", ".jsonl")):
+            return "llava_json"
+        if name.endswith(".parquet"):
+            return _parquet_format(loc.fs, loc.path)
+        if name.endswith(".tar"):
+            return "img2dataset"
+        raise InputError(
+            f"cannot detect the format of {loc.uri}; pass a format, one of: {_known()}"
+        )
+    if any(loc.join(m).exists() for m in _HF_MARKERS):
+        return "hf_datasets"
+    paths = [f.path.lower() for f in list_files(loc)]
+    if any(p.endswith(".tar") for p in paths):
+        return "img2dataset"
+    parquets = [f.path for f in list_files(loc, (".parquet",))]
+    if parquets:
+        return _parquet_format(loc.fs, parquets[0])
+    if any(p.endswith(IMAGE_SUFFIXES) for p in paths):
+        return "image_folder"
+    if any(p.endswith((".json", ".jsonl")) for p in paths):
+        return "llava_json"
+    raise InputError(
+        f"cannot detect the format of {loc.uri} (no .tar, .parquet, image or JSON files, no "
+        f"save_to_disk folder); pass a format, one of: {_known()}"
+    )

@@ -1,0 +1,296 @@
+"""Reader for LLaVA-style instruction data: a JSON list (or JSONL) of items plus an image folder.
+
+Each item is `{"id": ..., "image": "rel/path.jpg" | ["a.jpg", "b.jpg"] | absent,
+"conversations": [{"from": "human" | "gpt" | "system", "value": "..."}]}`. ShareGPT-style items
+with `images` (a list) and role/content turns (LLaMA-Factory, TRL) are accepted as well.
+
+- Integer ids become strings; an item without an id gets a content-derived id (image bytes and
+  conversations, see `row_content_id`).
+- Image paths are relative to option `image_root` (default: the folder holding the JSON file; any
+  local path or pyarrow filesystem URI). `images[].path` is the normalised relative path and
+  `images[].bytes` the file's bytes. Text-only items get `images = []`.
+- With images but no `<image>` marker, one `"<image>\\n"` per image is put in front of the first
+  human turn (LLaVA's convention); any other difference between markers and images is a rejection.
+- Rows that cannot be canonical are kept with a `_reject` reason (first rule that fired):
+  `llava_json: malformed item (...)`, `llava_json: malformed turn (...)`,
+  `llava_json: image path escapes root (<path>)`, `llava_json: image not found (<path>)`,
+  `llava_json: image unreadable (...)`, `llava_json: image marker mismatch (...)`. A rejected row
+  keeps what could be read (turns, images found).
+
+A unit is one JSON file. A JSON list is parsed whole (`json.loads`), so its memory is the size of
+the file several times over; JSONL is streamed line by line. `plan()` fails early on a file that
+cannot be read or does not start like JSON, and parses files up to `VALIDATE_MAX_BYTES` to report
+syntax errors before any work starts; a larger invalid JSON list fails in `read` with an
+`InputError` naming the file.
+
+Options: `image_root`, `source` (default: the file name), `batch_size` (rows per table, default 256).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+
+from stages.readers.base import InputError, Reader, ReadUnit
+from stages.readers.parquet import (
+    ROLE_TO_FROM,
+    check_options,
+    default_source,
+    file_uri,
+    finish,
+    list_input_files,
+    positive_int_option,
+    relative_key,
+    row_content_id,
+    table_from_rows,
+)
+from stages.schema import IMAGE_MARKER, REJECT_COLUMN, content_id
+from stages.shards import Location
+
+READER = "llava_json"
+DEFAULT_BATCH_SIZE = 256
+VALIDATE_MAX_BYTES = 64 << 20
+HUMAN_ROLES = ("human", "user")
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+class _Rejected(Exception):
+    """An item that cannot become a canonical row; the message is the reason."""
+
+
+def safe_relative_path(path: str) -> str | None:
+    """The normalised relative path, or None when `path` is absolute, a URL or leaves the root."""
+    p = path.replace("\\", "/")
+    if not p or p.startswith("/") or "://" in p or _WINDOWS_DRIVE.match(p):
+        return None
+    norm = posixpath.normpath(p)
+    if norm in (".", "..") or norm.startswith("../"):
+        return None
+    return norm
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+class LlavaJsonReader(Reader):
+    """LLaVA JSON / JSONL file (or a folder of them) with images under `image_root`."""
+
+    format = READER
+    OPTIONS = ("image_root", "source", "batch_size")
+
+    def __init__(self, uri: str, **options: Any) -> None:
+        super().__init__(uri, **options)
+        check_options(self.format, options, self.OPTIONS)
+        self.batch_size = positive_int_option(
+            self.format, options, "batch_size", DEFAULT_BATCH_SIZE
+        )
+        self.source = options.get("source") or default_source(self.location, self.format)
+        root = options.get("image_root")
+        if root is not None and not isinstance(root, str):
+            root = str(root)
+        self.image_root = Location.of(root) if root else None
+
+    # ---------------------------------------------------------------- plan
+
+    def _root_for(self, path: str) -> Location:
+        if self.image_root is not None:
+            return self.image_root
+        return Location(self.location.fs, path.rsplit("/", 1)[0] or "/")
+
+    def plan(self) -> list[ReadUnit]:
+        files = list_input_files(self.format, self.location, (".json", ".jsonl"), "JSON files")
+        if self.image_root is not None and not self.image_root.is_dir():
+            raise InputError(f"{self.format}: image_root {self.image_root.uri} is not a directory")
+        fs = self.location.fs
+        units = []
+        for info in files:
+            where = file_uri(fs, info.path)
+            try:
+                with fs.open_input_stream(info.path) as f:
+                    head = f.read(4096)
+            except OSError as exc:
+                raise InputError(f"{self.format}: {where}: cannot read ({exc})") from exc
+            start = _first_char(head)
+            if start not in (b"[", b"{"):
+                raise InputError(f"{self.format}: {where}: not JSON (starts with {head[:20]!r})")
+            if start == b"[" and info.size is not None and info.size <= VALIDATE_MAX_BYTES:
+                self._parse_list(info.path)
+            units.append(ReadUnit(relative_key(self.location, info.path), info.path, {}))
+        return units
+
+    def _parse_list(self, path: str) -> list:
+        where = file_uri(self.location.fs, path)
+        try:
+            items = json.loads(Location(self.location.fs, path).read_bytes())
+        except (ValueError, OSError) as exc:
+            raise InputError(f"{self.format}: {where}: invalid JSON ({exc})") from exc
+        if not isinstance(items, list):
+            raise InputError(
+                f"{self.format}: {where}: expected a JSON list of items, got {_type_name(items)}"
+            )
+        return items
+
+    # ---------------------------------------------------------------- read
+
+    def _items(self, path: str) -> Iterator[tuple[Any, str | None]]:
+        """(item, parse error) pairs: a JSON list whole, JSONL line by line."""
+        fs = self.location.fs
+        with fs.open_input_stream(path) as f:
+            head = f.read(4096)
+        if _first_char(head) == b"[":
+            for item in self._parse_list(path):
+                yield item, None
+            return
+        with fs.open_input_stream(path) as f:
+            buffer = b""
+            number = 0
+            while True:
+                chunk = f.read(1 << 20)
+                if chunk:
+                    buffer += chunk
+                lines = buffer.split(b"\n")
+                buffer = lines.pop() if chunk else b""
+                for line in lines:
+                    number += 1
+                    if not line.strip():
+                        continue
+                    try:
+                        yield json.loads(line), None
+                    except ValueError as exc:
+                        yield (
+                            line.decode("utf-8", "replace"),
+                            f"line {number}: invalid JSON ({exc})",
+                        )
+                if not chunk:
+                    break
+
+    def read(self, unit: ReadUnit) -> Iterator[pa.Table]:
+        root = self._root_for(unit.path)
+        where = file_uri(self.location.fs, unit.path)
+        rows: list[dict] = []
+        for item, error in self._items(unit.path):
+            rows.append(self._row(item, error, root))
+            if len(rows) >= self.batch_size:
+                yield finish(table_from_rows(rows), self.source, "source" in self.options, where)
+                rows = []
+        if rows:
+            yield finish(table_from_rows(rows), self.source, "source" in self.options, where)
+
+    def _row(self, item: Any, error: str | None, root: Location) -> dict:
+        if error is not None or not isinstance(item, dict):
+            detail = error or f"item is {_type_name(item)}, expected an object"
+            raw = item if isinstance(item, str) else json.dumps(item, sort_keys=True, default=str)
+            return {
+                "id": content_id(raw),
+                "images": [],
+                REJECT_COLUMN: f"{READER}: malformed item ({detail})",
+            }
+        row: dict[str, Any] = {"images": []}
+        for name in ("caption", "url", "license"):
+            if isinstance(item.get(name), str):
+                row[name] = item[name]
+        try:
+            row["id"] = self._id(item)
+            turns = _turns(item)
+            row["conversations"] = turns
+            paths = _image_paths(item)
+            row["images"] = [{"bytes": None, "path": p} for p in paths]
+            for i, p in enumerate(paths):
+                rel = safe_relative_path(p)
+                if rel is None:
+                    raise _Rejected(f"image path escapes root ({p})")
+                row["images"][i] = {"bytes": _read_image(root, rel, p), "path": rel}
+            _match_markers(turns, len(paths))
+        except _Rejected as exc:
+            row[REJECT_COLUMN] = f"{READER}: {exc}"
+        if row.get("id") is None:
+            row["id"] = row_content_id(row["images"], row.get("caption"), row.get("conversations"))
+        return row
+
+    @staticmethod
+    def _id(item: dict) -> str | None:
+        value = item.get("id")
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        raise _Rejected(f"malformed item (id is {_type_name(value)}, expected a string or integer)")
+
+
+def _first_char(head: bytes) -> bytes:
+    return head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1]
+
+
+def _read_image(root: Location, rel: str, original: str) -> bytes:
+    try:
+        return root.join(rel).read_bytes()
+    except FileNotFoundError as exc:
+        raise _Rejected(f"image not found ({original})") from exc
+    except OSError as exc:
+        raise _Rejected(f"image unreadable ({original}: {exc})") from exc
+
+
+def _image_paths(item: dict) -> list[str]:
+    key = "image" if item.get("image") is not None else "images"
+    value = item.get(key)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _Rejected(f"malformed item ({key} must be a path or a list of paths)")
+    if any(not v for v in value):
+        raise _Rejected(f"malformed item (empty {key} path)")
+    return value
+
+
+def _turns(item: dict) -> list[dict] | None:
+    """The item's turns as {from, value}; role/content turns are mapped (user -> human, ...)."""
+    key = "conversations" if "conversations" in item else "messages"
+    raw = item.get(key)
+    if raw is None:
+        if isinstance(item.get("caption"), str):
+            return None
+        raise _Rejected("malformed item (no conversations)")
+    if not isinstance(raw, list) or not raw:
+        raise _Rejected(f"malformed item ({key} is {_type_name(raw) if raw != [] else 'empty'})")
+    turns = []
+    for i, turn in enumerate(raw):
+        if not isinstance(turn, dict):
+            raise _Rejected(f"malformed turn (turn {i} is {_type_name(turn)}, expected an object)")
+        if "from" in turn or "value" in turn:
+            speaker, value = turn.get("from"), turn.get("value")
+        else:
+            speaker, value = turn.get("role"), turn.get("content")
+            speaker = ROLE_TO_FROM.get(speaker, speaker) if isinstance(speaker, str) else speaker
+        if not isinstance(speaker, str):
+            raise _Rejected(
+                f"malformed turn (turn {i} speaker is {_type_name(speaker)}, expected a string)"
+            )
+        if not isinstance(value, str):
+            raise _Rejected(
+                f"malformed turn (turn {i} value is {_type_name(value)}, expected a string)"
+            )
+        turns.append({"from": speaker, "value": value})
+    return turns
+
+
+def _match_markers(turns: list[dict] | None, n_images: int) -> None:
+    """Make `<image>` markers agree with the images, or reject (LLaVA's convention, see module doc)."""
+    if turns is None:  # a caption item: no turns to mark
+        return
+    markers = sum(t["value"].count(IMAGE_MARKER) for t in turns)
+    if markers == n_images:
+        return
+    if markers == 0:
+        first_human = next((t for t in turns if t["from"] in HUMAN_ROLES), None)
+        if first_human is not None:
+            first_human["value"] = (IMAGE_MARKER + "\n") * n_images + first_human["value"]
+            return
+    raise _Rejected(f"image marker mismatch ({markers} markers, {n_images} images)")
