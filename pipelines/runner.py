@@ -119,6 +119,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         "log_to_driver": True,
     }
     if not os.environ.get("RAY_ADDRESS"):
+        # "local" always starts a fresh in-process Ray; a bare ray.init() would join whatever
+        # cluster `ray start` left on this machine, with resources we did not ask for.
+        kwargs["address"] = "local"
         kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
         kwargs["include_dashboard"] = False
         # Workers must import the recipe's stages the way the driver does.
