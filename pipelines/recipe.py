@@ -80,7 +80,6 @@ def build_parser(pipeline: Pipeline, default_output: str) -> argparse.ArgumentPa
     parser = argparse.ArgumentParser(
         prog=f"{pipeline.name}",
         description=pipeline.description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--input", default=DEMO_DATA, help="input path or URI (default: the bundled demo pool)"
@@ -97,7 +96,7 @@ def build_parser(pipeline: Pipeline, default_output: str) -> argparse.ArgumentPa
         metavar="KEY=JSON",
         help='reader option, e.g. image_root="/data/coco" or columns=\'{"caption": "TEXT"}\'',
     )
-    parser.add_argument("--output", default=default_output, help="output folder or URI")
+    parser.add_argument("--output", default=default_output, help=f"output folder or URI (default: {default_output})")
     parser.add_argument("--force", action="store_true", help="recompute every stage")
     parser.add_argument(
         "--from", dest="from_stage", help="recompute this stage and everything after it"

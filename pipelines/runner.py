@@ -164,7 +164,7 @@ def _map_resources(stage: BatchStage) -> dict[str, Any]:
 # Workers: they run in Ray, write their own output and return only a one-row summary per piece.
 
 
-_SETUP_DONE: dict[int, Stage] = {}
+_SETUP_DONE: dict[tuple[str, str, str], Stage] = {}
 
 
 def _summary(entries: list[dict]) -> pa.Table:
@@ -233,7 +233,8 @@ class _MapActor:
 
 
 def _map_task(batch: pa.Table, stage: BatchStage, out_uri: str) -> pa.Table:
-    key = id(stage)
+    # Each task gets a fresh copy of the stage; set it up once per worker process and reuse it.
+    key = (type(stage).__module__, type(stage).__qualname__, stage.params_hash)
     if key not in _SETUP_DONE:
         stage.setup()
         _SETUP_DONE[key] = stage
