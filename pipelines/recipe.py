@@ -96,7 +96,9 @@ def build_parser(pipeline: Pipeline, default_output: str) -> argparse.ArgumentPa
         metavar="KEY=JSON",
         help='reader option, e.g. image_root="/data/coco" or columns=\'{"caption": "TEXT"}\'',
     )
-    parser.add_argument("--output", default=default_output, help=f"output folder or URI (default: {default_output})")
+    parser.add_argument(
+        "--output", default=default_output, help=f"output folder or URI (default: {default_output})"
+    )
     parser.add_argument("--force", action="store_true", help="recompute every stage")
     parser.add_argument(
         "--from", dest="from_stage", help="recompute this stage and everything after it"
@@ -107,6 +109,7 @@ def build_parser(pipeline: Pipeline, default_output: str) -> argparse.ArgumentPa
     )
     parser.add_argument("--describe", action="store_true", help="print the pipeline and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress lines or funnel")
+    parser.add_argument("--verbose", action="store_true", help="show the full traceback on errors")
     add_stage_flags(parser, pipeline.stages)
     return parser
 
@@ -148,7 +151,11 @@ def main(
             progress=not args.quiet,
             num_cpus=args.num_cpus,
         ).run()
-    except (PipelineError, InputError, SchemaError, ValueError, FileNotFoundError) as exc:
+    except (PipelineError, InputError, SchemaError, ValueError, OSError, KeyError) as exc:
+        if args.verbose:
+            raise
         print(f"error: {exc}", file=sys.stderr)
+        if not isinstance(exc, (PipelineError, InputError, SchemaError)):
+            print("(run with --verbose for the traceback)", file=sys.stderr)
         return 2
     return 0

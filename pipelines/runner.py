@@ -40,7 +40,7 @@ from stages.ledger import (
 )
 from stages.readers.base import Reader, ReadUnit
 from stages.schema import conform
-from stages.shards import Location, list_shards, parquet_row_count
+from stages.shards import Location
 
 MANIFEST = "_manifest.json"
 ATTEMPT = "_attempt.json"
@@ -221,9 +221,9 @@ def _normalise_src(path: str) -> str:
 class _MapActor:
     """Actor-pool worker for model stages: setup() once, then process and write each batch."""
 
-    def __init__(self, stage: BatchStage, out_uri: str) -> None:
+    def __init__(self, stage: BatchStage, out: Location) -> None:
         self.stage = stage
-        self.out = Location.of(out_uri)
+        self.out = out
         stage.setup()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -232,7 +232,7 @@ class _MapActor:
         return _summary(_commit_by_source(self.out, src, table))
 
 
-def _map_task(batch: pa.Table, stage: BatchStage, out_uri: str) -> pa.Table:
+def _map_task(batch: pa.Table, stage: BatchStage, out: Location) -> pa.Table:
     # Each task gets a fresh copy of the stage; set it up once per worker process and reuse it.
     key = (type(stage).__module__, type(stage).__qualname__, stage.params_hash)
     if key not in _SETUP_DONE:
@@ -240,26 +240,25 @@ def _map_task(batch: pa.Table, stage: BatchStage, out_uri: str) -> pa.Table:
         _SETUP_DONE[key] = stage
     src = batch.column(SRC_COLUMN)
     table = _apply_stage(_SETUP_DONE[key], batch.drop_columns([SRC_COLUMN]))
-    return _summary(_commit_by_source(Location.of(out_uri), src, table))
+    return _summary(_commit_by_source(out, src, table))
 
 
-def _ingest_task(batch: pa.Table, reader: Reader, out_uri: str) -> pa.Table:
-    out = Location.of(out_uri)
+def _ingest_task(batch: pa.Table, reader: Reader, out: Location) -> pa.Table:
     entries = []
     for row in batch.to_pylist():
         unit = ReadUnit(key=row["key"], path=row["path"], options=json.loads(row["options"]))
         total = 0
-        for table in reader.read(unit):
+        for seq, table in enumerate(reader.read(unit)):
             table = conform(table, where=f"{reader.format} reader, {unit.path}")
-            entries.append(commit_piece(out, unit.key, table))
+            entries.append(commit_piece(out, unit.key, table, piece=str(seq)))
             total += table.num_rows
         mark_source_done(out, unit.key, total)
     return _summary(entries)
 
 
-def _global_write_task(batch: pa.Table, out_uri: str, name: str) -> pa.Table:
+def _global_write_task(batch: pa.Table, out: Location, name: str) -> pa.Table:
     table = conform(batch, where=f"stage {name}")
-    return _summary([commit_piece(Location.of(out_uri), "global", table)])
+    return _summary([commit_piece(out, "global", table)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,13 +336,7 @@ class Runner:
     # ---- caching
 
     def _manifest(self, folder: str) -> dict | None:
-        loc = self.output.join(folder, MANIFEST)
-        if not loc.exists():
-            return None
-        try:
-            return loc.read_json()
-        except (ValueError, OSError):
-            return None
+        return _read_json_or_none(self.output.join(folder, MANIFEST))
 
     def _cached(self, folder: str, fingerprint: str) -> dict | None:
         """The manifest, if it matches the fingerprint and every file it lists is there."""
@@ -359,10 +352,10 @@ class Runner:
         return m
 
     def _must_run(self, index: int) -> bool:
-        if self.force:
-            return True
         if self.only_index is not None:
             return index == self.only_index
+        if self.force:
+            return True
         return self.from_index is not None and index >= self.from_index
 
     # ---- running
@@ -406,7 +399,9 @@ class Runner:
                     f"[{folder}] cached: {cached['kept']:,} rows kept of {cached['rows_in']:,}"
                 )
             else:
-                manifest = self._run_stage(index, folder, stage, fingerprint, input_fp)
+                manifest = self._run_stage(
+                    index, folder, stage, fingerprint, input_fp, fresh=self._must_run(index)
+                )
                 reports.append(
                     self._report_from_manifest(index, folder, manifest, manifest["status"])
                 )
@@ -417,7 +412,13 @@ class Runner:
         return reports
 
     def _run_stage(
-        self, index: int, folder: str, stage: Stage | None, fingerprint: str, input_fp: str
+        self,
+        index: int,
+        folder: str,
+        stage: Stage | None,
+        fingerprint: str,
+        input_fp: str,
+        fresh: bool = False,
     ) -> dict:
         out = self.output.join(folder)
         started = time.time()
@@ -425,9 +426,10 @@ class Runner:
         resumable = stage is None or isinstance(stage, BatchStage)
         status = "computed"
         if out.exists():
-            previous = attempt.read_json() if attempt.exists() else None
+            previous = _read_json_or_none(attempt)
             if (
                 resumable
+                and not fresh
                 and previous
                 and previous.get("fingerprint") == fingerprint
                 and not self._manifest(folder)
@@ -447,9 +449,14 @@ class Runner:
             expected = None
             self._run_ingest(out, status == "resumed")
         else:
+            # The upstream manifest lists exactly the files that stage committed, with row counts:
+            # nothing else in its folder (a stray file, a leftover of a retried task) is read.
             in_folder = self.output.join(self.folders[index - 1])
-            sources = list_shards(in_folder)
-            expected = {_normalise_src(p): parquet_row_count(in_folder.fs, p) for p in sources}
+            upstream = self._manifest(self.folders[index - 1])
+            sources = [in_folder.join(f["name"]).path for f in upstream["files"]]
+            expected = {
+                _normalise_src(in_folder.join(f["name"]).path): f["rows"] for f in upstream["files"]
+            }
             if isinstance(stage, BatchStage):
                 self._run_map(stage, out, sources, expected)
             else:
@@ -469,6 +476,8 @@ class Runner:
                 raise PipelineError(
                     f"{folder}: rows in != kept + rejected for {len(bad)} shards (e.g. {s}: {got} of {n})"
                 )
+        # Drop anything the ledger does not vouch for (a piece whose entry was never written).
+        state = prune_incomplete(out, state, set(state.rows_by_src()) | set(state.done_markers))
         totals = state.totals()
         if stage is not None and totals["rows_in"] != sum(expected.values()):
             raise PipelineError(
@@ -538,7 +547,7 @@ class Runner:
             _ingest_task,
             batch_size=1,
             batch_format="pyarrow",
-            fn_args=(self.reader, out.uri),
+            fn_args=(self.reader, out),
             num_cpus=1,
         )
         self._drain(ds, INGEST, None)
@@ -561,7 +570,7 @@ class Runner:
         if stage.uses_model:
             ds = ds.map_batches(
                 _MapActor,
-                fn_constructor_args=(stage, out.uri),
+                fn_constructor_args=(stage, out),
                 batch_size=stage.batch_size,
                 batch_format="pyarrow",
                 zero_copy_batch=True,
@@ -570,7 +579,7 @@ class Runner:
         else:
             ds = ds.map_batches(
                 _map_task,
-                fn_args=(stage, out.uri),
+                fn_args=(stage, out),
                 batch_size=stage.batch_size,
                 batch_format="pyarrow",
                 **resources,
@@ -592,7 +601,7 @@ class Runner:
         ds = ds.repartition(target_num_rows_per_block=GLOBAL_ROWS_PER_PART)
         ds = ds.map_batches(
             _global_write_task,
-            fn_args=(out.uri, stage.name),
+            fn_args=(out, stage.name),
             batch_format="pyarrow",
             batch_size=None,
         )
@@ -689,6 +698,14 @@ def _quiet_ray_data(quiet: bool) -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _read_json_or_none(loc: Location) -> dict | None:
+    """A JSON file, or None when it is missing or unreadable (a write cut short by a crash)."""
+    try:
+        return loc.read_json() if loc.exists() else None
+    except (ValueError, OSError):
+        return None
 
 
 def _now() -> str:

@@ -33,7 +33,9 @@ def content_key(table: pa.Table, key: str) -> pa.Table:
     for imgs, cap in zip(images, captions, strict=True):
         h = hashlib.sha256()
         for img in imgs or []:
-            data = img.get("bytes") or b""
+            # An image stored only by path is identified by its path, never by "no bytes".
+            data = img.get("bytes")
+            data = b"\x00bytes" + data if data else b"\x00path" + (img.get("path") or "").encode()
             h.update(len(data).to_bytes(8, "little"))
             h.update(data)
         if not imgs or key == "image+caption":
@@ -43,11 +45,11 @@ def content_key(table: pa.Table, key: str) -> pa.Table:
 
 
 def resolve_group(group: pa.Table) -> pa.Table:
-    """Keep the smallest id of one duplicate group, reject the rest naming the kept id."""
+    """Keep one row of a duplicate group (the first with the smallest id), reject the others."""
     ids = group.column("id").to_pylist()
-    keeper = min(ids)
-    mask = [i != keeper for i in ids]
-    out = reject(group, mask, f"exact_dedup: duplicate (of {keeper})")
+    keep_at = min(range(len(ids)), key=lambda i: (ids[i], i))
+    mask = [i != keep_at for i in range(len(ids))]
+    out = reject(group, mask, f"exact_dedup: duplicate (of {ids[keep_at]})")
     return out.drop_columns([KEY_COLUMN])
 
 

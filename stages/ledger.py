@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import uuid
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -55,9 +54,22 @@ def split_rejected(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     return kept, rejected
 
 
-def commit_piece(out: Location, src: str, table: pa.Table, *, final_for_src: bool = False) -> dict:
-    """Write one piece of a stage's output for source `src` and record it. Returns the entry."""
-    tag = f"{source_tag(src)}-{uuid.uuid4().hex[:12]}"
+def piece_key(table: pa.Table) -> str:
+    """Names a piece by its rows, so a retried task rewrites the same files instead of adding copies."""
+    ids = table.column("id")
+    if not len(ids):
+        return "empty"
+    return f"{ids[0].as_py()}\x1f{ids[-1].as_py()}\x1f{len(ids)}"
+
+
+def commit_piece(out: Location, src: str, table: pa.Table, *, piece: str | None = None) -> dict:
+    """Write one piece of a stage's output for source `src` and record it. Returns the entry.
+
+    `piece` identifies the piece within its source (default: its first id, last id and row count);
+    the same piece always gets the same file names.
+    """
+    key = piece if piece is not None else piece_key(table)
+    tag = f"{source_tag(src)}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
     kept, rejected = split_rejected(_normalise_nulls(table))
     files = []
     if kept.num_rows:
@@ -85,7 +97,6 @@ def commit_piece(out: Location, src: str, table: pa.Table, *, final_for_src: boo
         "files": files,
         "rejected_files": rejected_files,
         "reasons": dict(reasons),
-        "final": final_for_src,
     }
     out.join(PROGRESS_DIR, f"{tag}.json").write_json_atomic(entry)
     return entry
@@ -133,8 +144,11 @@ def read_ledger(out: Location) -> LedgerState:
     for fi in sorted(infos, key=lambda f: f.path):
         if fi.type != pafs.FileType.File or not fi.path.endswith(".json"):
             continue
-        with out.fs.open_input_stream(fi.path) as f:
-            entry = json.loads(f.read())
+        try:
+            with out.fs.open_input_stream(fi.path) as f:
+                entry = json.loads(f.read())
+        except (ValueError, OSError):
+            continue  # cut short by a crash: the piece is redone, and prune removes this file
         if entry.get("done"):
             state.done_markers[entry["src"]] = entry["rows_in"]
         else:

@@ -51,6 +51,9 @@ REJECT_COLUMN = "_reject"
 REASON_COLUMN = "reason"
 
 IMAGE_MARKER = "<image>"
+# Ray Data's read_parquet(include_paths=True) writes the source file into a column of this name,
+# overwriting any column already called so; the runner needs it to resume shard by shard.
+RESERVED_COLUMNS = ("path",)
 
 
 class SchemaError(ValueError):
@@ -76,6 +79,12 @@ def validate(table: pa.Table | pa.Schema, where: str | None = None) -> None:
     input is wrong.
     """
     schema = table if isinstance(table, pa.Schema) else table.schema
+    for name in RESERVED_COLUMNS:
+        if name in schema.names:
+            raise SchemaError(
+                f"{_describe(where)}column '{name}' is reserved by the runner; "
+                "rename it (e.g. with the reader's `columns` option)"
+            )
     if "id" not in schema.names:
         raise SchemaError(f"{_describe(where)}missing required column 'id' (expected string)")
     for field in schema:

@@ -21,17 +21,29 @@ def _jpeg(w: int, h: int) -> bytes:
 
 def test_a_column_of_the_wrong_type_is_named_with_the_expected_type():
     t = pa.table({"id": ["a"], "caption": pa.array([3], pa.int64())})
-    with pytest.raises(SchemaError, match=r"shard-7\.parquet: column 'caption' has type int64, expected string"):
+    with pytest.raises(
+        SchemaError, match=r"shard-7\.parquet: column 'caption' has type int64, expected string"
+    ):
         validate(t, where="shard-7.parquet")
     with pytest.raises(SchemaError, match="missing required column 'id'"):
         validate(pa.table({"caption": ["x"]}))
     with pytest.raises(SchemaError, match="image_emb.*fixed_size_list<float16>"):
-        validate(pa.table({"id": ["a"], "image_emb": pa.array([[0.1, 0.2]], pa.list_(pa.float32()))}))
+        validate(
+            pa.table({"id": ["a"], "image_emb": pa.array([[0.1, 0.2]], pa.list_(pa.float32()))})
+        )
 
 
 def test_conform_adds_missing_core_columns_and_casts_only_what_is_lossless():
     t = conform(pa.table({"id": pa.array(["a", "b"], pa.large_string()), "extra": [1, 2]}))
-    assert t.column_names[:7] == ["id", "images", "caption", "conversations", "source", "url", "license"]
+    assert t.column_names[:7] == [
+        "id",
+        "images",
+        "caption",
+        "conversations",
+        "source",
+        "url",
+        "license",
+    ]
     assert t.schema.field("id").type == pa.string()
     assert t.column("extra").to_pylist() == [1, 2]
     with pytest.raises(SchemaError, match="column 'width'"):
@@ -44,10 +56,18 @@ def test_canonical_rows_round_trip_through_parquet_and_datasets_as_images(tmp_pa
             "id": "r1",
             "images": [{"bytes": _jpeg(40, 30), "path": "r1.jpg"}],
             "caption": "a red square",
-            "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}],
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat colour?"},
+                {"from": "gpt", "value": "Red."},
+            ],
             "source": "unit",
         },
-        {"id": "r2", "images": [], "caption": None, "conversations": [{"from": "human", "value": "Hi"}]},
+        {
+            "id": "r2",
+            "images": [],
+            "caption": None,
+            "conversations": [{"from": "human", "value": "Hi"}],
+        },
     ]
     table = rows_to_table(rows)
     emb = pa.FixedSizeListArray.from_arrays(pa.array([0.5, 0.5, 0.0, 1.0], pa.float16()), 2)
