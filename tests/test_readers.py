@@ -618,3 +618,41 @@ def test_canonical_rows_load_in_hf_datasets_as_images(llava_data, tmp_path: Path
     row = ds[ds["id"].index("7")]
     assert row["images"][0].size == (8, 6)
     assert row["conversations"][0]["value"].count("<image>") == len(row["images"])
+
+
+def test_parquet_files_with_differing_extra_columns_read_into_one_schema(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages.readers import get_reader
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    pq.write_table(
+        pa.table({"id": ["a"], "caption": ["x"], "score": pa.array([1], pa.int32())}),
+        pool / "1.parquet",
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "id": ["b"],
+                "caption": pa.array(["y"]).dictionary_encode(),
+                "score": pa.array([2.5], pa.float64()),
+                "lang": ["en"],
+            }
+        ),
+        pool / "2.parquet",
+    )
+    reader = get_reader("parquet", str(pool))
+    tables = [t for u in reader.plan() for t in reader.read(u)]
+    assert tables[0].schema == tables[1].schema
+    rows = pa.concat_tables(tables).to_pylist()
+    assert [(r["id"], r["caption"], r["score"], r["lang"]) for r in rows] == [
+        ("a", "x", 1.0, None),
+        ("b", "y", 2.5, "en"),
+    ]
+
+    pq.write_table(pa.table({"id": ["c"], "score": ["high"]}), pool / "3.parquet")
+    reader = get_reader("parquet", str(pool))
+    with pytest.raises(InputError, match="3.parquet"):
+        reader.plan()
