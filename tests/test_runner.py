@@ -266,3 +266,17 @@ def test_rerun_after_kill_9_in_a_map_stage_loses_and_duplicates_nothing(ray_sess
     )
     final = sorted(r["id"] for r in read_folder(out / "02-exact_dedup"))
     assert final == sorted(r["id"] for r in read_folder(clean / "02-exact_dedup"))
+
+
+def test_input_and_output_given_as_filesystem_uris_run_and_cache_like_local_paths(
+    ray_session, tmp_path
+):
+    rows = make_pool(tmp_path / "pool", n=40, shards=2)
+    pipe = Pipeline("t", [CaptionLength(max_chars=30)])
+    pool_uri, out_uri = f"file://{tmp_path / 'pool'}", f"file://{tmp_path / 'out'}"
+    reports = Runner(pipe, pool_uri, out_uri, input_format="parquet", progress=False).run()
+    assert [r.status for r in reports] == ["computed", "computed"]
+    kept = read_folder(tmp_path / "out" / "01-caption_length")
+    assert sorted(r["id"] for r in kept) == sorted(r["id"] for r in rows if len(r["caption"]) <= 30)
+    reports = Runner(pipe, pool_uri, out_uri, input_format="parquet", progress=False).run()
+    assert [r.status for r in reports] == ["cached", "cached"]

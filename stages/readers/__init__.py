@@ -15,11 +15,12 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from stages.readers.base import InputError, Reader, ReadUnit
+from stages.readers.columns import open_parquet_schema
 from stages.readers.hf_datasets import HFDatasetsReader
 from stages.readers.image_folder import IMAGE_SUFFIXES, ImageFolderReader
 from stages.readers.img2dataset import Img2DatasetReader
 from stages.readers.llava_json import LlavaJsonReader
-from stages.readers.parquet import ParquetReader, open_parquet_schema
+from stages.readers.parquet import ParquetReader
 from stages.shards import Location, list_files
 
 READERS: dict[str, type[Reader]] = {

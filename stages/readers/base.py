@@ -10,7 +10,8 @@ caption that is not a string) are kept with a `_reject` reason instead of being 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import posixpath
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -32,13 +33,51 @@ class ReadUnit:
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+_DATA_SUFFIXES = (".parquet", ".json", ".jsonl", ".tar", ".arrow")
+
+
+def check_options(reader: str, options: Mapping[str, Any], allowed: Iterable[str]) -> None:
+    """Raise InputError for an option the reader does not know (a typo would otherwise be ignored)."""
+    allowed = set(allowed)
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise InputError(
+            f"{reader}: unknown option(s) {', '.join(unknown)}; known options: {', '.join(sorted(allowed))}"
+        )
+
+
+def positive_int_option(reader: str, options: Mapping[str, Any], name: str, default: int) -> int:
+    value = options.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{reader}: option {name} must be a positive integer, got {value!r}")
+    return value
+
+
+def default_source(location: Location, fallback: str) -> str:
+    """The input's name: the folder name, or the file name without its data extension."""
+    name = location.path.rstrip("/").rsplit("/", 1)[-1]
+    if name.lower().endswith(_DATA_SUFFIXES):
+        name = posixpath.splitext(name)[0]
+    return name or fallback
+
+
 class Reader:
     format: ClassVar[str] = ""
+    #: Options this reader accepts; any other is an error (a typo would otherwise be ignored).
+    OPTIONS: ClassVar[tuple[str, ...]] = ("source",)
+    #: Rows per yielded table, for readers that accept a `batch_size` option.
+    DEFAULT_BATCH_SIZE: ClassVar[int] = 512
 
     def __init__(self, uri: str, **options: Any) -> None:
         self.uri = str(uri)
         self.location = Location.of(uri)
         self.options = options
+        check_options(self.format, options, self.OPTIONS)
+        self.source = options.get("source") or default_source(self.location, self.format)
+        if "batch_size" in self.OPTIONS:
+            self.batch_size = positive_int_option(
+                self.format, options, "batch_size", self.DEFAULT_BATCH_SIZE
+            )
 
     def plan(self) -> list[ReadUnit]:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -24,14 +24,10 @@ from typing import Any
 import pyarrow as pa
 
 from stages.readers.base import InputError, Reader, ReadUnit
-from stages.readers.parquet import (
-    DEFAULT_BATCH_SIZE,
+from stages.readers.columns import (
     ColumnMapping,
-    check_options,
-    default_source,
     file_uri,
     finish,
-    positive_int_option,
     relative_key,
 )
 from stages.shards import Location, list_files
@@ -68,12 +64,7 @@ class HFDatasetsReader(Reader):
 
     def __init__(self, uri: str, **options: Any) -> None:
         super().__init__(uri, **options)
-        check_options(self.format, options, self.OPTIONS)
         self.mapping = ColumnMapping(self.format, options.get("columns"))
-        self.batch_size = positive_int_option(
-            self.format, options, "batch_size", DEFAULT_BATCH_SIZE
-        )
-        self.source = options.get("source") or default_source(self.location, self.format)
 
     def _dataset_root(self) -> Location:
         loc = self.location

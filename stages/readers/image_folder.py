@@ -31,15 +31,8 @@ from typing import Any
 import pyarrow as pa
 
 from stages.base import stable_hash
-from stages.readers.base import InputError, Reader, ReadUnit
-from stages.readers.parquet import (
-    check_options,
-    default_source,
-    finish,
-    list_input_files,
-    positive_int_option,
-    table_from_rows,
-)
+from stages.readers.base import InputError, Reader, ReadUnit, positive_int_option
+from stages.readers.columns import finish, list_input_files, table_from_rows
 from stages.schema import KNOWN_TYPES, REJECT_COLUMN
 
 READER = "image_folder"
@@ -64,11 +57,9 @@ class ImageFolderReader(Reader):
 
     def __init__(self, uri: str, **options: Any) -> None:
         super().__init__(uri, **options)
-        check_options(self.format, options, self.OPTIONS)
         self.chunk_size = positive_int_option(
             self.format, options, "chunk_size", DEFAULT_CHUNK_SIZE
         )
-        self.source = options.get("source") or default_source(self.location, self.format)
         lifted = options.get("metadata_columns") or []
         if isinstance(lifted, str) or not all(isinstance(k, str) for k in lifted):
             raise InputError(f"{self.format}: option metadata_columns must be a list of key names")

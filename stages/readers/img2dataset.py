@@ -30,17 +30,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stages.readers.base import InputError, Reader, ReadUnit
-from stages.readers.parquet import (
+from stages.readers.columns import (
     ColumnMapping,
-    check_options,
-    default_source,
     empty_images,
     file_uri,
     fill_missing_ids,
     finish,
     list_input_files,
     open_parquet_schema,
-    positive_int_option,
     relative_key,
     table_from_rows,
 )
@@ -68,7 +65,6 @@ TAR_METADATA = (
 )
 # Columns of the Parquet metadata that are encoded elsewhere (id, images, _reject) and not kept.
 DROPPED_COLUMNS = ("key", "status", "error_message", "txt", *PARQUET_IMAGE_COLUMNS)
-DEFAULT_BATCH_SIZE = 256
 _TAR_MAGIC_OFFSET = 257
 
 
@@ -95,14 +91,10 @@ class Img2DatasetReader(Reader):
 
     format = "img2dataset"
     OPTIONS = ("source", "batch_size")
+    DEFAULT_BATCH_SIZE = 256
 
     def __init__(self, uri: str, **options: Any) -> None:
         super().__init__(uri, **options)
-        check_options(self.format, options, self.OPTIONS)
-        self.batch_size = positive_int_option(
-            self.format, options, "batch_size", DEFAULT_BATCH_SIZE
-        )
-        self.source = options.get("source") or default_source(self.location, self.format)
 
     # ---------------------------------------------------------------- plan
 

@@ -37,14 +37,11 @@ from typing import Any
 import pyarrow as pa
 
 from stages.readers.base import InputError, Reader, ReadUnit
-from stages.readers.parquet import (
+from stages.readers.columns import (
     ROLE_TO_FROM,
-    check_options,
-    default_source,
     file_uri,
     finish,
     list_input_files,
-    positive_int_option,
     relative_key,
     row_content_id,
     table_from_rows,
@@ -53,7 +50,6 @@ from stages.schema import IMAGE_MARKER, REJECT_COLUMN, content_id
 from stages.shards import Location
 
 READER = "llava_json"
-DEFAULT_BATCH_SIZE = 256
 VALIDATE_MAX_BYTES = 64 << 20
 HUMAN_ROLES = ("human", "user")
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
@@ -83,14 +79,10 @@ class LlavaJsonReader(Reader):
 
     format = READER
     OPTIONS = ("image_root", "source", "batch_size")
+    DEFAULT_BATCH_SIZE = 256
 
     def __init__(self, uri: str, **options: Any) -> None:
         super().__init__(uri, **options)
-        check_options(self.format, options, self.OPTIONS)
-        self.batch_size = positive_int_option(
-            self.format, options, "batch_size", DEFAULT_BATCH_SIZE
-        )
-        self.source = options.get("source") or default_source(self.location, self.format)
         root = options.get("image_root")
         if root is not None and not isinstance(root, str):
             root = str(root)
