@@ -698,6 +698,8 @@ def _quiet_ray_data(quiet: bool) -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Ray warns that its bars are off; that is our choice, not the user's problem.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def _read_json_or_none(loc: Location) -> dict | None:
