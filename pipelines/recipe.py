@@ -72,7 +72,9 @@ def apply_stage_flags(args: argparse.Namespace, stages: Sequence[Stage]) -> list
             for f in dataclasses.fields(stage.params)
             if getattr(args, f"{stage.name}.{f.name}") is not None
         }
-        out.append(type(stage)(stage.params, **overrides) if overrides else stage)
+        out.append(
+            type(stage)(stage.params, stage_name=stage.name, **overrides) if overrides else stage
+        )
     return out
 
 

@@ -65,6 +65,12 @@ class Pipeline:
         names = [s.name for s in self.stages]
         if INGEST in names:
             raise ValueError(f"'{INGEST}' is reserved for the input stage")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(
+                f"pipeline {self.name}: stage names {repeated} repeat; give each instance its own "
+                "name with stage_name=..."
+            )
         for s in self.stages:
             if not isinstance(s, (BatchStage, GlobalStage)):
                 raise TypeError(f"{s!r} is neither a BatchStage nor a GlobalStage")

@@ -64,7 +64,13 @@ class Stage:
     num_cpus: ClassVar[float] = 1.0
     num_gpus: ClassVar[float] = 0.0
 
-    def __init__(self, params: Any = None, **overrides: Any) -> None:
+    def __init__(
+        self, params: Any = None, *, stage_name: str | None = None, **overrides: Any
+    ) -> None:
+        # A pipeline may use one stage class twice (two rank windows); each instance then gets its
+        # own name, which names its folder and its command-line flags.
+        if stage_name is not None:
+            self.name = stage_name
         if params is None:
             params = self.Params()
         if not isinstance(params, self.Params):

@@ -1,0 +1,171 @@
+"""cluster: spherical k-means on an embedding column (faiss), then every row assigned to a centroid.
+
+Two passes over the data, neither holding the dataset:
+
+1. a seeded sample (`sample_fraction` of the rows, at most `max_train_rows`) of the embeddings is
+   gathered and k-means is trained on it in one Ray task (on a GPU when the cluster has one and
+   faiss was built with CUDA: the `gpu` extra);
+2. a map pass assigns each row to its most similar centroid (inner product of unit vectors) and
+   writes `cluster_id` and `cos_to_centroid`.
+
+The number of clusters defaults to rows / `rows_per_cluster` (Bunny: 100,000 clusters for 2B
+images, about 20k a cluster), at least 1, at most the number of training rows. Rows without an
+embedding are rejected (`cluster: missing embedding`), and so are rows of the clusters listed in
+`exclude_clusters` (Bunny dropped one cluster of "no image" placeholders).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from stages.base import GlobalContext, GlobalStage, param, reject
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterParams:
+    column: str = param("image_emb", "embedding column to cluster (L2-normalised)")
+    n_clusters: int = param(0, "number of clusters; 0: rows / rows_per_cluster, at least 1")
+    rows_per_cluster: int = param(20_000, "rows per cluster when n_clusters is 0 (Bunny: ~20k)")
+    sample_fraction: float = param(1.0, "share of rows k-means is trained on")
+    max_train_rows: int = param(
+        1_000_000, "cap on the training sample (gathered on the driver: rows x dim x 4 bytes)"
+    )
+    niter: int = param(20, "k-means iterations")
+    seed: int = param(0, "seed of the sample and of k-means")
+    exclude_clusters: list = param(
+        [], "cluster ids whose rows are rejected (e.g. a placeholder-image cluster)"
+    )
+
+
+def embeddings_of(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 matrix of the rows that have an embedding, boolean mask of those rows)."""
+    col = table.column(column).combine_chunks()
+    valid = pc.is_valid(col).to_numpy(zero_copy_only=False)
+    dim = col.type.list_size
+    if not valid.any():
+        return np.zeros((0, dim), np.float32), valid
+    present = col.filter(pa.array(valid))
+    flat = present.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    return flat.reshape(-1, dim), valid
+
+
+def _sample_embeddings(batch: pa.Table, column: str, fraction: float, seed: int) -> pa.Table:
+    emb, _ = embeddings_of(batch, column)
+    if fraction < 1.0 and len(emb):
+        # Seeded by the batch's own ids so the sample does not depend on block boundaries.
+        ids = batch.column("id").filter(pc.is_valid(batch.column(column))).to_pylist()
+        keep = np.array([_unit_hash(i, seed) < fraction for i in ids], dtype=bool)
+        emb = emb[keep]
+    flat = pa.array(emb.reshape(-1), pa.float32())
+    return pa.table({"emb": pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])})
+
+
+def _unit_hash(text: str, seed: int) -> float:
+    import hashlib
+
+    h = hashlib.blake2b(f"{seed}\x1f{text}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64
+
+
+def train_kmeans(sample: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
+    """Spherical k-means centroids (unit vectors), on the GPU when faiss can use one."""
+    import faiss
+
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    k = max(1, min(k, len(sample)))
+    use_gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+    km = faiss.Kmeans(
+        sample.shape[1], k, niter=niter, seed=seed, spherical=True, gpu=use_gpu, verbose=False
+    )
+    # faiss warns and subsamples above 256 points per centroid; we sampled on purpose already.
+    km.cp.max_points_per_centroid = max(256, -(-len(sample) // k))
+    km.train(sample)
+    centroids = km.centroids.astype(np.float32)
+    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    return centroids
+
+
+def assign(batch: pa.Table, column: str, centroids: np.ndarray, exclude: list) -> pa.Table:
+    """Nearest centroid by cosine for every row; rows without an embedding are rejected."""
+    emb, valid = embeddings_of(batch, column)
+    n = batch.num_rows
+    ids = np.full(n, -1, dtype=np.int64)
+    cos = np.full(n, np.nan, dtype=np.float32)
+    if len(emb):
+        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        sims = emb @ centroids.T
+        best = sims.argmax(axis=1)
+        ids[valid] = best
+        cos[valid] = sims[np.arange(len(best)), best]
+    out = batch
+    for name, arr in (
+        ("cluster_id", pa.array(ids, pa.int64(), mask=~valid)),
+        ("cos_to_centroid", pa.array(cos, pa.float32(), mask=~valid)),
+    ):
+        if name in out.column_names:
+            out = out.set_column(out.column_names.index(name), name, arr)
+        else:
+            out = out.append_column(name, arr)
+    out = reject(out, ~valid, "cluster: missing embedding")
+    if exclude:
+        excluded = valid & np.isin(ids, np.asarray(exclude, dtype=np.int64))
+        out = reject(out, excluded, [f"cluster: excluded cluster ({c})" for c in ids])
+    return out
+
+
+class Cluster(GlobalStage):
+    """Spherical k-means (faiss) on an embedding column; writes cluster_id and cos_to_centroid."""
+
+    name = "cluster"
+    version = "1"
+    Params = ClusterParams
+
+    def check_params(self) -> None:
+        p = self.params
+        if p.n_clusters < 0 or p.rows_per_cluster < 1 or p.max_train_rows < 1 or p.niter < 1:
+            raise ValueError(
+                "cluster: n_clusters >= 0, rows_per_cluster, max_train_rows and niter >= 1"
+            )
+        if not 0.0 < p.sample_fraction <= 1.0:
+            raise ValueError(f"cluster: sample_fraction must be in (0, 1], got {p.sample_fraction}")
+
+    def n_clusters_for(self, num_rows: int) -> int:
+        if self.params.n_clusters:
+            return self.params.n_clusters
+        return max(1, num_rows // self.params.rows_per_cluster)
+
+    def run(self, ds, ctx: GlobalContext):
+        import ray
+
+        p = self.params
+        sample = ds.select_columns(["id", p.column]).map_batches(
+            _sample_embeddings,
+            fn_args=(p.column, p.sample_fraction, p.seed),
+            batch_format="pyarrow",
+        )
+        parts, total = [], 0
+        for batch in sample.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if total >= p.max_train_rows or not batch.num_rows:
+                continue
+            emb, _ = embeddings_of(batch, "emb")
+            parts.append(emb[: p.max_train_rows - total])
+            total += len(parts[-1])
+        if not total:
+            # Nothing to cluster: every row lacks an embedding; assign rejects them all.
+            dim = ds.schema().field(p.column).type.list_size
+            centroids = np.zeros((1, dim), np.float32)
+        else:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+            train = ray.remote(num_gpus=gpus)(train_kmeans)
+            centroids = ray.get(
+                train.remote(
+                    np.concatenate(parts), self.n_clusters_for(ctx.num_rows), p.niter, p.seed
+                )
+            )
+        return ds.map_batches(
+            assign, fn_args=(p.column, centroids, list(p.exclude_clusters)), batch_format="pyarrow"
+        )

@@ -1,0 +1,88 @@
+"""cluster: faiss spherical k-means, checked against brute-force assignment and planted blobs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import ray
+
+from stages.base import GlobalContext
+from stages.cluster import Cluster, assign, train_kmeans
+from stages.schema import conform, embedding_type
+
+
+def _table(emb: np.ndarray | None, n: int, missing: tuple[int, ...] = ()) -> pa.Table:
+    ids = [f"r{i:04d}" for i in range(n)]
+    flat = pa.array(emb.astype(np.float16).reshape(-1), pa.float16())
+    col = pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])
+    if missing:
+        mask = np.zeros(n, bool)
+        mask[list(missing)] = True
+        col = pa.FixedSizeListArray.from_arrays(flat, emb.shape[1], mask=pa.array(mask))
+    return conform(pa.table({"id": ids, "image_emb": col}))
+
+
+def _blobs(k: int, per: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, dim))
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    labels = np.repeat(np.arange(k), per)
+    x = centers[labels] + 0.05 * rng.normal(size=(k * per, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), labels
+
+
+def test_assignment_is_the_brute_force_nearest_centroid_and_missing_embeddings_are_rejected():
+    x, _ = _blobs(4, 30, 16, seed=1)
+    centroids = train_kmeans(x, 4, niter=10, seed=0)
+    table = _table(x, len(x), missing=(3, 50))
+    out = assign(table, "image_emb", centroids, exclude=[])
+    emb16 = x.astype(np.float16).astype(np.float32)
+    emb16 /= np.linalg.norm(emb16, axis=1, keepdims=True)
+    for i in range(len(x)):
+        if i in (3, 50):
+            assert out.column("cluster_id")[i].as_py() is None
+            assert out.column("_reject")[i].as_py() == "cluster: missing embedding"
+            continue
+        sims = [float(emb16[i] @ c) for c in centroids]
+        assert out.column("cluster_id")[i].as_py() == int(np.argmax(sims))
+        assert out.column("cos_to_centroid")[i].as_py() == pytest.approx(max(sims), abs=1e-5)
+        assert out.column("_reject")[i].as_py() is None
+
+
+def test_excluded_clusters_are_rejected_with_their_id():
+    x, _ = _blobs(3, 10, 8, seed=2)
+    centroids = train_kmeans(x, 3, niter=10, seed=0)
+    out = assign(_table(x, len(x)), "image_emb", centroids, exclude=[1])
+    ids = out.column("cluster_id").to_pylist()
+    reasons = out.column("_reject").to_pylist()
+    assert {i for i, c in enumerate(ids) if c == 1} == {i for i, r in enumerate(reasons) if r}
+    assert all(r == "cluster: excluded cluster (1)" for r in reasons if r)
+
+
+def test_stage_recovers_planted_blobs_through_ray(ray_session):
+    x, labels = _blobs(5, 40, 24, seed=3)
+    table = _table(x, len(x))
+    stage = Cluster(n_clusters=5, niter=25, sample_fraction=0.8)
+    out = pa.Table.from_pylist(
+        stage.run(
+            ray.data.from_arrow(table), GlobalContext(num_rows=len(x), num_shards=1, num_cpus=2)
+        ).take_all()
+    )
+    got = dict(zip(out.column("id").to_pylist(), out.column("cluster_id").to_pylist(), strict=True))
+    found = np.array([got[f"r{i:04d}"] for i in range(len(x))])
+    # every planted blob lands in one cluster, and different blobs in different clusters
+    mapping = {int(lab): set(found[labels == lab].tolist()) for lab in range(5)}
+    assert all(len(v) == 1 for v in mapping.values())
+    assert len({next(iter(v)) for v in mapping.values()}) == 5
+    assert out.num_rows == len(x)
+
+
+def test_default_number_of_clusters_follows_rows_per_cluster():
+    assert Cluster().n_clusters_for(10) == 1
+    assert Cluster().n_clusters_for(2_000_000_000) == 100_000
+    assert Cluster(n_clusters=7).n_clusters_for(10) == 7
+    with pytest.raises(ValueError, match="sample_fraction"):
+        Cluster(sample_fraction=0.0)
+    assert embedding_type(4) == pa.list_(pa.float16(), 4)
