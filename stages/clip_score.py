@@ -1,0 +1,106 @@
+"""clip_score: cosine similarity of each row's image and text embeddings, and the filters on it.
+
+The score is written to `clip_score` on every row that has both embeddings (float32). Three
+filters, each optional and combinable:
+
+- an absolute threshold: keep `clip_score >= threshold` (DataComp, ViT-B/32: 0.28);
+- a top fraction: `lo=0, hi=0.3` keeps the 30% highest scores (DataComp's CLIP filtering);
+- a percentile window: `lo=0.4, hi=0.6` keeps ranks 40%-60% (Bunny).
+
+Ranks are exact and global over the rows that have a score (ties broken by id; rank 0 is the
+highest score), computed with the distributed selection in `stages.select`; the threshold does
+not change the ranks. Rows without an embedding are rejected (`clip_score: missing embedding`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+
+from stages.base import GlobalContext, GlobalStage, param, reject
+from stages.cluster import embeddings_of
+from stages.select import find_cutoffs, mark_outside
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipScoreParams:
+    image_column: str = param("image_emb", "image embedding column (L2-normalised)")
+    text_column: str = param("text_emb", "text embedding column (L2-normalised)")
+    threshold: float = param(
+        -1.0, "keep clip_score >= this (DataComp ViT-B/32: 0.28); -1 keeps all"
+    )
+    lo: float = param(0.0, "keep ranks from this fraction (rank 0 = highest score)")
+    hi: float = param(1.0, "keep ranks below this fraction (DataComp top 30%: lo 0, hi 0.3)")
+
+
+def add_clip_score(batch: pa.Table, image_column: str, text_column: str) -> pa.Table:
+    img, img_ok = embeddings_of(batch, image_column)
+    txt, txt_ok = embeddings_of(batch, text_column)
+    n = batch.num_rows
+    both = img_ok & txt_ok
+    score = np.full(n, np.nan, dtype=np.float32)
+    if both.any():
+        # embeddings_of returns the present rows only; align both to the rows having both.
+        i = img[both[img_ok]]
+        t = txt[both[txt_ok]]
+        # Stored as float16; renormalise so rounding does not move scores off the cosine.
+        i /= np.maximum(np.linalg.norm(i, axis=1, keepdims=True), 1e-12)
+        t /= np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
+        score[both] = np.einsum("ij,ij->i", i, t)
+    col = pa.array(score, pa.float32(), mask=~both)
+    if "clip_score" in batch.column_names:
+        return batch.set_column(batch.column_names.index("clip_score"), "clip_score", col)
+    return batch.append_column("clip_score", col)
+
+
+def apply_threshold(batch: pa.Table, threshold: float, name: str) -> pa.Table:
+    if threshold <= -1.0:
+        return batch
+    score = batch.column("clip_score").to_numpy(zero_copy_only=False)
+    low = ~np.isnan(score) & (score < threshold)
+    return reject(
+        batch, low, [f"{name}: below threshold (clip_score {s:.4f} < {threshold})" for s in score]
+    )
+
+
+class ClipScore(GlobalStage):
+    """Image-text cosine similarity, with an absolute threshold and an exact global rank window."""
+
+    name = "clip_score"
+    version = "1"
+    Params = ClipScoreParams
+
+    def check_params(self) -> None:
+        p = self.params
+        if not 0.0 <= p.lo < p.hi <= 1.0:
+            raise ValueError(f"{self.name}: need 0 <= lo < hi <= 1, got lo={p.lo} hi={p.hi}")
+        if not -1.0 <= p.threshold <= 1.0:
+            raise ValueError(
+                f"{self.name}: threshold must be a cosine in [-1, 1], got {p.threshold}"
+            )
+
+    def run(self, ds, ctx: GlobalContext):
+        p = self.params
+        scored = ds.map_batches(
+            add_clip_score, fn_args=(p.image_column, p.text_column), batch_format="pyarrow"
+        )
+        scored = scored.map_batches(
+            apply_threshold, fn_args=(p.threshold, self.name), batch_format="pyarrow"
+        )
+        spec = ("column", "clip_score", True, 0)
+        cut_lo = cut_hi = None
+        if (p.lo, p.hi) != (0.0, 1.0):
+            _, (cut_lo, cut_hi) = find_cutoffs(
+                scored, spec, ctx.num_rows, lambda n: [round(p.lo * n) or -1, round(p.hi * n)]
+            )
+        window = f"{100 * p.lo:g}-{100 * p.hi:g}%"
+        reasons = (
+            f"{self.name}: missing embedding",
+            f"{self.name}: above window ({window})",
+            f"{self.name}: below window ({window})",
+        )
+        return scored.map_batches(
+            mark_outside, fn_args=(spec, cut_lo, cut_hi, reasons), batch_format="pyarrow"
+        )
