@@ -1,0 +1,457 @@
+"""semdedup: near-duplicate removal inside embedding clusters (SemDeDup and Bunny's coreset rule).
+
+A global stage downstream of a clustering stage: every row carries `cluster_id` and
+`cos_to_centroid`, and near duplicates are searched only inside a cluster. Rows are grouped by
+`cluster_id` with Ray Data's `groupby(...).map_groups(...)`, so each cluster meets in one task and is
+decided by plain numpy functions (`semdedup_cluster`, `components_cluster`) that are usable, and
+tested, without Ray.
+
+Two rules (`rule`):
+
+- `semdedup` (SemDeDup, Abbas et al. 2023): the items of a cluster are put in order by their
+  distance to the centroid (`keep="hard"`: farthest first, i.e. ascending `cos_to_centroid`;
+  `"easy"`: nearest first; `"random"`: a seeded shuffle), ties broken by id. An item is removed when
+  its largest cosine similarity to any EARLIER item in that order, removed or not (as in the
+  reference implementation), exceeds `1 - eps`. The reason names the earlier item it is most similar
+  to (`semdedup: duplicate (of <id>, cos 0.931)`); items whose similarities tie within 1e-5 count as
+  equally similar and the earliest is named, so identical copies always name the first copy whatever
+  the BLAS summation order. The largest similarity is kept in `max_cos_earlier` (float32; null for
+  the first item of a cluster), so `eps` can be studied later without recomputing.
+- `components` (Bunny's coreset): two items are linked when their cosine similarity exceeds
+  `threshold`; in every connected component one item is kept by `keep`: `"middle"` (the item at the
+  median `cos_to_centroid` of its component; for an even count the lower middle in ascending order,
+  ties by id), `"far"` (smallest `cos_to_centroid`), `"near"` (largest) or `"random"` (seeded). The
+  others are rejected as `semdedup: duplicate (of <kept id>, component of <n>)`; every row gets its
+  component's size in `component_size` (int64).
+
+Similarity is computed blockwise in float32 (numpy matmul, i.e. BLAS): a cluster of n items is cut
+into blocks of `block_size` rows and only the tiles of the lower triangle are computed, one
+`block_size x block_size` tile at a time; no n x n matrix is ever built. For `semdedup` a running
+maximum (and the item it came from) is carried across the tiles of a row block; for `components`
+the pairs above the threshold in each tile are merged at once into a vectorised union-find, so the
+edge list held at any time is bounded by one tile. Memory per task: the cluster's embeddings in
+float32 (4 * n * d bytes), one tile (4 * block_size^2 bytes, plus the tile's boolean masks and
+pairs), and O(n) bookkeeping.
+
+Rows whose embedding is null are rejected as `semdedup: missing embedding`, rows without
+`cluster_id` or `cos_to_centroid` as `semdedup: missing cluster`; neither takes part in any
+comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from stages.base import GlobalContext, GlobalStage, param, reject
+
+RULES = ("semdedup", "components")
+KEEP_CHOICES: dict[str, tuple[str, ...]] = {
+    "semdedup": ("hard", "easy", "random"),
+    "components": ("middle", "far", "near", "random"),
+}
+DEFAULT_KEEP = {"semdedup": "hard", "components": "middle"}
+STAT_COLUMN = {"semdedup": "max_cos_earlier", "components": "component_size"}
+STAT_TYPE = {"semdedup": pa.float32(), "components": pa.int64()}
+CLUSTER_COLUMN = "cluster_id"
+CENTROID_COLUMN = "cos_to_centroid"
+#: Similarities closer than this are ties when naming the most similar earlier item.
+TIE_TOL = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class SemDedupParams:
+    rule: str = param(
+        "semdedup",
+        "'semdedup' (SemDeDup: remove items too similar to an earlier item in centroid order) or "
+        "'components' (Bunny: keep one item per connected component of near duplicates)",
+    )
+    column: str = param("image_emb", "embedding column (fixed_size_list, L2-normalised)")
+    eps: float = param(
+        0.07, "rule semdedup: an item is removed when its max cosine to an earlier item > 1 - eps"
+    )
+    threshold: float = param(
+        0.86, "rule components: two items are linked when their cosine similarity > threshold"
+    )
+    keep: str = param(
+        "auto",
+        "which item survives; rule semdedup: 'hard' (far from the centroid first), 'easy' (near "
+        "first) or 'random'; rule components: 'middle' (median cos_to_centroid), 'far', 'near' or "
+        "'random'; 'auto': 'hard' for semdedup, 'middle' for components",
+    )
+    seed: int = param(0, "seed for keep='random' (combined with the cluster id)")
+    block_size: int = param(
+        4096, "rows per similarity block; memory per task holds one block_size^2 float32 tile"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# numpy: one cluster in, decisions out
+
+
+class SemDedupDecision(NamedTuple):
+    """Per item, in input order."""
+
+    removed: np.ndarray  # bool
+    max_cos_earlier: np.ndarray  # float32, NaN for the first item in processing order
+    duplicate_of: np.ndarray  # int64 index of the most similar earlier item, -1 for the first
+
+
+class ComponentDecision(NamedTuple):
+    """Per item, in input order."""
+
+    removed: np.ndarray  # bool
+    kept: np.ndarray  # int64 index of the item kept in this item's component (itself if kept)
+    component_size: np.ndarray  # int64
+
+
+def similarity_tile(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarities between two blocks of unit rows: one float32 BLAS matmul."""
+    return a @ b.T
+
+
+def unit_rows(emb: np.ndarray) -> np.ndarray:
+    """Rows as contiguous float32, renormalised (float16 storage leaves norms ~1e-3 off 1)."""
+    x = np.ascontiguousarray(emb, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"semdedup: embeddings must be a 2-d array, got shape {x.shape}")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+
+
+def id_ranks(ids) -> np.ndarray:
+    """Rank of each id in ascending string order (equal ids: by position)."""
+    ids = np.asarray(ids, dtype=str)
+    ranks = np.empty(len(ids), dtype=np.int64)
+    ranks[np.argsort(ids, kind="stable")] = np.arange(len(ids))
+    return ranks
+
+
+def random_keys(ids, seed: int, cluster_id: int) -> np.ndarray:
+    """A seeded random rank per item that depends on (seed, cluster id, ids), not on row order."""
+    entropy = [int(seed) % 2**64, int(cluster_id) % 2**64]
+    perm = np.random.default_rng(np.random.SeedSequence(entropy)).permutation(len(ids))
+    return perm[id_ranks(ids)]
+
+
+def processing_order(
+    cos_to_centroid: np.ndarray, ids, keep: str = "hard", seed: int = 0, cluster_id: int = 0
+) -> np.ndarray:
+    """SemDeDup's order: positions of the items, the ones to keep preferentially first.
+
+    `hard`: ascending cos_to_centroid (farthest from the centroid first); `easy`: descending;
+    ties by id. `random`: a seeded shuffle (see `random_keys`).
+    """
+    cos = np.asarray(cos_to_centroid, dtype=np.float64)
+    if keep == "random":
+        return np.argsort(random_keys(ids, seed, cluster_id), kind="stable")
+    ranks = id_ranks(ids)
+    if keep == "hard":
+        return np.lexsort((ranks, cos))
+    if keep == "easy":
+        return np.lexsort((ranks, -cos))
+    raise ValueError(f"semdedup: keep must be one of {KEEP_CHOICES['semdedup']}, got {keep!r}")
+
+
+def max_cos_to_earlier(x: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each row i of unit rows `x`: max over j < i of x_i . x_j, and the j it came from.
+
+    Computed tile by tile over the lower triangle. Row 0 gets NaN and -1. Among earlier items whose
+    similarity ties the best within TIE_TOL, the earliest is named.
+    """
+    n = len(x)
+    best = np.full(n, -np.inf, dtype=np.float32)
+    named = np.full(n, -1, dtype=np.int64)
+    named_val = np.full(n, -np.inf, dtype=np.float32)
+    for r0 in range(0, n, block_size):
+        r1 = min(r0 + block_size, n)
+        rows = slice(r0, r1)
+        for c0 in range(0, r1 - 1, block_size):
+            c1 = min(c0 + block_size, r1 - 1)
+            sims = similarity_tile(x[rows], x[c0:c1])
+            if c1 > r0:  # the tile crosses the diagonal: only j < i counts
+                later = np.arange(c0, c1)[None, :] >= np.arange(r0, r1)[:, None]
+                sims[later] = -np.inf
+            tile_max = sims.max(axis=1)
+            with np.errstate(invalid="ignore"):
+                first = np.argmax(sims >= (tile_max - TIE_TOL)[:, None], axis=1) + c0
+            np.maximum(best[rows], tile_max, out=best[rows])
+            better = tile_max > named_val[rows] + TIE_TOL
+            named[rows] = np.where(better, first, named[rows])
+            named_val[rows] = np.where(better, tile_max, named_val[rows])
+    best[named < 0] = np.nan
+    return best, named
+
+
+def semdedup_cluster(
+    emb: np.ndarray,
+    cos_to_centroid: np.ndarray,
+    ids,
+    *,
+    eps: float = 0.07,
+    keep: str = "hard",
+    seed: int = 0,
+    cluster_id: int = 0,
+    block_size: int = 4096,
+) -> SemDedupDecision:
+    """SemDeDup on one cluster: `emb` (n, d), `cos_to_centroid` (n,), `ids` (n,) in any order."""
+    x = unit_rows(emb)
+    n = len(x)
+    order = processing_order(cos_to_centroid, ids, keep, seed, cluster_id)
+    best, named = max_cos_to_earlier(x[order], block_size)
+    max_cos = np.full(n, np.nan, dtype=np.float32)
+    max_cos[order] = best
+    duplicate_of = np.full(n, -1, dtype=np.int64)
+    duplicate_of[order] = np.where(named >= 0, order[np.maximum(named, 0)], -1)
+    with np.errstate(invalid="ignore"):
+        removed = max_cos.astype(np.float64) > 1.0 - eps
+    return SemDedupDecision(removed, max_cos, duplicate_of)
+
+
+def _compress(parent: np.ndarray) -> None:
+    """Point every node straight at its root (pointer jumping)."""
+    while True:
+        grand = parent[parent]
+        if np.array_equal(grand, parent):
+            return
+        parent[:] = grand
+
+
+def union_pairs(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """Merge the sets of a[k] and b[k] for every k, in place, vectorised.
+
+    `parent` must be fully compressed (every node points at its root, a root at itself) and is left
+    so. Roots hook onto the smaller root, so a set's root is its smallest member.
+    """
+    while a.size:
+        ra, rb = parent[a], parent[b]
+        apart = ra != rb
+        if not apart.any():
+            return
+        a, b, ra, rb = a[apart], b[apart], ra[apart], rb[apart]
+        np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
+        _compress(parent)
+
+
+def float32_below(value: float) -> np.float32:
+    """The largest float32 <= value: for a float32 s, `s > float32_below(t)` iff s > t exactly."""
+    v = np.float32(value)
+    return v if float(v) <= value else np.nextafter(v, np.float32(-np.inf))
+
+
+def linked_components(x: np.ndarray, threshold: float, block_size: int) -> np.ndarray:
+    """Component label (its smallest member) of each unit row, linking pairs with cos > threshold."""
+    n = len(x)
+    threshold = float32_below(threshold)
+    parent = np.arange(n, dtype=np.int64)
+    for r0 in range(0, n, block_size):
+        r1 = min(r0 + block_size, n)
+        for c0 in range(0, r0 + 1, block_size):
+            c1 = min(c0 + block_size, r1)
+            linked = similarity_tile(x[r0:r1], x[c0:c1]) > threshold
+            if c1 > r0:  # diagonal tile: each pair once, no self pairs
+                linked &= np.arange(c0, c1)[None, :] < np.arange(r0, r1)[:, None]
+            i, j = np.nonzero(linked)
+            if i.size:
+                union_pairs(parent, i + r0, j + c0)
+    return parent
+
+
+def components_cluster(
+    emb: np.ndarray,
+    cos_to_centroid: np.ndarray,
+    ids,
+    *,
+    threshold: float = 0.86,
+    keep: str = "middle",
+    seed: int = 0,
+    cluster_id: int = 0,
+    block_size: int = 4096,
+) -> ComponentDecision:
+    """Bunny's rule on one cluster: one item kept per connected component of near duplicates."""
+    x = unit_rows(emb)
+    n = len(x)
+    labels = linked_components(x, threshold, block_size)
+    cos = np.asarray(cos_to_centroid, dtype=np.float64)
+    if keep == "random":
+        keys: tuple[np.ndarray, ...] = (random_keys(ids, seed, cluster_id),)
+    elif keep in ("middle", "far"):
+        keys = (id_ranks(ids), cos)
+    elif keep == "near":
+        keys = (id_ranks(ids), -cos)
+    else:
+        raise ValueError(
+            f"semdedup: keep must be one of {KEEP_CHOICES['components']}, got {keep!r}"
+        )
+    order = np.lexsort((*keys, labels))  # grouped by component, each in keep order
+    grouped = labels[order]
+    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]]) if n else np.zeros(0, int)
+    sizes = np.diff(np.r_[starts, n]).astype(np.int64)
+    pick = starts + ((sizes - 1) // 2 if keep == "middle" else 0)
+    member_of = np.repeat(np.arange(len(starts)), sizes)
+    kept = np.empty(n, dtype=np.int64)
+    kept[order] = order[pick][member_of]
+    component_size = np.empty(n, dtype=np.int64)
+    component_size[order] = sizes[member_of]
+    return ComponentDecision(kept != np.arange(n), kept, component_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Arrow: one cluster's rows in, the same rows out with decisions
+
+
+def _embedding_matrix(column: pa.Array, name: str) -> np.ndarray:
+    if not pa.types.is_fixed_size_list(column.type):
+        raise ValueError(
+            f"semdedup: column '{name}' has type {column.type}, expected fixed_size_list<float16>"
+        )
+    dim = column.type.list_size
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(len(column), dim)
+
+
+def _set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, values)
+    return table.append_column(name, values)
+
+
+def dedup_cluster_table(group: pa.Table, params: SemDedupParams) -> pa.Table:
+    """Decide one cluster's rows (all sharing a `cluster_id`): every row comes back, duplicates
+    marked rejected, with the rule's statistic column added."""
+    for name in ("id", params.column, CLUSTER_COLUMN, CENTROID_COLUMN):
+        if name not in group.column_names:
+            raise ValueError(
+                f"semdedup: input has no column '{name}'"
+                + (" (run the clustering stage first)" if name != "id" else "")
+            )
+    rule = params.rule
+    keep = resolved_keep(params)
+    n = group.num_rows
+    stat = np.zeros(n, dtype=np.float32 if rule == "semdedup" else np.int64)
+    has_stat = np.zeros(n, dtype=bool)
+    reasons: list[str | None] = [None] * n
+
+    emb_col = group.column(params.column).combine_chunks() if n else None
+    has_emb = pc.is_valid(emb_col).to_numpy(zero_copy_only=False) if n else np.zeros(0, dtype=bool)
+    cluster = group.column(CLUSTER_COLUMN)
+    centroid = group.column(CENTROID_COLUMN)
+    has_cluster = np.zeros(n, dtype=bool)
+    if n:
+        has_cluster = (
+            pc.and_(pc.is_valid(cluster), pc.is_valid(centroid))
+            .combine_chunks()
+            .to_numpy(zero_copy_only=False)
+        )
+    for i in np.flatnonzero(~has_emb):
+        reasons[i] = "semdedup: missing embedding"
+    for i in np.flatnonzero(has_emb & ~has_cluster):
+        reasons[i] = "semdedup: missing cluster (no cluster_id or cos_to_centroid)"
+
+    live = np.flatnonzero(has_emb & has_cluster)
+    if live.size:
+        take = pa.array(live)
+        emb = _embedding_matrix(emb_col.take(take), params.column)
+        cos = centroid.take(take).to_numpy().astype(np.float64)
+        ids = group.column("id").take(take).to_pylist()
+        cluster_id = int(cluster.take(take)[0].as_py())
+        if rule == "semdedup":
+            d = semdedup_cluster(
+                emb,
+                cos,
+                ids,
+                eps=params.eps,
+                keep=keep,
+                seed=params.seed,
+                cluster_id=cluster_id,
+                block_size=params.block_size,
+            )
+            for k in np.flatnonzero(d.removed):
+                reasons[live[k]] = (
+                    f"semdedup: duplicate (of {ids[d.duplicate_of[k]]}, "
+                    f"cos {d.max_cos_earlier[k]:.3f})"
+                )
+            stat[live] = d.max_cos_earlier
+            has_stat[live] = d.duplicate_of >= 0
+        else:
+            c = components_cluster(
+                emb,
+                cos,
+                ids,
+                threshold=params.threshold,
+                keep=keep,
+                seed=params.seed,
+                cluster_id=cluster_id,
+                block_size=params.block_size,
+            )
+            for k in np.flatnonzero(c.removed):
+                reasons[live[k]] = (
+                    f"semdedup: duplicate (of {ids[c.kept[k]]}, component of {c.component_size[k]})"
+                )
+            stat[live] = c.component_size
+            has_stat[live] = True
+
+    out = _set_column(
+        group, STAT_COLUMN[rule], pa.array(stat, type=STAT_TYPE[rule], mask=~has_stat)
+    )
+    rejected = np.array([r is not None for r in reasons], dtype=bool)
+    return reject(out, rejected, [r or "" for r in reasons])
+
+
+def resolved_keep(params: SemDedupParams) -> str:
+    return DEFAULT_KEEP[params.rule] if params.keep == "auto" else params.keep
+
+
+class SemDedup(GlobalStage):
+    """Near duplicates inside embedding clusters: SemDeDup's eps rule or Bunny's components rule."""
+
+    name = "semdedup"
+    version = "1"
+    Params = SemDedupParams
+
+    def check_params(self) -> None:
+        p = self.params
+        if p.rule not in RULES:
+            raise ValueError(f"semdedup: rule must be one of {RULES}, got {p.rule!r}")
+        choices = KEEP_CHOICES[p.rule]
+        if p.keep != "auto" and p.keep not in choices:
+            raise ValueError(
+                f"semdedup: keep must be 'auto' or one of {choices} for rule {p.rule!r}, "
+                f"got {p.keep!r}"
+            )
+        if not 0.0 < p.eps < 1.0:
+            raise ValueError(f"semdedup: eps must be in (0, 1), got {p.eps!r}")
+        if not -1.0 < p.threshold < 1.0:
+            raise ValueError(f"semdedup: threshold must be in (-1, 1), got {p.threshold!r}")
+        if isinstance(p.block_size, bool) or not isinstance(p.block_size, int) or p.block_size < 1:
+            raise ValueError(f"semdedup: block_size must be a positive int, got {p.block_size!r}")
+        if isinstance(p.seed, bool) or not isinstance(p.seed, int):
+            raise ValueError(f"semdedup: seed must be an int, got {p.seed!r}")
+        if not p.column:
+            raise ValueError("semdedup: column must name the embedding column")
+
+    def run(self, ds, ctx: GlobalContext):
+        grouped = ds.groupby(CLUSTER_COLUMN, num_partitions=ctx.partitions())
+        return grouped.map_groups(
+            dedup_cluster_table, fn_args=(self.params,), batch_format="pyarrow"
+        )
+
+
+__all__ = [
+    "ComponentDecision",
+    "SemDedup",
+    "SemDedupDecision",
+    "SemDedupParams",
+    "components_cluster",
+    "dedup_cluster_table",
+    "linked_components",
+    "max_cos_to_earlier",
+    "processing_order",
+    "random_keys",
+    "semdedup_cluster",
+    "similarity_tile",
+]
