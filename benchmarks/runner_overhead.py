@@ -196,11 +196,18 @@ def main() -> None:
         parts = sorted(str(p) for p in (work / "runner" / "00-ingest").glob("part-*.parquet"))
         t0 = time.perf_counter()
         ds = ray.data.read_parquet(parts, partitioning=None, include_paths=True)
-        ds = ds.map_batches(lambda b: pa.table({"n": [b.num_rows]}), batch_format="pyarrow", batch_size=None)
-        counted = sum(sum(b.column("n").to_pylist()) for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+        ds = ds.map_batches(
+            lambda b: pa.table({"n": [b.num_rows]}), batch_format="pyarrow", batch_size=None
+        )
+        counted = sum(
+            sum(b.column("n").to_pylist())
+            for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")
+        )
         ray_s = time.perf_counter() - t0
         assert counted == n, (counted, n)
-        print(f"Ray Data read + no-op map of the same rows (no writes): {ray_s:.1f} s ({n / ray_s:,.0f} rows/s)")
+        print(
+            f"Ray Data read + no-op map of the same rows (no writes): {ray_s:.1f} s ({n / ray_s:,.0f} rows/s)"
+        )
         print(f"ratio runner stage / plain loop (time): {stage_s / plain_s:.2f}x")
         print(f"ratio runner stage / Ray Data read floor (time): {stage_s / ray_s:.2f}x")
     finally:

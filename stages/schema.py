@@ -36,6 +36,7 @@ SIGNAL_FIELDS: list[pa.Field] = [
     pa.field("cluster_id", pa.int64()),
     pa.field("cos_to_centroid", pa.float32()),
     pa.field("ppl", pa.float32()),
+    pa.field("emb_model", pa.string()),
     pa.field("gen_model", pa.string()),
     pa.field("gen_prompt", pa.string()),
     pa.field("gen_params", pa.string()),

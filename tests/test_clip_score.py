@@ -79,4 +79,7 @@ def test_threshold_rejects_low_scores_with_the_value(ray_session):
     kept = {rid for rid, row in out.items() if row["_reject"] is None}
     assert kept == {rid for rid, s in truth.items() if out[rid]["clip_score"] >= 0.5}
     low = next(rid for rid, s in truth.items() if out[rid]["clip_score"] < 0.5)
-    assert out[low]["_reject"] == f"clip_score: below threshold (clip_score {out[low]['clip_score']:.4f} < 0.5)"
+    assert (
+        out[low]["_reject"]
+        == f"clip_score: below threshold (clip_score {out[low]['clip_score']:.4f} < 0.5)"
+    )

@@ -1,0 +1,479 @@
+"""models: the one place that turns a model spec string into a loaded image-text embedding model.
+
+Specs:
+
+- `open_clip:<arch>:<pretrained tag>`, e.g. `open_clip:ViT-L-14:openai` (CLIP ViT-L/14, Bunny's
+  choice) or `open_clip:ViT-B-32:laion2b_s34b_b79k`: an open_clip architecture and its weights,
+  taken from the Hugging Face cache or `~/.cache/clip` when there, downloaded otherwise;
+- `open_clip:<arch>:<checkpoint>`: the same architecture with weights from a local `.pt`, `.pth`,
+  `.bin` or `.safetensors` file;
+- `open_clip:<arch>`: the architecture with random weights drawn from a fixed seed (tests and the
+  offline demo, usually with a tiny architecture made known by `register_open_clip_config`);
+- `hf:<model id or local dir>`: a transformers CLIP-style model (CLIP, SigLIP, SigLIP 2, ...),
+  chosen from its config's `model_type`, with its processor;
+- a bare local directory: a transformers model directory, or an open_clip one (a directory holding
+  `open_clip_config.json` and its weights).
+
+Weights already in a local cache (the Hugging Face cache, `~/.cache/clip`) are used without a
+network round trip. Nothing is downloaded when the user is offline (`HF_HUB_OFFLINE` or
+`TRANSFORMERS_OFFLINE` set) or the hub's host name does not resolve (a machine without network,
+where huggingface_hub would otherwise retry each file for about 25 seconds); transformers loads of a
+hub id try the hub first and fall back to the cache. A model that cannot be found is a
+`ModelNotFoundError` (a ValueError) whose message names the spec and the flag to give another one
+with (`--embed.model` unless the caller says otherwise).
+
+`register_open_clip_config` is per process: Ray workers do not see a registration made on the
+driver. To use a tiny architecture across workers, save it as an open_clip directory
+(`open_clip_config.json` with `model_cfg`, and `open_clip_model.safetensors`) and give its path.
+
+Heavy imports (torch, open_clip, transformers) happen when a model is loaded, never at import.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+import json
+import logging
+import os
+import socket
+import tempfile
+import urllib.parse
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FLAG = "--embed.model"
+#: Seed of the random weights of an `open_clip:<arch>` spec (no pretrained weights).
+RANDOM_INIT_SEED = 0
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+# transformers model types with `get_image_features` / `get_text_features` in a shared space, and
+# whether their text tower was trained on sequences padded to the full length (SigLIP).
+HF_MODEL_TYPES = {"clip": False, "siglip": True, "siglip2": True}
+_TRUE = {"1", "on", "yes", "true"}
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+class ModelNotFoundError(ValueError):
+    """A model spec names weights that are not on this machine and cannot be downloaded."""
+
+
+def is_offline() -> bool:
+    """True when the user asked for no hub access (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
+    if any(os.environ.get(k, "").strip().lower() in _TRUE for k in _OFFLINE_VARS):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        return False
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+@functools.cache
+def _hub_resolves() -> bool:
+    """False when the hub's host name does not resolve (a machine without network) and no proxy
+    is set: huggingface_hub would otherwise retry each file for about 25 seconds before failing."""
+    if any(os.environ.get(k) for k in _PROXY_VARS):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+        socket.getaddrinfo(host, 443)
+    except (ImportError, OSError):
+        log.warning("the Hugging Face hub cannot be reached: looking in local caches only")
+        return False
+    return True
+
+
+def _may_download() -> bool:
+    return not is_offline() and _hub_resolves()
+
+
+def not_found(spec: str, why: str, flag: str = DEFAULT_FLAG) -> ModelNotFoundError:
+    if is_offline():
+        offline = " (offline: HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set)"
+    else:
+        offline = "" if _hub_resolves() else " (offline: the hub cannot be reached)"
+    why = " ".join(why.split()).rstrip(". ")
+    return ModelNotFoundError(
+        f"model {spec!r} is not available{offline}: {why}. Give a model that is on this machine "
+        f"with {flag}, e.g. {flag} open_clip:ViT-B-32:laion2b_s34b_b79k once its weights are "
+        f"cached, {flag} open_clip:<arch>:/path/to/checkpoint.pt, or {flag} hf:/path/to/model_dir"
+    )
+
+
+class ClipModel:
+    """An image-text embedding model: images and texts in, L2-normalised float32 rows out.
+
+    `name` is a stable string for provenance (the spec, normalised); `dim` the embedding width.
+    Work runs under `torch.inference_mode`, in batches of `batch_size`, on `device`, with fp16
+    autocast when that device is CUDA.
+    """
+
+    def __init__(self, name: str, dim: int, module: Any, device: str, batch_size: int = 64):
+        self.name = name
+        self.dim = int(dim)
+        #: The underlying torch module (open_clip CLIP or transformers model), in eval mode.
+        self.module = module
+        self.device = device
+        self.batch_size = batch_size
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, dim={self.dim}, device={self.device!r})"
+
+    def encode_images(self, images: Sequence[Any], batch_size: int | None = None) -> np.ndarray:
+        """(len(images), dim) float32, unit rows; `images` are RGB PIL images."""
+        return self._encode(self._image_features, images, batch_size)
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
+        """(len(texts), dim) float32, unit rows."""
+        return self._encode(self._text_features, list(texts), batch_size)
+
+    def _encode(self, features: Callable, items: Sequence[Any], batch_size: int | None):
+        import torch
+        import torch.nn.functional as F
+
+        step = max(1, int(batch_size or self.batch_size))
+        out = np.zeros((len(items), self.dim), dtype=np.float32)
+        cuda = torch.device(self.device).type == "cuda"
+        with torch.inference_mode():
+            for i in range(0, len(items), step):
+                with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
+                    feats = features(items[i : i + step])
+                out[i : i + step] = F.normalize(feats.float(), dim=-1).cpu().numpy()
+        return out
+
+    def _image_features(self, images: Sequence[Any]):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _text_features(self, texts: list[str]):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class OpenClipModel(ClipModel):
+    def __init__(self, name, dim, module, device, preprocess, tokenizer, batch_size=64):
+        super().__init__(name, dim, module, device, batch_size)
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+
+    def _image_features(self, images):
+        import torch
+
+        pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device)
+        return self.module.encode_image(pixels)
+
+    def _text_features(self, texts):
+        return self.module.encode_text(self.tokenizer(texts).to(self.device))
+
+
+class HfClipModel(ClipModel):
+    def __init__(
+        self,
+        name,
+        dim,
+        module,
+        device,
+        image_processor,
+        tokenizer,
+        max_length,
+        pad_to_max,
+        batch_size=64,
+    ):
+        super().__init__(name, dim, module, device, batch_size)
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pad_to_max = pad_to_max
+
+    def _image_features(self, images):
+        inputs = self.image_processor(images=list(images), return_tensors="pt")
+        # SigLIP 2 also needs the patch mask and shapes its processor returns: pass them all.
+        return _pooled(self.module.get_image_features(**inputs.to(self.device)))
+
+    def _text_features(self, texts):
+        enc = self.tokenizer(
+            texts,
+            padding="max_length" if self.pad_to_max else True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        keep = {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask") if k in enc}
+        return _pooled(self.module.get_text_features(**keep))
+
+
+def _pooled(out):
+    """transformers 5 returns a model output whose pooler_output is the projected feature."""
+    import torch
+
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_clip(
+    spec: str, device: str | None = None, *, batch_size: int = 64, flag: str = DEFAULT_FLAG
+) -> ClipModel:
+    """Load the model `spec` names (see the module docstring) on `device` (default: CUDA if any).
+
+    Raises ModelNotFoundError, naming `flag` as the way to choose another model, when the weights
+    are neither on this machine nor downloadable.
+    """
+    spec = spec.strip()
+    device = device or default_device()
+    if spec.startswith("open_clip:"):
+        _, arch, rest = (spec.split(":", 2) + [""])[:3]
+        if not arch:
+            raise not_found(spec, "no architecture after 'open_clip:'", flag)
+        return _load_open_clip(spec, arch, rest or None, device, batch_size, flag)
+    if spec.startswith("hf:"):
+        ident = spec[len("hf:") :]
+        if not ident:
+            raise not_found(spec, "no model id or directory after 'hf:'", flag)
+        return _load_hf(spec, ident, device, batch_size, flag)
+    if os.path.isdir(spec):
+        if os.path.isfile(os.path.join(spec, "open_clip_config.json")):
+            return _load_open_clip(spec, f"local-dir:{spec}", None, device, batch_size, flag)
+        return _load_hf(spec, spec, device, batch_size, flag)
+    raise not_found(
+        spec,
+        "a spec is open_clip:<arch>[:<pretrained tag or checkpoint path>], hf:<model id or local "
+        "dir>, or a local model directory, and no such directory exists",
+        flag,
+    )
+
+
+_REGISTRY_DIR: Path | None = None
+
+
+def register_open_clip_config(name: str, cfg: dict) -> None:
+    """Make an open_clip architecture `name` (a model config dict: embed_dim, vision_cfg,
+    text_cfg) known to open_clip, so that `open_clip:<name>[:checkpoint]` specs load it."""
+    import open_clip
+
+    global _REGISTRY_DIR
+    if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+        raise ValueError(f"open_clip config {name!r} needs embed_dim, vision_cfg and text_cfg")
+    if _REGISTRY_DIR is None:
+        _REGISTRY_DIR = Path(tempfile.mkdtemp(prefix="warren-open-clip-configs-"))
+    path = _REGISTRY_DIR / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    # add_model_config appends the file to open_clip's config paths and rescans them all. The
+    # registry is per process: Ray workers do not see it (give them a local open_clip directory).
+    open_clip.add_model_config(path)
+
+
+def _load_open_clip(
+    spec: str, arch: str, pretrained: str | None, device: str, batch_size: int, flag: str
+) -> ClipModel:
+    import open_clip
+    import torch
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+    if not arch.startswith("local-dir:"):
+        arch = arch.replace("/", "-")  # open_clip's own spelling: ViT-L/14 is ViT-L-14
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        close = difflib.get_close_matches(arch, open_clip.list_models(), n=5)
+        hint = f" (close: {', '.join(close)})" if close else ""
+        raise not_found(spec, f"open_clip has no architecture {arch!r}{hint}", flag)
+
+    kwargs: dict[str, Any] = {}
+    if arch.startswith("local-dir:"):
+        name = spec
+    elif pretrained is None:
+        name = f"open_clip:{arch}"
+        kwargs["pretrained_text"] = False  # no base text weights from a hub for a random model
+        log.warning(
+            "%s: no pretrained weights given; random weights (seed %d)", spec, RANDOM_INIT_SEED
+        )
+    elif _looks_like_path(pretrained):
+        if not os.path.isfile(pretrained):
+            raise not_found(spec, f"checkpoint file {pretrained!r} does not exist", flag)
+        name = f"open_clip:{arch}:{pretrained}"
+        kwargs["pretrained"] = pretrained
+    else:
+        tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
+        if not tag_cfg:
+            tags = open_clip.list_pretrained_tags_by_model(arch)
+            known = f"known tags: {', '.join(tags)}" if tags else "it has no pretrained weights"
+            raise not_found(spec, f"open_clip has no tag {pretrained!r} for {arch} ({known})", flag)
+        name = f"open_clip:{arch}:{pretrained}"
+        # Resolve the weights before building the model: a missing one fails in milliseconds.
+        kwargs["pretrained"] = _open_clip_weights(spec, tag_cfg, flag)
+        kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
+        kwargs["force_preprocess_cfg"] = merge_preprocess_dict({}, tag_cfg)
+
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            module = open_clip.create_model(arch, device=device, **kwargs)
+        tokenizer = open_clip.get_tokenizer(arch)
+    except _fetch_errors() as exc:
+        raise not_found(spec, f"{type(exc).__name__}: {exc}", flag) from exc
+    module.eval()
+    preprocess = image_transform_v2(PreprocessCfg(**module.visual.preprocess_cfg), is_train=False)
+    dim = cfg["embed_dim"]
+    return OpenClipModel(name, dim, module, device, preprocess, tokenizer, batch_size)
+
+
+def _looks_like_path(text: str) -> bool:
+    return (
+        os.sep in text or "/" in text or text.endswith(CHECKPOINT_SUFFIXES) or os.path.exists(text)
+    )
+
+
+def _open_clip_weights(spec: str, tag_cfg: dict, flag: str) -> str:
+    """The local file of a pretrained tag's weights: from a local cache when there (no network),
+    else, unless offline, downloaded from the Hugging Face hub or the tag's URL."""
+    from huggingface_hub import hf_hub_download
+    from open_clip.pretrained import download_pretrained_from_url
+
+    if tag_cfg.get("file"):
+        return tag_cfg["file"]
+    # (where, fetch) in the order tried: local caches, then the hub, then the tag's URL.
+    cached: list[tuple[str, Callable[[], str]]] = []
+    from_hub: list[tuple[str, Callable[[], str]]] = []
+    from_url: list[tuple[str, Callable[[], str]]] = []
+    hub, url = tag_cfg.get("hf_hub", ""), tag_cfg.get("url", "")
+    if hub:
+        # 'org/repo/' names the repo's default file, 'org/repo/file.pt' a file of it.
+        repo, filename = os.path.split(hub)
+        filename = filename or "open_clip_pytorch_model.bin"
+        names = [filename]
+        if filename.endswith((".bin", ".pth")):
+            names.insert(0, filename[:-4] + ".safetensors")
+        for name in names:
+            fetch = functools.partial(hf_hub_download, repo, name, local_files_only=True)
+            cached.append((f"{repo}/{name} in the HF cache", fetch))
+            if _may_download():
+                fetch = functools.partial(hf_hub_download, repo, name)
+                from_hub.append((f"hf.co/{repo}/{name}", fetch))
+    if url:
+        path = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+        cached.append((path, functools.partial(_checked_cache_file, path, url)))
+        if not is_offline():
+            from_url.append((url, functools.partial(download_pretrained_from_url, url)))
+    errors = []
+    for where, fetch in cached + from_hub + from_url:
+        try:
+            return fetch()
+        except Exception as exc:  # noqa: BLE001 - any failure to fetch means "not here"
+            errors.append(f"{where}: {type(exc).__name__}")
+    looked = "; ".join(errors) or "the tag names no file"
+    raise not_found(spec, f"its weights are not on this machine (looked at {looked})", flag)
+
+
+def _checked_cache_file(path: str, url: str) -> str:
+    """`path` if it holds the file `url` names (SHA-256 prefix checked where the URL gives one, as
+    open_clip does), else FileNotFoundError."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(path)
+    expected = ""
+    if "openaipublic" in url:
+        expected = url.split("/")[-2]
+    elif "mlfoundations" in url:
+        expected = os.path.splitext(os.path.basename(url))[0].split("-")[-1]
+    if expected:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        if not digest.hexdigest().startswith(expected):
+            raise FileNotFoundError(f"{path} (checksum mismatch, a partial download?)")
+    return path
+
+
+def _fetch_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "could not find or download": OSError covers transformers' and
+    huggingface_hub's not-found and offline errors; HTTP clients raise their own."""
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        from huggingface_hub.errors import EntryNotFoundError
+
+        errors.append(EntryNotFoundError)
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        pass
+    try:
+        import httpx
+
+        errors.append(httpx.HTTPError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def _from_hub(spec: str, ident: str, load: Callable, flag: str, **kwargs: Any) -> Any:
+    """`load(ident, ...)` (a transformers `from_pretrained`) without a hub when `ident` is a local
+    directory or the user is offline; a failed download falls back to the cache."""
+    local_only = [True] if os.path.isdir(ident) or not _may_download() else [False, True]
+    last: BaseException | None = None
+    for lo in local_only:
+        try:
+            return load(ident, local_files_only=lo, **kwargs)
+        except _fetch_errors() as exc:
+            last = exc
+    raise not_found(spec, f"{type(last).__name__}: {str(last).strip()}", flag) from last
+
+
+def _load_hf(spec: str, ident: str, device: str, batch_size: int, flag: str) -> ClipModel:
+    import torch
+    import transformers
+    from packaging.version import Version
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModel,
+        AutoProcessor,
+        AutoTokenizer,
+    )
+
+    config = _from_hub(spec, ident, AutoConfig.from_pretrained, flag)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(
+            f"model {spec!r} is a {model_type!r} model; embedding needs one of "
+            f"{', '.join(HF_MODEL_TYPES)} (image and text towers in one space)"
+        )
+    dtype_kw = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    module = _from_hub(spec, ident, AutoModel.from_pretrained, flag, **{dtype_kw: torch.float32})
+    module.to(device).eval()
+    try:
+        processor = _from_hub(spec, ident, AutoProcessor.from_pretrained, flag)
+    except (ValueError, TypeError, KeyError):  # no processor config: load its two parts below
+        processor = None
+    image_processor = getattr(processor, "image_processor", None)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if image_processor is None:
+        image_processor = _from_hub(spec, ident, AutoImageProcessor.from_pretrained, flag)
+    if tokenizer is None:
+        tokenizer = _from_hub(spec, ident, AutoTokenizer.from_pretrained, flag)
+
+    text_cfg = getattr(config, "text_config", config)
+    max_length = int(getattr(text_cfg, "max_position_embeddings", 0) or 0) or None
+    if max_length is not None and getattr(tokenizer, "model_max_length", None):
+        max_length = min(max_length, int(tokenizer.model_max_length))
+    dim = getattr(config, "projection_dim", None) or config.vision_config.hidden_size
+    name = spec if spec.startswith("hf:") else f"hf:{spec}"
+    return HfClipModel(
+        name,
+        dim,
+        module,
+        device,
+        image_processor,
+        tokenizer,
+        max_length,
+        HF_MODEL_TYPES[model_type],
+        batch_size,
+    )
