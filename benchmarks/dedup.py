@@ -79,7 +79,7 @@ def main() -> None:
         "--train-rows", type=int, default=0, help="k-means sample (default: 64 per cluster)"
     )
     ap.add_argument("--dup-share", type=float, default=0.1)
-    ap.add_argument("--block-size", type=int, default=4096)
+    ap.add_argument("--block-size", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 

@@ -85,7 +85,10 @@ class SemDedupParams:
     )
     seed: int = param(0, "seed for keep='random' (combined with the cluster id)")
     block_size: int = param(
-        4096, "rows per similarity block; memory per task holds one block_size^2 float32 tile"
+        512,
+        "rows per similarity block; memory per task holds one block_size^2 float32 tile. Small "
+        "blocks skip more of the upper triangle (512: about 1.7x faster than 4096 on 3k-row "
+        "clusters, benchmarks/dedup.py)",
     )
 
 
@@ -196,7 +199,7 @@ def semdedup_cluster(
     keep: str = "hard",
     seed: int = 0,
     cluster_id: int = 0,
-    block_size: int = 4096,
+    block_size: int = 512,
 ) -> SemDedupDecision:
     """SemDeDup on one cluster: `emb` (n, d), `cos_to_centroid` (n,), `ids` (n,) in any order."""
     x = unit_rows(emb)
@@ -270,7 +273,7 @@ def components_cluster(
     keep: str = "middle",
     seed: int = 0,
     cluster_id: int = 0,
-    block_size: int = 4096,
+    block_size: int = 512,
 ) -> ComponentDecision:
     """Bunny's rule on one cluster: one item kept per connected component of near duplicates."""
     x = unit_rows(emb)
