@@ -45,8 +45,11 @@ from stages.shards import Location
 MANIFEST = "_manifest.json"
 ATTEMPT = "_attempt.json"
 INGEST = "ingest"
-SRC_COLUMN = "path"
-GLOBAL_ROWS_PER_PART = 2048  # the column Ray's read_parquet(include_paths=True) adds
+SRC_COLUMN = "path"  # the column Ray's read_parquet(include_paths=True) adds
+GLOBAL_ROWS_PER_PART = 2048
+# Read tasks ask for a quarter CPU: an actor pool sized to the machine then never leaves them
+# without a slot (on one CPU, a whole-CPU read would wait forever behind a half-CPU actor).
+READ_CPUS = 0.25
 
 
 class PipelineError(RuntimeError):
@@ -60,9 +63,22 @@ class Pipeline:
     name: str
     stages: list[Stage]
     description: str = ""
+    # Stage parameters used only on the bundled demo pool, e.g. {"embed": {"model": DEMO_CLIP}}:
+    # the recipe's own defaults stay the published ones for real data.
+    demo_params: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.stages]
+        for stage_name, values in self.demo_params.items():
+            if stage_name not in names:
+                raise ValueError(f"pipeline {self.name}: demo_params names no stage {stage_name!r}")
+            known = {f.name for f in dataclasses.fields(self.stages[names.index(stage_name)].params)}
+            unknown = sorted(set(values) - known)
+            if unknown:
+                raise ValueError(
+                    f"pipeline {self.name}: demo_params for {stage_name!r} name unknown "
+                    f"parameters {unknown}"
+                )
         if INGEST in names:
             raise ValueError(f"'{INGEST}' is reserved for the input stage")
         repeated = sorted({n for n in names if names.count(n) > 1})
@@ -570,7 +586,11 @@ class Runner:
             return
         in_fs = self.output.fs
         ds = ray.data.read_parquet(
-            [by_src[p] for p in pending], filesystem=in_fs, include_paths=True, partitioning=None
+            [by_src[p] for p in pending],
+            filesystem=in_fs,
+            include_paths=True,
+            partitioning=None,
+            num_cpus=READ_CPUS,
         )
         resources = _map_resources(stage)
         if stage.uses_model:
@@ -599,7 +619,9 @@ class Runner:
 
         if not sources:
             return
-        ds = ray.data.read_parquet(sources, filesystem=self.output.fs, partitioning=None)
+        ds = ray.data.read_parquet(
+            sources, filesystem=self.output.fs, partitioning=None, num_cpus=READ_CPUS
+        )
         ds = stage.run(
             ds, GlobalContext(num_rows=total, num_shards=len(sources), num_cpus=_cluster_cpus())
         )
@@ -702,6 +724,9 @@ def _quiet_ray_data(quiet: bool) -> None:
     ctx = DataContext.get_current()
     # Our own progress lines are shorter than Ray's bars and survive `ray job logs`.
     ctx.enable_progress_bars = False
+    # Ray 2.60's datasource v2 Parquet read ignores num_cpus for its list/read tasks, and an actor
+    # pool on a small machine then starves them forever; the v1 read honours READ_CPUS.
+    ctx.use_datasource_v2 = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     # Ray warns that its bars are off; that is our choice, not the user's problem.
