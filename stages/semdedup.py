@@ -21,7 +21,7 @@ Two rules (`rule`):
   `threshold`; in every connected component one item is kept by `keep`: `"middle"` (the item at the
   median `cos_to_centroid` of its component; for an even count the lower middle in ascending order,
   ties by id), `"far"` (smallest `cos_to_centroid`), `"near"` (largest) or `"random"` (seeded). The
-  others are rejected as `semdedup: duplicate (of <kept id>, component of <n>)`; every row gets its
+  others are rejected as `semdedup: duplicate (of <kept id>, cos <to it>, component of <n>)`; every row gets its
   component's size in `component_size` (int64).
 
 Similarity is computed blockwise in float32 (numpy matmul, i.e. BLAS): a cluster of n items is cut
@@ -391,9 +391,15 @@ def dedup_cluster_table(group: pa.Table, params: SemDedupParams) -> pa.Table:
                 cluster_id=cluster_id,
                 block_size=params.block_size,
             )
-            for k in np.flatnonzero(c.removed):
+            removed = np.flatnonzero(c.removed)
+            # The kept item may be linked only through others, so its cosine can be below the
+            # threshold; the reason gives it all the same: it is what a user checks first.
+            x = unit_rows(emb[np.r_[removed, c.kept[removed]]])
+            cos_kept = np.einsum("ij,ij->i", x[: len(removed)], x[len(removed) :])
+            for k, cos_k in zip(removed, cos_kept, strict=True):
                 reasons[live[k]] = (
-                    f"semdedup: duplicate (of {ids[c.kept[k]]}, component of {c.component_size[k]})"
+                    f"semdedup: duplicate (of {ids[c.kept[k]]}, cos {cos_k:.3f}, "
+                    f"component of {c.component_size[k]})"
                 )
             stat[live] = c.component_size
             has_stat[live] = True

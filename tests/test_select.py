@@ -63,8 +63,23 @@ def test_rank_window_reasons_say_which_side_of_the_window(ray_session):
     got = _run(RankWindow(lo=0.2, hi=0.5), ds, 10)
     # descending: ranks 0,1 are scores 9,8 (above); 2..4 kept (7,6,5); the rest below
     assert {i for i, r in got.items() if r is None} == {"id-00007", "id-00006", "id-00005"}
-    assert got["id-00009"] == "rank_window: above window (20-50% by clip_score)"
-    assert got["id-00000"] == "rank_window: below window (20-50% by clip_score)"
+    # each rejected row gives its rank (rows before it / 10) and its score
+    assert (
+        got["id-00009"]
+        == "rank_window: above window 20-50% by clip_score (rank 0.0%, clip_score 9.0000)"
+    )
+    assert (
+        got["id-00008"]
+        == "rank_window: above window 20-50% by clip_score (rank 10.0%, clip_score 8.0000)"
+    )
+    assert (
+        got["id-00000"]
+        == "rank_window: below window 20-50% by clip_score (rank 90.0%, clip_score 0.0000)"
+    )
+    assert (
+        got["id-00004"]
+        == "rank_window: below window 20-50% by clip_score (rank 50.0%, clip_score 4.0000)"
+    )
 
 
 def test_sample_draws_exactly_n_seeded_rows_the_same_way_every_time(ray_session):

@@ -164,9 +164,15 @@ def component_reasons(cluster: Cluster, kept_of: dict[int, int], components) -> 
         for i in members:
             if i != kept:
                 reasons[cluster.ids[i]] = (
-                    f"semdedup: duplicate (of {cluster.ids[kept]}, component of {len(members)})"
+                    f"semdedup: duplicate (of {cluster.ids[kept]}, "
+                    f"cos {pair_cos(cluster, i, kept):.3f}, component of {len(members)})"
                 )
     return reasons
+
+
+def pair_cos(cluster: Cluster, i: int, j: int) -> float:
+    a, b = (np.asarray(cluster.emb[k], dtype=np.float64) for k in (i, j))
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,10 +304,12 @@ def test_components_random_keeps_one_seeded_member_of_each_component(block_size)
             survivors = names - set(got)
             assert len(survivors) == 1
             (kept,) = survivors
+            k = cluster.ids.index(kept)
             for i in members:
                 if cluster.ids[i] != kept:
                     assert got[cluster.ids[i]] == (
-                        f"semdedup: duplicate (of {kept}, component of {len(members)})"
+                        f"semdedup: duplicate (of {kept}, cos {pair_cos(cluster, i, k):.3f}, "
+                        f"component of {len(members)})"
                     )
             out[frozenset(names)] = kept
         assert set(got) == {cluster.ids[i] for m in components for i in m} - set(out.values())
@@ -337,7 +345,9 @@ def test_exact_copies_with_tied_cos_keep_the_first_by_id(keep):
 def test_exact_copies_with_tied_cos_keep_by_id_in_components(keep, kept):
     got, stats = decide(to_table(exact_ties()), rule="components", keep=keep, block_size=3)
     assert got == {
-        k: f"semdedup: duplicate (of {kept}, component of 4)" for k in "abcd" if k != kept
+        k: f"semdedup: duplicate (of {kept}, cos 1.000, component of 4)"
+        for k in "abcd"
+        if k != kept
     }
     assert stats == {"a": 4, "b": 4, "c": 4, "d": 4, "e": 1}
 
