@@ -35,6 +35,7 @@ class ClusterParams:
         1_000_000, "cap on the training sample (gathered on the driver: rows x dim x 4 bytes)"
     )
     niter: int = param(20, "k-means iterations")
+    nredo: int = param(1, "k-means restarts; the one with the best objective is kept")
     seed: int = param(0, "seed of the sample and of k-means")
     exclude_clusters: list = param(
         [], "cluster ids whose rows are rejected (e.g. a placeholder-image cluster)"
@@ -71,15 +72,49 @@ def _unit_hash(text: str, seed: int) -> float:
     return int.from_bytes(h, "little") / 2**64
 
 
-def train_kmeans(sample: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
-    """Spherical k-means centroids (unit vectors), on the GPU when faiss can use one."""
+def gather_sample(ds, column: str, fraction: float, seed: int, max_rows: int) -> np.ndarray:
+    """A seeded sample of a column's embeddings on the driver (float32, at most `max_rows`)."""
+    sample = ds.select_columns(["id", column]).map_batches(
+        _sample_embeddings, fn_args=(column, fraction, seed), batch_format="pyarrow"
+    )
+    parts, total = [], 0
+    for batch in sample.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if total >= max_rows or not batch.num_rows:
+            continue
+        emb, _ = embeddings_of(batch, "emb")
+        parts.append(emb[: max_rows - total])
+        total += len(parts[-1])
+    if not parts:
+        return np.zeros((0, 0), np.float32)
+    return np.concatenate(parts)
+
+
+def kmeans_task(sample: np.ndarray, k: int, niter: int, seed: int, nredo: int = 1) -> np.ndarray:
+    """`train_kmeans` as one Ray task, given a GPU when the cluster has one."""
+    import ray
+
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    return ray.get(ray.remote(num_gpus=gpus)(train_kmeans).remote(sample, k, niter, seed, nredo))
+
+
+def train_kmeans(sample: np.ndarray, k: int, niter: int, seed: int, nredo: int = 1) -> np.ndarray:
+    """Spherical k-means centroids (unit vectors), on the GPU when faiss can use one; with
+    `nredo` > 1 the best of that many seeded restarts (Lloyd's iterations from a random start can
+    merge two true clusters and split a third)."""
     import faiss
 
     sample = np.ascontiguousarray(sample, dtype=np.float32)
     k = max(1, min(k, len(sample)))
     use_gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
     km = faiss.Kmeans(
-        sample.shape[1], k, niter=niter, seed=seed, spherical=True, gpu=use_gpu, verbose=False
+        sample.shape[1],
+        k,
+        niter=niter,
+        nredo=nredo,
+        seed=seed,
+        spherical=True,
+        gpu=use_gpu,
+        verbose=False,
     )
     # faiss warns and subsamples above 256 points per centroid; we sampled on purpose already.
     km.cp.max_points_per_centroid = max(256, -(-len(sample) // k))
@@ -126,9 +161,9 @@ class Cluster(GlobalStage):
 
     def check_params(self) -> None:
         p = self.params
-        if p.n_clusters < 0 or p.rows_per_cluster < 1 or p.max_train_rows < 1 or p.niter < 1:
+        if p.n_clusters < 0 or min(p.rows_per_cluster, p.max_train_rows, p.niter, p.nredo) < 1:
             raise ValueError(
-                "cluster: n_clusters >= 0, rows_per_cluster, max_train_rows and niter >= 1"
+                "cluster: n_clusters >= 0, rows_per_cluster, max_train_rows, niter and nredo >= 1"
             )
         if not 0.0 < p.sample_fraction <= 1.0:
             raise ValueError(f"cluster: sample_fraction must be in (0, 1], got {p.sample_fraction}")
@@ -139,32 +174,15 @@ class Cluster(GlobalStage):
         return max(1, num_rows // self.params.rows_per_cluster)
 
     def run(self, ds, ctx: GlobalContext):
-        import ray
-
         p = self.params
-        sample = ds.select_columns(["id", p.column]).map_batches(
-            _sample_embeddings,
-            fn_args=(p.column, p.sample_fraction, p.seed),
-            batch_format="pyarrow",
-        )
-        parts, total = [], 0
-        for batch in sample.iter_batches(batch_size=None, batch_format="pyarrow"):
-            if total >= p.max_train_rows or not batch.num_rows:
-                continue
-            emb, _ = embeddings_of(batch, "emb")
-            parts.append(emb[: p.max_train_rows - total])
-            total += len(parts[-1])
-        if not total:
+        train_rows = gather_sample(ds, p.column, p.sample_fraction, p.seed, p.max_train_rows)
+        if not len(train_rows):
             # Nothing to cluster: every row lacks an embedding; assign rejects them all.
             dim = ds.schema().field(p.column).type.list_size
             centroids = np.zeros((1, dim), np.float32)
         else:
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-            train = ray.remote(num_gpus=gpus)(train_kmeans)
-            centroids = ray.get(
-                train.remote(
-                    np.concatenate(parts), self.n_clusters_for(ctx.num_rows), p.niter, p.seed
-                )
+            centroids = kmeans_task(
+                train_rows, self.n_clusters_for(ctx.num_rows), p.niter, p.seed, p.nredo
             )
         return ds.map_batches(
             assign, fn_args=(p.column, centroids, list(p.exclude_clusters)), batch_format="pyarrow"
