@@ -22,6 +22,8 @@ from stages.readers.base import InputError
 from stages.schema import SchemaError
 
 DEMO_DATA = str(Path(__file__).resolve().parent / "demo_data" / "demo.parquet")
+# The demo CLIP, trained on the demo pool (pipelines/demo_data/train_demo_clip.py): offline default.
+DEMO_CLIP = str(Path(__file__).resolve().parent / "demo_data" / "demo_clip")
 
 
 def _flag_type(tp: Any) -> Any:
@@ -46,7 +48,12 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def add_stage_flags(parser: argparse.ArgumentParser, stages: Sequence[Stage]) -> None:
+def add_stage_flags(
+    parser: argparse.ArgumentParser,
+    stages: Sequence[Stage],
+    demo_params: dict[str, dict[str, Any]] | None = None,
+) -> None:
+    demo_params = demo_params or {}
     for stage in stages:
         group = parser.add_argument_group(
             f"stage {stage.name} (v{stage.version})", type(stage).__doc__
@@ -54,24 +61,35 @@ def add_stage_flags(parser: argparse.ArgumentParser, stages: Sequence[Stage]) ->
         hints = typing.get_type_hints(type(stage.params))
         for f in dataclasses.fields(stage.params):
             default = getattr(stage.params, f.name)
+            on_demo = demo_params.get(stage.name, {})
+            demo_note = (
+                f"; on the demo pool: {json.dumps(on_demo[f.name])}" if f.name in on_demo else ""
+            )
             group.add_argument(
                 f"--{stage.name}.{f.name}",
                 dest=f"{stage.name}.{f.name}",
                 type=_flag_type(hints.get(f.name, str)),
                 default=None,
                 metavar=type(default).__name__.upper(),
-                help=f"{f.metadata.get('help', '')} (default: {json.dumps(default)})",
+                help=f"{f.metadata.get('help', '')} (default: {json.dumps(default)}{demo_note})",
             )
 
 
-def apply_stage_flags(args: argparse.Namespace, stages: Sequence[Stage]) -> list[Stage]:
+def apply_stage_flags(
+    args: argparse.Namespace,
+    stages: Sequence[Stage],
+    defaults: dict[str, dict[str, Any]] | None = None,
+) -> list[Stage]:
+    """Stages with the command line's values; `defaults` (per stage) fill what no flag gave."""
+    defaults = defaults or {}
     out = []
     for stage in stages:
-        overrides = {
-            f.name: getattr(args, f"{stage.name}.{f.name}")
+        overrides = dict(defaults.get(stage.name, {}))
+        overrides.update(
+            (f.name, getattr(args, f"{stage.name}.{f.name}"))
             for f in dataclasses.fields(stage.params)
             if getattr(args, f"{stage.name}.{f.name}") is not None
-        }
+        )
         out.append(
             type(stage)(stage.params, stage_name=stage.name, **overrides) if overrides else stage
         )
@@ -112,7 +130,7 @@ def build_parser(pipeline: Pipeline, default_output: str) -> argparse.ArgumentPa
     parser.add_argument("--describe", action="store_true", help="print the pipeline and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress lines or funnel")
     parser.add_argument("--verbose", action="store_true", help="show the full traceback on errors")
-    add_stage_flags(parser, pipeline.stages)
+    add_stage_flags(parser, pipeline.stages, pipeline.demo_params)
     return parser
 
 
@@ -136,7 +154,8 @@ def main(
     parser = build_parser(pipeline, default_output or f"warren-out/{pipeline.name}")
     args = parser.parse_args(argv)
     try:
-        stages = apply_stage_flags(args, pipeline.stages)
+        on_demo = args.input == DEMO_DATA
+        stages = apply_stage_flags(args, pipeline.stages, pipeline.demo_params if on_demo else None)
         configured = Pipeline(pipeline.name, stages, pipeline.description)
         if args.describe:
             print(configured.describe())

@@ -1,0 +1,57 @@
+"""bunny_pretrain: a Bunny-pretrain-style coreset from a LAION-like image-text pool.
+
+The method of Bunny's data selection, one stage per step:
+
+1. embed images and captions with CLIP (Bunny: ViT-L/14), L2-normalised;
+2. k-means on the image embeddings (Bunny: ~20k rows per cluster), optionally dropping clusters;
+3. inside each cluster, link images with cosine > 0.86 and keep the middle item of each component;
+4. rank the survivors by image-text cosine and keep ranks 40%-60%;
+5. rank those by cosine to their centroid and keep ranks 15%-35%;
+6. draw N rows uniformly at random (Bunny: 2M).
+
+    python pipelines/bunny_pretrain.py            # the bundled demo pool, with the demo CLIP
+    ray job submit --working-dir . -- python pipelines/bunny_pretrain.py \\
+        --input s3://bucket/pool/ --output s3://bucket/bunny/   # CLIP ViT-L/14 (openai)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo importable, locally and in a Ray job
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.recipe import DEMO_CLIP, main
+from pipelines.runner import Pipeline
+from stages.caption_check import CaptionCheck
+from stages.clip_score import ClipScore
+from stages.cluster import Cluster
+from stages.embed import Embed
+from stages.image_check import ImageCheck
+from stages.select import RankWindow, Sample
+from stages.semdedup import SemDedup
+
+
+def pipeline() -> Pipeline:
+    return Pipeline(
+        name="bunny_pretrain",
+        description="embed, k-means, component dedup (0.86), CLIP-score window 40-60%, "
+        "centroid window 15-35%, sample N",
+        stages=[
+            ImageCheck(),
+            CaptionCheck(),
+            Embed(),  # CLIP ViT-L/14 (openai), as Bunny
+            Cluster(rows_per_cluster=20_000),
+            SemDedup(rule="components", threshold=0.86, keep="middle"),
+            ClipScore(lo=0.4, hi=0.6),
+            RankWindow(stage_name="centroid_window", column="cos_to_centroid", lo=0.15, hi=0.35),
+            Sample(n=2_000_000, seed=0),
+        ],
+        # No pretrained CLIP can be fetched offline; the demo pool gets the demo CLIP trained on it.
+        demo_params={"embed": {"model": DEMO_CLIP}},
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main(pipeline()))
