@@ -1,4 +1,4 @@
-"""demo: the foundation pipeline on the bundled demo pool (until the Bunny recipe lands).
+"""demo: the foundation pipeline (decode, caption and exact-duplicate checks) on the bundled demo pool.
 
 Read the pool into canonical rows, reject images that do not decode (empty, not an image,
 truncated, corrupt, decompression bombs), reject missing or empty captions, then keep one copy of

@@ -72,7 +72,9 @@ class Pipeline:
         for stage_name, values in self.demo_params.items():
             if stage_name not in names:
                 raise ValueError(f"pipeline {self.name}: demo_params names no stage {stage_name!r}")
-            known = {f.name for f in dataclasses.fields(self.stages[names.index(stage_name)].params)}
+            known = {
+                f.name for f in dataclasses.fields(self.stages[names.index(stage_name)].params)
+            }
             unknown = sorted(set(values) - known)
             if unknown:
                 raise ValueError(

@@ -117,6 +117,14 @@ WEIGHTS_FILE = "open_clip_model.safetensors"
 CONFIG_FILE = "open_clip_config.json"
 
 
+def set_image_size(size: int, patch: int) -> None:
+    """Train at another input size: the same 8 x 8 patch grid keeps the cost about the same."""
+    if size % patch:
+        raise SystemExit(f"--image-size {size} is not a multiple of --patch-size {patch}")
+    MODEL_CFG["vision_cfg"].update(image_size=size, patch_size=patch)
+    PREPROCESS_CFG["size"] = size
+
+
 def make_model(seed: int):
     import open_clip
     import torch
@@ -181,6 +189,7 @@ def train(
     lr: float = 2e-3,
     cache: Path | None = DEFAULT_CACHE,
     log_every: int = 10,
+    ii_temperature: float = 0.1,
 ):
     """Contrastive training: image-text InfoNCE (learned temperature) on two augmented views of
     each image, plus an image-image InfoNCE between the two views (temperature 0.1), which is
@@ -245,7 +254,7 @@ def train(
                     loss_it
                     + (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 4
                 )
-            ii = i1 @ i2.T / 0.1
+            ii = i1 @ i2.T / ii_temperature
             loss_ii = (F.cross_entropy(ii, labels) + F.cross_entropy(ii.T, labels)) / 2
             loss = loss_it + loss_ii
             opt.zero_grad(set_to_none=True)
@@ -263,7 +272,14 @@ def train(
                     flush=True,
                 )
     model.eval()
-    info = {"seed": seed, "epochs": epochs, "steps": total, "pairs": n, "params": n_params}
+    info = {
+        "seed": seed,
+        "epochs": epochs,
+        "steps": total,
+        "pairs": n,
+        "params": n_params,
+        "ii_temperature": ii_temperature,
+    }
     info["train_seconds"] = round(time.time() - t0)
     save(model, out, info)
     return info
@@ -419,6 +435,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: deterministic)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="decoded-image cache")
+    p.add_argument("--image-size", type=int, default=64, help="input size (px, square)")
+    p.add_argument("--patch-size", type=int, default=8, help="ViT patch size (px)")
+    p.add_argument(
+        "--ii-temperature", type=float, default=0.1, help="temperature of the image-image loss"
+    )
     p.add_argument("--eval-only", action="store_true", help="only evaluate --out")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -428,7 +449,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.eval_only:
         evaluate(args.out)
         return
-    info = train(args.out, epochs=args.epochs, seed=args.seed, cache=args.cache)
+    set_image_size(args.image_size, args.patch_size)
+    info = train(
+        args.out,
+        epochs=args.epochs,
+        seed=args.seed,
+        cache=args.cache,
+        ii_temperature=args.ii_temperature,
+    )
     print(f"evaluating {args.out} on demo.parquet:")
     res = evaluate(args.out)
     write_readme(args.out, info, res)
