@@ -65,13 +65,15 @@ def add_stage_flags(
             demo_note = (
                 f"; on the demo pool: {json.dumps(on_demo[f.name])}" if f.name in on_demo else ""
             )
+            help_text = f"{f.metadata.get('help', '')} (default: {json.dumps(default)}{demo_note})"
             group.add_argument(
                 f"--{stage.name}.{f.name}",
                 dest=f"{stage.name}.{f.name}",
                 type=_flag_type(hints.get(f.name, str)),
                 default=None,
                 metavar=type(default).__name__.upper(),
-                help=f"{f.metadata.get('help', '')} (default: {json.dumps(default)}{demo_note})",
+                # argparse %-formats help strings, and a stage's help may say "top 30%".
+                help=help_text.replace("%", "%%"),
             )
 
 

@@ -41,7 +41,7 @@ class EmbedParams:
     model: str = param(
         "open_clip:ViT-L-14:openai",
         "model spec: open_clip:<arch>[:<pretrained tag or checkpoint path>], hf:<model id or "
-        "local dir>, or a local model directory (default: CLIP ViT-L/14, as Bunny)",
+        "local dir>, or a local model directory (CLIP ViT-L/14 as Bunny by default)",
     )
     images: bool = param(True, "embed each row's first image into `image_emb`")
     texts: bool = param(True, "embed each row's caption into `text_emb`")
