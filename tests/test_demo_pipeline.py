@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import outputs
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -14,16 +15,10 @@ from pipelines.recipe import main as recipe_main
 
 
 def _rows(folder: Path) -> list[dict]:
-    files = sorted(folder.glob("part-*.parquet"))
-    return pa.concat_tables([pq.read_table(f) for f in files]).to_pylist() if files else []
+    return outputs.table(folder).to_pylist()
 
 
-def _rejected(folder: Path) -> dict[str, str]:
-    files = sorted((folder / "rejected").glob("*.parquet"))
-    if not files:
-        return {}
-    t = pa.concat_tables([pq.read_table(f, columns=["id", "reason"]) for f in files])
-    return dict(zip(t.column("id").to_pylist(), t.column("reason").to_pylist(), strict=True))
+_rejected = outputs.rejected_reasons
 
 
 def test_demo_run_rejects_exactly_the_planted_bad_rows_and_writes_the_funnel(

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import outputs
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -21,20 +22,14 @@ from pipelines.recipe import main as recipe_main
 
 
 def _table(folder: Path, rejected: bool = False) -> pa.Table:
-    files = sorted((folder / "rejected" if rejected else folder).glob("*.parquet"))
-    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+    return outputs.table(folder, rejected)
 
 
 def _rows(folder: Path) -> dict[str, dict]:
     return {r["id"]: r for r in _table(folder).to_pylist()}
 
 
-def _rejected(folder: Path) -> dict[str, str]:
-    files = sorted((folder / "rejected").glob("*.parquet"))
-    if not files:
-        return {}
-    t = pa.concat_tables([pq.read_table(f, columns=["id", "reason"]) for f in files])
-    return dict(zip(t.column("id").to_pylist(), t.column("reason").to_pylist(), strict=True))
+_rejected = outputs.rejected_reasons
 
 
 def _unit(v) -> np.ndarray:
