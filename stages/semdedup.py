@@ -2,9 +2,9 @@
 
 A global stage downstream of a clustering stage: every row carries `cluster_id` and
 `cos_to_centroid`, and near duplicates are searched only inside a cluster. Rows are grouped by
-`cluster_id` with Ray Data's `groupby(...).map_groups(...)`, so each cluster meets in one task and is
-decided by plain numpy functions (`semdedup_cluster`, `components_cluster`) that are usable, and
-tested, without Ray.
+`cluster_id` by `stages.shuffle.map_groups` (plain Ray tasks over zero-copy Arrow slices), so each
+cluster meets in one task and is decided by plain numpy functions (`semdedup_cluster`,
+`components_cluster`) that are usable, and tested, without Ray.
 
 Two rules (`rule`):
 
@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from stages.base import GlobalContext, GlobalStage, param, reject
+from stages.shuffle import map_groups
 
 RULES = ("semdedup", "components")
 KEEP_CHOICES: dict[str, tuple[str, ...]] = {
@@ -444,9 +445,14 @@ class SemDedup(GlobalStage):
             raise ValueError("semdedup: column must name the embedding column")
 
     def run(self, ds, ctx: GlobalContext):
-        grouped = ds.groupby(CLUSTER_COLUMN, num_partitions=ctx.partitions())
-        return grouped.map_groups(
-            dedup_cluster_table, fn_args=(self.params,), batch_format="pyarrow"
+        return map_groups(
+            ds,
+            CLUSTER_COLUMN,
+            dedup_cluster_table,
+            (self.params,),
+            num_partitions=ctx.partitions(),
+            num_rows=ctx.num_rows,
+            num_cpus=ctx.num_cpus,
         )
 
 

@@ -1,0 +1,58 @@
+"""stages.shuffle.map_groups: every group of equal keys reaches the function whole, exactly once."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import ray
+
+from stages.shuffle import group_bounds, map_groups
+
+
+def _describe_group(group: pa.Table, tag: str) -> pa.Table:
+    """Each row learns its group's size and how many distinct keys the call saw."""
+    keys = group.column("k").to_pylist()
+    n = group.num_rows
+    return (
+        group.append_column("size", pa.array([n] * n, pa.int64()))
+        .append_column("distinct", pa.array([len(set(keys))] * n, pa.int64()))
+        .append_column("tag", pa.array([tag] * n, pa.string()))
+    )
+
+
+@pytest.mark.parametrize(("blocks", "parts"), [(1, 1), (5, 3), (7, 16), (3, 1)])
+def test_groups_arrive_whole_with_nulls_as_one_group(ray_session, blocks, parts):
+    rng = np.random.default_rng(blocks * 10 + parts)
+    n = 400
+    keys = [None if rng.random() < 0.05 else int(rng.integers(-3, 25)) for _ in range(n)]
+    table = pa.table({"id": [f"r{i:04d}" for i in range(n)], "k": pa.array(keys, pa.int64())})
+    size = -(-n // blocks)
+    ds = ray.data.from_arrow([table.slice(i, size) for i in range(0, n, size)])
+    out = map_groups(
+        ds, "k", _describe_group, ("x",), num_partitions=parts, num_rows=n, num_cpus=2
+    ).take_all()
+    assert sorted(r["id"] for r in out) == sorted(table.column("id").to_pylist())
+    count = collections.Counter(keys)  # brute force: None counts as one group
+    for r in out:
+        assert r["size"] == count[r["k"]]
+        assert r["distinct"] == 1 and r["tag"] == "x"
+
+
+def test_an_empty_dataset_stays_empty(ray_session):
+    ds = ray.data.from_arrow(
+        pa.table({"id": pa.array([], pa.string()), "k": pa.array([], pa.int64())})
+    )
+    out = map_groups(ds, "k", _describe_group, ("x",), num_partitions=4, num_rows=0, num_cpus=2)
+    assert out.count() == 0
+
+
+def test_group_bounds_splits_runs_and_keeps_nulls_apart():
+    keys = pa.array([1, 1, 2, 0, None, None])
+    assert group_bounds(keys) == [(0, 2), (2, 3), (3, 4), (4, 6)]
+    assert group_bounds(pa.array([], pa.int64())) == []
+    # a 0 before the nulls is not merged with them although nulls are filled with 0
+    assert group_bounds(pc.cast(pa.array([0, None]), pa.int64())) == [(0, 1), (1, 2)]
