@@ -1,6 +1,6 @@
 """exact_dedup: rows whose image bytes (and, optionally, caption) are identical keep one copy.
 
-A global stage: the rows are hash-partitioned by a content key with Ray Data's `groupby`, so each
+A global stage: the rows are partitioned by a content key (`stages.shuffle.map_groups`), so each
 duplicate group meets in one task and memory is bounded by a group, not by the dataset. The row
 with the smallest id in a group is kept (a stable rule: the same row survives every re-run); the
 others are rejected as `exact_dedup: duplicate (of <id>)`.
@@ -14,6 +14,7 @@ import hashlib
 import pyarrow as pa
 
 from stages.base import GlobalContext, GlobalStage, param, reject
+from stages.shuffle import map_groups
 
 KEY_COLUMN = "_exact_key"
 
@@ -68,8 +69,14 @@ class ExactDedup(GlobalStage):
 
     def run(self, ds, ctx: GlobalContext):
         keyed = ds.map_batches(content_key, fn_args=(self.params.key,), batch_format="pyarrow")
-        grouped = keyed.groupby(KEY_COLUMN, num_partitions=ctx.partitions())
-        return grouped.map_groups(resolve_group, batch_format="pyarrow")
+        return map_groups(
+            keyed,
+            KEY_COLUMN,
+            resolve_group,
+            num_partitions=ctx.partitions(),
+            num_rows=ctx.num_rows,
+            num_cpus=ctx.num_cpus,
+        )
 
 
 __all__ = ["ExactDedup", "ExactDedupParams", "content_key", "resolve_group"]

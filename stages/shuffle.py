@@ -21,6 +21,7 @@ group, the empty group included.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -31,10 +32,29 @@ import pyarrow.compute as pc
 ROWS_PER_SPLIT_TASK = 200_000
 
 
+def _fill(col: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Nulls replaced by the type's zero (callers keep the validity mask apart)."""
+    t = col.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        zero = pa.scalar("", t)
+    elif pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        zero = pa.scalar(b"", t)
+    else:
+        zero = pa.scalar(0, t)
+    return pc.fill_null(col, zero)
+
+
 def _partition_of(table: pa.Table, key: str, parts: int) -> np.ndarray:
     col = table.column(key)
-    values = pc.fill_null(col, 0).to_numpy(zero_copy_only=False).astype(np.int64)
-    return np.mod(values, parts)
+    if pa.types.is_integer(col.type):
+        values = _fill(col).to_numpy(zero_copy_only=False).astype(np.int64)
+        return np.mod(values, parts)
+    # Strings and bytes: CRC-32, which (unlike Python's hash) is the same in every process.
+    raw = _fill(col).to_pylist()
+    return np.array(
+        [zlib.crc32(v.encode() if isinstance(v, str) else bytes(v)) % parts for v in raw],
+        dtype=np.int64,
+    )
 
 
 def _split(key: str, parts: int, *tables: pa.Table) -> list[pa.Table] | pa.Table:
@@ -53,7 +73,7 @@ def group_bounds(keys: pa.ChunkedArray | pa.Array) -> list[tuple[int, int]]:
     if not n:
         return []
     valid = pc.is_valid(keys).to_numpy(zero_copy_only=False)
-    values = pc.fill_null(keys, 0).to_numpy(zero_copy_only=False)
+    values = _fill(keys).to_numpy(zero_copy_only=False)
     change = np.flatnonzero((values[1:] != values[:-1]) | (valid[1:] != valid[:-1])) + 1
     starts = np.r_[0, change]
     stops = np.r_[change, n]

@@ -56,3 +56,15 @@ def test_group_bounds_splits_runs_and_keeps_nulls_apart():
     assert group_bounds(pa.array([], pa.int64())) == []
     # a 0 before the nulls is not merged with them although nulls are filled with 0
     assert group_bounds(pc.cast(pa.array([0, None]), pa.int64())) == [(0, 1), (1, 2)]
+
+
+def test_string_keys_group_like_integers(ray_session):
+    keys = [None, "b", "a", "b", "", None, "c", "a", "a"]
+    table = pa.table({"id": [f"r{i}" for i in range(len(keys))], "k": pa.array(keys, pa.string())})
+    ds = ray.data.from_arrow([table.slice(0, 4), table.slice(4)])
+    out = map_groups(ds, "k", _describe_group, ("s",), num_partitions=3, num_rows=9, num_cpus=2)
+    count = collections.Counter(keys)
+    rows = out.take_all()
+    assert sorted(r["id"] for r in rows) == sorted(table.column("id").to_pylist())
+    # "" and null are different groups
+    assert all(r["size"] == count[r["k"]] and r["distinct"] == 1 for r in rows)
