@@ -1,0 +1,943 @@
+"""llava: train a LLaVA model on warren shards, in LLaVA-1.5's two stages.
+
+```
+python -m trainers.llava --stage align --data OUT/08-sample \\
+    --vision openai/clip-vit-large-patch14-336 --llm lmsys/vicuna-7b-v1.5 --output runs/align
+python -m trainers.llava --stage instruct --data OUT/instruct --from-checkpoint runs/align \\
+    --output runs/instruct [--lora]
+```
+
+- `align`: the vision tower and the LM are frozen; the projector alone learns, on caption rows
+  (template `plain`, lr 1e-3). The output folder holds a Hugging Face checkpoint
+  (`LlavaForConditionalGeneration` and its processor) and the projector alone as
+  `mm_projector.safetensors` (keys as in the model, `model.multi_modal_projector.*`), which
+  `--projector` loads into a model assembled from `--vision` and `--llm`.
+- `instruct`: projector and LM learn on conversation rows (template `vicuna_v1`), only the answers
+  in the loss; the vision tower learns too with `--unfreeze-vision`. Full fine-tuning (lr 2e-5),
+  or LoRA on the LM's linear layers (`--lora`, lr 2e-4; QLoRA with `--qlora`, on CUDA only), with
+  the projector trained in full, at `--projector-lr` (2e-5, LLaVA-1.5's) in its own parameter
+  group. LoRA is merged into the weights on save by default, so the output loads like any
+  checkpoint; with `--no-lora-merge` the output holds the adapter (projector included), whose
+  `adapter_config.json` points at the base checkpoint (`--from-checkpoint`, or `OUTPUT/base`,
+  saved before training when the model was assembled from parts), and
+  `LlavaForConditionalGeneration.from_pretrained(OUTPUT)` loads base and adapter (peft installed).
+
+A model comes from `--from-checkpoint` (any Hugging Face LLaVA checkpoint) or is assembled from
+`--vision` and `--llm` (hub ids or local directories; see trainers.model). torch is seeded with
+`--seed` before the model is built, so the projector's initial weights are a function of the seed.
+
+The loop is one plain PyTorch loop (AdamW, warmup then cosine decay, gradient clipping, gradient
+accumulation with the loss averaged over all answer tokens of the accumulated batches), on CUDA
+with bf16 autocast when there is a GPU (frozen weights stored in bf16, trained ones in fp32), else
+on the CPU in fp32. It logs steps, loss, learning rate, samples/s and tokens/s every `--log-every`
+steps (also to `OUTPUT/metrics.jsonl`); skipped rows go to `OUTPUT/data_problems.jsonl`; the run
+ends with a JSON summary (steps, samples, tokens, losses, the data counts of trainers.data), printed
+and saved as `OUTPUT/train_summary.json`.
+
+`--save-every N` writes a resumable checkpoint every N optimizer steps under
+`OUTPUT/checkpoints/step-NNNNNNNN/` (the trained tensors, optimizer, scheduler, RNG, and where each
+data worker is in the epoch); `--resume` continues from the newest, reading on from where each
+data worker stopped (it reads the rows again without decoding their images; an image whose header
+opens but whose pixels do not decode, in the part skipped, is then not counted again).
+
+`train(config)` is the same thing from Python. It runs one process; multi-GPU and multi-node runs
+through Ray Train are the next step (the data stream already takes `rank` and `world_size`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import typing
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from trainers.data import (
+    Batch,
+    DataStats,
+    LlavaStream,
+    StreamingLoader,
+    StreamOptions,
+    check_skipped_share,
+    plan_units,
+)
+from trainers.model import LlavaParts, _num_image_tokens, build_llava, load_llava
+from trainers.templates import TEMPLATES, ConversationEncoder
+
+log = logging.getLogger("warren.trainers.llava")
+
+STAGES = ("align", "instruct")
+PROJECTOR = "multi_modal_projector"
+PROJECTOR_PREFIX = f"model.{PROJECTOR}."
+PROJECTOR_FILE = "mm_projector.safetensors"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CHECKPOINTS = "checkpoints"
+# Settings a resumed run must share with the run it continues (the rest, e.g. logging, may change).
+RESUME_MUST_MATCH = (
+    "stage",
+    "data",
+    "vision",
+    "llm",
+    "from_checkpoint",
+    "projector",
+    "template",
+    "system_prompt",
+    "max_length",
+    "batch_size",
+    "grad_accum",
+    "epochs",
+    "max_steps",
+    "lr",
+    "projector_lr",
+    "weight_decay",
+    "warmup_ratio",
+    "lora",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "qlora",
+    "unfreeze_vision",
+    "seed",
+    "num_workers",
+    "shuffle_buffer",
+    "length_group_batches",
+)
+
+
+def _opt(help: str, **kw: Any) -> Any:
+    return field(metadata={"help": help, **{k: kw.pop(k) for k in ("choices",) if k in kw}}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run takes; the command-line flags are generated from these fields
+    (`--from-checkpoint` for `from_checkpoint`). None means the stage's default."""
+
+    stage: str = _opt("align (projector only) or instruct (projector + LM)", choices=STAGES)
+    data: list[str] = _opt("Parquet shards: stage folders and/or files")
+    output: str = _opt("folder for the checkpoint, logs and summary")
+    vision: str | None = _opt(
+        "vision tower: hub id or local directory (CLIP, SigLIP)", default=None
+    )
+    llm: str | None = _opt("causal LM: hub id or local directory", default=None)
+    from_checkpoint: str | None = _opt(
+        "a Hugging Face LLaVA checkpoint to continue from, instead of --vision/--llm", default=None
+    )
+    projector: str | None = _opt(
+        f"projector weights ({PROJECTOR_FILE} of an align run) for a model built from parts",
+        default=None,
+    )
+    template: str | None = _opt(
+        "conversation template (default: plain for align, vicuna_v1 for instruct)",
+        default=None,
+        choices=TEMPLATES,
+    )
+    system_prompt: str | None = _opt("vicuna_v1's system prompt, replacing LLaVA's", default=None)
+    max_length: int = _opt(
+        "tokens per sample, image tokens included; longer ones are cut", default=2048
+    )
+    batch_size: int = _opt("samples per micro-batch", default=16)
+    grad_accum: int = _opt("micro-batches per optimizer step", default=1)
+    epochs: int = _opt("passes over the data (unless --max-steps)", default=1)
+    max_steps: int | None = _opt("optimizer steps to run, across epochs", default=None)
+    lr: float | None = _opt(
+        "learning rate (default: 1e-3 align, 2e-4 instruct LoRA, 2e-5 instruct)", default=None
+    )
+    projector_lr: float | None = _opt(
+        "instruct: the projector's learning rate (default 2e-5)", default=None
+    )
+    weight_decay: float = _opt("AdamW weight decay", default=0.0)
+    warmup_ratio: float = _opt("share of steps of linear warmup before cosine decay", default=0.03)
+    max_grad_norm: float = _opt("clip the gradient norm to this (0: no clipping)", default=1.0)
+    lora: bool = _opt(
+        "instruct: train LoRA adapters on the LM instead of all its weights", default=False
+    )
+    lora_r: int = _opt("LoRA rank", default=128)
+    lora_alpha: int = _opt("LoRA alpha", default=256)
+    lora_dropout: float = _opt("LoRA dropout", default=0.05)
+    lora_target_modules: list[str] = _opt(
+        "names of the LM's linear layers that get adapters",
+        default_factory=lambda: list(LORA_TARGETS),
+    )
+    lora_merge: bool = _opt(
+        "merge LoRA into the saved weights (else save the adapter)", default=True
+    )
+    qlora: bool = _opt(
+        "LoRA on a 4-bit LM (bitsandbytes; CUDA only; needs --from-checkpoint)", default=False
+    )
+    unfreeze_vision: bool = _opt("instruct: train the vision tower too", default=False)
+    gradient_checkpointing: bool = _opt(
+        "recompute activations in backward to save memory", default=False
+    )
+    precision: str = _opt(
+        "auto: bf16 autocast on CUDA, fp32 elsewhere",
+        default="auto",
+        choices=("auto", "fp32", "bf16"),
+    )
+    device: str = _opt("auto, cpu, cuda or cuda:N", default="auto")
+    seed: int = _opt("seeds the model's new weights and the data order", default=0)
+    num_workers: int = _opt("data-loader worker processes", default=2)
+    shuffle_buffer: int = _opt("samples mixed per data worker", default=1024)
+    length_group_batches: int = _opt(
+        "batches per length-sorting window (1: no grouping)", default=16
+    )
+    max_bad_share: float = _opt("fail when more than this share of rows is skipped", default=0.01)
+    log_every: int = _opt("log every N optimizer steps", default=10)
+    save_every: int = _opt(
+        "write a resumable checkpoint every N steps (0: at the end only)", default=0
+    )
+    keep_checkpoints: int = _opt("resumable checkpoints kept (the newest)", default=2)
+    resume: bool = _opt(f"continue from the newest OUTPUT/{CHECKPOINTS}/step-*", default=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of TrainConfig, one per field, with its default and help."""
+    parser = argparse.ArgumentParser(
+        prog="python -m trainers.llava",
+        description="Train a LLaVA model on warren shards: align (projector) or instruct.",
+    )
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        kind = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = (
+            None
+            if required
+            else (f.default_factory() if f.default is dataclasses.MISSING else f.default)
+        )
+        kw: dict[str, Any] = {"help": f.metadata.get("help"), "dest": f.name}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, **kw)
+            continue
+        args = typing.get_args(kind)
+        if typing.get_origin(kind) is list:
+            kw.update(nargs="+", type=args[0])
+        else:
+            kw["type"] = next((a for a in args if a is not type(None)), kind)
+        if required:
+            kw["required"] = True
+        else:
+            kw["default"] = default
+            if default is not None and default is not False:
+                kw["help"] = f"{kw['help']} (default: {default})"
+        parser.add_argument(flag, **kw)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run `python -m trainers.llava` with `argv`; print and return the summary."""
+    config = TrainConfig(**vars(build_parser().parse_args(argv)))
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    summary = train(config)
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration checks and stage defaults
+# --------------------------------------------------------------------------------------------
+
+
+def resolve(config: TrainConfig) -> TrainConfig:
+    """A copy of `config` with the stage's defaults filled in; a ValueError names the flag for
+    any combination that cannot run."""
+    c = dataclasses.replace(config)
+    c.data = [
+        os.fspath(d) for d in ([c.data] if isinstance(c.data, (str, os.PathLike)) else c.data)
+    ]
+    if c.stage not in STAGES:
+        raise ValueError(f"--stage must be one of {', '.join(STAGES)}, not {c.stage!r}")
+    if c.from_checkpoint and (c.vision or c.llm):
+        raise ValueError("give --from-checkpoint, or --vision and --llm, not both")
+    if not c.from_checkpoint and not (c.vision and c.llm):
+        raise ValueError("give --vision and --llm (ids or local directories), or --from-checkpoint")
+    if c.projector and c.from_checkpoint:
+        raise ValueError(
+            "--projector is for a model built from --vision/--llm; a checkpoint has one"
+        )
+    if c.qlora:
+        c.lora = True
+    if c.stage == "align":
+        bad = [
+            f
+            for f in ("lora", "unfreeze_vision", "projector_lr")
+            if getattr(c, f) not in (None, False)
+        ]
+        if bad:
+            flags = ", ".join("--" + b.replace("_", "-") for b in bad)
+            raise ValueError(f"{flags}: instruct only; align trains the projector alone, at --lr")
+        c.template = c.template or "plain"
+        c.lr = 1e-3 if c.lr is None else c.lr
+    else:
+        c.template = c.template or "vicuna_v1"
+        c.lr = (2e-4 if c.lora else 2e-5) if c.lr is None else c.lr
+        c.projector_lr = 2e-5 if c.projector_lr is None else c.projector_lr
+    for name in (
+        "batch_size",
+        "grad_accum",
+        "epochs",
+        "log_every",
+        "max_length",
+        "keep_checkpoints",
+    ):
+        if getattr(c, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if c.max_steps is not None and c.max_steps < 0:
+        raise ValueError("--max-steps must not be negative")
+    if c.save_every < 0 or c.num_workers < 0:
+        raise ValueError("--save-every and --num-workers must not be negative")
+    if c.qlora:
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "--qlora needs a CUDA GPU (bitsandbytes' 4-bit kernels); this machine has none. "
+                "Drop --qlora to train LoRA on a full-precision LM"
+            )
+        if not c.from_checkpoint:
+            raise ValueError("--qlora loads a quantized model from --from-checkpoint; give one")
+    return c
+
+
+def _device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec}: torch sees no CUDA device")
+    return device
+
+
+def _precision(spec: str, device: torch.device) -> torch.dtype:
+    if spec == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return torch.bfloat16 if spec == "bf16" else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+def _build(c: TrainConfig, dtype: torch.dtype) -> LlavaParts:
+    if c.qlora:
+        return _load_4bit(c.from_checkpoint, dtype)
+    if c.from_checkpoint:
+        return load_llava(c.from_checkpoint, dtype=dtype)
+    parts = build_llava(c.vision, c.llm, dtype=dtype)
+    if c.projector:
+        load_projector(parts.model, c.projector)
+    elif c.stage == "instruct":
+        log.warning(
+            "instruct starts from a new, untrained projector: give --projector (an align run's "
+            "%s) or --from-checkpoint to start from an aligned one",
+            PROJECTOR_FILE,
+        )
+    return parts
+
+
+def _load_4bit(path: str, dtype: torch.dtype) -> LlavaParts:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ValueError("--qlora needs bitsandbytes: pip install bitsandbytes") from exc
+    from transformers import AutoProcessor, BitsAndBytesConfig, LlavaForConditionalGeneration
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        # The tower, the projector and the output layer stay in full precision, as in QLoRA.
+        llm_int8_skip_modules=["vision_tower", PROJECTOR, "lm_head"],
+    )
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, quantization_config=quantization, dtype=dtype, device_map={"": 0}
+    )
+    processor = AutoProcessor.from_pretrained(path)
+    strategy = model.config.vision_feature_select_strategy
+    return LlavaParts(model, processor, _num_image_tokens(model.config.vision_config, strategy))
+
+
+def load_projector(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Copy projector weights from a safetensors file into a LlavaForConditionalGeneration.
+
+    Keys are ours (`model.multi_modal_projector.linear_1.weight`, ...) or original LLaVA's
+    (`model.mm_projector.0.weight`, `.2.` for the second layer)."""
+    tensors = {_projector_key(k): v for k, v in load_file(os.fspath(path)).items()}
+    params = {n: p for n, p in model.named_parameters() if n.startswith(PROJECTOR_PREFIX)}
+    if set(tensors) != set(params):
+        raise ValueError(
+            f"{path}: projector weights {sorted(tensors)} do not match the model's projector "
+            f"{sorted(params)}"
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            if tensors[name].shape != param.shape:
+                raise ValueError(
+                    f"{path}: {name} has shape {tuple(tensors[name].shape)}, the model's "
+                    f"{tuple(param.shape)} (a projector for another vision tower or LM?)"
+                )
+            param.copy_(tensors[name])
+
+
+def _projector_key(key: str) -> str:
+    m = re.fullmatch(r"(?:model\.)?mm_projector\.([02])\.(weight|bias)", key)
+    if m:
+        return f"{PROJECTOR_PREFIX}linear_{1 if m.group(1) == '0' else 2}.{m.group(2)}"
+    return key
+
+
+def _prepare(parts: LlavaParts, c: TrainConfig, out: Path) -> torch.nn.Module:
+    """Freeze what the stage keeps fixed; for LoRA, return the peft model that wraps
+    `parts.model` (whose modules it changes in place)."""
+    model = parts.model
+    model.requires_grad_(False)
+    inner = model.model
+    if c.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:  # transformers >= 5 names it so
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+    if c.stage == "align":
+        inner.multi_modal_projector.requires_grad_(True)
+        return model
+    if not c.lora:
+        inner.multi_modal_projector.requires_grad_(True)
+        inner.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+        if c.unfreeze_vision:
+            inner.vision_tower.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if c.qlora:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=c.gradient_checkpointing
+        )
+    elif not c.lora_merge and not c.from_checkpoint:
+        # The adapter needs a base checkpoint to point at; this model exists only in memory.
+        log.info("saving the base model to %s for the adapter to point at", out / "base")
+        parts.save_pretrained(out / "base")
+    names = "|".join(re.escape(n) for n in c.lora_target_modules)
+    lora = LoraConfig(
+        r=c.lora_r,
+        lora_alpha=c.lora_alpha,
+        lora_dropout=c.lora_dropout,
+        # The LM's layers only: the tower and projector have linear layers of the same names.
+        target_modules=rf".*\.language_model\..*\.({names})",
+        # Trained in full and saved with the adapter, as LLaVA saves its non-LoRA trainables.
+        modules_to_save=[PROJECTOR] + (["vision_tower"] if c.unfreeze_vision else []),
+    )
+    return get_peft_model(model, lora)
+
+
+def _param_groups(model: torch.nn.Module, c: TrainConfig) -> list[dict[str, Any]]:
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    projector = [p for n, p in trainable if f".{PROJECTOR}." in f".{n}"]
+    rest = [p for n, p in trainable if f".{PROJECTOR}." not in f".{n}"]
+    groups = [
+        {"name": "model", "params": rest, "lr": c.lr},
+        {
+            "name": "projector",
+            "params": projector,
+            "lr": c.lr if c.projector_lr is None else c.projector_lr,
+        },
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if get_base is not None else model
+
+
+def projector_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The projector's tensors under the model's names (`model.multi_modal_projector.*`); for
+    a peft model, those of its trained copy."""
+    module = _unwrap(model).model.multi_modal_projector
+    trained = getattr(module, "modules_to_save", None)  # peft's ModulesToSaveWrapper
+    if trained is not None:
+        module = trained[getattr(module, "active_adapter", None) or "default"]
+        if isinstance(module, list):  # pragma: no cover - peft versions differ
+            module = module[0]
+    return {
+        PROJECTOR_PREFIX + k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Progress:
+    step: int = 0
+    epoch: int = 0
+    positions: dict[int, int] = field(default_factory=dict)  # {worker: batches consumed}
+    stats_before_epoch: DataStats = field(default_factory=DataStats)
+    samples: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    first_loss: float | None = None
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train as the command line does; return the summary (also saved as
+    OUTPUT/train_summary.json): steps, samples, tokens (attended positions, image tokens
+    included), first and last step loss, throughput, parameter counts, the files in OUTPUT,
+    `data` (trainers.data's counts, over every pass) and the resolved config. Raises
+    DataProblemError when too many rows are skipped, ValueError for settings that cannot run."""
+    c = resolve(config)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            raise ValueError(
+                "train() runs on one process; multi-process training through Ray Train is not "
+                "built yet"
+            )
+    units = plan_units(c.data)  # footers only: bad data paths fail before a model loads
+    out = Path(c.output)
+    resume_from = _prepare_output(out, c)
+    device = _device(c.device)
+    dtype = _precision(c.precision, device)
+
+    torch.manual_seed(c.seed)
+    parts = _build(c, dtype)
+    model = _prepare(parts, c, out)
+    if not c.qlora:
+        model.to(device)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            # Trained weights stay in fp32 (bf16 autocast computes in bf16 where it pays).
+            p.data = p.data.float()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    encoder = ConversationEncoder(
+        parts.tokenizer,
+        c.template,
+        num_image_tokens=parts.num_image_tokens,
+        image_token=parts.image_token,
+        max_length=c.max_length,
+        system_prompt=c.system_prompt,
+    )
+    options = StreamOptions(
+        batch_size=c.batch_size,
+        seed=c.seed,
+        shuffle_buffer=c.shuffle_buffer,
+        length_group_batches=c.length_group_batches,
+        max_bad_share=c.max_bad_share,
+    )
+    stream = LlavaStream(
+        units, encoder, parts.image_processor, parts.tokenizer.pad_token_id, options
+    )
+    loader = StreamingLoader(
+        stream,
+        num_workers=c.num_workers,
+        pin_memory=device.type == "cuda",
+        problems_path=out / "data_problems.jsonl",
+    )
+    total_steps = c.max_steps if c.max_steps is not None else _planned_steps(stream, c)
+    optimizer = torch.optim.AdamW(_param_groups(model, c), weight_decay=c.weight_decay)
+    from transformers import get_cosine_schedule_with_warmup
+
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, math.ceil(c.warmup_ratio * total_steps), max(total_steps, 1)
+    )
+    progress = _Progress()
+    if resume_from is not None:
+        progress = _load_checkpoint(resume_from, model, optimizer, scheduler, c)
+        loader.stats = progress.stats_before_epoch.copy()
+        _rewind_logs(out, progress)
+        log.info("resuming from %s (step %d, epoch %d)", resume_from, progress.step, progress.epoch)
+
+    n_trainable = sum(p.numel() for p in trainable)
+    n_total = sum(p.numel() for p in model.parameters())
+    log.info(
+        "stage %s on %s (%s): %s of %s parameters trained; %d rows in %d row groups; %d steps",
+        c.stage,
+        device,
+        str(dtype).removeprefix("torch."),
+        f"{n_trainable:,}",
+        f"{n_total:,}",
+        stream.total_rows,
+        len(stream.units),
+        total_steps,
+    )
+    pixel_dtype = next(_unwrap(model).model.vision_tower.parameters()).dtype
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if dtype == torch.bfloat16
+        else nullcontext()
+    )
+    model.train()
+    window = _Window()
+    last_loss: float | None = None
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as metrics:
+        # Throughput is wall time from step to step, waiting for data included.
+        tick = time.perf_counter()
+        for micro in _steps(loader, progress, c):
+            n_loss = sum(b.num_loss_tokens for b in micro)
+            loss_sum = 0.0
+            for b in micro:
+                inputs = {k: v.to(device, non_blocking=True) for k, v in b.inputs.items()}
+                if "pixel_values" in inputs:
+                    inputs["pixel_values"] = inputs["pixel_values"].to(pixel_dtype)
+                with autocast:
+                    # The loss of each micro-batch is summed over its answer tokens and divided
+                    # by those of the whole step: every answer token weighs the same.
+                    outputs = model(**inputs, num_items_in_batch=n_loss, use_cache=False)
+                outputs.loss.backward()
+                loss_sum += float(outputs.loss.detach())
+            grad_norm = (
+                float(torch.nn.utils.clip_grad_norm_(trainable, c.max_grad_norm))
+                if c.max_grad_norm > 0
+                else None
+            )
+            lr = scheduler.get_last_lr()[0]  # the rate this step used (the first group's)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            samples = sum(len(b.ids) for b in micro)
+            tokens = sum(b.num_tokens for b in micro)
+            progress.samples += samples
+            progress.tokens += tokens
+            now = time.perf_counter()
+            elapsed, tick = now - tick, now
+            progress.seconds += elapsed
+            if progress.first_loss is None:
+                progress.first_loss = loss_sum
+            last_loss = loss_sum
+            window.add(loss_sum, samples, tokens, elapsed, grad_norm)
+            if progress.step % c.log_every == 0 or progress.step == total_steps:
+                record = window.flush(progress, lr, total_steps)
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            if c.save_every and progress.step % c.save_every == 0:
+                progress.positions = dict(loader.positions)
+                _save_checkpoint(out, progress, model, optimizer, scheduler, c)
+    check_skipped_share(loader.stats, c.max_bad_share, "training data: ")
+    files = _save_final(parts, model, c, out, dtype)
+    summary = {
+        "stage": c.stage,
+        "output": str(out),
+        "steps": progress.step,
+        "epochs_completed": progress.epoch,
+        "samples": progress.samples,
+        "tokens": progress.tokens,
+        "first_loss": progress.first_loss,
+        "last_loss": last_loss,
+        "train_seconds": round(progress.seconds, 3),
+        "samples_per_s": round(progress.samples / progress.seconds, 3)
+        if progress.seconds
+        else None,
+        "tokens_per_s": round(progress.tokens / progress.seconds, 3) if progress.seconds else None,
+        "trainable_params": n_trainable,
+        "total_params": n_total,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "lora": c.lora,
+        "lora_merged": c.lora and c.lora_merge,
+        "files": files,
+        "data": loader.stats.to_dict(),
+        "config": dataclasses.asdict(c),
+    }
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    log.info(
+        "done: %d steps, %d samples, loss %s -> %s; data: %s",
+        progress.step,
+        progress.samples,
+        _fmt(progress.first_loss),
+        _fmt(last_loss),
+        loader.stats.summary(),
+    )
+    return summary
+
+
+def _steps(loader: StreamingLoader, progress: _Progress, c: TrainConfig) -> Iterator[list[Batch]]:
+    """The micro-batches of each optimizer step, epoch after epoch, until `epochs` epochs or
+    `max_steps` steps; `progress.epoch` counts finished epochs."""
+    skip = progress.positions
+    while _more_epochs(progress, c):
+        loader.set_epoch(progress.epoch, skip)
+        skip = {}
+        progress.stats_before_epoch = loader.stats.copy()
+        batches = iter(loader)
+        got_any = False
+        while c.max_steps is None or progress.step < c.max_steps:
+            micro = list(islice(batches, c.grad_accum))
+            if not micro:
+                break
+            got_any = True
+            yield micro
+        else:
+            return  # max_steps reached inside the epoch
+        if not got_any and not loader.positions:
+            raise ValueError(
+                f"epoch {progress.epoch} gave no batches: {loader.epoch_stats.summary()}"
+            )
+        progress.epoch += 1
+        progress.positions = {}
+
+
+def _more_epochs(progress: _Progress, c: TrainConfig) -> bool:
+    if c.max_steps is not None:
+        return progress.step < c.max_steps
+    return progress.epoch < c.epochs
+
+
+def _planned_steps(stream: LlavaStream, c: TrainConfig) -> int:
+    """Optimizer steps for `epochs` epochs, from the rows this rank reads: the cosine schedule's
+    length. Rows that are skipped make the real run a little shorter."""
+    steps = 0
+    for epoch in range(c.epochs):
+        batches = math.ceil(stream.rank_rows(epoch) / c.batch_size)
+        steps += math.ceil(batches / c.grad_accum)
+    return steps
+
+
+class _Window:
+    """Sums since the last log line."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps, self.loss, self.samples, self.tokens, self.seconds = 0, 0.0, 0, 0, 0.0
+        self.grad_norm: float | None = None
+
+    def add(self, loss: float, samples: int, tokens: int, seconds: float, norm: float | None):
+        self.steps += 1
+        self.loss += loss
+        self.samples += samples
+        self.tokens += tokens
+        self.seconds += seconds
+        self.grad_norm = norm
+
+    def flush(self, progress: _Progress, lr: float, total_steps: int) -> dict[str, Any]:
+        seconds = max(self.seconds, 1e-9)
+        record = {
+            "step": progress.step,
+            "epoch": progress.epoch,
+            "loss": self.loss / self.steps,
+            "lr": lr,
+            "grad_norm": self.grad_norm,
+            "samples_per_s": self.samples / seconds,
+            "tokens_per_s": self.tokens / seconds,
+        }
+        log.info(
+            "step %d/%d epoch %d loss %.4f lr %.2e samples/s %.1f tokens/s %.0f",
+            progress.step,
+            total_steps,
+            progress.epoch,
+            record["loss"],
+            lr,
+            record["samples_per_s"],
+            record["tokens_per_s"],
+        )
+        self.reset()
+        return record
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+# --------------------------------------------------------------------------------------------
+# Output folder, checkpoints, final save
+# --------------------------------------------------------------------------------------------
+
+
+def _prepare_output(out: Path, c: TrainConfig) -> Path | None:
+    """Create OUTPUT; the newest checkpoint when resuming. A folder with an earlier run's
+    checkpoints or summary is only continued with --resume, never overwritten."""
+    checkpoints = sorted((out / CHECKPOINTS).glob("step-*")) if out.exists() else []
+    if c.resume:
+        if not checkpoints:
+            raise ValueError(f"--resume: no checkpoints in {out / CHECKPOINTS}")
+        return checkpoints[-1]
+    earlier = [p for p in (out / CHECKPOINTS, out / "train_summary.json") if p.exists()]
+    if earlier:
+        raise ValueError(
+            f"{out} holds an earlier run ({earlier[0].name}); pass --resume to continue it or "
+            "give another --output"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.jsonl", "data_problems.jsonl"):
+        (out / name).unlink(missing_ok=True)
+    return None
+
+
+def _rewind_logs(out: Path, progress: _Progress) -> None:
+    """Drop what an interrupted run logged after the checkpoint it resumes from: metrics of later
+    steps, and skipped rows of the epoch it is in (which is read again, and logs them again)."""
+    for name, keep in (
+        ("metrics.jsonl", lambda r: r["step"] <= progress.step),
+        ("data_problems.jsonl", lambda r: r["epoch"] < progress.epoch),
+    ):
+        path = out / name
+        if path.exists():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if line.strip() and keep(json.loads(line))]
+            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def _save_checkpoint(
+    out: Path,
+    progress: _Progress,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    c: TrainConfig,
+) -> None:
+    final = out / CHECKPOINTS / f"step-{progress.step:08d}"
+    tmp = out / CHECKPOINTS / f".tmp-step-{progress.step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng.pt")
+    state = {
+        "step": progress.step,
+        "epoch": progress.epoch,
+        "positions": {str(k): v for k, v in progress.positions.items()},
+        "stats_before_epoch": progress.stats_before_epoch.to_dict(),
+        "samples": progress.samples,
+        "tokens": progress.tokens,
+        "seconds": progress.seconds,
+        "first_loss": progress.first_loss,
+        "config": dataclasses.asdict(c),
+    }
+    (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)  # a checkpoint is there whole or not at all
+    for old in sorted((out / CHECKPOINTS).glob("step-*"))[: -c.keep_checkpoints]:
+        shutil.rmtree(old)
+    log.info("saved checkpoint %s", final)
+
+
+def _load_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    c: TrainConfig,
+) -> _Progress:
+    state = json.loads((path / "state.json").read_text())
+    saved = state["config"]
+    now = dataclasses.asdict(c)
+    changed = [k for k in RESUME_MUST_MATCH if saved.get(k) != now.get(k)]
+    if changed:
+        diffs = "; ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in changed)
+        raise ValueError(f"{path}: the run to resume had other settings ({diffs})")
+    tensors = load_file(str(path / "trainable.safetensors"))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(tensors) != set(params):
+        missing = sorted(set(params) - set(tensors))[:3]
+        extra = sorted(set(tensors) - set(params))[:3]
+        raise ValueError(f"{path}: trained tensors differ (missing {missing}, unexpected {extra})")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[name])
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return _Progress(
+        step=state["step"],
+        epoch=state["epoch"],
+        positions={int(k): v for k, v in state["positions"].items()},
+        stats_before_epoch=DataStats.from_dict(state["stats_before_epoch"]),
+        samples=state["samples"],
+        tokens=state["tokens"],
+        seconds=state["seconds"],
+        first_loss=state["first_loss"],
+    )
+
+
+def _save_final(
+    parts: LlavaParts, model: torch.nn.Module, c: TrainConfig, out: Path, dtype: torch.dtype
+) -> list[str]:
+    """Write the trained model to OUTPUT; return the names of what OUTPUT then holds."""
+    projector = projector_state(model)
+    if not c.lora:
+        parts.model.to(dtype)
+        parts.save_pretrained(out)
+    elif c.qlora:
+        _save_qlora(parts, model, c, out, dtype)
+    elif c.lora_merge:
+        parts.model = model.merge_and_unload()
+        parts.model.to(dtype)
+        parts.save_pretrained(out)
+    else:
+        base = os.path.abspath(c.from_checkpoint or out / "base")
+        model.peft_config["default"].base_model_name_or_path = base
+        model.save_pretrained(out)
+        parts.processor.save_pretrained(out)
+    save_file(projector, str(out / PROJECTOR_FILE))
+    return sorted(os.listdir(out))
+
+
+def _save_qlora(
+    parts: LlavaParts, model: torch.nn.Module, c: TrainConfig, out: Path, dtype: torch.dtype
+) -> None:
+    """Merging into 4-bit weights would round the update away: the adapter is saved, then
+    merged into the base loaded in `dtype` (on the CPU) unless --no-lora-merge."""
+    adapter = out / ("adapter" if c.lora_merge else ".")
+    model.peft_config["default"].base_model_name_or_path = os.path.abspath(c.from_checkpoint)
+    model.save_pretrained(adapter)
+    parts.processor.save_pretrained(out)
+    if not c.lora_merge:
+        return
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    base = LlavaForConditionalGeneration.from_pretrained(c.from_checkpoint, dtype=dtype)
+    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    merged.save_pretrained(out)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError) as exc:  # bad flags, data or models: a message, no traceback
+        sys.exit(f"error: {exc}")
