@@ -9,19 +9,20 @@ useful), chosen and captioned with build_demo_data.py's own functions. The demo 
 images are a subset of them, so the model has seen the pool's images and captions: it is a demo
 model for exercising the pipelines offline, not a model for real use.
 
-Model (``MODEL_CFG``): open_clip ``CLIP`` with a ViT image tower (64 x 64 input, 8 px patches,
+Model (``MODEL_CFG``): open_clip ``CLIP`` with a ViT image tower (96 x 96 input, 12 px patches,
 width 128, 4 layers, MLP ratio 2), a text transformer (context 32, width 64, 3 layers, open_clip's
 BPE vocabulary) and a 96-d joint space: 3.9 M parameters, 7.8 MB as float16 safetensors. Images
-are squashed to 64 x 64 (``PREPROCESS_CFG``).
+are squashed to 96 x 96 (``PREPROCESS_CFG``). The demo pool's 20 scikit-image photographs join the
+clip art, all of them in every batch, so the image-image loss keeps them apart.
 
 Training: image-text InfoNCE (learned temperature) on two augmented views of each image plus an
-image-image InfoNCE between the views (temperature 0.1). The augmentations are what the demo
+image-image InfoNCE between the views (temperature 0.05). The augmentations are what the demo
 pool's near-duplicate plants do: crops of up to 12% per axis, resizing to 0.55-1.0x, JPEG
 re-encoding at quality 35-95; captions sometimes get the pool's light rewordings. AdamW, lr 2e-3,
 batch 128, warmup then cosine decay. Deterministic for a seed on one thread (``--threads 1``).
 
-Time: about 1.6 s a step (28 s an epoch of 18 steps) on one CPU thread; the default 50 epochs take
-about 24 minutes, plus ~20 s to cache the decoded images (in ``--cache``) on the first run.
+Time: about 1.1 s a step (25 s an epoch of 22 steps) on one CPU thread; the default 60 epochs take
+about 25 minutes, plus ~40 s to cache the decoded images (in ``--cache``) on the first run.
 
 The output directory (default ``pipelines/demo_data/demo_clip/``) holds ``open_clip_config.json``
 (``model_cfg`` + ``preprocess_cfg``), ``open_clip_model.safetensors`` and a README.md with the
@@ -53,16 +54,18 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 DEFAULT_OUT = HERE / "demo_clip"
-DEFAULT_CACHE = Path("/tmp/warren_demo_clip_cache_v2.pkl")
+DEFAULT_CACHE = Path("/tmp/warren_demo_clip_cache_v3.pkl")
 #: Longer side of the cached training images: the demo pool's own size (build_demo_data --size).
 SOURCE_SIZE = 160
 MIN_SOURCE_SIZE = 64
 
 
 def load_pairs(cache: Path | None = DEFAULT_CACHE) -> tuple[list[np.ndarray], list[str], list[str]]:
-    """Every usable Open Clip Art (image, caption) pair: images prepared exactly as the demo pool
+    """Every usable Open Clip Art (image, caption) pair, then the demo pool's scikit-image
+    photographs with their hand-written captions: images prepared exactly as the demo pool
     prepares them (flattened on white, longer side 160, JPEG quality 85), as uint8 HxWx3 arrays,
-    their captions and their library paths. Cached in `cache` (a pickle) when given."""
+    their captions and their sources (library path, or `skimage-<name>`). Cached in `cache` (a
+    pickle) when given."""
     if cache is not None and cache.is_file():
         with open(cache, "rb") as f:
             return pickle.load(f)
@@ -77,6 +80,15 @@ def load_pairs(cache: Path | None = DEFAULT_CACHE) -> tuple[list[np.ndarray], li
         images.append(np.asarray(im, dtype=np.uint8))
         captions.append(c.caption)
         rels.append(c.rel)
+    for spec in bdd.SKIMAGE_IMAGES:
+        arr = bdd.load_skimage_array(spec)
+        if arr is None:
+            continue
+        im = bdd.fit_longer_side(Image.fromarray(arr), SOURCE_SIZE)
+        im = bdd.decode(bdd.jpeg_bytes(im, bdd.JPEG_QUALITY)).convert("RGB")
+        images.append(np.asarray(im, dtype=np.uint8))
+        captions.append(spec.caption)
+        rels.append(f"skimage-{spec.name}")
     out = (images, captions, rels)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -95,8 +107,8 @@ def load_pairs(cache: Path | None = DEFAULT_CACHE) -> tuple[list[np.ndarray], li
 MODEL_CFG = {
     "embed_dim": 96,
     "vision_cfg": {
-        "image_size": 64,
-        "patch_size": 8,
+        "image_size": 96,
+        "patch_size": 12,
         "width": 128,
         "layers": 4,
         "head_width": 32,
@@ -111,8 +123,8 @@ MODEL_CFG = {
         "mlp_ratio": 4.0,
     },
 }
-#: Squash to 64 x 64 (no centre crop: clip art is often far from square).
-PREPROCESS_CFG = {"size": 64, "resize_mode": "squash", "interpolation": "bicubic"}
+#: Squash to 96 x 96 (no centre crop: clip art is often far from square).
+PREPROCESS_CFG = {"size": 96, "resize_mode": "squash", "interpolation": "bicubic"}
 WEIGHTS_FILE = "open_clip_model.safetensors"
 CONFIG_FILE = "open_clip_config.json"
 
@@ -183,24 +195,28 @@ def text_variant(caption: str, rng: np.random.Generator) -> str:
 
 def train(
     out: Path,
-    epochs: int = 50,
+    epochs: int = 60,
     seed: int = 0,
     batch_size: int = 128,
     lr: float = 2e-3,
     cache: Path | None = DEFAULT_CACHE,
     log_every: int = 10,
-    ii_temperature: float = 0.1,
+    ii_temperature: float = 0.05,
 ):
     """Contrastive training: image-text InfoNCE (learned temperature) on two augmented views of
-    each image, plus an image-image InfoNCE between the two views (temperature 0.1), which is
+    each image, plus an image-image InfoNCE between the two views (`ii_temperature`), which is
     what makes near duplicates embed close. Deterministic for a seed on one thread."""
     import open_clip
     import torch
     import torch.nn.functional as F
 
-    images, captions, _ = load_pairs(cache)
-    n = len(images)
-    print(f"{n} image-caption pairs", flush=True)
+    images, captions, sources = load_pairs(cache)
+    # The 20 photographs are a sliver of the pairs, and grayscale textures look alike to a small
+    # model: every batch carries all of them, so each is contrasted with the others at every step.
+    photos = np.array([i for i, s in enumerate(sources) if s.startswith("skimage-")], dtype=int)
+    clipart = np.array([i for i, s in enumerate(sources) if not s.startswith("skimage-")])
+    n = len(clipart)
+    print(f"{len(images)} image-caption pairs ({len(photos)} photographs)", flush=True)
     tokenizer = open_clip.get_tokenizer(
         "ViT-B-32", context_length=MODEL_CFG["text_cfg"]["context_length"]
     )
@@ -219,7 +235,8 @@ def train(
         betas=(0.9, 0.98),
         eps=1e-6,
     )
-    steps_per_epoch = n // batch_size
+    per_batch = batch_size - len(photos)
+    steps_per_epoch = n // per_batch
     total = epochs * steps_per_epoch
     warmup = max(1, min(100, total // 10))
 
@@ -234,9 +251,9 @@ def train(
     model.train()
     for epoch in range(epochs):
         rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(n)
+        order = clipart[rng.permutation(n)]
         for b in range(steps_per_epoch):
-            idx = order[b * batch_size : (b + 1) * batch_size]
+            idx = np.concatenate([order[b * per_batch : (b + 1) * per_batch], photos])
             v1 = torch.stack([to_tensor(augment(images[i], rng)) for i in idx])
             v2 = torch.stack([to_tensor(augment(images[i], rng)) for i in idx])
             toks = tokenizer([text_variant(captions[i], rng) for i in idx])
@@ -276,7 +293,7 @@ def train(
         "seed": seed,
         "epochs": epochs,
         "steps": total,
-        "pairs": n,
+        "pairs": len(images),
         "params": n_params,
         "ii_temperature": ii_temperature,
     }
@@ -370,25 +387,31 @@ def evaluate(model_dir: Path, parquet: Path = HERE / "demo.parquet") -> dict:
 
 README = """# demo_clip: a tiny demo CLIP (not for real use)
 
-A demo model trained on the demo pool's clip art: an open_clip CLIP with a 4-layer ViT image tower
-(64 x 64 input) and a 3-layer text tower, {params:.1f} M parameters, trained contrastively on CPU
-by `pipelines/demo_data/train_demo_clip.py` on every usable (image, title) pair of the Debian
-`openclipart-png` / `openclipart-svg` packages ({pairs} pairs, public domain). The demo pool's 600
-clip-art images and captions are among its training pairs, so it has seen the pool: it exists so
-the pipelines and tests can run offline with a model that behaves sensibly on
-`pipelines/demo_data/demo.parquet`. It is NOT a general image-text model; do not use it for real
-curation.
+A demo model trained on the demo pool's own images: an open_clip CLIP with a 4-layer ViT image
+tower ({size} x {size} input, {patch} px patches) and a 3-layer text tower, {params:.1f} M
+parameters, trained contrastively on CPU by `pipelines/demo_data/train_demo_clip.py` on every
+usable (image, title) pair of the Debian `openclipart-png` / `openclipart-svg` packages plus the
+demo pool's scikit-image photographs with their captions ({pairs} pairs: public domain or CC0,
+but for three photographs whose licence scikit-image does not state; see the demo pool's README).
+The demo pool's 600 clip-art images and 20 photographs are among its training pairs, so it has
+seen the pool: it exists so the pipelines and tests can run offline with a model that behaves
+sensibly on `pipelines/demo_data/demo.parquet`. It is NOT a general image-text model; do not use
+it for real curation.
 
 Load it with `stages.models.load_clip("pipelines/demo_data/demo_clip")` (or give the directory as
-`--embed.model`).
+`--embed.model`); the recipes use it when `--input` is left at the demo pool.
 
-- `open_clip_config.json`: `model_cfg` (the architecture) and `preprocess_cfg` (squash to 64 x 64)
+- `open_clip_config.json`: `model_cfg` (the architecture) and `preprocess_cfg` (squash to
+  {size} x {size})
 - `open_clip_model.safetensors`: the weights, float16 ({mb:.1f} MB)
 
 Trained with `python pipelines/demo_data/train_demo_clip.py --epochs {epochs} --seed {seed}
---threads 1` ({steps} steps, {minutes:.0f} minutes on one CPU thread). Augmentations mimic the demo
-pool's near-duplicate plants (crop, resize, JPEG re-encoding), so near duplicates embed close.
-Re-measure with `python pipelines/demo_data/train_demo_clip.py --eval-only`.
+--image-size {size} --patch-size {patch} --ii-temperature {ii_temperature} --threads 1` ({steps}
+steps, {minutes:.0f} minutes on one CPU thread). Augmentations mimic the demo pool's
+near-duplicate plants (crop, resize, JPEG re-encoding), so near duplicates embed close; an
+image-image loss between two views of each image, with every photograph in every batch, keeps
+distinct images apart. Re-measure with
+`python pipelines/demo_data/train_demo_clip.py --eval-only`.
 
 ## Evaluation on demo.parquet
 
@@ -416,6 +439,9 @@ def write_readme(out: Path, info: dict, res: dict) -> None:
         for label, key in rows
     )
     text = README.format(
+        size=MODEL_CFG["vision_cfg"]["image_size"],
+        patch=MODEL_CFG["vision_cfg"]["patch_size"],
+        ii_temperature=info.get("ii_temperature", 0.1),
         params=info.get("params", 0) / 1e6,
         pairs=info["pairs"],
         epochs=info["epochs"],
@@ -431,14 +457,18 @@ def write_readme(out: Path, info: dict, res: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output model directory")
-    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: deterministic)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="decoded-image cache")
-    p.add_argument("--image-size", type=int, default=64, help="input size (px, square)")
-    p.add_argument("--patch-size", type=int, default=8, help="ViT patch size (px)")
     p.add_argument(
-        "--ii-temperature", type=float, default=0.1, help="temperature of the image-image loss"
+        "--image-size", type=int, default=MODEL_CFG["vision_cfg"]["image_size"], help="input px"
+    )
+    p.add_argument(
+        "--patch-size", type=int, default=MODEL_CFG["vision_cfg"]["patch_size"], help="ViT patch px"
+    )
+    p.add_argument(
+        "--ii-temperature", type=float, default=0.05, help="temperature of the image-image loss"
     )
     p.add_argument("--eval-only", action="store_true", help="only evaluate --out")
     args = p.parse_args(argv)
