@@ -40,14 +40,18 @@ data worker is in the epoch); `--resume` continues from the newest, reading on f
 data worker stopped (it reads the rows again without decoding their images; an image whose header
 opens but whose pixels do not decode, in the part skipped, is then not counted again).
 
-`train(config)` is the same thing from Python. It runs one process; multi-GPU and multi-node runs
-through Ray Train are the next step (the data stream already takes `rank` and `world_size`).
+`train(config)` is the same thing from Python. `--workers N` runs the same loop on N Ray Train
+workers (`--use-gpu`, the default when the cluster has GPUs: one GPU each; DDP, or FSDP with
+`--fsdp`); see trainers.ray_train and docs/trainers.md. Each rank reads its own share of the row
+groups, and all ranks run the step count of the rank with the fewest rows (`unused_samples` in
+the summary counts what the others had batched beyond it).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -57,7 +61,7 @@ import shutil
 import sys
 import time
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from itertools import islice
@@ -75,6 +79,7 @@ from trainers.data import (
     StreamOptions,
     check_skipped_share,
     plan_units,
+    rank_rows,
 )
 from trainers.model import LlavaParts, _num_image_tokens, build_llava, load_llava
 from trainers.templates import TEMPLATES, ConversationEncoder
@@ -204,6 +209,18 @@ class TrainConfig:
     )
     keep_checkpoints: int = _opt("resumable checkpoints kept (the newest)", default=2)
     resume: bool = _opt(f"continue from the newest OUTPUT/{CHECKPOINTS}/step-*", default=False)
+    workers: int = _opt(
+        "Ray Train workers (one process per GPU); 0: train in this process", default=0
+    )
+    use_gpu: bool | None = _opt(
+        "Ray Train workers take a GPU each (default: when the Ray cluster has GPUs)", default=None
+    )
+    fsdp: bool = _opt(
+        "shard weights, gradients and optimizer state over the Ray Train workers (FSDP) instead "
+        "of keeping a replica on each (DDP); for models that do not fit on one device",
+        default=False,
+    )
+    cpus_per_worker: float = _opt("CPUs each Ray Train worker asks for", default=1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,10 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
         kw: dict[str, Any] = {"help": f.metadata.get("help"), "dest": f.name}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
-        if kind is bool:
+        args = typing.get_args(kind)
+        if kind is bool or set(args) == {bool, type(None)}:  # bool | None: None means auto
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, **kw)
             continue
-        args = typing.get_args(kind)
         if typing.get_origin(kind) is list:
             kw.update(nargs="+", type=args[0])
         else:
@@ -309,10 +326,22 @@ def resolve(config: TrainConfig) -> TrainConfig:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if c.max_steps is not None and c.max_steps < 0:
         raise ValueError("--max-steps must not be negative")
-    if c.save_every < 0 or c.num_workers < 0:
-        raise ValueError("--save-every and --num-workers must not be negative")
+    if c.save_every < 0 or c.num_workers < 0 or c.workers < 0:
+        raise ValueError("--save-every, --num-workers and --workers must not be negative")
+    if c.cpus_per_worker < 0:
+        raise ValueError("--cpus-per-worker must not be negative")
+    if c.workers == 0 and (c.fsdp or c.use_gpu is not None):
+        raise ValueError(
+            "--fsdp and --use-gpu/--no-use-gpu are for Ray Train runs: add --workers N"
+        )
+    if c.fsdp and c.lora:
+        raise ValueError(
+            "--fsdp shards full-weight training; LoRA trains few weights and runs with DDP: drop "
+            "--fsdp (or use --qlora to fit a large base)"
+        )
     if c.qlora:
-        if not torch.cuda.is_available():
+        # With --workers the GPUs are the Ray workers', not necessarily this machine's.
+        if c.workers == 0 and not torch.cuda.is_available():
             raise ValueError(
                 "--qlora needs a CUDA GPU (bitsandbytes' 4-bit kernels); this machine has none. "
                 "Drop --qlora to train LoRA on a full-precision LM"
@@ -343,9 +372,9 @@ def _precision(spec: str, device: torch.device) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 
 
-def _build(c: TrainConfig, dtype: torch.dtype) -> LlavaParts:
+def _build(c: TrainConfig, dtype: torch.dtype, device: torch.device) -> LlavaParts:
     if c.qlora:
-        return _load_4bit(c.from_checkpoint, dtype)
+        return _load_4bit(c.from_checkpoint, dtype, device)
     if c.from_checkpoint:
         return load_llava(c.from_checkpoint, dtype=dtype)
     parts = build_llava(c.vision, c.llm, dtype=dtype)
@@ -360,7 +389,7 @@ def _build(c: TrainConfig, dtype: torch.dtype) -> LlavaParts:
     return parts
 
 
-def _load_4bit(path: str, dtype: torch.dtype) -> LlavaParts:
+def _load_4bit(path: str, dtype: torch.dtype, device: torch.device) -> LlavaParts:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as exc:
@@ -376,7 +405,10 @@ def _load_4bit(path: str, dtype: torch.dtype) -> LlavaParts:
         llm_int8_skip_modules=["vision_tower", PROJECTOR, "lm_head"],
     )
     model = LlavaForConditionalGeneration.from_pretrained(
-        path, quantization_config=quantization, dtype=dtype, device_map={"": 0}
+        path,
+        quantization_config=quantization,
+        dtype=dtype,
+        device_map={"": device.index or 0},
     )
     processor = AutoProcessor.from_pretrained(path)
     strategy = model.config.vision_feature_select_strategy
@@ -412,7 +444,7 @@ def _projector_key(key: str) -> str:
     return key
 
 
-def _prepare(parts: LlavaParts, c: TrainConfig, out: Path) -> torch.nn.Module:
+def _prepare(parts: LlavaParts, c: TrainConfig, out: Path, ranks: Ranks) -> torch.nn.Module:
     """Freeze what the stage keeps fixed; for LoRA, return the peft model that wraps
     `parts.model` (whose modules it changes in place)."""
     model = parts.model
@@ -444,8 +476,10 @@ def _prepare(parts: LlavaParts, c: TrainConfig, out: Path) -> torch.nn.Module:
         )
     elif not c.lora_merge and not c.from_checkpoint:
         # The adapter needs a base checkpoint to point at; this model exists only in memory.
-        log.info("saving the base model to %s for the adapter to point at", out / "base")
-        parts.save_pretrained(out / "base")
+        if ranks.rank == 0:
+            log.info("saving the base model to %s for the adapter to point at", out / "base")
+            parts.save_pretrained(out / "base")
+        ranks.barrier()
     names = "|".join(re.escape(n) for n in c.lora_target_modules)
     lora = LoraConfig(
         r=c.lora_r,
@@ -475,6 +509,8 @@ def _param_groups(model: torch.nn.Module, c: TrainConfig) -> list[dict[str, Any]
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
     get_base = getattr(model, "get_base_model", None)
     return get_base() if get_base is not None else model
 
@@ -504,41 +540,118 @@ class _Progress:
     epoch: int = 0
     positions: dict[int, int] = field(default_factory=dict)  # {worker: batches consumed}
     stats_before_epoch: DataStats = field(default_factory=DataStats)
-    samples: int = 0
+    samples: int = 0  # trained on, all ranks
     tokens: int = 0
     seconds: float = 0.0
     first_loss: float | None = None
+    unused_samples: int = 0  # this rank's samples batched but not trained on (see _steps)
+
+
+@dataclass
+class Ranks:
+    """This process's place among the training processes and the few collectives the loop
+    needs; one process (rank 0 of 1) needs none and never touches torch.distributed."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # nccl: CUDA
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        if not self.distributed:
+            return [float(v) for v in values]
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def min(self, value: int) -> int:
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return int(t.item())
+
+    def gather(self, obj: Any) -> list[Any]:
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+
+# Called on every rank at the same steps: (metrics, checkpoint folder or None).
+Report = typing.Callable[[dict[str, Any], "Path | None"], None]
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train as the command line does; return the summary (also saved as
     OUTPUT/train_summary.json): steps, samples, tokens (attended positions, image tokens
     included), first and last step loss, throughput, parameter counts, the files in OUTPUT,
-    `data` (trainers.data's counts, over every pass) and the resolved config. Raises
+    `data` (trainers.data's counts, over every pass and every rank) and the resolved config.
+    With `workers` > 0 the run goes through Ray Train (trainers.ray_train). Raises
     DataProblemError when too many rows are skipped, ValueError for settings that cannot run."""
     c = resolve(config)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         if torch.distributed.get_world_size() > 1:
             raise ValueError(
-                "train() runs on one process; multi-process training through Ray Train is not "
-                "built yet"
+                "train() starts its own training processes (--workers N, through Ray Train); "
+                "call it from one process, or call run_loop() from each"
             )
-    units = plan_units(c.data)  # footers only: bad data paths fail before a model loads
+    plan_units(c.data)  # footers only: bad data paths fail before a model loads
+    resume_from = _prepare_output(Path(c.output), c)
+    if c.workers > 0:
+        from trainers.ray_train import train_on_ray
+
+        return train_on_ray(c, resume_from)
+    return run_loop(c, resume_from, Ranks())
+
+
+def run_loop(
+    c: TrainConfig,
+    resume_from: Path | None,
+    ranks: Ranks,
+    *,
+    device: torch.device | None = None,
+    report: Report | None = None,
+) -> dict[str, Any]:
+    """The training loop of one process: rank `ranks.rank` of `ranks.world_size`, with
+    torch.distributed already set up when there are more. `c` is resolved and OUTPUT prepared
+    (as train() does); `report` is called on every rank at each log line and checkpoint. Rank 0
+    writes the logs, checkpoints and the final model; every rank returns the summary."""
     out = Path(c.output)
-    resume_from = _prepare_output(out, c)
-    device = _device(c.device)
+    units = plan_units(c.data)
+    device = device or _device(c.device)
     dtype = _precision(c.precision, device)
+    lead = ranks.rank == 0
 
     torch.manual_seed(c.seed)
-    parts = _build(c, dtype)
-    model = _prepare(parts, c, out)
+    parts = _build(c, dtype, device)
+    model = _prepare(parts, c, out, ranks)
     if not c.qlora:
         model.to(device)
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             # Trained weights stay in fp32 (bf16 autocast computes in bf16 where it pays).
             p.data = p.data.float()
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    saved = _read_checkpoint(resume_from, c, ranks) if resume_from is not None else None
+    if saved is not None:
+        _load_trainable(model, saved.tensors, resume_from)
+    pixel_dtype = next(_unwrap(model).model.vision_tower.parameters()).dtype
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    # Replicas must start equal (DDP broadcasts rank 0's weights; FSDP shards them), then each
+    # rank draws its own dropout.
+    engine = _distribute(model, c, device, ranks)
+    if ranks.distributed:
+        torch.manual_seed(c.seed + ranks.rank)
+    trainable = [p for p in engine.parameters() if p.requires_grad]
     encoder = ConversationEncoder(
         parts.tokenizer,
         c.template,
@@ -553,6 +666,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         shuffle_buffer=c.shuffle_buffer,
         length_group_batches=c.length_group_batches,
         max_bad_share=c.max_bad_share,
+        rank=ranks.rank,
+        world_size=ranks.world_size,
     )
     stream = LlavaStream(
         units, encoder, parts.image_processor, parts.tokenizer.pad_token_id, options
@@ -561,96 +676,129 @@ def train(config: TrainConfig) -> dict[str, Any]:
         stream,
         num_workers=c.num_workers,
         pin_memory=device.type == "cuda",
-        problems_path=out / "data_problems.jsonl",
+        problems_path=out / _problems_file(ranks),
     )
     total_steps = c.max_steps if c.max_steps is not None else _planned_steps(stream, c)
-    optimizer = torch.optim.AdamW(_param_groups(model, c), weight_decay=c.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(engine, c), weight_decay=c.weight_decay)
     from transformers import get_cosine_schedule_with_warmup
 
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, math.ceil(c.warmup_ratio * total_steps), max(total_steps, 1)
     )
     progress = _Progress()
-    if resume_from is not None:
-        progress = _load_checkpoint(resume_from, model, optimizer, scheduler, c)
+    if saved is not None:
+        _load_optimizer(saved, engine, optimizer, scheduler)
+        progress = saved.progress
         loader.stats = progress.stats_before_epoch.copy()
-        _rewind_logs(out, progress)
-        log.info("resuming from %s (step %d, epoch %d)", resume_from, progress.step, progress.epoch)
-
-    n_trainable = sum(p.numel() for p in trainable)
-    n_total = sum(p.numel() for p in model.parameters())
-    log.info(
-        "stage %s on %s (%s): %s of %s parameters trained; %d rows in %d row groups; %d steps",
-        c.stage,
-        device,
-        str(dtype).removeprefix("torch."),
-        f"{n_trainable:,}",
-        f"{n_total:,}",
-        stream.total_rows,
-        len(stream.units),
-        total_steps,
-    )
-    pixel_dtype = next(_unwrap(model).model.vision_tower.parameters()).dtype
+        _rewind_logs(out, progress, ranks)
+        if lead:
+            log.info(
+                "resuming from %s (step %d, epoch %d)", resume_from, progress.step, progress.epoch
+            )
+    if lead:
+        log.info(
+            "stage %s on %s x%d (%s%s): %s of %s parameters trained; %d rows in %d row groups; "
+            "%d steps",
+            c.stage,
+            device.type,
+            ranks.world_size,
+            str(dtype).removeprefix("torch."),
+            ", FSDP" if _uses_fsdp(c, ranks) else (", DDP" if ranks.distributed else ""),
+            f"{n_trainable:,}",
+            f"{n_total:,}",
+            stream.total_rows,
+            len(stream.units),
+            total_steps,
+        )
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16)
         if dtype == torch.bfloat16
         else nullcontext()
     )
-    model.train()
+    engine.train()
     window = _Window()
     last_loss: float | None = None
-    with open(out / "metrics.jsonl", "a", encoding="utf-8") as metrics:
+    saved_at: Path | None = None
+    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if lead else None
+    try:
         # Throughput is wall time from step to step, waiting for data included.
         tick = time.perf_counter()
-        for micro in _steps(loader, progress, c):
-            n_loss = sum(b.num_loss_tokens for b in micro)
+        for micro in _steps(loader, progress, c, ranks):
+            # Every answer token of the step weighs the same, on whichever rank it is: each
+            # micro-batch's loss is summed over its answer tokens and divided by those of the
+            # whole step, all ranks together; DDP/FSDP average gradients over ranks, so the loss
+            # is scaled back up by the world size.
+            n_loss, samples, tokens = ranks.sum(
+                [
+                    sum(b.num_loss_tokens for b in micro),
+                    sum(len(b.ids) for b in micro),
+                    sum(b.num_tokens for b in micro),
+                ]
+            )
             loss_sum = 0.0
-            for b in micro:
+            for i, b in enumerate(micro):
                 inputs = {k: v.to(device, non_blocking=True) for k, v in b.inputs.items()}
                 if "pixel_values" in inputs:
                     inputs["pixel_values"] = inputs["pixel_values"].to(pixel_dtype)
-                with autocast:
-                    # The loss of each micro-batch is summed over its answer tokens and divided
-                    # by those of the whole step: every answer token weighs the same.
-                    outputs = model(**inputs, num_items_in_batch=n_loss, use_cache=False)
-                outputs.loss.backward()
+                # Gradients are exchanged once per step, on its last micro-batch.
+                sync = i == len(micro) - 1 or not ranks.distributed
+                with nullcontext() if sync else engine.no_sync():
+                    with autocast:
+                        outputs = engine(**inputs, num_items_in_batch=int(n_loss), use_cache=False)
+                    (outputs.loss * ranks.world_size).backward()
                 loss_sum += float(outputs.loss.detach())
-            grad_norm = (
-                float(torch.nn.utils.clip_grad_norm_(trainable, c.max_grad_norm))
-                if c.max_grad_norm > 0
-                else None
-            )
+            grad_norm = _clip(engine, trainable, c, ranks)
             lr = scheduler.get_last_lr()[0]  # the rate this step used (the first group's)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            (loss_sum,) = ranks.sum([loss_sum])  # the step's loss over all ranks' answer tokens
             progress.step += 1
-            samples = sum(len(b.ids) for b in micro)
-            tokens = sum(b.num_tokens for b in micro)
-            progress.samples += samples
-            progress.tokens += tokens
+            progress.samples += int(samples)
+            progress.tokens += int(tokens)
             now = time.perf_counter()
             elapsed, tick = now - tick, now
             progress.seconds += elapsed
             if progress.first_loss is None:
                 progress.first_loss = loss_sum
             last_loss = loss_sum
-            window.add(loss_sum, samples, tokens, elapsed, grad_norm)
+            window.add(loss_sum, int(samples), int(tokens), elapsed, grad_norm)
+            record = None
             if progress.step % c.log_every == 0 or progress.step == total_steps:
-                record = window.flush(progress, lr, total_steps)
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+                record = window.flush(progress, lr, total_steps, lead)
+                if metrics is not None:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+            saved_at = None
             if c.save_every and progress.step % c.save_every == 0:
-                progress.positions = dict(loader.positions)
-                _save_checkpoint(out, progress, model, optimizer, scheduler, c)
-    check_skipped_share(loader.stats, c.max_bad_share, "training data: ")
-    files = _save_final(parts, model, c, out, dtype)
+                saved_at = _save_checkpoint(out, progress, engine, optimizer, scheduler, c, ranks)
+            if report is not None and (record is not None or saved_at is not None):
+                report(record or {"step": progress.step, "epoch": progress.epoch}, saved_at)
+    finally:
+        if metrics is not None:
+            metrics.close()
+    check_skipped_share(loader.stats, c.max_bad_share, f"training data{_where(ranks)}: ")
+    if report is not None and saved_at is None:
+        # A Ray Train run ends on a checkpoint, which Result.checkpoint points at.
+        saved_at = _save_checkpoint(out, progress, engine, optimizer, scheduler, c, ranks)
+    # DDP keeps the replicas equal by construction; the digests show it (FSDP holds shards).
+    replicas = (
+        ranks.gather(_sha256(_trainable_state(_unwrap_ddp(engine))))
+        if ranks.distributed and not _uses_fsdp(c, ranks)
+        else None
+    )
+    files = _save_final(parts, model, engine, c, out, dtype, ranks)
+    data = DataStats()
+    for stats in ranks.gather(loader.stats):
+        data.add(stats)
+    (unused,) = ranks.sum([progress.unused_samples])
     summary = {
         "stage": c.stage,
         "output": str(out),
         "steps": progress.step,
         "epochs_completed": progress.epoch,
         "samples": progress.samples,
+        "unused_samples": int(unused),
         "tokens": progress.tokens,
         "first_loss": progress.first_loss,
         "last_loss": last_loss,
@@ -662,46 +810,133 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "trainable_params": n_trainable,
         "total_params": n_total,
         "device": str(device),
+        "world_size": ranks.world_size,
+        "parallelism": "fsdp" if _uses_fsdp(c, ranks) else ("ddp" if ranks.distributed else None),
         "dtype": str(dtype).removeprefix("torch."),
         "lora": c.lora,
         "lora_merged": c.lora and c.lora_merge,
         "files": files,
-        "data": loader.stats.to_dict(),
+        "data": data.to_dict(),
         "config": dataclasses.asdict(c),
     }
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
-    log.info(
-        "done: %d steps, %d samples, loss %s -> %s; data: %s",
-        progress.step,
-        progress.samples,
-        _fmt(progress.first_loss),
-        _fmt(last_loss),
-        loader.stats.summary(),
-    )
+    if replicas is not None:
+        summary["replica_sha256"] = replicas
+    if saved_at is not None:
+        summary["checkpoint"] = str(saved_at)
+    if lead:
+        if saved_at is not None and report is not None:
+            _link_model_files(out, saved_at)
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        log.info(
+            "done: %d steps, %d samples (%d batched but unused to keep ranks in step), "
+            "loss %s -> %s; data: %s",
+            progress.step,
+            progress.samples,
+            int(unused),
+            _fmt(progress.first_loss),
+            _fmt(last_loss),
+            data.summary(),
+        )
+    ranks.barrier()  # the checkpoint is whole before any rank reports it
+    if report is not None:
+        report({"summary": json.dumps(summary, sort_keys=True)}, saved_at)
     return summary
 
 
-def _steps(loader: StreamingLoader, progress: _Progress, c: TrainConfig) -> Iterator[list[Batch]]:
+def _where(ranks: Ranks) -> str:
+    return f" (rank {ranks.rank})" if ranks.distributed else ""
+
+
+def _problems_file(ranks: Ranks) -> str:
+    # One file per rank: ranks may run on different machines over a shared OUTPUT.
+    return f"data_problems.rank{ranks.rank}.jsonl" if ranks.distributed else "data_problems.jsonl"
+
+
+def _uses_fsdp(c: TrainConfig, ranks: Ranks) -> bool:
+    return c.fsdp and ranks.distributed
+
+
+def _distribute(
+    model: torch.nn.Module, c: TrainConfig, device: torch.device, ranks: Ranks
+) -> torch.nn.Module:
+    """The module the loop calls: `model` itself on one process, else wrapped in DDP (a
+    replica per rank) or, with --fsdp, FSDP (each rank holds a shard of every layer)."""
+    if not ranks.distributed:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    if not c.fsdp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(
+            model,
+            device_ids=ids,
+            # Layers after the tower's feature layer get no gradient when the tower is trained.
+            find_unused_parameters=c.unfreeze_vision,
+        )
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    # One FSDP unit per transformer layer (the classes transformers keeps whole on a device).
+    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
+    layers = {type(m) for m in model.modules() if type(m).__name__ in names}
+    return FullyShardedDataParallel(
+        model,
+        auto_wrap_policy=ModuleWrapPolicy(layers) if layers else None,
+        # Frozen and trained weights share units (the tower is frozen, the projector is not).
+        use_orig_params=True,
+        device_id=device,  # named even for the CPU, which FSDP otherwise refuses
+    )
+
+
+def _clip(
+    engine: torch.nn.Module, trainable: list[torch.nn.Parameter], c: TrainConfig, ranks: Ranks
+) -> float | None:
+    if c.max_grad_norm <= 0:
+        return None
+    if _uses_fsdp(c, ranks):
+        return float(engine.clip_grad_norm_(c.max_grad_norm))  # the norm over all shards
+    return float(torch.nn.utils.clip_grad_norm_(trainable, c.max_grad_norm))
+
+
+def _steps(
+    loader: StreamingLoader, progress: _Progress, c: TrainConfig, ranks: Ranks
+) -> Iterator[list[Batch]]:
     """The micro-batches of each optimizer step, epoch after epoch, until `epochs` epochs or
-    `max_steps` steps; `progress.epoch` counts finished epochs."""
+    `max_steps` steps; `progress.epoch` counts finished epochs.
+
+    Ranks run the same number of micro-batches in every step, the fewest any rank has, and the
+    epoch ends when one rank has none left: ranks read different numbers of rows (row groups
+    differ in size, rows are skipped), and each forward and backward of DDP or FSDP waits for
+    every rank. What the other ranks batched beyond that is read to the end (so its rows are
+    counted) and added to `progress.unused_samples`."""
     skip = progress.positions
     while _more_epochs(progress, c):
         loader.set_epoch(progress.epoch, skip)
+        resumed = bool(skip)
         skip = {}
         progress.stats_before_epoch = loader.stats.copy()
         batches = iter(loader)
-        got_any = False
+        carried: list[Batch] = []
+        steps = 0
         while c.max_steps is None or progress.step < c.max_steps:
-            micro = list(islice(batches, c.grad_accum))
+            micro = carried + list(islice(batches, c.grad_accum - len(carried)))
+            n = ranks.min(len(micro))
+            micro, carried = micro[:n], micro[n:]
             if not micro:
                 break
-            got_any = True
+            steps += 1
+            progress.positions = dict(loader.positions)
+            for b in carried:  # batched, not yet trained on: a resumed run reads them again
+                progress.positions[b.worker] = min(progress.positions[b.worker], b.index)
             yield micro
         else:
             return  # max_steps reached inside the epoch
-        if not got_any and not loader.positions:
+        progress.unused_samples += sum(len(b.ids) for b in carried)
+        progress.unused_samples += sum(len(b.ids) for b in batches)
+        if not steps and not resumed:
             raise ValueError(
-                f"epoch {progress.epoch} gave no batches: {loader.epoch_stats.summary()}"
+                f"epoch {progress.epoch} gave no optimizer steps{_where(ranks)}: "
+                f"{loader.epoch_stats.summary()}"
             )
         progress.epoch += 1
         progress.positions = {}
@@ -713,14 +948,24 @@ def _more_epochs(progress: _Progress, c: TrainConfig) -> bool:
     return progress.epoch < c.epochs
 
 
-def _planned_steps(stream: LlavaStream, c: TrainConfig) -> int:
-    """Optimizer steps for `epochs` epochs, from the rows this rank reads: the cosine schedule's
-    length. Rows that are skipped make the real run a little shorter."""
+def planned_steps(
+    units: Sequence[Any], c: TrainConfig, world_size: int = 1, epochs: int | None = None
+) -> int:
+    """Optimizer steps for `epochs` (default: `c.epochs`) epochs over `world_size` ranks, from
+    the deterministic plan: every rank runs as many as the rank with the fewest rows. The
+    cosine schedule's length; rows that are skipped make the real run a little shorter."""
     steps = 0
-    for epoch in range(c.epochs):
-        batches = math.ceil(stream.rank_rows(epoch) / c.batch_size)
-        steps += math.ceil(batches / c.grad_accum)
+    for epoch in range(c.epochs if epochs is None else epochs):
+        fewest = min(
+            rank_rows(units, seed=c.seed, epoch=epoch, rank=r, world_size=world_size)
+            for r in range(world_size)
+        )
+        steps += math.ceil(math.ceil(fewest / c.batch_size) / c.grad_accum)
     return steps
+
+
+def _planned_steps(stream: LlavaStream, c: TrainConfig) -> int:
+    return planned_steps(stream.units, c, stream.options.world_size)
 
 
 class _Window:
@@ -741,7 +986,9 @@ class _Window:
         self.seconds += seconds
         self.grad_norm = norm
 
-    def flush(self, progress: _Progress, lr: float, total_steps: int) -> dict[str, Any]:
+    def flush(
+        self, progress: _Progress, lr: float, total_steps: int, lead: bool = True
+    ) -> dict[str, Any]:
         seconds = max(self.seconds, 1e-9)
         record = {
             "step": progress.step,
@@ -752,16 +999,17 @@ class _Window:
             "samples_per_s": self.samples / seconds,
             "tokens_per_s": self.tokens / seconds,
         }
-        log.info(
-            "step %d/%d epoch %d loss %.4f lr %.2e samples/s %.1f tokens/s %.0f",
-            progress.step,
-            total_steps,
-            progress.epoch,
-            record["loss"],
-            lr,
-            record["samples_per_s"],
-            record["tokens_per_s"],
-        )
+        if lead:
+            log.info(
+                "step %d/%d epoch %d loss %.4f lr %.2e samples/s %.1f tokens/s %.0f",
+                progress.step,
+                total_steps,
+                progress.epoch,
+                record["loss"],
+                lr,
+                record["samples_per_s"],
+                record["tokens_per_s"],
+            )
         self.reset()
         return record
 
@@ -795,13 +1043,16 @@ def _prepare_output(out: Path, c: TrainConfig) -> Path | None:
     return None
 
 
-def _rewind_logs(out: Path, progress: _Progress) -> None:
+def _rewind_logs(out: Path, progress: _Progress, ranks: Ranks) -> None:
     """Drop what an interrupted run logged after the checkpoint it resumes from: metrics of later
-    steps, and skipped rows of the epoch it is in (which is read again, and logs them again)."""
-    for name, keep in (
-        ("metrics.jsonl", lambda r: r["step"] <= progress.step),
-        ("data_problems.jsonl", lambda r: r["epoch"] < progress.epoch),
-    ):
+    steps, and skipped rows of the epoch it is in (which is read again, and logs them again).
+    Each rank rewinds its own problems file; rank 0 the metrics."""
+    files: list[tuple[str, Callable[[dict[str, Any]], bool]]] = [
+        (_problems_file(ranks), lambda r: r["epoch"] < progress.epoch)
+    ]
+    if ranks.rank == 0:
+        files.append(("metrics.jsonl", lambda r: r["step"] <= progress.step))
+    for name, keep in files:
         path = out / name
         if path.exists():
             lines = path.read_text(encoding="utf-8").splitlines()
@@ -815,59 +1066,173 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+_FSDP_PREFIX = "_fsdp_wrapped_module."
+
+
+def _full_state(engine: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """An FSDP model's whole state dict, gathered on rank 0 (in CPU memory) under the names of
+    the unwrapped model; empty on other ranks. Every rank must call it."""
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+    with FSDP.state_dict_type(engine, StateDictType.FULL_STATE_DICT, config):
+        return engine.state_dict()
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj
+
+
+def _trained_names(engine: torch.nn.Module) -> list[str]:
+    return [n.replace(_FSDP_PREFIX, "") for n, p in engine.named_parameters() if p.requires_grad]
+
+
 def _save_checkpoint(
     out: Path,
     progress: _Progress,
-    model: torch.nn.Module,
+    engine: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     c: TrainConfig,
-) -> None:
+    ranks: Ranks,
+) -> Path:
+    """Write OUTPUT/checkpoints/step-N (rank 0; every rank calls it, for the gathers) and
+    return its path. Where each rank is in the epoch and its RNG are kept per rank."""
     final = out / CHECKPOINTS / f"step-{progress.step:08d}"
-    tmp = out / CHECKPOINTS / f".tmp-step-{progress.step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    fsdp = _uses_fsdp(c, ranks)
+    if fsdp:
+        from torch.distributed.fsdp import FullOptimStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        full = _full_state(engine)
+        tensors = {n: full[n].contiguous() for n in _trained_names(engine) if n in full}
+        with FSDP.state_dict_type(
+            engine,
+            StateDictType.FULL_STATE_DICT,
+            # offload_to_cpu=True saved exp_avg in place of exp_avg_sq (torch 2.14, gloo):
+            # gather on the device, then copy.
+            optim_state_dict_config=FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True),
+        ):
+            optim_state = _to_cpu(FSDP.optim_state_dict(engine, optimizer))
+    else:
+        tensors = _trainable_state(_unwrap_ddp(engine))
+        optim_state = optimizer.state_dict()
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    state = {
-        "step": progress.step,
-        "epoch": progress.epoch,
+    mine = {
         "positions": {str(k): v for k, v in progress.positions.items()},
         "stats_before_epoch": progress.stats_before_epoch.to_dict(),
-        "samples": progress.samples,
-        "tokens": progress.tokens,
-        "seconds": progress.seconds,
-        "first_loss": progress.first_loss,
-        "config": dataclasses.asdict(c),
+        "unused_samples": progress.unused_samples,
     }
-    (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)  # a checkpoint is there whole or not at all
-    for old in sorted((out / CHECKPOINTS).glob("step-*"))[: -c.keep_checkpoints]:
-        shutil.rmtree(old)
-    log.info("saved checkpoint %s", final)
+    per_rank = ranks.gather((mine, rng))
+    if ranks.rank == 0:
+        tmp = out / CHECKPOINTS / f".tmp-step-{progress.step:08d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / "trainable.safetensors"))
+        torch.save(optim_state, tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({**rng, "ranks": [r for _, r in per_rank]}, tmp / "rng.pt")
+        state = {
+            "step": progress.step,
+            "epoch": progress.epoch,
+            # Rank 0's, at the top level as a one-process run writes them.
+            **mine,
+            "world_size": ranks.world_size,
+            "fsdp": fsdp,
+            "ranks": [m for m, _ in per_rank],
+            "samples": progress.samples,
+            "tokens": progress.tokens,
+            "seconds": progress.seconds,
+            "first_loss": progress.first_loss,
+            "config": dataclasses.asdict(c),
+        }
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)  # a checkpoint is there whole or not at all
+        for old in sorted((out / CHECKPOINTS).glob("step-*"))[: -c.keep_checkpoints]:
+            shutil.rmtree(old)
+        log.info("saved checkpoint %s", final)
+    ranks.barrier()
+    return final
 
 
-def _load_checkpoint(
-    path: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    c: TrainConfig,
-) -> _Progress:
+def _sha256(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _unwrap_ddp(engine: torch.nn.Module) -> torch.nn.Module:
+    if isinstance(engine, torch.nn.parallel.DistributedDataParallel):
+        return engine.module
+    return engine
+
+
+@dataclass
+class _Saved:
+    path: Path
+    progress: _Progress
+    tensors: dict[str, torch.Tensor]
+    rng: dict[str, Any]
+    fsdp: bool
+
+
+def _read_checkpoint(path: Path, c: TrainConfig, ranks: Ranks) -> _Saved:
+    """What `path` holds for this rank; a ValueError when it was written with settings this run
+    cannot continue."""
     state = json.loads((path / "state.json").read_text())
     saved = state["config"]
     now = dataclasses.asdict(c)
-    changed = [k for k in RESUME_MUST_MATCH if saved.get(k) != now.get(k)]
+    defaults = dataclasses.asdict(TrainConfig(stage="align", data=[], output=""))
+    changed = [k for k in RESUME_MUST_MATCH if saved.get(k, defaults[k]) != now.get(k)]
     if changed:
-        diffs = "; ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in changed)
+        diffs = "; ".join(
+            f"{k}: {saved.get(k, defaults[k])!r} then, {now.get(k)!r} now" for k in changed
+        )
         raise ValueError(f"{path}: the run to resume had other settings ({diffs})")
-    tensors = load_file(str(path / "trainable.safetensors"))
+    world = state.get("world_size", 1)
+    if world != ranks.world_size:
+        raise ValueError(
+            f"{path}: written by {world} training process(es), resumed with {ranks.world_size}; "
+            f"resume with --workers {world if world > 1 else 0} (each rank is partway through "
+            "its own share of the epoch)"
+        )
+    if state.get("fsdp", False) != _uses_fsdp(c, ranks):
+        raise ValueError(f"{path}: --fsdp differs from the run that wrote it")
+    mine = (state.get("ranks") or [state])[ranks.rank]
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    progress = _Progress(
+        step=state["step"],
+        epoch=state["epoch"],
+        positions={int(k): v for k, v in mine["positions"].items()},
+        stats_before_epoch=DataStats.from_dict(mine["stats_before_epoch"]),
+        samples=state["samples"],
+        tokens=state["tokens"],
+        seconds=state["seconds"],
+        first_loss=state["first_loss"],
+        unused_samples=mine.get("unused_samples", 0),
+    )
+    return _Saved(
+        path,
+        progress,
+        load_file(str(path / "trainable.safetensors")),
+        rng["ranks"][ranks.rank] if "ranks" in rng else rng,
+        state.get("fsdp", False),
+    )
+
+
+def _load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(tensors) != set(params):
         missing = sorted(set(params) - set(tensors))[:3]
@@ -876,45 +1241,82 @@ def _load_checkpoint(
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(tensors[name])
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rng = torch.load(path / "rng.pt", weights_only=False)
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return _Progress(
-        step=state["step"],
-        epoch=state["epoch"],
-        positions={int(k): v for k, v in state["positions"].items()},
-        stats_before_epoch=DataStats.from_dict(state["stats_before_epoch"]),
-        samples=state["samples"],
-        tokens=state["tokens"],
-        seconds=state["seconds"],
-        first_loss=state["first_loss"],
-    )
+
+
+def _load_optimizer(
+    saved: _Saved,
+    engine: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> None:
+    """Optimizer, scheduler and RNG of this rank; after the model is wrapped (FSDP's optimizer
+    state is keyed by parameter name and resharded here)."""
+    optim_state = torch.load(saved.path / "optimizer.pt", weights_only=False)
+    if saved.fsdp:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        optim_state = FSDP.optim_state_dict_to_load(engine, optimizer, optim_state)
+    optimizer.load_state_dict(optim_state)
+    scheduler.load_state_dict(torch.load(saved.path / "scheduler.pt", weights_only=False))
+    torch.set_rng_state(saved.rng["cpu"])
+    if "cuda" in saved.rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved.rng["cuda"])
 
 
 def _save_final(
-    parts: LlavaParts, model: torch.nn.Module, c: TrainConfig, out: Path, dtype: torch.dtype
+    parts: LlavaParts,
+    model: torch.nn.Module,
+    engine: torch.nn.Module,
+    c: TrainConfig,
+    out: Path,
+    dtype: torch.dtype,
+    ranks: Ranks,
 ) -> list[str]:
-    """Write the trained model to OUTPUT; return the names of what OUTPUT then holds."""
-    projector = projector_state(model)
-    if not c.lora:
-        parts.model.to(dtype)
-        parts.save_pretrained(out)
-    elif c.qlora:
-        _save_qlora(parts, model, c, out, dtype)
-    elif c.lora_merge:
-        parts.model = model.merge_and_unload()
-        parts.model.to(dtype)
-        parts.save_pretrained(out)
-    else:
-        base = os.path.abspath(c.from_checkpoint or out / "base")
-        model.peft_config["default"].base_model_name_or_path = base
-        model.save_pretrained(out)
-        parts.processor.save_pretrained(out)
-    save_file(projector, str(out / PROJECTOR_FILE))
+    """Write the trained model to OUTPUT (rank 0; every rank calls it); return the names of
+    what OUTPUT then holds."""
+    if _uses_fsdp(c, ranks):
+        full = _full_state(engine)  # a collective: before rank 0 goes its own way
+        if ranks.rank == 0:
+            parts.model.save_pretrained(out, state_dict={k: v.to(dtype) for k, v in full.items()})
+            parts.processor.save_pretrained(out)
+            projector = {k: v for k, v in full.items() if k.startswith(PROJECTOR_PREFIX)}
+            save_file(projector, str(out / PROJECTOR_FILE))
+    elif ranks.rank == 0:
+        projector = projector_state(model)
+        if not c.lora:
+            parts.model.to(dtype)
+            parts.save_pretrained(out)
+        elif c.qlora:
+            _save_qlora(parts, model, c, out, dtype)
+        elif c.lora_merge:
+            parts.model = model.merge_and_unload()
+            parts.model.to(dtype)
+            parts.save_pretrained(out)
+        else:
+            base = os.path.abspath(c.from_checkpoint or out / "base")
+            model.peft_config["default"].base_model_name_or_path = base
+            model.save_pretrained(out)
+            parts.processor.save_pretrained(out)
+        save_file(projector, str(out / PROJECTOR_FILE))
+    ranks.barrier()
     return sorted(os.listdir(out))
+
+
+def _link_model_files(out: Path, checkpoint: Path) -> None:
+    """Make the final checkpoint a loadable model too: hard links to OUTPUT's model files (a
+    copy where the file system has no links), so it costs no second copy of the weights."""
+    for f in out.iterdir():
+        if (
+            f.is_file()
+            and f.name not in ("metrics.jsonl", "train_summary.json")
+            and (not f.name.startswith("data_problems"))
+        ):
+            target = checkpoint / f.name
+            target.unlink(missing_ok=True)
+            try:
+                os.link(f, target)
+            except OSError:
+                shutil.copy2(f, target)
 
 
 def _save_qlora(

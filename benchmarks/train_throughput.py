@@ -1,0 +1,188 @@
+"""The `instruct` stage's training loop against a plain Hugging Face `transformers.Trainer`.
+
+    python benchmarks/train_throughput.py --steps 30 --batch-size 8
+
+Both train the same tiny LLaVA model (a CLIP tower and a Llama LM built from configs, with the
+test suite's word tokenizer; full fine-tuning of projector and LM, vision frozen) on the CPU, one
+thread, in this process, for the same number of steps at the same batch size, from the same
+encoded samples (trainers.templates' vicuna_v1 encoding of the same canonical rows): ours streams
+them from Parquet shards through trainers.data; the Trainer gets them as a list, and its
+collator decodes the images and pads with trainers.data's `collate`, the same work per batch.
+Prints samples/s and tokens/s (attended positions, image tokens included) of each, over the
+training steps only (model loading excluded), and their ratio. Numbers only: it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from PIL import Image  # noqa: E402
+from test_trainers_data import color_row, image_processor, word_tokenizer, write_shards  # noqa: E402
+from transformers import (  # noqa: E402
+    CLIPVisionConfig,
+    LlamaConfig,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from trainers.data import collate, iter_rows, plan_units  # noqa: E402
+from trainers.llava import TrainConfig, train  # noqa: E402
+from trainers.model import build_llava, load_llava  # noqa: E402
+from trainers.templates import ConversationEncoder  # noqa: E402
+
+
+def build_models(root: Path, hidden: int) -> Path:
+    tok = word_tokenizer()
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+    )
+    llm = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    parts = build_llava(vision, llm, tokenizer=tok, image_processor=image_processor())
+    parts.save_pretrained(root / "base")
+    return root / "base"
+
+
+class _Clock(TrainerCallback):
+    """Wall time from the start of training to the end of each step: the same span as
+    trainers.llava's `train_seconds` (data loading included)."""
+
+    def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001, D102
+        self.start = self.end = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, D102
+        self.end = time.perf_counter()
+
+
+def hf_trainer(base: Path, data: Path, steps: int, batch_size: int, lr: float) -> dict[str, float]:
+    parts = load_llava(base)
+    model = parts.model
+    model.requires_grad_(False)
+    for module in (model.model.multi_modal_projector, model.model.language_model, model.lm_head):
+        module.requires_grad_(True)
+    encoder = ConversationEncoder(
+        parts.tokenizer,
+        "vicuna_v1",
+        num_image_tokens=parts.num_image_tokens,
+        image_token=parts.image_token,
+    )
+    samples = [
+        {"sample": encoder.encode(row), "image": row["images"][0]["bytes"]}
+        for _, row in iter_rows(plan_units(data))
+    ]
+    tokens = [0]
+    pad = parts.tokenizer.pad_token_id
+
+    def collator(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        images = [Image.open(io.BytesIO(i["image"])).convert("RGB") for i in items]
+        pixels = parts.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        batch = collate([i["sample"] for i in items], pad, pixels)
+        tokens[0] += int(batch["attention_mask"].sum())
+        return batch
+
+    clock = _Clock()
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out,
+            max_steps=steps,
+            per_device_train_batch_size=batch_size,
+            learning_rate=lr,
+            lr_scheduler_type="cosine",
+            warmup_steps=0.03,  # a float below 1: a share of the steps
+            max_grad_norm=1.0,
+            weight_decay=0.0,
+            use_cpu=True,
+            dataloader_num_workers=0,
+            save_strategy="no",
+            logging_strategy="no",
+            report_to=[],
+            remove_unused_columns=False,
+            disable_tqdm=True,
+        )
+        Trainer(
+            model=model, args=args, train_dataset=samples, data_collator=collator, callbacks=[clock]
+        ).train()
+    seconds = clock.end - clock.start
+    return {"samples_per_s": steps * batch_size / seconds, "tokens_per_s": tokens[0] / seconds}
+
+
+def ours(base: Path, data: Path, out: Path, steps: int, batch_size: int, lr: float) -> dict:
+    summary = train(
+        TrainConfig(
+            stage="instruct",
+            data=[str(data)],
+            output=str(out),
+            from_checkpoint=str(base),
+            max_steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            projector_lr=lr,
+            num_workers=0,
+            log_every=steps,
+            device="cpu",
+        )
+    )
+    return {k: summary[k] for k in ("samples_per_s", "tokens_per_s")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=256, help="rows in the shards")
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size of tower and LM")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base = build_models(root, args.hidden)
+        data = root / "shards"
+        write_shards(data, [color_row(i) for i in range(args.rows)], 64, 16)
+        mine = ours(base, data, root / "run", args.steps, args.batch_size, 2e-5)
+        theirs = hf_trainer(base, data, args.steps, args.batch_size, 2e-5)
+    print(
+        f"instruct, tiny model (hidden {args.hidden}), CPU, {args.threads} thread(s), "
+        f"{args.steps} steps of {args.batch_size}"
+    )
+    print(f"{'loop':<24}{'samples/s':>12}{'tokens/s':>12}")
+    print(f"{'trainers.llava':<24}{mine['samples_per_s']:>12.1f}{mine['tokens_per_s']:>12.0f}")
+    print(
+        f"{'transformers.Trainer':<24}{theirs['samples_per_s']:>12.1f}"
+        f"{theirs['tokens_per_s']:>12.0f}"
+    )
+    print(
+        f"{'ratio (ours / Trainer)':<24}{mine['samples_per_s'] / theirs['samples_per_s']:>12.2f}"
+        f"{mine['tokens_per_s'] / theirs['tokens_per_s']:>12.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""ray_train: run trainers.llava's training loop on N processes through Ray Train.
+
+`python -m trainers.llava ... --workers N` (or `train(TrainConfig(..., workers=N))`) hands the run
+to a `ray.train.torch.TorchTrainer` with N workers. Each worker is one process with one device
+(a GPU with `--use-gpu`, which is the default when the Ray cluster has GPUs; else the CPU, over
+gloo), which runs `trainers.llava.run_loop` as rank `ray.train.get_context().get_world_rank()`:
+
+- the model is wrapped in DDP (a replica per rank), or with `--fsdp` in FSDP (one unit per
+  transformer layer, weights, gradients and optimizer state sharded over the ranks);
+- each rank reads its own share of the row groups (trainers.data's plan for `rank` of
+  `world_size`), and all ranks run the same number of optimizer steps: each step takes as many
+  micro-batches as the rank with the fewest, and an epoch ends when one rank runs out (the
+  summary's `unused_samples` counts what the others had batched beyond that);
+- rank 0 logs, writes `metrics.jsonl`, the checkpoints under `OUTPUT/checkpoints/` and the final
+  model; each rank writes the rows it skipped to `OUTPUT/data_problems.rankK.jsonl`;
+- every log line and checkpoint goes to `ray.train.report`, a checkpoint as a
+  `ray.train.Checkpoint` of its folder. Ray Train's run folder is `OUTPUT/checkpoints`, so Ray
+  tracks the checkpoints where they are written (no copy). The run ends on a checkpoint of the
+  last step, which also holds the final model's files (hard links to OUTPUT's), so
+  `Result.checkpoint` loads with `LlavaForConditionalGeneration.from_pretrained` and resumes.
+
+OUTPUT must be a folder every worker can write and the driver can read (a shared file system on a
+multi-node cluster). Ray is the cluster a job runs on (`ray job submit`, RAY_ADDRESS), the one
+this process already joined, or else a new one in this process, sized to the machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainers.llava import CHECKPOINTS, Ranks, TrainConfig, run_loop
+
+log = logging.getLogger("warren.trainers.ray_train")
+
+
+def train_on_ray(c: TrainConfig, resume_from: Path | None) -> dict[str, Any]:
+    """Run `c` (resolved, OUTPUT prepared) on `c.workers` Ray Train workers; return rank 0's
+    summary. A worker's ValueError (bad data, settings) is raised here as itself."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    _ensure_ray()
+    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    use_gpu = gpus >= 1 if c.use_gpu is None else c.use_gpu
+    if use_gpu and gpus < 1:
+        raise ValueError("--use-gpu: the Ray cluster has no GPUs; drop it to train on CPUs")
+    resources: dict[str, float] = {"CPU": c.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    out = Path(c.output).resolve()
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"config": c, "resume_from": resume_from and str(resume_from)},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=c.workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        # Ray's run folder is our checkpoints folder: reported checkpoints are tracked in place.
+        run_config=RunConfig(name=CHECKPOINTS, storage_path=str(out)),
+    )
+    log.info(
+        "Ray Train: %d workers on %s, %s CPUs each", c.workers, "GPUs" if use_gpu else "CPUs",
+        c.cpus_per_worker,
+    )  # fmt: skip
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as exc:
+        cause = _user_error(exc)
+        if cause is not None:
+            raise cause from exc
+        raise
+    import json
+
+    return json.loads(result.metrics["summary"])
+
+
+def _worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    c: TrainConfig = loop_config["config"]
+    resume_from = loop_config["resume_from"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    # Ray gives a worker its CPU share; torch would otherwise start a thread per core.
+    torch.set_num_threads(max(1, int(c.cpus_per_worker)))
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO if rank == 0 else logging.WARNING,
+            format=f"%(asctime)s rank {rank} %(name)s: %(message)s",
+        )
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ranks = Ranks(rank, world_size, device if device.type == "cuda" else torch.device("cpu"))
+
+    def report(metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        from ray.train import Checkpoint, CheckpointUploadMode
+
+        ray.train.report(
+            metrics,
+            checkpoint=Checkpoint.from_directory(str(checkpoint))
+            if checkpoint is not None and rank == 0
+            else None,
+            checkpoint_dir_name=checkpoint.name if checkpoint is not None else None,
+            # The checkpoint is already in Ray's run folder (OUTPUT/checkpoints).
+            checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,
+        )
+
+    run_loop(
+        c,
+        Path(resume_from) if resume_from else None,
+        ranks,
+        device=device if c.device == "auto" else torch.device(c.device),
+        report=report,
+    )
+
+
+def _ensure_ray() -> None:
+    """Join the cluster a job runs on (RAY_ADDRESS) or that this process joined; else start Ray
+    in-process, with this repository importable by its workers."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    root = str(Path(__file__).resolve().parents[1])
+    paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    # "local": a fresh Ray, never one that `ray start` left on this machine.
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}},
+    )
+
+
+def _user_error(exc: BaseException) -> BaseException | None:
+    """The ValueError (bad data or settings) behind a failed Ray Train run, if that is what
+    failed: the command line then prints it as it does for a one-process run."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        seen: set[int] = set()
+        error: BaseException | None = failures[rank]
+        while error is not None and id(error) not in seen:
+            seen.add(id(error))
+            if isinstance(error, ValueError):
+                return error
+            error = getattr(error, "cause", None) or error.__cause__
+    return None
