@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+from tiny_models import word_level_tokenizer
 from transformers import CLIPImageProcessor, PreTrainedTokenizerFast
 
 from stages.schema import rows_to_table
@@ -57,24 +57,7 @@ N_IMG = 4  # image tokens per image in the data-only tests (no model)
 def word_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer over CORPUS that puts bos in front, like Llama's; `<image>` is a
     special added token, as build_llava makes it."""
-    pre = pre_tokenizers.Whitespace()
-    words = sorted({w for text in CORPUS for w, _ in pre.pre_tokenize_str(text)})
-    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "<pad>", *words])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
-    tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
-    tok.add_tokens([AddedToken("\n", normalized=False)])
-    return tok
+    return word_level_tokenizer(CORPUS, special=["<image>"], plain=["\n"])
 
 
 def image_processor(size: int = 32) -> CLIPImageProcessor:

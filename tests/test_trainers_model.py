@@ -8,15 +8,13 @@ import pytest
 import torch
 from PIL import Image
 from test_trainers_templates import tiny_tokenizer
+from tiny_models import llm_config, siglip_config, vision_config
 from transformers import (
     CLIPConfig,
     CLIPImageProcessor,
     CLIPModel,
-    CLIPVisionConfig,
-    LlamaConfig,
     LlamaForCausalLM,
     LlavaForConditionalGeneration,
-    SiglipVisionConfig,
 )
 
 from trainers.model import ModelNotFoundError, build_llava, load_llava
@@ -35,30 +33,6 @@ CHAT_ROW = {
         {"from": "gpt", "value": "a red cat sits on a mat."},
     ],
 }
-
-
-def vision_config(**kw) -> CLIPVisionConfig:
-    return CLIPVisionConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        **kw,
-    )
-
-
-def llm_config(vocab_size: int) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
 
 
 def image(seed: int = 0) -> Image.Image:
@@ -177,14 +151,7 @@ def test_a_missing_image_token_is_added_and_the_embeddings_grow():
 def test_a_siglip_tower_feeds_all_its_patch_tokens():
     tok = tiny_tokenizer()
     torch.manual_seed(0)
-    siglip = SiglipVisionConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-    )
+    siglip = siglip_config()
     parts = build_llava(siglip, llm_config(len(tok)), tokenizer=tok)
     assert parts.model.config.vision_feature_select_strategy == "full"
     assert parts.num_image_tokens == 16  # no CLS to drop

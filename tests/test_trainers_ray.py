@@ -16,11 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_trainers_data import color_row, image_processor, word_tokenizer, write_shards
+from tiny_models import llm_config, vision_config
 from transformers import (
     AutoProcessor,
-    CLIPVisionConfig,
     CLIPVisionModel,
-    LlamaConfig,
     LlamaForCausalLM,
     LlavaForConditionalGeneration,
 )
@@ -38,29 +37,10 @@ def models(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("models")
     tok = word_tokenizer()
     torch.manual_seed(0)
-    vision = CLIPVisionModel(
-        CLIPVisionConfig(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-        )
-    )
+    vision = CLIPVisionModel(vision_config())
     vision.save_pretrained(root / "vision")
     image_processor().save_pretrained(root / "vision")
-    lm = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-        )
-    )
+    lm = LlamaForCausalLM(llm_config(len(tok)))
     lm.save_pretrained(root / "llm")
     tok.save_pretrained(root / "llm")
     return root

@@ -4,8 +4,7 @@ hand from a tiny word-level tokenizer (no download), and the errors malformed ro
 from __future__ import annotations
 
 import pytest
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+from tiny_models import word_level_tokenizer
 
 from trainers.templates import (
     ANSWER_TRUNCATED,
@@ -44,28 +43,10 @@ def tiny_tokenizer(chat_template: str | None = CHAT_TEMPLATE, image_token: bool 
     """A word-level tokenizer over CORPUS that, like Llama's, puts bos in front of what it encodes
     and has a token for a newline; `<image>` and the chat tags are special added tokens, as in
     llava-hf's tokenizers."""
-    pre = pre_tokenizers.Whitespace()
-    words = sorted({w for text in CORPUS for w, _ in pre.pre_tokenize_str(text)})
-    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "<pad>", *words])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
     extra = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
     if image_token:
         extra.insert(0, "<image>")
-    tok.add_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in extra], special_tokens=True
-    )
-    tok.add_tokens([AddedToken("\n", normalized=False)])
+    tok = word_level_tokenizer(CORPUS, special=extra, plain=["\n"])
     tok.chat_template = chat_template
     return tok
 

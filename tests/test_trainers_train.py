@@ -22,11 +22,10 @@ from test_trainers_data import (
     word_tokenizer,
     write_shards,
 )
+from tiny_models import llm_config, vision_config
 from transformers import (
     AutoProcessor,
-    CLIPVisionConfig,
     CLIPVisionModel,
-    LlamaConfig,
     LlamaForCausalLM,
     LlavaForConditionalGeneration,
 )
@@ -57,29 +56,10 @@ def models(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("models")
     tok = word_tokenizer()
     torch.manual_seed(0)
-    vision = CLIPVisionModel(
-        CLIPVisionConfig(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-        )
-    )
+    vision = CLIPVisionModel(vision_config())
     vision.save_pretrained(root / "vision")
     image_processor().save_pretrained(root / "vision")
-    lm = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-        )
-    )
+    lm = LlamaForCausalLM(llm_config(len(tok)))
     # The captions after 16 copies of their colour word (as many as the image tokens that will
     # stand in for them), and the rest of the vocabulary in sentences, so that no token the
     # templates use keeps an untrained embedding (LoRA cannot train embeddings).
