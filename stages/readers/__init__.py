@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from stages.readers.base import InputError, Reader, ReadUnit
+from stages.readers.coco import CocoReader, is_captions_file
 from stages.readers.columns import open_parquet_schema
 from stages.readers.hf_datasets import HFDatasetsReader
 from stages.readers.image_folder import IMAGE_SUFFIXES, ImageFolderReader
@@ -31,6 +32,7 @@ READERS: dict[str, type[Reader]] = {
         LlavaJsonReader,
         ImageFolderReader,
         HFDatasetsReader,
+        CocoReader,
     )
 }
 
@@ -39,6 +41,7 @@ _IMG2DATASET_COLUMNS = ("key", "status")
 
 __all__ = [
     "READERS",
+    "CocoReader",
     "HFDatasetsReader",
     "ImageFolderReader",
     "Img2DatasetReader",
@@ -75,11 +78,12 @@ def _parquet_format(fs: pafs.FileSystem, path: str) -> str:
 def detect_format(uri: str) -> str:
     """Guess the input format of `uri`:
 
-    - `*.json` / `*.jsonl` file -> llava_json; `*.parquet` file -> as a folder of one file;
-      `*.tar` file -> img2dataset;
+    - `captions_*.json` file -> coco; other `*.json` / `*.jsonl` file -> llava_json;
+      `*.parquet` file -> as a folder of one file; `*.tar` file -> img2dataset;
     - folder with `dataset_info.json`, `state.json` or `dataset_dict.json` -> hf_datasets;
     - folder with `*.tar` -> img2dataset;
     - folder of Parquet files -> img2dataset if they have `key` and `status` columns, else parquet;
+    - folder with a `captions_*.json` (the COCO root, `annotations/` inside) -> coco;
     - folder of images -> image_folder; folder of JSON/JSONL files -> llava_json.
     """
     loc = Location.of(uri)
@@ -88,6 +92,8 @@ def detect_format(uri: str) -> str:
         raise InputError(f"{loc.uri}: no such file or directory")
     if info.type == pafs.FileType.File:
         name = loc.path.lower()
+        if is_captions_file(name):
+            return "coco"
         if name.endswith((".json", ".jsonl")):
             return "llava_json"
         if name.endswith(".parquet"):
@@ -105,6 +111,9 @@ def detect_format(uri: str) -> str:
     parquets = [f.path for f in list_files(loc, (".parquet",))]
     if parquets:
         return _parquet_format(loc.fs, parquets[0])
+    # Before images: a COCO root holds both its image folders and annotations/captions_*.json.
+    if any(is_captions_file(p) for p in paths):
+        return "coco"
     if any(p.endswith(IMAGE_SUFFIXES) for p in paths):
         return "image_folder"
     if any(p.endswith((".json", ".jsonl")) for p in paths):
