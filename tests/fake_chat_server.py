@@ -1,0 +1,141 @@
+"""A chat-completions endpoint on 127.0.0.1 with scripted answers and faults, for the client's
+tests and benchmarks/generate.py."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # The default listen backlog (5) drops connections when 64 clients connect at once.
+    request_queue_size = 256
+
+
+class FakeChatServer:
+    """A `/v1/chat/completions` endpoint in a thread.
+
+    `script` maps a request's last message content to the answers for its successive requests:
+    "ok", "500" (the body echoes the Authorization header, as careless proxies do), "401",
+    ("429", retry_after_header) or ("stall", seconds). Unscripted requests get "ok", or a 429 with
+    probability `rate_429`. Every request is logged with its arrival time, and the largest number
+    of requests in flight at once is recorded.
+    """
+
+    def __init__(
+        self,
+        *,
+        latency_s: float = 0.0,
+        script: dict[str, list[Any]] | None = None,
+        rate_429: float = 0.0,
+        retry_after: str = "0.2",
+        seed: int = 0,
+    ) -> None:
+        self.latency_s = latency_s
+        self.script = {k: list(v) for k, v in (script or {}).items()}
+        self.rate_429 = rate_429
+        self.retry_after = retry_after
+        self.rng = random.Random(seed)
+        self.log: list[dict[str, Any]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.lock = threading.Lock()
+        self.httpd = _Server(("127.0.0.1", 0), self._handler())
+        # A short poll interval makes shutdown quick: tests start many servers.
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def contents(self) -> list[str]:
+        with self.lock:
+            return [entry["content"] for entry in self.log]
+
+    def __enter__(self) -> FakeChatServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def _next_answer(self, content: str) -> Any:
+        queue = self.script.get(content)
+        if queue:
+            return queue.pop(0)
+        if self.rate_429 and self.rng.random() < self.rate_429:
+            return ("429", self.retry_after)
+        return "ok"
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real endpoints do
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _send(self, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
+                blob = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(blob)))
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(blob)
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                content = body["messages"][-1]["content"]
+                auth = self.headers.get("Authorization", "")
+                with server.lock:
+                    server.log.append({"content": content, "t": time.monotonic(), "auth": auth})
+                    answer = server._next_answer(content)
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    time.sleep(server.latency_s)
+                    kind = answer[0] if isinstance(answer, tuple) else answer
+                    if kind == "429":
+                        error = {"error": {"message": "rate limited", "type": "rate_limit"}}
+                        self._send(429, error, {"Retry-After": answer[1]})
+                    elif kind in ("500", "401"):
+                        message = f"cannot serve request with Authorization: {auth}"
+                        self._send(int(kind), {"error": {"message": message}}, {})
+                    else:
+                        if kind == "stall":
+                            time.sleep(answer[1])
+                        completion = f"answer to {content}"
+                        usage = {"prompt_tokens": 6, "completion_tokens": 5, "total_tokens": 11}
+                        reply = {
+                            "id": "chatcmpl-test",
+                            "object": "chat.completion",
+                            "created": 0,
+                            "model": body["model"],
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "message": {"role": "assistant", "content": completion},
+                                    "finish_reason": "stop",
+                                }
+                            ],
+                            "usage": usage,
+                        }
+                        self._send(200, reply, {})
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out and hung up: expected for stalls
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+        return Handler
