@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import bunny_pretrain, datacomp_filter, semdedup
+from pipelines.cli import recipe_names
 from pipelines.recipe import DEMO_CLIP, DEMO_DATA
 from pipelines.recipe import main as recipe_main
 
@@ -244,7 +245,7 @@ def test_datacomp_filter_is_the_exact_intersection_of_both_filters(ray_session, 
     assert set(reasons.values()) == {"image_based: no reference image nearest"}
 
 
-@pytest.mark.parametrize("name", ["bunny_pretrain", "semdedup", "datacomp_filter", "demo"])
+@pytest.mark.parametrize("name", recipe_names())
 def test_every_recipe_help_lists_a_flag_for_every_stage_parameter(name, capsys):
     import dataclasses
     import importlib
