@@ -121,6 +121,7 @@ class StageReport:
     reasons: dict[str, int]
     seconds: float
     fingerprint: str
+    sums: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def kept_share(self) -> float:
@@ -533,6 +534,12 @@ class Runner:
             "status": status,
             "completed_at": _now(),
             "schema": _schema_of(out, totals["files"]),
+            "sums": _sum_columns(
+                out,
+                [f["name"] for f in totals["files"]]
+                + [f"{REJECTED_DIR}/{f['name']}" for f in totals["rejected_files"]],
+                stage.summed_columns if stage else (),
+            ),
         }
         out.join(MANIFEST).write_json_atomic(manifest)
         self.log(
@@ -662,6 +669,7 @@ class Runner:
             reasons=m["reasons"],
             seconds=m["seconds"] if status != "cached" else 0.0,
             fingerprint=m["fingerprint"],
+            sums=m.get("sums", {}),
         )
 
     def _write_run_json(self, reports: list[StageReport], seconds: float) -> dict:
@@ -691,11 +699,33 @@ def format_funnel(summary: dict, top_reasons: int = 3) -> str:
             f"{s['folder']:<24} {s['status']:<9} {s['rows_in']:>10,} {s['kept']:>10,} {s['rejected']:>10,} "
             f"{100 * s['kept_share']:>6.1f}% {s['seconds']:>7.1f}  {rtext}"
         )
+    for s in summary["stages"]:
+        if s.get("sums"):
+            totals = "; ".join(f"{k} {v:,.0f}" for k, v in s["sums"].items())
+            lines.append(f"{s['folder']}: {totals}")
     if summary.get("final"):
         lines.append(
             f"final: {summary['final']['rows']:,} rows in {summary['final']['folder']} ({summary['seconds']:.1f} s)"
         )
     return "\n".join(lines)
+
+
+def _sum_columns(out: Location, files: list[str], columns: Sequence[str]) -> dict[str, float]:
+    """Totals of numeric columns over a stage's shards; a file without a column adds nothing."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    sums = dict.fromkeys(columns, 0)
+    for f in files if columns else []:
+        with out.fs.open_input_file(out.join(f).path) as fh:
+            pf = pq.ParquetFile(fh)
+            present = [c for c in columns if c in pf.schema_arrow.names]
+            if not present:
+                continue
+            table = pf.read(columns=present)
+        for c in present:
+            sums[c] += pc.sum(table.column(c)).as_py() or 0
+    return sums
 
 
 def _schema_of(out: Location, files: list[dict]) -> str | None:

@@ -63,6 +63,9 @@ class Stage:
     #: Resources asked of Ray for each worker of this stage.
     num_cpus: ClassVar[float] = 1.0
     num_gpus: ClassVar[float] = 0.0
+    #: Numeric columns the runner sums over the stage's kept and rejected rows into its manifest,
+    #: run.json and the funnel (e.g. tokens an LLM stage spent).
+    summed_columns: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self, params: Any = None, *, stage_name: str | None = None, **overrides: Any

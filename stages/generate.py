@@ -291,6 +291,7 @@ class _GenerateStage(BatchStage):
 
     uses_model = True  # an actor: one per stage, holding the budget spent so far
     concurrency = (1, 1)
+    summed_columns = ("gen_prompt_tokens", "gen_completion_tokens", "gen_cache_hits")
     num_cpus = 0.5  # waits on the network; leaves CPU for reading and writing shards
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:

@@ -24,6 +24,7 @@ class CaptionLength(BatchStage):
     version = "1"
     Params = CaptionLengthParams
     batch_size = 10
+    summed_columns = ("caption_len",)
 
     def process(self, batch: pa.Table) -> pa.Table:
         # Slowed down through the environment, not a parameter, so the interrupted run and the

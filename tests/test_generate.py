@@ -443,6 +443,16 @@ def test_llava_recipe_end_to_end_caches_rejects_and_leaks_no_key(
             "I'm sorry, I can't help with that.",
         ),
     }
+    # the token usage of every row, kept or rejected, is totalled in run.json
+    run_json = json.loads((out / "run.json").read_text())
+    sums = next(s for s in run_json["stages"] if s["folder"] == "01-llava_generate")["sums"]
+    everything = kept + rejected
+    assert sums == {
+        "gen_prompt_tokens": sum(r["gen_prompt_tokens"] for r in everything),
+        "gen_completion_tokens": sum(r["gen_completion_tokens"] for r in everything),
+        "gen_cache_hits": len(everything),
+    }
+    assert sums["gen_prompt_tokens"] > 0
     for path in out.rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path

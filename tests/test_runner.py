@@ -118,6 +118,21 @@ def test_every_stage_accounts_for_every_row_and_rejects_carry_reasons(ray_sessio
     assert [s["kept"] for s in summary["stages"]] == [r.kept for r in reports]
 
 
+def test_summed_columns_are_totalled_over_kept_and_rejected_rows_into_manifest_and_run_json(
+    ray_session, tmp_path, capsys
+):
+    from pipelines.runner import format_funnel
+
+    rows = make_pool(tmp_path / "pool")
+    run(tmp_path / "pool", tmp_path / "out", pipeline(max_chars=20))
+    expected = sum(len(r["caption"]) for r in rows)  # every row, kept or rejected
+    assert manifests(tmp_path / "out")["01-caption_length"]["sums"] == {"caption_len": expected}
+    summary = json.loads((tmp_path / "out" / "run.json").read_text())
+    stage = next(s for s in summary["stages"] if s["folder"] == "01-caption_length")
+    assert stage["sums"] == {"caption_len": expected}
+    assert f"01-caption_length: caption_len {expected:,}" in format_funnel(summary)
+
+
 def test_second_run_recomputes_nothing_and_a_parameter_change_recomputes_that_stage_and_after(
     ray_session, tmp_path
 ):
