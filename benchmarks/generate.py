@@ -2,18 +2,21 @@
 
     python benchmarks/generate.py --requests 2000 --concurrency 64 --latency 0.2
 
-Starts the tests' `FakeChatServer` (tests/test_llm_client.py) in a separate process, so that the
+Starts the tests' `FakeChatServer` (tests/fake_chat_server.py) in a separate process, so that the
 server's threads do not share the client's GIL, and sends `requests` distinct chat requests
-through `run_requests` (with `--cache`, also into a fresh disk cache). The ceiling is concurrency / latency requests per second
-(320 for 64 and 0.2 s); the script prints the achieved rate and its share of that ceiling, first
-with every request answered, then with `--rate-429` of the answers a 429 carrying
-`Retry-After: --retry-after` seconds (each such request pays at least one extra latency plus the
-wait, so its expected ceiling is lower; that expectation is printed too).
+through `run_requests` (with `--cache`, also into a fresh disk cache). The ceiling is
+concurrency / latency requests per second (320 for 64 and 0.2 s); the script prints the achieved
+rate and its share of that ceiling, first with every request answered, then with `--rate-429` of
+the answers a 429 carrying `Retry-After: --retry-after` seconds (each such request pays at least
+one extra latency plus the wait, so its expected ceiling is lower; that expectation is printed
+too). A bare httpx client at the same concurrency against the same server is the baseline: what
+this machine and a Python server allow any client, and each rate is also given as its share.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import multiprocessing as mp
 import shutil
 import sys
@@ -41,7 +44,7 @@ def serve(
         urls.put((len(server.log), server.max_in_flight))
 
 
-def run_once(args: argparse.Namespace, rate_429: float) -> None:
+def run_once(args: argparse.Namespace, rate_429: float) -> float:
     cache_root = ""
     ctx = mp.get_context("spawn")
     urls, stop = ctx.Queue(), ctx.Event()
@@ -86,6 +89,41 @@ def run_once(args: argparse.Namespace, rate_429: float) -> None:
         f"  succeeded {summary.succeeded}, failed {summary.failed}, sent {summary.sent}, "
         f"retries {summary.retries}, server saw {served}, max in flight {max_in_flight}"
     )
+    return rate
+
+
+def bare_httpx_rate(args: argparse.Namespace) -> float | None:
+    """Requests/s of a bare httpx client (no retries, no cache, no openai) against the same fault-free
+    server at the same concurrency: what this machine and server allow any Python client."""
+    try:
+        import httpx
+    except ImportError:
+        return None
+    ctx = mp.get_context("spawn")
+    urls, stop = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=serve, args=(args.latency, 0.0, args.retry_after, urls, stop))
+    proc.start()
+    try:
+        url = urls.get(timeout=30)
+
+        async def go() -> float:
+            slots = asyncio.Semaphore(args.concurrency)
+            limits = httpx.Limits(max_connections=args.concurrency)
+            async with httpx.AsyncClient(base_url=url, timeout=10.0, limits=limits) as client:
+
+                async def one(i: int) -> None:
+                    async with slots:
+                        body = {"model": "bench", "messages": [{"role": "user", "content": f"{i}"}]}
+                        (await client.post("/chat/completions", json=body)).json()
+
+                start = time.perf_counter()
+                await asyncio.gather(*(one(i) for i in range(args.requests)))
+                return args.requests / (time.perf_counter() - start)
+
+        return asyncio.run(go())
+    finally:
+        stop.set()
+        proc.join(timeout=30)
 
 
 def main() -> None:
@@ -99,8 +137,17 @@ def main() -> None:
         "--cache", action="store_true", help="write every response to a fresh disk cache"
     )
     args = parser.parse_args()
-    run_once(args, 0.0)
-    run_once(args, args.rate_429)
+    baseline = bare_httpx_rate(args)
+    if baseline is not None:
+        ceiling = args.concurrency / args.latency
+        print(
+            f"baseline, bare httpx client, no faults: {baseline:.1f} req/s = "
+            f"{baseline / ceiling:.1%} of the {ceiling:.0f} req/s limit (this machine and server)"
+        )
+    for rate_429 in (0.0, args.rate_429):
+        rate = run_once(args, rate_429)
+        if baseline:
+            print(f"  = {rate / baseline:.1%} of the bare httpx baseline")
 
 
 if __name__ == "__main__":
