@@ -483,3 +483,73 @@ def test_allava_recipe_pays_for_no_broken_image_and_writes_caption_and_qa(
         "value": "<image>\nWhat colour is the square?",
     }
     assert row["gen_prompt"].startswith("allava_caption@v1#")
+
+
+def test_a_run_killed_mid_stage_resumes_without_paying_twice(ray_session, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    n = 40
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    rows = _llava_rows([f"[ok] {i}" for i in range(n)])
+    for k in range(4):  # four input shards, so the stage commits its work piece by piece
+        pq.write_table(rows.slice(10 * k, 10), pool / f"part-{k}.parquet")
+    cache = tmp_path / "llm-cache"
+
+    def slow_reply(messages: list[dict[str, Any]]) -> Reply:
+        time.sleep(0.1)  # a paid request takes a while: the kill lands among them
+        return llava_reply(messages)
+
+    with ScriptedChatServer(slow_reply) as server:
+        cmd = [
+            sys.executable,
+            str(root / "pipelines" / "llava_instruct.py"),
+            "--input",
+            str(pool),
+            "--input-format",
+            "parquet",
+            "--output",
+            str(tmp_path / "out"),
+            "--quiet",
+            "--num-cpus",
+            "2",
+            "--llava_generate.base_url",
+            server.url,
+            "--llava_generate.api_key_env",
+            KEY_ENV,
+            "--llava_generate.cache_dir",
+            str(cache),
+            "--llava_generate.max_concurrency",
+            "2",
+        ]
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        proc = subprocess.Popen(
+            cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 120
+        try:
+            while len(server.log) < 8:
+                if proc.poll() is not None:
+                    pytest.fail(f"ended before the kill:\n{proc.stdout.read().decode()[-3000:]}")
+                if time.monotonic() > deadline:
+                    pytest.fail("no request reached the server")
+                time.sleep(0.02)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray, mid-stage
+            proc.wait()
+        time.sleep(0.3)  # requests in flight at the kill finish on the server side
+        paid_before = len(list(cache.rglob("*.json")))
+        sent_before = len(server.log)
+        assert 0 < paid_before < n
+
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        # the re-run asked exactly for what no stored response answered
+        assert len(server.log) - sent_before == n - paid_before
+    kept = outputs.table(tmp_path / "out" / "01-llava_generate").to_pylist()
+    assert sorted(r["id"] for r in kept) == sorted(f"r{i}" for i in range(n))
