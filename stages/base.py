@@ -144,6 +144,15 @@ class GlobalStage(Stage):
         raise NotImplementedError
 
 
+def put_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    """Replace `name` if the table already has it (a re-run over a stage's own output), else
+    append it; the field takes the type of `values`."""
+    field = pa.field(name, values.type)
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), field, values)
+    return table.append_column(field, values)
+
+
 def reject(table: pa.Table, mask: Any, reasons: Any) -> pa.Table:
     """Mark rows where `mask` is true as rejected with `reasons` (one string, or one per row).
 

@@ -21,7 +21,7 @@ import dataclasses
 import numpy as np
 import pyarrow as pa
 
-from stages.base import GlobalContext, GlobalStage, param, reject
+from stages.base import GlobalContext, GlobalStage, param, put_column, reject
 from stages.cluster import embeddings_of
 from stages.select import find_cutoffs, mark_outside
 
@@ -52,9 +52,7 @@ def add_clip_score(batch: pa.Table, image_column: str, text_column: str) -> pa.T
         t /= np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
         score[both] = np.einsum("ij,ij->i", i, t)
     col = pa.array(score, pa.float32(), mask=~both)
-    if "clip_score" in batch.column_names:
-        return batch.set_column(batch.column_names.index("clip_score"), "clip_score", col)
-    return batch.append_column("clip_score", col)
+    return put_column(batch, "clip_score", col)
 
 
 def apply_threshold(batch: pa.Table, threshold: float, name: str) -> pa.Table:

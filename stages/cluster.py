@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stages.base import GlobalContext, GlobalStage, param, reject
+from stages.base import GlobalContext, GlobalStage, param, put_column, reject
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,10 +141,7 @@ def assign(batch: pa.Table, column: str, centroids: np.ndarray, exclude: list) -
         ("cluster_id", pa.array(ids, pa.int64(), mask=~valid)),
         ("cos_to_centroid", pa.array(cos, pa.float32(), mask=~valid)),
     ):
-        if name in out.column_names:
-            out = out.set_column(out.column_names.index(name), name, arr)
-        else:
-            out = out.append_column(name, arr)
+        out = put_column(out, name, arr)
     out = reject(out, ~valid, "cluster: missing embedding")
     if exclude:
         excluded = valid & np.isin(ids, np.asarray(exclude, dtype=np.int64))

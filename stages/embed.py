@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, UnidentifiedImageError
 
-from stages.base import BatchStage, param, reject
+from stages.base import BatchStage, param, put_column, reject
 from stages.schema import embedding_type
 
 RULE = "embed"
@@ -91,14 +91,14 @@ class Embed(BatchStage):
         out = batch
         if p.images:
             column, image_reasons = self._embed_images(batch)
-            out = _set_column(out, "image_emb", column)
+            out = put_column(out, "image_emb", column)
             reasons = image_reasons
         if p.texts:
             column, has_text = self._embed_texts(batch)
-            out = _set_column(out, "text_emb", column)
+            out = put_column(out, "text_emb", column)
             missing = f"{RULE}: missing caption"
             reasons = [r if r or ok else missing for r, ok in zip(reasons, has_text, strict=True)]
-        out = _set_column(out, MODEL_COLUMN, pa.array([model.name] * n, pa.string()))
+        out = put_column(out, MODEL_COLUMN, pa.array([model.name] * n, pa.string()))
         mask = np.array([r is not None for r in reasons], dtype=bool)
         return reject(out, mask, reasons) if mask.any() else out
 
@@ -176,11 +176,3 @@ def _embedding_column(vectors: np.ndarray, ok: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(
         values, type=embedding_type(dim), mask=pa.array(~np.asarray(ok, dtype=bool))
     )
-
-
-def _set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
-    """Replace `name` if the batch already has it (a re-run), else append it."""
-    field = pa.field(name, values.type)
-    if name in table.column_names:
-        return table.set_column(table.column_names.index(name), field, values)
-    return table.append_column(field, values)

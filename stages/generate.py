@@ -56,7 +56,7 @@ import numpy as np
 import pyarrow as pa
 
 from prompts import Prompt, PromptError, image_mime, load_prompt
-from stages.base import BatchStage, param, params_to_dict, reject, stable_hash
+from stages.base import BatchStage, param, params_to_dict, put_column, reject, stable_hash
 from stages.llm_client import (
     BUDGET_STOP,
     ChatRequest,
@@ -396,10 +396,7 @@ class _GenerateStage(BatchStage):
         columns.update(extra or {})
         out = batch
         for name, arr in columns.items():
-            if name in out.column_names:
-                out = out.set_column(out.column_names.index(name), name, arr)
-            else:
-                out = out.append_column(name, arr)
+            out = put_column(out, name, arr)
         mask = [r is not None for r in reasons]
         return reject(out, mask, [r or "" for r in reasons])
 

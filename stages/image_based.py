@@ -29,8 +29,9 @@ import dataclasses
 import numpy as np
 import pyarrow as pa
 
-from stages.base import GlobalContext, GlobalStage, param, reject
+from stages.base import GlobalContext, GlobalStage, param, put_column, reject
 from stages.cluster import embeddings_of, gather_sample, kmeans_task
+from stages.shards import Location
 
 MIN_ROWS_PER_CLUSTER = 40
 
@@ -57,14 +58,10 @@ class ImageBasedParams:
 def read_reference(uri: str, column: str) -> np.ndarray:
     """The reference embeddings as unit float32 rows; a clear error when there are none."""
     import pyarrow.dataset as pads
-    from pyarrow import fs as pafs
 
     try:
-        filesystem, path = pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, ValueError):
-        filesystem, path = pafs.LocalFileSystem(), uri
-    try:
-        dataset = pads.dataset(path, filesystem=filesystem, format="parquet")
+        loc = Location.of(uri)
+        dataset = pads.dataset(loc.path, filesystem=loc.fs, format="parquet")
     except (FileNotFoundError, OSError, pa.ArrowInvalid) as exc:
         raise ValueError(f"image_based: cannot read reference {uri!r}: {exc}") from exc
     if column not in dataset.schema.names:
@@ -112,10 +109,7 @@ def mark(batch: pa.Table, params: ImageBasedParams, centroids, chosen) -> pa.Tab
         ("image_cluster", pa.array(cluster, pa.int64(), mask=cluster < 0)),
         ("near_reference", pa.array(near, pa.bool_())),
     ):
-        if name in out.column_names:
-            out = out.set_column(out.column_names.index(name), name, arr)
-        else:
-            out = out.append_column(name, arr)
+        out = put_column(out, name, arr)
     out = reject(out, ~valid, "image_based: missing embedding")
     if params.reject:
         out = reject(

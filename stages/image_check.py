@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from stages.base import BatchStage, param, reject
+from stages.base import BatchStage, param, put_column, reject
 
 RULE = "image_check"
 
@@ -136,8 +136,8 @@ class ImageCheck(BatchStage):
                         reasons[row] = _with_index(result.reason, k, count)
                         break
 
-        out = _set_column(batch, "width", pa.array(widths, type=pa.int32()))
-        out = _set_column(out, "height", pa.array(heights, type=pa.int32()))
+        out = put_column(batch, "width", pa.array(widths, type=pa.int32()))
+        out = put_column(out, "height", pa.array(heights, type=pa.int32()))
         mask = np.array([r is not None for r in reasons], dtype=bool)
         return reject(out, mask, reasons) if mask.any() else out
 
@@ -282,11 +282,3 @@ def _pil_limits(max_pixels: int) -> Iterator[None]:
     finally:
         Image.MAX_IMAGE_PIXELS = old_limit
         ImageFile.LOAD_TRUNCATED_IMAGES = old_truncated
-
-
-def _set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
-    """Replace `name` if the batch already has it (a re-run), else append it."""
-    field = pa.field(name, values.type)
-    if name in table.column_names:
-        return table.set_column(table.column_names.index(name), field, values)
-    return table.append_column(field, values)

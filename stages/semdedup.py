@@ -47,7 +47,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stages.base import GlobalContext, GlobalStage, param, reject
+from stages.base import GlobalContext, GlobalStage, param, put_column, reject
 from stages.shuffle import map_groups
 
 RULES = ("semdedup", "components")
@@ -318,12 +318,6 @@ def _embedding_matrix(column: pa.Array, name: str) -> np.ndarray:
     return values.reshape(len(column), dim)
 
 
-def _set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
-    if name in table.column_names:
-        return table.set_column(table.column_names.index(name), name, values)
-    return table.append_column(name, values)
-
-
 def dedup_cluster_table(group: pa.Table, params: SemDedupParams) -> pa.Table:
     """Decide one cluster's rows (all sharing a `cluster_id`): every row comes back, duplicates
     marked rejected, with the rule's statistic column added."""
@@ -405,9 +399,7 @@ def dedup_cluster_table(group: pa.Table, params: SemDedupParams) -> pa.Table:
             stat[live] = c.component_size
             has_stat[live] = True
 
-    out = _set_column(
-        group, STAT_COLUMN[rule], pa.array(stat, type=STAT_TYPE[rule], mask=~has_stat)
-    )
+    out = put_column(group, STAT_COLUMN[rule], pa.array(stat, type=STAT_TYPE[rule], mask=~has_stat))
     rejected = np.array([r is not None for r in reasons], dtype=bool)
     return reject(out, rejected, [r or "" for r in reasons])
 

@@ -57,8 +57,12 @@ def _partition_of(table: pa.Table, key: str, parts: int) -> np.ndarray:
     )
 
 
+def _concat(tables: tuple[pa.Table, ...]) -> pa.Table:
+    return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+
+
 def _split(key: str, parts: int, *tables: pa.Table) -> list[pa.Table] | pa.Table:
-    table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+    table = _concat(tables)
     part = _partition_of(table, key, parts)
     order = np.argsort(part, kind="stable")
     table = table.take(pa.array(order))
@@ -81,7 +85,7 @@ def group_bounds(keys: pa.ChunkedArray | pa.Array) -> list[tuple[int, int]]:
 
 
 def _reduce(key: str, fn: Callable[..., pa.Table], fn_args: tuple, *tables: pa.Table) -> pa.Table:
-    table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+    table = _concat(tables)
     if not table.num_rows:
         return fn(table, *fn_args)
     order = pc.sort_indices(table, sort_keys=[(key, "ascending")], null_placement="at_end")
