@@ -80,6 +80,9 @@ class FakeChatServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as real endpoints do
+            # Headers and body go out in two writes; with Nagle's algorithm on, the body waits for
+            # the client's delayed ACK (~40 ms on Linux). Real servers (uvicorn) set TCP_NODELAY.
+            disable_nagle_algorithm = True
 
             def log_message(self, *args: Any) -> None:
                 pass
