@@ -24,6 +24,15 @@ from stages.schema import SchemaError
 DEMO_DATA = str(Path(__file__).resolve().parent / "demo_data" / "demo.parquet")
 # The demo CLIP, trained on the demo pool (pipelines/demo_data/train_demo_clip.py): offline default.
 DEMO_CLIP = str(Path(__file__).resolve().parent / "demo_data" / "demo_clip")
+# The demo VLM (pipelines/demo_data/demo_vlm.py): built into the model cache on first use, offline.
+DEMO_VLM = "demo-vlm"
+DEMO_RECAPTION = {
+    "model": DEMO_VLM,
+    "preset": "greedy",
+    "max_tokens": 32,
+    "repetition_penalty": 1.3,
+    "keep_truncated": True,
+}
 
 
 def _flag_type(tp: Any) -> Any:
@@ -149,6 +158,19 @@ def _reader_options(items: list[str]) -> dict[str, Any]:
     return options
 
 
+def _with_demo_models(stages: list[Stage]) -> list[Stage]:
+    """Stages whose `model` names the demo VLM get its directory, built first if need be (on the
+    driver, once: Ray workers then load it from the cache like any local model)."""
+    out = []
+    for stage in stages:
+        if getattr(stage.params, "model", None) == DEMO_VLM:
+            from pipelines.demo_data.demo_vlm import ensure_demo_vlm
+
+            stage = type(stage)(stage.params, stage_name=stage.name, model=ensure_demo_vlm())
+        out.append(stage)
+    return out
+
+
 def main(
     pipeline: Pipeline, argv: Sequence[str] | None = None, default_output: str | None = None
 ) -> int:
@@ -162,6 +184,7 @@ def main(
         if args.describe:
             print(configured.describe())
             return 0
+        configured = Pipeline(pipeline.name, _with_demo_models(stages), pipeline.description)
         Runner(
             configured,
             args.input,

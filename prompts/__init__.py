@@ -123,6 +123,11 @@ class Prompt:
         except jinja2.UndefinedError as exc:
             raise PromptError(f"prompt {self.id} ({self.path}): {what}: {exc.message}") from exc
 
+    def user_text(self, context: Mapping[str, Any]) -> str:
+        """The final user message's text for `context` (the image, if any, is not needed): what an
+        in-process model gets next to the image its processor encodes."""
+        return self._render_user(context, "context")
+
     def render(self, context: Mapping[str, Any]) -> list[dict[str, Any]]:
         """System message, few-shot user/assistant pairs, then the user message for `context`.
 

@@ -7,6 +7,7 @@ import json
 import random
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -142,3 +143,66 @@ class FakeChatServer:
                         server.in_flight -= 1
 
         return Handler
+
+
+Reply = tuple[int, str, str]  # HTTP status, text, finish_reason
+
+
+class ScriptedChatServer(FakeChatServer):
+    """FakeChatServer whose replies come from `reply(messages) -> (status, text, finish_reason)`,
+    so answers can be JSON, refusals or truncations chosen by what the request says."""
+
+    def __init__(self, reply: Callable[[list[dict[str, Any]]], Reply]) -> None:
+        self.reply = reply
+        self.auth: list[str] = []
+        super().__init__()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                content = body["messages"][-1]["content"]
+                with server.lock:
+                    server.log.append({"content": json.dumps(content), "t": 0.0})
+                    server.auth.append(self.headers.get("Authorization", ""))
+                status, text, finish = server.reply(body["messages"])
+                if status != 200:
+                    payload: dict[str, Any] = {"error": {"message": text}}
+                else:
+                    payload = {
+                        "id": "chatcmpl-test",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": text},
+                                "finish_reason": finish,
+                            }
+                        ],
+                        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+                    }
+                blob = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(blob)))
+                self.end_headers()
+                self.wfile.write(blob)
+
+        return Handler
+
+
+def text_of(content: Any) -> str:
+    """The text of a message's content: a string, or the text parts of a multimodal list."""
+    if isinstance(content, str):
+        return content
+    return " ".join(part.get("text", "") for part in content if part.get("type") == "text")

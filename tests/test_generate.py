@@ -7,8 +7,6 @@ import io
 import json
 import os
 from collections import Counter
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ import outputs
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from fake_chat_server import FakeChatServer
+from fake_chat_server import FakeChatServer, Reply, ScriptedChatServer, text_of
 from PIL import Image
 
 from pipelines import allava, llava_instruct
@@ -42,70 +40,11 @@ KEY_ENV = "WARREN_TEST_GEN_KEY"
 os.environ[KEY_ENV] = SECRET
 
 QA = [{"question": "What is the dog doing?", "answer": "It runs on the grass."}]
-Reply = tuple[int, str, str]  # HTTP status, text, finish_reason
-
-
-class ScriptedChatServer(FakeChatServer):
-    """FakeChatServer whose replies come from `reply(messages) -> (status, text, finish_reason)`,
-    so answers can be JSON, refusals or truncations chosen by what the request says."""
-
-    def __init__(self, reply: Callable[[list[dict[str, Any]]], Reply]) -> None:
-        self.reply = reply
-        self.auth: list[str] = []
-        super().__init__()
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                content = body["messages"][-1]["content"]
-                with server.lock:
-                    server.log.append({"content": json.dumps(content), "t": 0.0})
-                    server.auth.append(self.headers.get("Authorization", ""))
-                status, text, finish = server.reply(body["messages"])
-                if status != 200:
-                    payload: dict[str, Any] = {"error": {"message": text}}
-                else:
-                    payload = {
-                        "id": "chatcmpl-test",
-                        "object": "chat.completion",
-                        "created": 0,
-                        "model": body["model"],
-                        "choices": [
-                            {
-                                "index": 0,
-                                "message": {"role": "assistant", "content": text},
-                                "finish_reason": finish,
-                            }
-                        ],
-                        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
-                    }
-                blob = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(blob)))
-                self.end_headers()
-                self.wfile.write(blob)
-
-        return Handler
-
-
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    return " ".join(part.get("text", "") for part in content if part.get("type") == "text")
 
 
 def llava_reply(messages: list[dict[str, Any]]) -> Reply:
     """JSON for the JSON prompts, prose for `detail`; a tag in the captions picks a fault."""
-    last = _text_of(messages[-1]["content"])
+    last = text_of(messages[-1]["content"])
     if "[badjson]" in last:
         return 200, "Sure! Here are the questions: 1. What is it?", "stop"
     if "[refuse]" in last:

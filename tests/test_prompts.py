@@ -14,7 +14,8 @@ from PIL import Image
 from prompts import PROMPTS_DIR, PromptError, image_mime, list_prompts, load_prompt
 
 SHIPPED = ("conversation", "detail", "complex_reasoning")
-SHIPPED_VISION = ("allava_caption", "allava_question", "allava_answer")
+SHIPPED_VISION = ("allava_caption", "allava_question", "allava_answer", "detailed_caption")
+SHIPPED_TEXT = ("capfusion",)
 
 
 def jpeg() -> bytes:
@@ -29,12 +30,14 @@ SAMPLE = {
     "caption": "A brown dog lies on a green couch.",
     "question": "What colour is the couch?",
     "image": jpeg(),
+    "original_caption": "dog couch IMG_2041.jpg",
+    "synthetic_caption": "A brown dog lies on a green couch.",
 }
 
 
 def test_every_shipped_prompt_loads_and_renders_a_sample_context():
     names = list_prompts()
-    assert set(SHIPPED + SHIPPED_VISION) <= set(names)
+    assert set(SHIPPED + SHIPPED_VISION + SHIPPED_TEXT) <= set(names)
     for name in names:
         prompt = load_prompt(name)
         messages = prompt.render(SAMPLE)

