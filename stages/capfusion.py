@@ -25,7 +25,9 @@ quotes. Rejected rows (`fusion_raw` keeps the model's text):
 `capfusion: no original_caption column (run recaption first)`, `capfusion: no caption`,
 `capfusion: empty answer (...)`, `capfusion: refused (...)`, `capfusion: truncated (...)` (cut at
 `max_tokens`), `capfusion: overlong (N words > R x M)` (longer than `max_length_ratio` times the
-longer of the two inputs, in words: a model that rambles or repeats itself),
+longer of the two inputs, in words: a model that rambles or repeats itself; the in-process backend
+stops generating at 2 tokens a word past that bound, `overlong (over T tokens, the cap for R x M
+words)`, instead of paying for the rest of a reply that is rejected anyway),
 `capfusion: malformed answer (...)`, `capfusion: request failed (...)`,
 `capfusion: generation failed (...)`, `capfusion: not done (budget)`.
 """
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -59,6 +62,8 @@ FUSION_USAGE: dict[str, pa.DataType] = {
     "fusion_completion_tokens": pa.int64(),
     "fusion_cache_hits": pa.int32(),
 }
+# English text runs 1.3-1.5 tokens a word under common tokenizers; 2 leaves a wide margin.
+TOKENS_PER_WORD = 2.0
 _QUOTES = {'"': '"', "'": "'", "“": "”", "‘": "’"}
 
 
@@ -165,8 +170,9 @@ class CapFusion(_GenerateStage):
             prompt.render({"original_caption": originals[i], "synthetic_caption": captions[i]})
             for i in todo
         ]
+        longest = [max(words(captions[i]), words(originals[i])) for i in todo]
         for i, (text, finish, error) in zip(
-            todo, self._replies(conversations, usage, todo), strict=True
+            todo, self._replies(conversations, usage, todo, longest), strict=True
         ):
             ran[i] = True
             synthetic[i] = captions[i]
@@ -207,7 +213,11 @@ class CapFusion(_GenerateStage):
         return reject(out, [r is not None for r in reasons], [r or "" for r in reasons])
 
     def _replies(
-        self, conversations: list[list[dict[str, Any]]], usage: np.ndarray, rows: list[int]
+        self,
+        conversations: list[list[dict[str, Any]]],
+        usage: np.ndarray,
+        rows: list[int],
+        longest: list[int],
     ) -> list[tuple[str | None, str | None, BadReply | None]]:
         """(text, finish_reason, error) per conversation, in order; usage added per row."""
         if not conversations:
@@ -228,40 +238,62 @@ class CapFusion(_GenerateStage):
                     (result.text, result.finish_reason, None if result.ok else self.failure(result))
                 )
             return out
-        return self._generate_local(conversations, usage, rows)
+        return self._generate_local(conversations, usage, rows, longest)
 
     def _generate_local(
-        self, conversations: list[list[dict[str, Any]]], usage: np.ndarray, rows: list[int]
+        self,
+        conversations: list[list[dict[str, Any]]],
+        usage: np.ndarray,
+        rows: list[int],
+        longest: list[int],
     ) -> list[tuple[str | None, str | None, BadReply | None]]:
         from stages.lm import generate_chat
 
         if self._lm is None:
             self.setup()
         p = self.params
-        kwargs = dict(
-            max_new_tokens=p.max_tokens,
-            temperature=p.temperature,
-            seed=p.seed,
-            batch_size=p.batch_size,
-        )
-        try:
-            replies: list[Any] = generate_chat(self._lm, conversations, **kwargs)
-        except Exception:  # noqa: BLE001 - retry row by row to pin the failure on its row
-            replies = []
-            for c in conversations:
-                try:
-                    replies.extend(generate_chat(self._lm, [c], **kwargs))
-                except Exception as exc:  # noqa: BLE001 - any model error rejects its row
-                    detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-                    replies.append(BadReply("generation failed", detail))
-        out = []
-        for i, reply in zip(rows, replies, strict=True):
-            if isinstance(reply, BadReply):
-                out.append((None, None, reply))
-                continue
-            usage[i] += (reply.prompt_tokens, reply.completion_tokens, 0)
-            out.append((reply.text, reply.finish_reason, None))
+        caps = [min(p.max_tokens, self._token_cap(n)) for n in longest]
+        # Rows with similar caps share a generate call, which runs until its largest cap.
+        order = sorted(range(len(conversations)), key=lambda k: caps[k])
+        out: list[Any] = [None] * len(conversations)
+        for start in range(0, len(order), p.batch_size):
+            chunk = order[start : start + p.batch_size]
+            cap = max(caps[k] for k in chunk)
+            kwargs = dict(
+                max_new_tokens=cap, temperature=p.temperature, seed=p.seed, batch_size=len(chunk)
+            )
+            try:
+                replies: list[Any] = generate_chat(
+                    self._lm, [conversations[k] for k in chunk], **kwargs
+                )
+            except Exception:  # noqa: BLE001 - retry row by row to pin the failure on its row
+                replies = []
+                for k in chunk:
+                    try:
+                        replies.extend(generate_chat(self._lm, [conversations[k]], **kwargs))
+                    except Exception as exc:  # noqa: BLE001 - any model error rejects its row
+                        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+                        replies.append(BadReply("generation failed", detail))
+            for k, reply in zip(chunk, replies, strict=True):
+                i = rows[k]
+                if isinstance(reply, BadReply):
+                    out[k] = (None, None, reply)
+                    continue
+                usage[i] += (reply.prompt_tokens, reply.completion_tokens, 0)
+                error = None
+                if reply.finish_reason == "length" and cap < p.max_tokens:
+                    error = BadReply(
+                        "overlong",
+                        f"over {cap} tokens, the cap for {p.max_length_ratio:g} x {longest[k]} "
+                        "words",
+                    )
+                out[k] = (reply.text, reply.finish_reason, error)
         return out
+
+    def _token_cap(self, longest_words: int) -> int:
+        """New tokens after which an answer is surely longer than `max_length_ratio` times the
+        longer input: generating further would only make a row that is rejected anyway."""
+        return int(math.ceil(self.params.max_length_ratio * longest_words * TOKENS_PER_WORD)) + 8
 
 
 __all__ = ["BACKENDS", "CapFusion", "CapFusionParams", "unquote"]

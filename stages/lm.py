@@ -134,6 +134,13 @@ def converted_copy(gguf: Path, label: str) -> Path:
     return target
 
 
+def _quiet_transformers() -> None:
+    """No per-load progress bars: every Ray actor would print its own into the run's log."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def resolve(spec: str, flag: str = "--perplexity.model") -> tuple[str, str]:
     """(what to pass to from_pretrained, provenance name) for a spec; see the module docstring."""
     spec = spec.strip()
@@ -165,6 +172,7 @@ def load_lm(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
     device = device or default_device()
     ident, name = resolve(spec, flag)
     torch_dtype = _torch_dtype(dtype, device)
@@ -296,6 +304,7 @@ def load_vlm(
     with its `AutoProcessor`, on `device` (default: CUDA if any); `dtype` as in `load_lm`."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    _quiet_transformers()
     device = device or default_device()
     ident = spec[len("hf:") :] if spec.startswith("hf:") else spec
     if not ident.strip():

