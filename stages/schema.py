@@ -36,10 +36,19 @@ SIGNAL_FIELDS: list[pa.Field] = [
     pa.field("cluster_id", pa.int64()),
     pa.field("cos_to_centroid", pa.float32()),
     pa.field("ppl", pa.float32()),
+    pa.field("ppl_tokens", pa.int32()),
+    pa.field("ppl_model", pa.string()),
+    pa.field("ppl_norm", pa.float32()),
     pa.field("emb_model", pa.string()),
     pa.field("gen_model", pa.string()),
     pa.field("gen_prompt", pa.string()),
     pa.field("gen_params", pa.string()),
+    # recaption keeps the caption it replaced; capfusion the synthetic caption it fused.
+    pa.field("original_caption", pa.string()),
+    pa.field("synthetic_caption", pa.string()),
+    pa.field("fusion_model", pa.string()),
+    pa.field("fusion_prompt", pa.string()),
+    pa.field("fusion_params", pa.string()),
 ]
 EMBEDDING_COLUMNS = ("image_emb", "text_emb")
 
