@@ -49,14 +49,14 @@ from stages.generate import (
     BadReply,
     ClientParams,
     _column,
-    _GenerateStage,
+    _ModelOrEndpointStage,
     check_reply,
+    generate_each,
     prompt_ref,
 )
 from stages.llm_client import ChatRequest
 from stages.lm import SMOLLM2
 
-BACKENDS = ("transformers", "endpoint")
 FUSION_USAGE: dict[str, pa.DataType] = {
     "fusion_prompt_tokens": pa.int64(),
     "fusion_completion_tokens": pa.int64(),
@@ -100,7 +100,7 @@ def words(text: str | None) -> int:
     return len((text or "").split())
 
 
-class CapFusion(_GenerateStage):
+class CapFusion(_ModelOrEndpointStage):
     """Fuse original and synthetic captions with an LLM (CapFusion)."""
 
     name = "capfusion"
@@ -111,26 +111,17 @@ class CapFusion(_GenerateStage):
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
-        if self.params.backend == "transformers":
-            self.concurrency = None
-            self.num_cpus = 1.0
-            self.num_gpus = 1.0
         self._lm = None
 
     def prompts(self) -> dict[str, Prompt]:
         return {"fusion": load_prompt("capfusion", self.params.prompt_version or None)}
 
-    def check_params(self) -> None:
+    def check_decoding(self) -> None:
         p = self.params
-        if p.backend not in BACKENDS:
-            raise ValueError(f"{self.name}: backend must be one of {', '.join(BACKENDS)}")
         if p.max_tokens < 1 or p.batch_size < 1:
             raise ValueError(f"{self.name}: max_tokens and batch_size must be >= 1")
         if not p.max_length_ratio > 0:
             raise ValueError(f"{self.name}: max_length_ratio must be > 0")
-        if p.backend == "endpoint":
-            self.client_config()
-        self.prompts()
 
     def request_params(self) -> dict[str, Any]:
         out: dict[str, Any] = {"temperature": self.params.temperature}
@@ -262,18 +253,10 @@ class CapFusion(_GenerateStage):
             kwargs = dict(
                 max_new_tokens=cap, temperature=p.temperature, seed=p.seed, batch_size=len(chunk)
             )
-            try:
-                replies: list[Any] = generate_chat(
-                    self._lm, [conversations[k] for k in chunk], **kwargs
-                )
-            except Exception:  # noqa: BLE001 - retry row by row to pin the failure on its row
-                replies = []
-                for k in chunk:
-                    try:
-                        replies.extend(generate_chat(self._lm, [conversations[k]], **kwargs))
-                    except Exception as exc:  # noqa: BLE001 - any model error rejects its row
-                        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-                        replies.append(BadReply("generation failed", detail))
+            replies = generate_each(
+                lambda convs, kwargs=kwargs: generate_chat(self._lm, convs, **kwargs),
+                [conversations[k] for k in chunk],
+            )
             for k, reply in zip(chunk, replies, strict=True):
                 i = rows[k]
                 if isinstance(reply, BadReply):
@@ -296,4 +279,4 @@ class CapFusion(_GenerateStage):
         return int(math.ceil(self.params.max_length_ratio * longest_words * TOKENS_PER_WORD)) + 8
 
 
-__all__ = ["BACKENDS", "CapFusion", "CapFusionParams", "unquote"]
+__all__ = ["CapFusion", "CapFusionParams", "unquote"]

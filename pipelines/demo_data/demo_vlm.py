@@ -18,12 +18,9 @@ The model is built once per machine into `demo_vlm_dir()` (under `~/.cache/warre
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from stages.lm import SMOLLM2, cache_root, resolve
+from stages.lm import SMOLLM2, build_once, cache_root, resolve
 
 VERSION = 1
 SEED = 0
@@ -44,39 +41,29 @@ def demo_vlm_dir() -> Path:
 
 def ensure_demo_vlm() -> str:
     """The demo VLM's directory, built first if this machine has none (a few seconds)."""
-    target = demo_vlm_dir()
-    if (target / "config.json").is_file():
-        return str(target)
-    import torch
-    from transformers import CLIPVisionConfig
 
-    from trainers.model import build_llava
+    def build(folder: Path) -> None:
+        import torch
+        from transformers import CLIPVisionConfig
 
-    smollm2_dir, _ = resolve(SMOLLM2, flag="--recaption.model")
-    tower = CLIPVisionConfig(
-        image_size=64,
-        patch_size=16,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        parts = build_llava(tower, smollm2_dir)
-    parts.processor.chat_template = CHAT_TEMPLATE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        parts.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process built it first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
+        from trainers.model import build_llava
+
+        smollm2_dir, _ = resolve(SMOLLM2, flag="--recaption.model")
+        tower = CLIPVisionConfig(
+            image_size=64,
+            patch_size=16,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(SEED)
+            parts = build_llava(tower, smollm2_dir)
+        parts.processor.chat_template = CHAT_TEMPLATE
+        parts.save_pretrained(folder)
+
+    return str(build_once(demo_vlm_dir(), build))
 
 
 if __name__ == "__main__":
