@@ -430,6 +430,15 @@ class _ModelOrEndpointStage(_GenerateStage):
     def check_decoding(self) -> None:
         """Raise ValueError for decoding parameters that can never work."""
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A model loaded on the driver (a test, a notebook) must not ride along to every worker:
+        # each actor loads its own in setup().
+        state = self.__dict__.copy()
+        for loaded in ("_lm", "_vlm"):
+            if loaded in state:
+                state[loaded] = None
+        return state
+
 
 def generate_each(generate: Any, items: Sequence[Any]) -> list[Any]:
     """`generate(items)` (one result per item); when the batch raises, each item alone, and an
