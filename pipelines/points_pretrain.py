@@ -2,6 +2,7 @@
 
 The method of POINTS' pretraining data (Liu et al., 2024), one stage per step:
 
+0. `subsample`: keeps every row unless `--subsample.n N` asks for a seeded slice to try first;
 1. `image_check`, `caption_check`: undecodable images and missing captions out first;
 2. `recaption`: a vision-language model writes a detailed caption of each image (the
    `detailed_caption` prompt; ShareCaptioner's decoding by default); the web caption moves to
@@ -18,9 +19,9 @@ The method of POINTS' pretraining data (Liu et al., 2024), one stage per step:
         --capfusion.model Qwen/Qwen2.5-7B-Instruct
     python pipelines/points_pretrain.py --ppl_filter.keep_lowest 0.3   # re-runs the filter alone
 
-Without --input it reads the bundled demo pool: the demo VLM (pipelines/demo_data/demo_vlm.py,
-untrained vision, so its captions do not describe the images), SmolLM2 for CapFusion and
-perplexity. On 2 CPUs that is about 15 minutes for the 658 rows, most of it CapFusion.
+Without --input it reads 64 rows of the bundled demo pool (the whole pool takes about 50 minutes
+on 2 CPUs: `--subsample.n 1000`): the demo VLM (pipelines/demo_data/demo_vlm.py, untrained
+vision, so its captions do not describe the images), SmolLM2 for CapFusion and perplexity.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repo importable, locally and in a Ray job
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.recipe import DEMO_RECAPTION, main
+from pipelines.recipe import ALL_ROWS, DEMO_RECAPTION, DEMO_SUBSAMPLE, main
 from pipelines.runner import Pipeline
 from stages.capfusion import CapFusion
 from stages.caption_check import CaptionCheck
 from stages.image_check import ImageCheck
 from stages.perplexity import Perplexity, PplFilter
 from stages.recaption import Recaption
+from stages.select import Sample
 
 
 def pipeline() -> Pipeline:
@@ -45,6 +47,7 @@ def pipeline() -> Pipeline:
         name="points_pretrain",
         description="recaption, CapFusion, perplexity, keep the lowest 20%",
         stages=[
+            Sample(stage_name="subsample", n=ALL_ROWS),  # --subsample.n N: try it on N rows
             ImageCheck(),
             CaptionCheck(),
             Recaption(),
@@ -52,7 +55,7 @@ def pipeline() -> Pipeline:
             Perplexity(),  # SmolLM2-135M-Instruct, offline
             PplFilter(keep_lowest=0.2),  # POINTS keeps the 20% with the lowest perplexity
         ],
-        demo_params={"recaption": DEMO_RECAPTION},
+        demo_params={"subsample": DEMO_SUBSAMPLE, "recaption": DEMO_RECAPTION},
     )
 
 

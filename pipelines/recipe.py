@@ -26,6 +26,11 @@ DEMO_DATA = str(Path(__file__).resolve().parent / "demo_data" / "demo.parquet")
 DEMO_CLIP = str(Path(__file__).resolve().parent / "demo_data" / "demo_clip")
 # The demo VLM (pipelines/demo_data/demo_vlm.py): built into the model cache on first use, offline.
 DEMO_VLM = "demo-vlm"
+# Model-heavy recipes start with a seeded `subsample` (a Sample stage) that keeps every row unless
+# `--subsample.n` is given: a way to try a recipe on a slice before paying for all of it. On the
+# demo pool they take 64 rows: the CPU-only demo models caption about one row a second.
+ALL_ROWS = 10**15
+DEMO_SUBSAMPLE = {"n": 64}
 DEMO_RECAPTION = {
     "model": DEMO_VLM,
     "preset": "greedy",

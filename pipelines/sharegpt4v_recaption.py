@@ -2,7 +2,8 @@
 
 The method of ShareGPT4V's pretraining data (Chen et al., 2023): ShareCaptioner looked at each
 image and wrote a long, faithful caption (1.2M of them), decoding with 3 beams, repetition penalty
-1.5 and up to 500 new tokens. One check and one stage:
+1.5 and up to 500 new tokens. One check and one stage (after `subsample`, which keeps every row
+unless `--subsample.n N` asks for a seeded slice to try first):
 
 1. `image_check`: undecodable images are rejected before any model time is spent on them;
 2. `recaption`: the `detailed_caption` prompt (prompts/recaption) to a vision-language model; the
@@ -14,11 +15,11 @@ image and wrote a long, faithful caption (1.2M of them), decoding with 3 beams, 
         --recaption.base_url http://vllm-host:8000/v1 \\
         --recaption.model Qwen/Qwen2-VL-7B-Instruct          # a model vLLM serves
 
-Without --input it reads the bundled demo pool with the demo VLM (pipelines/demo_data/demo_vlm.py:
-SmolLM2 behind an untrained vision tower and projector built from configs with a fixed seed),
-greedy, 32 new tokens, truncated captions kept: its captions are fluent but do not describe the
-images; they show the machinery, not the quality (about 5 minutes for the 658 rows on 2 CPUs).
-Give a real model for real captions.
+Without --input it reads 64 rows of the bundled demo pool (`--subsample.n 1000` for all 658:
+about 7 minutes on 2 CPUs) with the demo VLM (pipelines/demo_data/demo_vlm.py: SmolLM2 behind an
+untrained vision tower and projector built from configs with a fixed seed), greedy, 32 new
+tokens, truncated captions kept: its captions are fluent but do not describe the images; they
+show the machinery, not the quality. Give a real model for real captions.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repo importable, locally and in a Ray job
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.recipe import DEMO_RECAPTION, main
+from pipelines.recipe import ALL_ROWS, DEMO_RECAPTION, DEMO_SUBSAMPLE, main
 from pipelines.runner import Pipeline
 from stages.image_check import ImageCheck
 from stages.recaption import Recaption
+from stages.select import Sample
 
 
 def pipeline() -> Pipeline:
@@ -41,11 +43,12 @@ def pipeline() -> Pipeline:
         description="detailed captions from a VLM (ShareCaptioner decoding: 3 beams, repetition "
         "penalty 1.5, 500 tokens)",
         stages=[
+            Sample(stage_name="subsample", n=ALL_ROWS),  # --subsample.n N: try it on N rows
             ImageCheck(),
             Recaption(),
         ],
         # No real VLM can be fetched offline: the demo pool gets the demo VLM, greedy and short.
-        demo_params={"recaption": DEMO_RECAPTION},
+        demo_params={"subsample": DEMO_SUBSAMPLE, "recaption": DEMO_RECAPTION},
     )
 
 

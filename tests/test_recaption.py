@@ -402,17 +402,17 @@ def test_points_recipe_recaptions_fuses_scores_and_keeps_the_lowest_perplexity(
         argv += endpoint_flags("capfusion", server.url, tmp_path)
         argv += ["--ppl_filter.keep_lowest", "0.5"]
         assert recipe_main(points_pretrain.pipeline(), argv) == 0
-    assert set(outputs.rejected_reasons(out / "01-image_check")) == {"broken"}
-    assert outputs.rejected_reasons(out / "03-recaption") == {
+    assert set(outputs.rejected_reasons(out / "02-image_check")) == {"broken"}
+    assert outputs.rejected_reasons(out / "04-recaption") == {
         "w21": "recaption: refused (I'm sorry, but I can't describe this image.)"
     }
-    scored = {r["id"]: r for r in outputs.table(out / "05-perplexity").to_pylist()}
+    scored = {r["id"]: r for r in outputs.table(out / "06-perplexity").to_pylist()}
     assert set(scored) == {"w30", "w31", "w32", "w33", "w34"}
     assert scored["w32"]["caption"] == SCRAMBLED
     # The fused caption of every other row is fluent: the scrambled one has the highest ppl.
     assert max(scored, key=lambda k: scored[k]["ppl"]) == "w32"
     ranked = sorted(scored, key=lambda k: (scored[k]["ppl"], k))
-    kept = {r["id"]: r for r in outputs.table(out / "06-ppl_filter").to_pylist()}
+    kept = {r["id"]: r for r in outputs.table(out / "07-ppl_filter").to_pylist()}
     assert set(kept) == set(ranked[: len(kept)]) and len(kept) == 2
     row = kept[ranked[0]]
     assert row["original_caption"] in webs
@@ -425,9 +425,9 @@ def test_points_recipe_recaptions_fuses_scores_and_keeps_the_lowest_perplexity(
     sums = {
         s["folder"]: s.get("sums", {}) for s in json.loads((out / "run.json").read_text())["stages"]
     }
-    assert sums["03-recaption"]["gen_completion_tokens"] == 3 * 6  # 6 answers, 3 tokens each
-    assert sums["04-capfusion"]["fusion_completion_tokens"] == 3 * 5
-    assert sums["05-perplexity"]["ppl_tokens"] == sum(r["ppl_tokens"] for r in scored.values())
+    assert sums["04-recaption"]["gen_completion_tokens"] == 3 * 6  # 6 answers, 3 tokens each
+    assert sums["05-capfusion"]["fusion_completion_tokens"] == 3 * 5
+    assert sums["06-perplexity"]["ppl_tokens"] == sum(r["ppl_tokens"] for r in scored.values())
 
 
 @pytest.mark.skipif(
@@ -449,7 +449,7 @@ def test_sharegpt4v_recipe_runs_offline_with_the_demo_vlm(ray_session, tmp_path:
     argv += ["--recaption.model", "demo-vlm", "--recaption.preset", "greedy"]
     argv += ["--recaption.max_tokens", "12", "--recaption.keep_truncated", "true"]
     assert recipe_main(sharegpt4v_recaption.pipeline(), argv) == 0
-    kept = outputs.table(out / "02-recaption").to_pylist()
+    kept = outputs.table(out / "03-recaption").to_pylist()
     assert [r["original_caption"] for r in kept] == ["web caption 0", "web caption 1"]
     for row in kept:
         assert row["caption"] and row["caption"] != row["original_caption"]
