@@ -47,7 +47,7 @@ from stages.base import param, put_column, reject
 from stages.generate import (
     _RAW_LIMIT,
     BadReply,
-    ClientParams,
+    ModelOrEndpointParams,
     _column,
     _ModelOrEndpointStage,
     check_reply,
@@ -68,10 +68,7 @@ _QUOTES = {'"': '"', "'": "'", "“": "”", "‘": "’"}
 
 
 @dataclasses.dataclass(frozen=True)
-class CapFusionParams(ClientParams):
-    backend: str = param(
-        "transformers", "transformers (an in-process chat LM) or endpoint (OpenAI-compatible API)."
-    )
+class CapFusionParams(ModelOrEndpointParams):
     model: str = param(
         SMOLLM2,
         "transformers: 'smollm2' (offline default), hf:<id> or a local dir of a chat LM; "
@@ -82,10 +79,6 @@ class CapFusionParams(ClientParams):
     max_length_ratio: float = param(
         1.5, "Reject answers longer than this times the longer input caption, in words."
     )
-    batch_size: int = param(8, "Rows per generate call (transformers backend).")
-    dtype: str = param("auto", "auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16.")
-    seed: int = param(0, "Seed of sampled decoding (temperature > 0).")
-    prompt_version: int = param(0, "Version of prompt 'capfusion' (0 = latest).")
 
 
 def unquote(text: str) -> str:

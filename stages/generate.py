@@ -407,6 +407,17 @@ class _GenerateStage(BatchStage):
 MODEL_BACKENDS = ("transformers", "endpoint")
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelOrEndpointParams(ClientParams):
+    backend: str = param(
+        "transformers", "transformers (a model in each actor) or endpoint (OpenAI-compatible API)."
+    )
+    batch_size: int = param(8, "Rows per generate call (transformers backend).")
+    dtype: str = param("auto", "auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16.")
+    seed: int = param(0, "Seed of sampled decoding (temperature > 0).")
+    prompt_version: int = param(0, "Version of the stage's prompt (0 = latest).")
+
+
 class _ModelOrEndpointStage(_GenerateStage):
     """A generation stage with two backends (`params.backend`): `transformers`, a model in every
     actor (a GPU each when the cluster has them; the runner gives none on a CPU-only cluster), or

@@ -54,7 +54,7 @@ from stages.generate import (
     _RAW_LIMIT,
     USAGE_TYPES,
     BadReply,
-    ClientParams,
+    ModelOrEndpointParams,
     _add_usage,
     _column,
     _ModelOrEndpointStage,
@@ -86,10 +86,7 @@ FALLBACK_TEMPLATE = "USER: {image}\n{instruction} ASSISTANT:"
 
 
 @dataclasses.dataclass(frozen=True)
-class RecaptionParams(ClientParams):
-    backend: str = param(
-        "transformers", "transformers (an in-process model) or endpoint (OpenAI-compatible API)."
-    )
+class RecaptionParams(ModelOrEndpointParams):
     model: str = param(
         DEFAULT_VLM,
         "transformers: hub id or local dir of an image-text-to-text model; endpoint: the model "
@@ -109,10 +106,6 @@ class RecaptionParams(ClientParams):
     keep_truncated: bool = param(
         False, "Keep a caption cut at the token cap instead of rejecting it (no half sentences)."
     )
-    batch_size: int = param(8, "Rows per generate call (transformers backend).")
-    dtype: str = param("auto", "auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16.")
-    seed: int = param(0, "Seed of sampled decoding (temperature > 0).")
-    prompt_version: int = param(0, "Version of prompt 'detailed_caption' (0 = latest).")
 
 
 def decoding(params: Any) -> dict[str, Any]:

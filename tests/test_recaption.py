@@ -449,7 +449,7 @@ def test_sharegpt4v_recipe_runs_offline_with_the_demo_vlm(ray_session, tmp_path:
     argv += ["--recaption.model", "demo-vlm", "--recaption.preset", "greedy"]
     argv += ["--recaption.max_tokens", "12", "--recaption.keep_truncated", "true"]
     assert recipe_main(sharegpt4v_recaption.pipeline(), argv) == 0
-    kept = outputs.table(out / "03-recaption").to_pylist()
+    kept = sorted(outputs.table(out / "03-recaption").to_pylist(), key=lambda r: r["id"])
     assert [r["original_caption"] for r in kept] == ["web caption 0", "web caption 1"]
     for row in kept:
         assert row["caption"] and row["caption"] != row["original_caption"]
