@@ -153,6 +153,13 @@ def put_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
     return table.append_column(field, values)
 
 
+def put_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
+    """`put_column` for each of `columns`, in order."""
+    for name, values in columns.items():
+        table = put_column(table, name, values)
+    return table
+
+
 def reject(table: pa.Table, mask: Any, reasons: Any) -> pa.Table:
     """Mark rows where `mask` is true as rejected with `reasons` (one string, or one per row).
 

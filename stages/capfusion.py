@@ -43,11 +43,12 @@ import numpy as np
 import pyarrow as pa
 
 from prompts import Prompt, load_prompt
-from stages.base import param, put_column, reject
+from stages.base import param, put_columns, reject
 from stages.generate import (
     _RAW_LIMIT,
     BadReply,
     ModelOrEndpointParams,
+    _add_usage,
     _column,
     _ModelOrEndpointStage,
     check_reply,
@@ -191,9 +192,7 @@ class CapFusion(_ModelOrEndpointStage):
         }
         for j, (name, t) in enumerate(FUSION_USAGE.items()):
             columns[name] = pa.array(usage[:, j], type=t)
-        out = batch
-        for name, arr in columns.items():
-            out = put_column(out, name, arr)
+        out = put_columns(batch, columns)
         return reject(out, [r is not None for r in reasons], [r or "" for r in reasons])
 
     def _replies(
@@ -212,12 +211,7 @@ class CapFusion(_ModelOrEndpointStage):
             ]
             out = []
             for i, result in zip(rows, self.ask(requests), strict=True):
-                u = result.usage or {}
-                usage[i] += (
-                    u.get("prompt_tokens", 0),
-                    u.get("completion_tokens", 0),
-                    result.cached,
-                )
+                _add_usage(usage, i, result)  # FUSION_USAGE has USAGE_TYPES' three columns
                 out.append(
                     (result.text, result.finish_reason, None if result.ok else self.failure(result))
                 )

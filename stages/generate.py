@@ -56,7 +56,7 @@ import numpy as np
 import pyarrow as pa
 
 from prompts import Prompt, PromptError, image_mime, load_prompt
-from stages.base import BatchStage, param, params_to_dict, put_column, reject, stable_hash
+from stages.base import BatchStage, param, params_to_dict, put_columns, reject, stable_hash
 from stages.llm_client import (
     BUDGET_STOP,
     ChatRequest,
@@ -394,11 +394,8 @@ class _GenerateStage(BatchStage):
         for j, (name, t) in enumerate(USAGE_TYPES.items()):
             columns[name] = pa.array(usage[:, j], type=t)
         columns.update(extra or {})
-        out = batch
-        for name, arr in columns.items():
-            out = put_column(out, name, arr)
         mask = [r is not None for r in reasons]
-        return reject(out, mask, [r or "" for r in reasons])
+        return reject(put_columns(batch, columns), mask, [r or "" for r in reasons])
 
     def reason(self, err: BadReply) -> str:
         return f"{self.name}: {err}"

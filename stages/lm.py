@@ -233,18 +233,15 @@ def generate_chat(
             # The template already wrote any BOS: the tokenizer must not add another.
             enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(lm.device) for k, v in enc.items()}
-            kwargs: dict[str, Any] = dict(
+            kwargs = generate_kwargs(
+                tok,
+                stop_ids,
                 max_new_tokens=max_new_tokens,
                 num_beams=num_beams,
                 repetition_penalty=repetition_penalty,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=sorted(stop_ids) or None,
+                temperature=temperature,
+                seed=seed + start,
             )
-            if temperature > 0:
-                kwargs.update(do_sample=True, temperature=temperature)
-                torch.manual_seed(seed + start)
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             with torch.inference_mode():
                 ids = lm.module.generate(**enc, **kwargs)
             new = ids[:, enc["input_ids"].shape[1] :].tolist()
@@ -255,6 +252,35 @@ def generate_chat(
     finally:
         tok.padding_side = old_side
     return out
+
+
+def generate_kwargs(
+    tokenizer: Any,
+    stop_ids: set[int],
+    *,
+    max_new_tokens: int,
+    num_beams: int = 1,
+    repetition_penalty: float = 1.0,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Keyword arguments of `generate`: greedy for temperature 0 (the model's own sampling
+    defaults switched off), else sampled, with torch seeded by `seed` here."""
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        repetition_penalty=repetition_penalty,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=sorted(stop_ids) or None,
+    )
+    if temperature > 0:
+        import torch
+
+        torch.manual_seed(seed)
+        kwargs.update(do_sample=True, temperature=temperature)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
 
 
 def decode_replies(
@@ -355,6 +381,7 @@ __all__ = [
     "converted_copy",
     "decode_replies",
     "generate_chat",
+    "generate_kwargs",
     "load_lm",
     "load_vlm",
     "resolve",

@@ -49,7 +49,7 @@ import numpy as np
 import pyarrow as pa
 
 from prompts import Prompt, PromptError, image_mime, load_prompt
-from stages.base import param, put_column, reject
+from stages.base import param, put_columns, reject
 from stages.generate import (
     _RAW_LIMIT,
     USAGE_TYPES,
@@ -240,10 +240,7 @@ class Recaption(_ModelOrEndpointStage):
         }
         for j, (name, t) in enumerate(USAGE_TYPES.items()):
             columns[name] = pa.array(usage[:, j], type=t)
-        out = batch
-        for name, arr in columns.items():
-            out = put_column(out, name, arr)
-        return reject(out, [not k for k in ok], [r or "" for r in reasons])
+        return reject(put_columns(batch, columns), [not k for k in ok], [r or "" for r in reasons])
 
     def gen_model(self) -> str:
         if self._vlm is not None:
@@ -300,7 +297,7 @@ class Recaption(_ModelOrEndpointStage):
     ) -> list[tuple[str | None, str | None, int, int, BadReply | None]]:
         import torch
 
-        from stages.lm import decode_replies, stop_token_ids
+        from stages.lm import decode_replies, generate_kwargs, stop_token_ids
 
         vlm = self._vlm
         assert vlm is not None
@@ -319,18 +316,7 @@ class Recaption(_ModelOrEndpointStage):
         if "pixel_values" in enc and vlm.module.dtype != torch.float32:
             enc["pixel_values"] = enc["pixel_values"].to(vlm.module.dtype)
         stop = stop_token_ids(vlm.module.generation_config, vlm.module.config, tok)
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=d["max_new_tokens"],
-            num_beams=d["num_beams"],
-            repetition_penalty=d["repetition_penalty"],
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=sorted(stop) or None,
-        )
-        if d["temperature"] > 0:
-            kwargs.update(do_sample=True, temperature=d["temperature"])
-            torch.manual_seed(self.params.seed)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        kwargs = generate_kwargs(tok, stop, **d, seed=self.params.seed)
         with torch.inference_mode():
             ids = vlm.module.generate(**enc, **kwargs)
         width = enc["input_ids"].shape[1]
