@@ -271,3 +271,299 @@ def test_runner_balances_and_accounts_for_every_row(ray_session, tmp_path):
     )
     # a renamed instance names itself in its reasons
     assert all(r.startswith("sample_mix: not sampled (source ") for r in sampled.values())
+
+
+# ---- per-source caps and weights -------------------------------------------------------------
+
+
+def _brute_weighted(sizes: dict, total: int, alpha: float, weights: dict) -> dict:
+    """Weighted shares by bisection on the scale c (group g keeps min(size, c w s^alpha)), then
+    largest remainder: an independent way to the same rule as water-filling."""
+    live = {g: n for g, n in sizes.items() if n and weights.get(g, 1.0) > 0}
+    budget = min(total, sum(live.values()))
+    raw = {g: weights.get(g, 1.0) * n**alpha for g, n in live.items()}
+    lo, hi = 0.0, 1.0
+    while sum(min(n, hi * raw[g]) for g, n in live.items()) < budget:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if sum(min(n, mid * raw[g]) for g, n in live.items()) < budget:
+            lo = mid
+        else:
+            hi = mid
+    share = {g: min(n, hi * raw[g]) for g, n in live.items()}
+    out = {g: 0 for g in sizes}
+    out.update({g: (n if share[g] >= n - 1e-9 else int(share[g])) for g, n in live.items()})
+    missing = budget - sum(out.values())
+    partial = [g for g in live if out[g] < live[g]]
+    partial.sort(key=lambda g: (-(share[g] - int(share[g])), -live[g], g is None, g or ""))
+    for g in partial[:missing]:
+        out[g] += 1
+    return out
+
+
+def test_weighted_targets_equal_the_bisection_rule():
+    rng = np.random.default_rng(8)
+    for _ in range(200):
+        sizes = {f"s{i}": int(n) for i, n in enumerate(rng.integers(1, 3000, rng.integers(1, 7)))}
+        weights = {g: float(rng.choice([0.0, 0.5, 1.0, 2.0, 3.5])) for g in sizes}
+        total = int(rng.integers(1, sum(sizes.values()) + 50))
+        alpha = float(rng.choice([0.0, 0.5, 1.0]))
+        got = tempered_targets(sizes, total, alpha, weights)
+        assert got == _brute_weighted(sizes, total, alpha, weights), (sizes, weights, total)
+        assert all(got[g] == 0 for g, w in weights.items() if w == 0)
+
+
+def test_source_caps_override_the_cap_and_zero_lifts_it(ray_session):
+    rows = _rows(SIZES)
+    got = _run(Balance(cap=10, source_caps={"b": 25, "c": 0}, seed=6), rows)
+    kept = {rid for rid, r in got.items() if r is None}
+    expected = (
+        _smallest(rows, "a", 5, 6) | _smallest(rows, "b", 25, 6) | _smallest(rows, "c", 200, 6)
+    )
+    assert kept == expected
+    assert got[next(r for r, s in rows if s == "b" and r not in kept)] == (
+        "balance: over source cap (source b: 25 of 40 kept, cap 25)"
+    )
+
+
+def test_source_weights_scale_the_sampling_shares(ray_session):
+    sizes = {"a": 50, "b": 50, "c": 400}
+    rows = _rows(sizes)
+    weights = {"a": 3.0, "c": 0.5}
+    got = _run(Balance(total=90, alpha=0.5, source_weights=weights, seed=1), rows)
+    # hand: weights x sqrt(size) = 21.21, 7.07, 10.0; shares of 90: 49.87, 16.62, 23.51 (a under
+    # its 50 rows); floors 49 + 16 + 23 = 88, the last 2 rows to the largest remainders, a and b.
+    targets = {"a": 50, "b": 17, "c": 23}
+    assert targets == _brute_weighted(sizes, 90, 0.5, weights)
+    for source, n in targets.items():
+        kept = {rid for rid, s in rows if s == source and got[rid] is None}
+        assert kept == _smallest(rows, source, n, 1)
+
+
+def test_caps_or_weights_naming_a_missing_source_fail_clearly(ray_session):
+    with pytest.raises(ValueError, match=r"not in the input: \['vqa2'\]"):
+        _run(Balance(source_caps={"vqa2": 5}), _rows(SIZES))
+    with pytest.raises(ValueError, match="need a total"):
+        Balance(source_weights={"a": 2.0})
+
+
+# ---- text share ------------------------------------------------------------------------------
+
+
+def _kind_rows(spec: dict) -> list[tuple[str, str, bool]]:
+    """(id, source, text_only) rows from {(source, text_only): n}, interleaved."""
+    rows = [
+        (f"{s}-{'t' if text else 'm'}{i:04d}", s, text)
+        for (s, text), n in spec.items()
+        for i in range(n)
+    ]
+    order = np.random.default_rng(1).permutation(len(rows))
+    return [rows[i] for i in order]
+
+
+def _kind_run(stage, rows, blocks: int = 3) -> dict[str, str | None]:
+    image = [{"bytes": b"x", "path": None}]
+    tbl = pa.table(
+        {
+            "id": [r[0] for r in rows],
+            "source": [r[1] for r in rows],
+            "images": pa.array(
+                [[] if r[2] else image for r in rows], rows_to_table([]).schema.field("images").type
+            ),
+        }
+    )
+    size = -(-len(rows) // blocks)
+    ds = ray.data.from_arrow([tbl.slice(i, size) for i in range(0, len(rows), size)])
+    out = stage.run(ds, GlobalContext(len(rows), blocks, 2)).take_all()
+    assert len(out) == len(rows)
+    return {r["id"]: r["_reject"] for r in out}
+
+
+def _group_smallest(rows, source, text, k, seed, among=None) -> set[str]:
+    ids = [
+        rid for rid, s, t in rows if s == source and t == text and (among is None or rid in among)
+    ]
+    ranked = sorted(zip(uniform_key(ids, seed).tolist(), ids, strict=True))
+    return {rid for _, rid in ranked[:k]}
+
+
+def test_text_share_split_by_hand():
+    assert balance_mod.text_share_split(500, 700, 0.3, 0) == (300, 700)  # 700 / 0.7 = 1000
+    assert balance_mod.text_share_split(100, 700, 0.3, 0) == (100, 233)  # 100 / 0.3 = 333.3
+    assert balance_mod.text_share_split(500, 700, 0.3, 801) == (240, 561)  # round(240.3)
+    assert balance_mod.text_share_split(3, 70, 0.3, 0) == (3, 7)  # 3 / 0.3 = 10.000000000000002
+    assert balance_mod.text_share_split(50, 70, 0.0, 0) == (0, 70)
+    assert balance_mod.text_share_split(50, 70, 1.0, 20) == (20, 0)
+
+
+def test_text_share_cuts_the_larger_pool_in_proportion_to_its_sources(ray_session):
+    # text-only: sharegpt 300 + mix 100 = 400; multimodal: coco 500 + mix 200 = 700.
+    spec = {("sharegpt", True): 300, ("mix", True): 100, ("coco", False): 500, ("mix", False): 200}
+    rows = _kind_rows(spec)
+    got = _kind_run(Balance(text_share=0.3, seed=4), rows)
+    # N = 700 / 0.7 = 1000 -> 300 text-only rows, shared 3:1 -> sharegpt 225, mix 75
+    kept = {rid for rid, r in got.items() if r is None}
+    assert len(kept) == 1000
+    expected = (
+        _group_smallest(rows, "sharegpt", True, 225, 4)
+        | _group_smallest(rows, "mix", True, 75, 4)
+        | {rid for rid, _, text in rows if not text}
+    )
+    assert kept == expected
+    assert got[next(r for r, s, t in rows if s == "sharegpt" and r not in kept)] == (
+        "balance: over text share (source sharegpt, text-only: 225 of 300 kept, text share 0.3)"
+    )
+
+
+def test_text_share_with_total_and_caps_samples_each_pool(ray_session):
+    spec = {("sharegpt", True): 300, ("mix", True): 100, ("coco", False): 500, ("mix", False): 200}
+    rows = _kind_rows(spec)
+    got = _kind_run(Balance(cap=250, total=400, alpha=0.5, text_share=0.25, seed=9), rows)
+    # caps (per source, both kinds): sharegpt 300 -> 250, coco 500 -> 250, mix 300 -> 250
+    pairs = [(rid, s) for rid, s, _ in rows]
+    capped = set().union(*(_smallest(pairs, s, 250, 9) for s in ("sharegpt", "coco", "mix")))
+    survivors = {}
+    for rid, s, t in rows:
+        if rid in capped:
+            survivors[(s, t)] = survivors.get((s, t), 0) + 1
+    # 400 rows with a quarter text-only: 100 text-only, 300 multimodal, sqrt-shared in each pool
+    text = _brute_targets({s: n for (s, t), n in survivors.items() if t}, 100, 0.5)
+    multi = _brute_targets({s: n for (s, t), n in survivors.items() if not t}, 300, 0.5)
+    kept = {rid for rid, r in got.items() if r is None}
+    assert len(kept) == 400
+    expected = set()
+    for s, n in text.items():
+        expected |= _group_smallest(rows, s, True, n, 9)
+    for s, n in multi.items():
+        expected |= _group_smallest(rows, s, False, n, 9)
+    assert kept == expected
+    assert expected <= capped  # the k smallest of a pool are within its source's cap
+    reasons = {r.split(" (")[0] for r in got.values() if r}
+    assert reasons == {"balance: over source cap", "balance: not sampled"}
+
+
+def test_text_share_on_a_pool_without_text_rows_is_an_error(ray_session):
+    rows = _kind_rows({("coco", False): 20})
+    with pytest.raises(ValueError, match="needs text-only rows"):
+        _kind_run(Balance(text_share=0.3), rows)
+
+
+# ---- concepts --------------------------------------------------------------------------------
+
+
+def test_vocabulary_matches_whole_words_case_blind():
+    vocab = balance_mod.parse_vocabulary("# a comment\nHot Dog\ncat\n\ncat\nnew  york city\n")
+    assert vocab.entries == ("hot dog", "cat", "new york city")
+    assert vocab.matches("A HOT dog, and a cat!") == {0, 1}
+    assert vocab.matches("hotdogs and cats") == set()
+    assert vocab.matches("New York City at night") == {2}
+    assert vocab.matches("") == set()
+
+
+CONCEPT_SPEC = {"cat": 400, "dog": 60, "bird": 20, "cat bird": 10, "nothing here": 15}
+
+
+def _concept_rows() -> list[dict]:
+    rows = []
+    for words, n in CONCEPT_SPEC.items():
+        for i in range(n):
+            rows.append(
+                {"id": f"{words.replace(' ', '_')}-{i:03d}", "caption": f"a photo: {words}"}
+            )
+    order = np.random.default_rng(5).permutation(len(rows))
+    return [rows[i] for i in order]
+
+
+def _brute_concepts(rows, cap, seed, keep_unmatched=False) -> dict[str, str | None]:
+    """Counts per entry by plain word sets, p from the rarest entry, the seeded concept key."""
+    entries = ["cat", "dog", "bird"]
+    words = {r["id"]: set(r["caption"].replace(":", " ").split()) for r in rows}
+    count = {e: sum(e in w for w in words.values()) for e in entries}
+    keys = uniform_key([r["id"] for r in rows], balance_mod._sub_seed(seed, "concepts"))
+    out = {}
+    for r, key in zip(rows, keys.tolist(), strict=True):
+        found = [e for e in entries if e in words[r["id"]]]
+        if not found:
+            out[r["id"]] = None if keep_unmatched else "balance: no concept matched"
+            continue
+        rarest = min(found, key=lambda e: (count[e], entries.index(e)))
+        p = min(1.0, cap / count[rarest])
+        out[r["id"]] = (
+            None
+            if key < p
+            else f"balance: concept over cap (rarest entry {rarest!r}: {count[rarest]:,} rows, "
+            f"cap {cap:,}, kept with p {p:.3g})"
+        )
+    return out
+
+
+def test_concept_balancing_keeps_rows_by_their_rarest_entry(ray_session, tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("cat\ndog\nbird\n")
+    rows = _concept_rows()
+    tbl = rows_to_table([{**r, "source": "web"} for r in rows])
+    ds = ray.data.from_arrow([tbl.slice(i, 200) for i in range(0, tbl.num_rows, 200)])
+    out = Balance(concepts=str(vocab), concept_cap=50, seed=3).run(ds, GlobalContext(505, 3, 2))
+    got = {r["id"]: r["_reject"] for r in out.take_all()}
+    assert got == _brute_concepts(rows, 50, 3)
+    # bird (30 rows, under the cap) keeps every row, the 10 cat-bird rows with it; cat (410) and
+    # dog (60) keep a share
+    assert all(got[r["id"]] is None for r in rows if "bird" in r["caption"])
+    assert 0 < sum(got[r["id"]] is None for r in rows if r["id"].startswith("cat-")) < 100
+    kept = Balance(concepts=str(vocab), concept_cap=50, keep_unmatched=True, seed=3).run(
+        ds, GlobalContext(505, 3, 2)
+    )
+    assert {r["id"]: r["_reject"] for r in kept.take_all()} == _brute_concepts(rows, 50, 3, True)
+
+
+def test_concept_balancing_then_cap_ranks_only_the_rows_concepts_kept(ray_session, tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("cat\ndog\nbird\n")
+    rows = _concept_rows()
+    tbl = rows_to_table([{**r, "source": r["id"].split("-")[0]} for r in rows])
+    ds = ray.data.from_arrow([tbl.slice(i, 128) for i in range(0, tbl.num_rows, 128)])
+    stage = Balance(concepts=str(vocab), concept_cap=50, cap=20, seed=3)
+    got = {r["id"]: r["_reject"] for r in stage.run(ds, GlobalContext(505, 4, 2)).take_all()}
+    concept = _brute_concepts(rows, 50, 3)
+    for source in ("cat", "dog", "bird", "cat_bird"):
+        alive = [
+            (r["id"], source)
+            for r in rows
+            if r["id"].startswith(source + "-") and concept[r["id"]] is None
+        ]
+        kept = {rid for rid, _ in alive if got[rid] is None}
+        assert kept == _smallest(alive, source, min(20, len(alive)), 3), source
+
+
+def test_concept_keep_rate_over_seeds_is_cap_over_count():
+    """Pure Python, no Ray: over 300 seeds each entry keeps about sum of min(1, t / count of the
+    row's rarest entry) rows; 5 standard deviations of the mean."""
+    rows = _concept_rows()
+    rule_counts = (410, 60, 30)  # cat, dog, bird over the rows (cat-bird rows count for both)
+    vocab = balance_mod.parse_vocabulary("cat\ndog\nbird")
+    tbl = pa.table({"id": [r["id"] for r in rows], "caption": [r["caption"] for r in rows]})
+    seeds = 300
+    kept_cat_only = []
+    for seed in range(seeds):
+        rule = balance_mod.ConceptRule(vocab, rule_counts, 50, seed, "auto", False)
+        reasons = rule.reasons(tbl)
+        kept_cat_only.append(
+            sum(
+                1
+                for r, why in zip(rows, reasons, strict=True)
+                if why is None and r["id"].startswith("cat-")
+            )
+        )
+    p = 50 / 410
+    mean = sum(kept_cat_only) / seeds
+    sd = math.sqrt(400 * p * (1 - p) / seeds)
+    assert abs(mean - 400 * p) <= 5 * sd, (mean, 400 * p)
+
+
+def test_a_changed_vocabulary_file_changes_the_stage_fingerprint(tmp_path):
+    vocab = tmp_path / "v.txt"
+    vocab.write_text("cat\n")
+    before = Balance(concepts=str(vocab), concept_cap=5).params_hash
+    vocab.write_text("cat\ndog\n")
+    assert Balance(concepts=str(vocab), concept_cap=5).params_hash != before
