@@ -3,6 +3,8 @@
 warren recipes
 warren run demo --output out/demo            # same flags as python pipelines/demo.py
 warren describe demo
+warren export OUT/03-export_check --format llava --to exports/llava [--overwrite]
+warren export OUT --format sharegpt --to exports/lf --name my_data   # OUT: its final stage
 """
 
 from __future__ import annotations
@@ -45,6 +47,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     describe = sub.add_parser("describe", help="print a recipe's stages and parameters")
     describe.add_argument("recipe")
     sub.add_parser("recipes", help="list the recipes")
+    from stages.exports import EXPORTERS
+
+    exp = sub.add_parser(
+        "export",
+        help="export a stage folder (or a run's final stage) as LLaVA JSON, ShareGPT or HF datasets",
+    )
+    exp.add_argument("src", help="a stage folder (has _manifest.json) or a run's output (run.json)")
+    exp.add_argument("--format", required=True, choices=sorted(EXPORTERS))
+    exp.add_argument("--to", required=True, dest="dest", help="the folder to write")
+    exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --to folder")
+    exp.add_argument("--name", help="sharegpt: the dataset's name in dataset_info.json")
     args, rest = parser.parse_known_args(argv)
     if args.command == "recipes":
         for name in recipe_names():
@@ -53,12 +66,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if rest and args.command != "run":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "export":
+        return export_main(args)
     module = load_recipe(args.recipe)
     from pipelines.recipe import main as recipe_main
 
     if args.command == "describe":
         return recipe_main(module.pipeline(), ["--describe"])
     return recipe_main(module.pipeline(), rest)
+
+
+def export_main(args: argparse.Namespace) -> int:
+    from stages.exports import ExportError, export
+
+    options = {"name": args.name} if args.name is not None else {}
+    try:
+        report = export(args.src, args.format, args.dest, overwrite=args.overwrite, **options)
+    except ExportError as exc:
+        print(f"warren export: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
 
 
 if __name__ == "__main__":

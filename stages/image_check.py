@@ -120,7 +120,7 @@ class ImageCheck(BatchStage):
         reasons: list[str | None] = [None] * n
         widths: list[int | None] = [None] * n
         heights: list[int | None] = [None] * n
-        with _pil_limits(self.params.max_pixels):
+        with pil_limits(self.params.max_pixels):
             for row in range(n):
                 count = int(counts[row])
                 if count == 0:
@@ -129,11 +129,11 @@ class ImageCheck(BatchStage):
                     continue
                 for k in range(count):
                     j = int(starts[row]) + k
-                    result = self._check_one(blobs[j].as_buffer(), paths[j].as_py())
+                    result = self.check_one(blobs[j].as_buffer(), paths[j].as_py())
                     if k == 0 and result.size is not None:
                         widths[row], heights[row] = result.size
                     if result.reason is not None:
-                        reasons[row] = _with_index(result.reason, k, count)
+                        reasons[row] = with_index(result.reason, k, count)
                         break
 
         out = put_column(batch, "width", pa.array(widths, type=pa.int32()))
@@ -141,7 +141,7 @@ class ImageCheck(BatchStage):
         mask = np.array([r is not None for r in reasons], dtype=bool)
         return reject(out, mask, reasons) if mask.any() else out
 
-    def _check_one(self, data: pa.Buffer | None, path: str | None) -> _ImageResult:
+    def check_one(self, data: pa.Buffer | None, path: str | None) -> _ImageResult:
         """Identify, size-check and fully decode one image; never raises for bad data."""
         p = self.params
         if data is None or data.size == 0:
@@ -188,7 +188,7 @@ class ImageCheck(BatchStage):
             return _ImageResult(_decode_error_reason(exc, raw))
 
 
-def _with_index(reason: str, index: int, count: int) -> str:
+def with_index(reason: str, index: int, count: int) -> str:
     """Put "image i of n" in front of the details of a multi-image row's reason."""
     if count == 1:
         return reason
@@ -269,7 +269,7 @@ def _decodable_formats() -> list[str]:
 
 
 @contextlib.contextmanager
-def _pil_limits(max_pixels: int) -> Iterator[None]:
+def pil_limits(max_pixels: int) -> Iterator[None]:
     """PIL's bomb limit set to `max_pixels` (its warning raised as an error) and truncated files
     refused, for the duration of the block; the previous global settings are restored after."""
     old_limit, old_truncated = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES

@@ -20,7 +20,7 @@ from stages.readers.columns import open_parquet_schema
 from stages.readers.hf_datasets import HFDatasetsReader
 from stages.readers.image_folder import IMAGE_SUFFIXES, ImageFolderReader
 from stages.readers.img2dataset import Img2DatasetReader
-from stages.readers.llava_json import LlavaJsonReader
+from stages.readers.llava_json import LlavaJsonReader, llama_factory_entries
 from stages.readers.parquet import ParquetReader
 from stages.shards import Location, list_files
 
@@ -36,7 +36,9 @@ READERS: dict[str, type[Reader]] = {
     )
 }
 
-_HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+# Files only a `datasets` save_to_disk folder has; `dataset_info.json` alone is ambiguous (a
+# LLaMA-Factory data folder has one too) and is looked into.
+_HF_MARKERS = ("state.json", "dataset_dict.json")
 _IMG2DATASET_COLUMNS = ("key", "status")
 
 __all__ = [
@@ -80,7 +82,11 @@ def detect_format(uri: str) -> str:
 
     - `captions_*.json` file -> coco; other `*.json` / `*.jsonl` file -> llava_json;
       `*.parquet` file -> as a folder of one file; `*.tar` file -> img2dataset;
-    - folder with `dataset_info.json`, `state.json` or `dataset_dict.json` -> hf_datasets;
+    - folder with `state.json` or `dataset_dict.json` -> hf_datasets;
+    - folder with a LLaMA-Factory `dataset_info.json` ({name: {"file_name": ...}}) -> llava_json
+      (it reads the files the entries name); any other `dataset_info.json` -> hf_datasets;
+    - folder with a top-level `llava.json` (warren's llava export: the JSON next to its image
+      tree) -> llava_json;
     - folder with `*.tar` -> img2dataset;
     - folder of Parquet files -> img2dataset if they have `key` and `status` columns, else parquet;
     - folder with a `captions_*.json` (the COCO root, `annotations/` inside) -> coco;
@@ -105,6 +111,10 @@ def detect_format(uri: str) -> str:
         )
     if any(loc.join(m).exists() for m in _HF_MARKERS):
         return "hf_datasets"
+    if loc.join("dataset_info.json").exists():
+        return "llava_json" if llama_factory_entries(loc) is not None else "hf_datasets"
+    if loc.join("llava.json").exists():
+        return "llava_json"
     paths = [f.path.lower() for f in list_files(loc)]
     if any(p.endswith(".tar") for p in paths):
         return "img2dataset"

@@ -380,7 +380,9 @@ def roles_to_from(roles: pa.Array) -> pa.Array:
 
 
 def _join_content_parts(content: pa.Array) -> pa.Array:
-    """TRL content parts -> one string: an image part is `<image>`, parts are joined by newlines."""
+    """TRL content parts -> one string: an image part becomes exactly `<image>`, and the parts are
+    concatenated as they are (no separator), which inverts warren's hf export exactly: it splits a
+    turn's text at its markers and keeps every character of the text parts, newlines included."""
     lengths = (
         pc.fill_null(pc.list_value_length(content), 0)
         .to_numpy(zero_copy_only=False)
@@ -392,7 +394,7 @@ def _join_content_parts(content: pa.Array) -> pa.Array:
     strings = pc.if_else(pc.equal(kind, "image"), IMAGE_MARKER, text)
     strings = pc.fill_null(strings, "")
     joined = pc.binary_join(
-        _lists(lengths, strings, pa.list_(pa.string()), null_mask=~_valid(content)), "\n"
+        _lists(lengths, strings, pa.list_(pa.string()), null_mask=~_valid(content)), ""
     )
     return _to_string(joined)
 

@@ -9,7 +9,8 @@ Columns are converted as for Parquet (`columns` mapping {canonical: source}, see
 `stages.readers.parquet`): a column whose feature is `Image` or a sequence of `Image` becomes
 `images` (the first such column, unless `columns` maps `images`); a role/content `messages`
 column becomes `conversations` ({"from": "human" / "gpt" / "system", "value"}; TRL content parts
-become text with an `<image>` marker per image part). Integer ids become strings, rows without an
+are concatenated with no separator, an image part becoming exactly `<image>`, so a warren `hf`
+export reads back to the turns it was made from). Integer ids become strings, rows without an
 id get a content-derived id, other columns are kept.
 
 Options: `columns`, `split`, `source` (default: the folder name), `batch_size` (default 512).

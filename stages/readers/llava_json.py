@@ -2,10 +2,21 @@
 
 Each item is `{"id": ..., "image": "rel/path.jpg" | ["a.jpg", "b.jpg"] | absent,
 "conversations": [{"from": "human" | "gpt" | "system", "value": "..."}]}`. ShareGPT-style items
-with `images` (a list) and role/content turns (LLaMA-Factory, TRL) are accepted as well.
+with `images` (a list) and role/content turns (LLaMA-Factory, TRL) are accepted as well, and
+Alpaca-style text items `{"instruction", "input", "output"}` (WizardLM evol-instruct) become one
+question (the instruction, then the input after a blank line when there is one) and its answer.
 
 - Integer ids become strings; an item without an id gets a content-derived id (image bytes and
   conversations, see `row_content_id`).
+- `source`: the reader option wins over everything (the user said so); else an item's own string
+  `source` key (warren's exports write it, so an export reads back with each row's source); else
+  the file name. String `caption`, `url` and `license` keys are read as well.
+- A LLaMA-Factory data folder (a `dataset_info.json` mapping dataset names to
+  `{"file_name": ..., "formatting": "sharegpt", ...}`, as warren's sharegpt export writes) is read
+  through that file: exactly the JSON files its entries name, in order (`dataset_info.json` itself
+  is never taken as data), with image paths relative to the folder, LLaMA-Factory's
+  `dataset_dir`. Entries that are not sharegpt-formatted `messages`/`conversations` plus
+  `images` are an InputError.
 - Image paths are relative to option `image_root` (default: the folder holding the JSON file; any
   local path or pyarrow filesystem URI). `images[].path` is the normalised relative path and
   `images[].bytes` the file's bytes. Text-only items get `images = []`.
@@ -23,7 +34,8 @@ cannot be read or does not start like JSON, and parses files up to `VALIDATE_MAX
 syntax errors before any work starts; a larger invalid JSON list fails in `read` with an
 `InputError` naming the file.
 
-Options: `image_root`, `source` (default: the file name), `batch_size` (rows per table, default 256).
+Options: `image_root`, `source` (default: each item's `source`, else the file name), `batch_size`
+(rows per table, default 256).
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from stages.readers.base import InputError, Reader, ReadUnit
 from stages.readers.columns import (
@@ -47,9 +60,10 @@ from stages.readers.columns import (
     table_from_rows,
 )
 from stages.schema import IMAGE_MARKER, REJECT_COLUMN, content_id
-from stages.shards import Location
+from stages.shards import Location, list_files
 
 READER = "llava_json"
+DATASET_INFO = "dataset_info.json"
 VALIDATE_MAX_BYTES = 64 << 20
 HUMAN_ROLES = ("human", "user")
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
@@ -90,13 +104,21 @@ class LlavaJsonReader(Reader):
 
     # ---------------------------------------------------------------- plan
 
-    def _root_for(self, path: str) -> Location:
+    def _root_for(self, unit: ReadUnit) -> Location:
         if self.image_root is not None:
             return self.image_root
-        return Location(self.location.fs, path.rsplit("/", 1)[0] or "/")
+        if "root" in unit.options:  # a LLaMA-Factory folder: paths are relative to the folder
+            return Location(self.location.fs, unit.options["root"])
+        return Location(self.location.fs, unit.path.rsplit("/", 1)[0] or "/")
 
     def plan(self) -> list[ReadUnit]:
-        files = list_input_files(self.format, self.location, (".json", ".jsonl"), "JSON files")
+        entries = llama_factory_entries(self.location)
+        if entries is not None:
+            files = self._llama_factory_files(entries)
+            options = {"root": self.location.path}
+        else:
+            files = list_input_files(self.format, self.location, (".json", ".jsonl"), "JSON files")
+            options = {}
         if self.image_root is not None and not self.image_root.is_dir():
             raise InputError(f"{self.format}: image_root {self.image_root.uri} is not a directory")
         fs = self.location.fs
@@ -113,8 +135,55 @@ class LlavaJsonReader(Reader):
                 raise InputError(f"{self.format}: {where}: not JSON (starts with {head[:20]!r})")
             if start == b"[" and info.size is not None and info.size <= VALIDATE_MAX_BYTES:
                 self._parse_list(info.path)
-            units.append(ReadUnit(relative_key(self.location, info.path), info.path, {}))
+            units.append(ReadUnit(relative_key(self.location, info.path), info.path, options))
         return units
+
+    def _llama_factory_files(self, entries: dict[str, dict]) -> list[pafs.FileInfo]:
+        """The local JSON files a LLaMA-Factory `dataset_info.json` names, in its order.
+
+        Only sharegpt-formatted entries whose messages are in `conversations` or `messages` and
+        whose images are in `images` can be read as LLaVA-style items; anything else is an
+        InputError naming the entry, never a silently skipped dataset.
+        """
+        fs = self.location.fs
+        where = self.location.join(DATASET_INFO).uri
+        paths: list[str] = []
+        for name, entry in entries.items():
+            if not isinstance(entry.get("file_name"), str):
+                raise InputError(
+                    f"{self.format}: {where}: entry {name!r} has no local file_name "
+                    "(hub and script datasets cannot be read here)"
+                )
+            columns = entry.get("columns") or {}
+            if (
+                entry.get("formatting") != "sharegpt"
+                or entry.get("ranking")
+                or columns.get("messages", "conversations") not in ("conversations", "messages")
+                or columns.get("images", "images") != "images"
+                or set(columns) - {"messages", "images"}
+            ):
+                raise InputError(
+                    f"{self.format}: {where}: entry {name!r} is not a sharegpt dataset with "
+                    "messages in 'conversations' or 'messages' and images in 'images'; only those "
+                    "can be read"
+                )
+            rel = safe_relative_path(entry["file_name"])
+            if rel is None:
+                raise InputError(
+                    f"{self.format}: {where}: entry {name!r} file_name {entry['file_name']!r} "
+                    "is outside the folder"
+                )
+            target = self.location.join(rel)
+            if target.is_dir():
+                found = [f.path for f in list_files(target, (".json", ".jsonl"))]
+            elif target.exists():
+                found = [target.path]
+            else:
+                raise InputError(f"{self.format}: {target.uri}: named in {where} but missing")
+            paths += [p for p in found if p not in paths]
+        if not paths:
+            raise InputError(f"{self.format}: {where}: names no dataset files")
+        return [fs.get_file_info(p) for p in paths]
 
     def _parse_list(self, path: str) -> list:
         where = file_uri(self.location.fs, path)
@@ -163,7 +232,7 @@ class LlavaJsonReader(Reader):
                     break
 
     def read(self, unit: ReadUnit) -> Iterator[pa.Table]:
-        root = self._root_for(unit.path)
+        root = self._root_for(unit)
         where = file_uri(self.location.fs, unit.path)
         rows: list[dict] = []
         for item, error in self._items(unit.path):
@@ -184,7 +253,9 @@ class LlavaJsonReader(Reader):
                 REJECT_COLUMN: f"{READER}: malformed item ({detail})",
             }
         row: dict[str, Any] = {"images": []}
-        for name in ("caption", "url", "license"):
+        # An item's own `source` (a warren export writes it) wins over the file-name default;
+        # the reader's `source` option wins over both (`finish` applies it).
+        for name in ("caption", "url", "license", "source"):
             if isinstance(item.get(name), str):
                 row[name] = item[name]
         try:
@@ -213,6 +284,26 @@ class LlavaJsonReader(Reader):
         if isinstance(value, int) and not isinstance(value, bool):
             return str(value)
         raise _Rejected(f"malformed item (id is {_type_name(value)}, expected a string or integer)")
+
+
+def llama_factory_entries(location: Location) -> dict[str, dict] | None:
+    """The entries of a LLaMA-Factory data folder's `dataset_info.json` ({name: {"file_name": ...,
+    ...}}), or None when `location` is not a folder with one. A `datasets` save_to_disk folder
+    has a `dataset_info.json` too, but it describes one dataset (`features`, `citation`, ...)."""
+    info = location.join(DATASET_INFO)
+    if not location.is_dir() or not info.exists():
+        return None
+    try:
+        entries = info.read_json()
+    except (ValueError, OSError):
+        return None
+    if not isinstance(entries, dict) or not entries:
+        return None
+    if not all(isinstance(v, dict) for v in entries.values()):
+        return None
+    if not any(isinstance(v.get("file_name"), str) for v in entries.values()):
+        return None
+    return entries
 
 
 def _first_char(head: bytes) -> bytes:
@@ -246,6 +337,8 @@ def _turns(item: dict) -> list[dict] | None:
     """The item's turns as {from, value}; role/content turns are mapped (user -> human, ...)."""
     key = "conversations" if "conversations" in item else "messages"
     raw = item.get(key)
+    if raw is None and "instruction" in item and "output" in item:
+        return _alpaca_turns(item)
     if raw is None:
         if isinstance(item.get("caption"), str):
             return None
@@ -271,6 +364,22 @@ def _turns(item: dict) -> list[dict] | None:
             )
         turns.append({"from": speaker, "value": value})
     return turns
+
+
+def _alpaca_turns(item: dict) -> list[dict]:
+    """Alpaca-style `{"instruction", "input", "output"}` (WizardLM evol-instruct, Alpaca) as one
+    question and answer; a non-empty `input` follows the instruction after a blank line, as in
+    Alpaca's own prompt."""
+    parts = {k: item.get(k, "") for k in ("instruction", "input", "output")}
+    bad = [k for k, v in parts.items() if not isinstance(v, str)]
+    if bad:
+        raise _Rejected(
+            f"malformed item ({bad[0]} is {_type_name(parts[bad[0]])}, expected a string)"
+        )
+    question = parts["instruction"]
+    if parts["input"].strip():
+        question = f"{question}\n\n{parts['input']}"
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": parts["output"]}]
 
 
 def _match_markers(turns: list[dict] | None, n_images: int) -> None:

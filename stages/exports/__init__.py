@@ -1,0 +1,50 @@
+"""Exports: canonical rows out to the formats trainers read, and back in through the readers.
+
+    report = export("out/llava/03-export_check", "llava", "exports/llava")
+    print(report.summary())
+
+`src` is a warren stage folder (its `_manifest.json` lists the kept shards, read in order) or a
+pipeline output folder (its `run.json` names the final stage folder). Formats:
+
+- `llava` (`stages.exports.llava`): `llava.json` plus the image tree;
+- `sharegpt` (`stages.exports.sharegpt`): LLaMA-Factory's `data.json` + `dataset_info.json` plus
+  the image tree; option `name`;
+- `hf` (`stages.exports.hf`): a `datasets` save_to_disk folder with TRL's role/content messages.
+
+Every export is written to a temporary folder and renamed into place; a non-empty `dest` is
+refused unless `overwrite=True`. Rows are streamed (a Parquet batch at a time); every kept row of
+the source is written or the export fails with an ExportError naming the row. Run the
+`export_check` stage first: the exporters refuse rows they cannot write faithfully (no bytes, a
+path leaving the folder, no turns for the JSON formats) but do not validate turns or markers.
+Importing an export with the readers (`get_reader(None, dest)`) gives back the same rows for the
+fields the format has (see each module).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from stages.exports import hf, llava, sharegpt
+from stages.exports.base import ExportError, ExportReport, StageFolder
+
+EXPORTERS: dict[str, Callable[..., ExportReport]] = {
+    llava.FORMAT: llava.export,
+    sharegpt.FORMAT: sharegpt.export,
+    hf.FORMAT: hf.export,
+}
+
+
+def export(
+    src: str, format: str, dest: str, *, overwrite: bool = False, **options: Any
+) -> ExportReport:
+    """Export the kept rows of `src` (a stage or pipeline output folder) as `format` into `dest`."""
+    exporter = EXPORTERS.get(format)
+    if exporter is None:
+        raise ExportError(
+            f"unknown export format {format!r}; known formats: {', '.join(sorted(EXPORTERS))}"
+        )
+    return exporter(StageFolder.open(str(src)), str(dest), overwrite=overwrite, **options)
+
+
+__all__ = ["EXPORTERS", "ExportError", "ExportReport", "StageFolder", "export"]
