@@ -3,6 +3,7 @@
 warren recipes
 warren run demo --output out/demo            # same flags as python pipelines/demo.py
 warren describe demo
+warren mixture pipelines/mixtures/demo.yaml   # same flags as python pipelines/mixture.py
 warren export OUT/03-export_check --format llava --to exports/llava [--overwrite]
 warren export OUT --format sharegpt --to exports/lf --name my_data   # OUT: its final stage
 """
@@ -17,7 +18,8 @@ from collections.abc import Sequence
 
 import pipelines
 
-NOT_RECIPES = {"cli", "recipe", "runner"}
+# mixture.py takes a spec, not a fixed pipeline: `warren mixture SPEC.yaml` runs it.
+NOT_RECIPES = {"cli", "recipe", "runner", "mixture"}
 
 
 def recipe_names() -> list[str]:
@@ -47,6 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     describe = sub.add_parser("describe", help="print a recipe's stages and parameters")
     describe.add_argument("recipe")
     sub.add_parser("recipes", help="list the recipes")
+    mix = sub.add_parser(
+        "mixture",
+        help="build a mixture from a spec; flags as pipelines/mixture.py (see its --help)",
+    )
+    mix.add_argument("spec")
     from stages.exports import EXPORTERS
 
     exp = sub.add_parser(
@@ -64,8 +71,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             doc = (load_recipe(name).__doc__ or "").strip().splitlines()
             print(f"{name:<20} {doc[0] if doc else ''}")
         return 0
-    if rest and args.command != "run":
+    if rest and args.command not in ("run", "mixture"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "mixture":
+        from pipelines.mixture import main as mixture_main
+
+        return mixture_main([args.spec, *rest])
     if args.command == "export":
         return export_main(args)
     module = load_recipe(args.recipe)

@@ -49,6 +49,8 @@ SIGNAL_FIELDS: list[pa.Field] = [
     pa.field("fusion_model", pa.string()),
     pa.field("fusion_prompt", pa.string()),
     pa.field("fusion_params", pa.string()),
+    # a mixture's task type per row (stages.mixture_spec.infer_tasks, or the spec's `task`)
+    pa.field("task", pa.string()),
 ]
 EMBEDDING_COLUMNS = ("image_emb", "text_emb")
 

@@ -21,6 +21,7 @@ from stages.readers.hf_datasets import HFDatasetsReader
 from stages.readers.image_folder import IMAGE_SUFFIXES, ImageFolderReader
 from stages.readers.img2dataset import Img2DatasetReader
 from stages.readers.llava_json import LlavaJsonReader, llama_factory_entries
+from stages.readers.mixture import MixtureReader
 from stages.readers.parquet import ParquetReader
 from stages.shards import Location, list_files
 
@@ -33,6 +34,7 @@ READERS: dict[str, type[Reader]] = {
         ImageFolderReader,
         HFDatasetsReader,
         CocoReader,
+        MixtureReader,
     )
 }
 
@@ -49,6 +51,7 @@ __all__ = [
     "Img2DatasetReader",
     "InputError",
     "LlavaJsonReader",
+    "MixtureReader",
     "ParquetReader",
     "ReadUnit",
     "Reader",
@@ -81,6 +84,7 @@ def detect_format(uri: str) -> str:
     """Guess the input format of `uri`:
 
     - `captions_*.json` file -> coco; other `*.json` / `*.jsonl` file -> llava_json;
+      `*.yaml` / `*.yml` file -> mixture (a mixture spec, `stages.mixture_spec`);
       `*.parquet` file -> as a folder of one file; `*.tar` file -> img2dataset;
     - folder with `state.json` or `dataset_dict.json` -> hf_datasets;
     - folder with a LLaMA-Factory `dataset_info.json` ({name: {"file_name": ...}}) -> llava_json
@@ -102,6 +106,8 @@ def detect_format(uri: str) -> str:
             return "coco"
         if name.endswith((".json", ".jsonl")):
             return "llava_json"
+        if name.endswith((".yaml", ".yml")):
+            return "mixture"
         if name.endswith(".parquet"):
             return _parquet_format(loc.fs, loc.path)
         if name.endswith(".tar"):
