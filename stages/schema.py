@@ -51,6 +51,26 @@ SIGNAL_FIELDS: list[pa.Field] = [
     pa.field("fusion_params", pa.string()),
     # a mixture's task type per row (stages.mixture_spec.infer_tasks, or the spec's `task`)
     pa.field("task", pa.string()),
+    # the everyday filters' scores (image_filter, caption_filter, language, nsfw)
+    pa.field("aspect_ratio", pa.float32()),
+    pa.field("image_bytes", pa.int64()),
+    pa.field("n_frames", pa.int32()),
+    pa.field("blank_share", pa.float32()),
+    pa.field("caption_words", pa.int32()),
+    pa.field("caption_chars", pa.int32()),
+    pa.field("char_rep_ratio", pa.float32()),
+    pa.field("word_rep_ratio", pa.float32()),
+    pa.field("boilerplate_pattern", pa.string()),
+    pa.field("lang", pa.string()),
+    pa.field("lang_score", pa.float32()),
+    pa.field("nsfw_score", pa.float32()),
+    # exact_dedup's content hashes and phash_dedup's perceptual hash and group
+    pa.field("image_sha256", pa.string()),
+    pa.field("pixel_hash", pa.string()),
+    pa.field("caption_hash", pa.string()),
+    pa.field("phash", pa.int64()),
+    pa.field("phash_group_size", pa.int64()),
+    pa.field("phash_distance", pa.int32()),
 ]
 EMBEDDING_COLUMNS = ("image_emb", "text_emb")
 
