@@ -1,82 +1,265 @@
-"""exact_dedup: rows whose image bytes (and, optionally, caption) are identical keep one copy.
+"""exact_dedup: rows whose content is identical keep one copy.
 
-A global stage: the rows are partitioned by a content key (`stages.shuffle.map_groups`), so each
+What "identical" means is the `key` parameter, one or more of these parts joined by `+`:
+
+- `image`: the image FILE bytes. Written to `image_sha256` (string, 64 hex digits): for a row with
+  one image that has bytes, the plain SHA-256 of those bytes (the same as `sha256sum` of the
+  file); for several images, or images stored only by `path`, the SHA-256 of every image's record
+  in order (a tag, its length, then its bytes, or its path when it has no bytes, so a path-only
+  image is identified by its path and never by "no bytes").
+- `pixels`: the DECODED pixels, so a PNG and its lossless WebP/BMP/TIFF re-encode are duplicates
+  while their bytes differ. Each image is decoded with PIL (first frame, EXIF orientation not
+  applied, as `image_check` measures it), converted to RGBA when it has an alpha channel (or
+  palette/colour-key transparency) that is not fully opaque and to RGB otherwise (so L, P, CMYK,
+  I;16 and opaque RGBA all compare as the RGB picture they show), and hashed as mode, width,
+  height and the raw pixel bytes. Written to `pixel_hash` (string, 64 hex digits; SHA-256 of that
+  record, or of every image's record in order for several images). An image PIL cannot decode
+  (or larger than PIL's decompression-bomb limit) falls back to its file bytes, tagged so that it
+  can never equal a pixel record: this stage decides sameness, not usability (`image_check`
+  rejects broken images), and byte-identical broken files are still the same file. Pixel hashes of
+  lossy formats are comparable within one decoder build (JPEG decoders may differ in the last bit
+  between libjpeg versions), so compare `pixel_hash` columns written by the same environment.
+- `caption`: the caption text, normalised by `caption_norm` and written to `caption_hash` (string,
+  SHA-256 hex of the normalised UTF-8 text). The default, `casefold`, applies Unicode NFKC, case
+  folding, and collapses runs of whitespace to one space with the ends stripped: alt-text
+  boilerplate ("Stock Photo", "stock  photo ") repeats with incidental case and spacing
+  differences, which carry no meaning for training, while punctuation and digits are kept because
+  they can ("2 dogs" vs "3 dogs"). `whitespace` does the same without case folding; `exact`
+  compares the string as stored (version 1's behaviour for `image+caption`). A missing caption
+  counts as the empty one inside a combined key; with `key="caption"` alone, rows whose
+  caption is null, empty or blank are never duplicates of each other (caption_check rejects
+  them) and get a null `caption_hash`.
+
+Accepted keys: `image` (the default), `pixels`, `caption`, `image+caption`, `pixels+caption`.
+Rows without any image use their caption as their identity under the image and pixel keys (as in
+version 1), so text-only rows are deduplicated by their caption.
+
+A global stage: the rows are partitioned by the combined key (`stages.shuffle.map_groups`), so each
 duplicate group meets in one task and memory is bounded by a group, not by the dataset. The row
 with the smallest id in a group is kept (a stable rule: the same row survives every re-run); the
-others are rejected as `exact_dedup: duplicate (of <id>)`.
+others are rejected as `exact_dedup: duplicate (<key> of <kept id>)`, e.g.
+`exact_dedup: duplicate (pixels of r-0001)`; the default key keeps version 1's wording,
+`exact_dedup: duplicate (of <kept id>)`.
+
+Version 2 writes the hash columns of the parts the key uses (`image_sha256`, `pixel_hash`,
+`caption_hash`) on every row, kept or rejected, and adds the `pixels` and `caption` parts and
+`caption_norm`; with `caption_norm="exact"` the groups of the version 1 keys are unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
+import re
+import unicodedata
+import warnings
 
 import pyarrow as pa
+from PIL import Image
 
-from stages.base import GlobalContext, GlobalStage, param, reject
+from stages.base import GlobalContext, GlobalStage, param, put_column, reject
 from stages.shuffle import map_groups
 
 KEY_COLUMN = "_exact_key"
+IMAGE_HASH_COLUMN = "image_sha256"
+PIXEL_HASH_COLUMN = "pixel_hash"
+CAPTION_HASH_COLUMN = "caption_hash"
+#: Hash column written for each part of a key.
+PART_COLUMNS = {
+    "image": IMAGE_HASH_COLUMN,
+    "pixels": PIXEL_HASH_COLUMN,
+    "caption": CAPTION_HASH_COLUMN,
+}
+KEYS = ("image", "pixels", "caption", "image+caption", "pixels+caption")
+CAPTION_NORMS = ("casefold", "whitespace", "exact")
+_SPACES = re.compile(r"\s+")
 
 
 @dataclasses.dataclass(frozen=True)
 class ExactDedupParams:
-    key: str = param("image", "what must match: 'image' (image bytes) or 'image+caption'")
-
-
-def content_key(table: pa.Table, key: str) -> pa.Table:
-    """Append the content hash used to group duplicates; rows without images hash their caption."""
-    images = table.column("images").to_pylist()
-    captions = (
-        table.column("caption").to_pylist() if key == "image+caption" else [None] * table.num_rows
+    key: str = param(
+        "image",
+        "what must match: 'image' (image file bytes), 'pixels' (decoded pixels: lossless "
+        "re-encodes match), 'caption' (normalised caption), or 'image+caption', 'pixels+caption'",
     )
-    keys = []
+    caption_norm: str = param(
+        "casefold",
+        "caption normalisation before hashing: 'casefold' (NFKC, case folded, whitespace "
+        "collapsed), 'whitespace' (NFKC, whitespace collapsed) or 'exact' (as stored)",
+    )
+
+
+def key_parts(key: str) -> tuple[str, ...]:
+    return tuple(key.split("+"))
+
+
+def normalise_caption(text: str | None, norm: str = "casefold") -> str:
+    """The caption as compared under `norm` (see the module docstring); None becomes ""."""
+    if text is None:
+        return ""
+    if norm == "exact":
+        return text
+    text = _SPACES.sub(" ", unicodedata.normalize("NFKC", text)).strip()
+    return text.casefold() if norm == "casefold" else text
+
+
+def caption_hash(text: str | None, norm: str = "casefold") -> str:
+    return hashlib.sha256(normalise_caption(text, norm).encode()).hexdigest()
+
+
+def _record(tag: bytes, payload: bytes) -> bytes:
+    # Length-prefixed so that no concatenation of records can be mistaken for another.
+    return tag + len(payload).to_bytes(8, "little") + payload
+
+
+def _file_record(img: dict) -> bytes:
+    data = img.get("bytes")
+    if data:
+        return _record(b"\x00bytes", data)
+    return _record(b"\x00path", (img.get("path") or "").encode())
+
+
+def image_sha256(images: list[dict]) -> str:
+    """`image_sha256` of a row's images (see the module docstring)."""
+    if len(images) == 1 and images[0].get("bytes"):
+        return hashlib.sha256(images[0]["bytes"]).hexdigest()
+    h = hashlib.sha256()
+    for img in images:
+        h.update(_file_record(img))
+    return h.hexdigest()
+
+
+def _opaque(img: Image.Image) -> bool:
+    """True when the image has no alpha channel or transparency, or its alpha is all 255."""
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        alpha = img.convert("RGBA").getchannel("A")
+        return alpha.getextrema() == (255, 255)
+    return True
+
+
+def pixel_record(data: bytes | None) -> bytes | None:
+    """Mode, size and RGB(A) bytes of an image's first frame; None when it cannot be decoded."""
+    if not data:
+        return None
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between its limit and twice its limit; a bomb is undecodable here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                mode = "RGB" if _opaque(img) else "RGBA"
+                pixels = img.convert(mode)
+                head = mode.encode() + pixels.width.to_bytes(4, "little")
+                return head + pixels.height.to_bytes(4, "little") + pixels.tobytes()
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001 - untrusted bytes: any decoder failure means "not decodable"
+        return None
+
+
+def pixel_hash(images: list[dict]) -> str:
+    """`pixel_hash` of a row's images (see the module docstring)."""
+    records = []
+    for img in images:
+        pixels = pixel_record(img.get("bytes"))
+        records.append(_record(b"\x00pixels", pixels) if pixels is not None else _file_record(img))
+    if len(records) == 1:
+        return hashlib.sha256(records[0]).hexdigest()
+    h = hashlib.sha256()
+    for r in records:
+        h.update(hashlib.sha256(r).digest())
+    return h.hexdigest()
+
+
+def content_key(table: pa.Table, key: str, caption_norm: str = "casefold") -> pa.Table:
+    """Append the hash column of each part of `key` and the combined grouping key (KEY_COLUMN).
+
+    The grouping key is null for rows that are no one's duplicate (key `caption` alone, empty
+    caption); `resolve_group` keeps such rows.
+    """
+    parts = key_parts(key)
+    n = table.num_rows
+    images = table.column("images").to_pylist() if key != "caption" else [None] * n
+    captions = table.column("caption").to_pylist()
+    columns: dict[str, list[str | None]] = {PART_COLUMNS[p]: [] for p in parts}
+    keys: list[str | None] = []
     for imgs, cap in zip(images, captions, strict=True):
-        h = hashlib.sha256()
-        for img in imgs or []:
-            # An image stored only by path is identified by its path, never by "no bytes".
-            data = img.get("bytes")
-            data = b"\x00bytes" + data if data else b"\x00path" + (img.get("path") or "").encode()
-            h.update(len(data).to_bytes(8, "little"))
-            h.update(data)
-        if not imgs or key == "image+caption":
-            h.update(b"\x1ecaption\x1e" + (cap or "").encode())
-        keys.append(h.hexdigest())
-    return table.append_column(KEY_COLUMN, pa.array(keys, pa.string()))
+        combined = hashlib.sha256()
+        for part in parts:
+            if part == "caption":
+                if key == "caption" and not normalise_caption(cap, caption_norm).strip():
+                    value = None
+                else:
+                    value = caption_hash(cap, caption_norm)
+            elif not imgs:
+                value = None
+            else:
+                value = image_sha256(imgs) if part == "image" else pixel_hash(imgs)
+            columns[PART_COLUMNS[part]].append(value)
+            combined.update(f"\x1e{part}:{value}".encode())
+        if "caption" not in parts and not imgs:
+            # A row without images is identified by its caption, as in version 1.
+            combined.update(b"\x1ecaption:" + caption_hash(cap, caption_norm).encode())
+        no_identity = key == "caption" and columns[CAPTION_HASH_COLUMN][-1] is None
+        keys.append(None if no_identity else combined.hexdigest())
+    for name, values in columns.items():
+        table = put_column(table, name, pa.array(values, pa.string()))
+    return put_column(table, KEY_COLUMN, pa.array(keys, pa.string()))
 
 
-def resolve_group(group: pa.Table) -> pa.Table:
-    """Keep one row of a duplicate group (the first with the smallest id), reject the others."""
+def resolve_group(group: pa.Table, key: str = "image") -> pa.Table:
+    """Keep one row of a duplicate group (the first with the smallest id), reject the others.
+
+    Rows with a null grouping key arrive as one group of their own and are all kept.
+    """
     ids = group.column("id").to_pylist()
+    if not ids or group.column(KEY_COLUMN).null_count:
+        return group.drop_columns([KEY_COLUMN])
     keep_at = min(range(len(ids)), key=lambda i: (ids[i], i))
     mask = [i != keep_at for i in range(len(ids))]
-    out = reject(group, mask, f"exact_dedup: duplicate (of {ids[keep_at]})")
+    what = "" if key == "image" else f"{key} "
+    out = reject(group, mask, f"exact_dedup: duplicate ({what}of {ids[keep_at]})")
     return out.drop_columns([KEY_COLUMN])
 
 
 class ExactDedup(GlobalStage):
-    """Exact duplicates by content hash; one row per group survives."""
+    """Exact duplicates by content hash (file bytes, decoded pixels, caption); one row per group."""
 
     name = "exact_dedup"
-    version = "1"
+    version = "2"
     Params = ExactDedupParams
 
     def check_params(self) -> None:
-        if self.params.key not in ("image", "image+caption"):
+        if self.params.key not in KEYS:
+            raise ValueError(f"exact_dedup: key must be one of {KEYS}, got {self.params.key!r}")
+        if self.params.caption_norm not in CAPTION_NORMS:
             raise ValueError(
-                f"exact_dedup: key must be 'image' or 'image+caption', got {self.params.key!r}"
+                f"exact_dedup: caption_norm must be one of {CAPTION_NORMS}, "
+                f"got {self.params.caption_norm!r}"
             )
 
     def run(self, ds, ctx: GlobalContext):
-        keyed = ds.map_batches(content_key, fn_args=(self.params.key,), batch_format="pyarrow")
+        p = self.params
+        keyed = ds.map_batches(content_key, fn_args=(p.key, p.caption_norm), batch_format="pyarrow")
         return map_groups(
             keyed,
             KEY_COLUMN,
             resolve_group,
+            fn_args=(p.key,),
             num_partitions=ctx.partitions(),
             num_rows=ctx.num_rows,
             num_cpus=ctx.num_cpus,
         )
 
 
-__all__ = ["ExactDedup", "ExactDedupParams", "content_key", "resolve_group"]
+__all__ = [
+    "ExactDedup",
+    "ExactDedupParams",
+    "caption_hash",
+    "content_key",
+    "image_sha256",
+    "normalise_caption",
+    "pixel_hash",
+    "resolve_group",
+]
