@@ -88,7 +88,7 @@ def _reduce(key: str, fn: Callable[..., pa.Table], fn_args: tuple, *tables: pa.T
     table = _concat(tables)
     if not table.num_rows:
         return fn(table, *fn_args)
-    order = pc.sort_indices(table, sort_keys=[(key, "ascending")], null_placement="at_end")
+    order = pc.sort_indices(table, sort_keys=[(key, "ascending")])  # nulls last: the default
     table = table.take(order)
     outs = [fn(table.slice(a, b - a), *fn_args) for a, b in group_bounds(table.column(key))]
     return pa.concat_tables(outs, promote_options="default")
