@@ -6,7 +6,8 @@ A synthetic mixture of `--rows` rows (id, source, caption, a tenth of them text-
 `images`) over `--sources` sources whose sizes fall off as a power law (the largest about 100x
 the smallest, as in instruction pools), written as 8 Parquet shards. Printed, in rows/s:
 
-- the stage through the runner for three settings: per-source cap; cap + size-tempered total;
+- the floor: a global stage through the runner that marks nothing (one read, one write);
+- the stage through the runner for four settings: per-source cap; cap + size-tempered total;
   cap + total + text-only share; and concept balancing over a 2,000-entry vocabulary. The rate
   is rows / the stage's own seconds from its manifest (reads, every counting pass, the marking
   pass, writing kept and rejected shards);
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.runner import Pipeline, Runner, ensure_ray  # noqa: E402
 from stages.balance import Balance, balance_targets  # noqa: E402
+from stages.base import GlobalContext, GlobalStage, reject  # noqa: E402
 from stages.schema import conform  # noqa: E402
 from stages.select import uniform_key  # noqa: E402
 
@@ -85,6 +87,19 @@ def baseline(folder: Path, cap: int, total: int, seed: int) -> float:
     return time.perf_counter() - start
 
 
+def _keep_all(batch: pa.Table) -> pa.Table:
+    return reject(batch, np.zeros(batch.num_rows, bool), "")
+
+
+class KeepAll(GlobalStage):
+    """The floor: a global stage that reads, marks nothing and writes, in one pass."""
+
+    name = "keep_all"
+
+    def run(self, ds, ctx: GlobalContext):
+        return ds.map_batches(_keep_all, batch_format="pyarrow")
+
+
 def run_stage(pool: Path, work: Path, stage: Balance, label: str, rows: int) -> float:
     out = work / f"out-{label}"
     runner = Runner(Pipeline(label, [stage]), str(pool), str(out), progress=False)
@@ -126,6 +141,7 @@ def main() -> None:
             progress=False,
         ).run()
         print("stage through the runner:")
+        floor = run_stage(pool, work, KeepAll(), "floor: read + write, no rule", args.rows)
         timings = {
             "cap": run_stage(pool, work, Balance(cap=cap), "cap", args.rows),
             "cap+total": run_stage(
@@ -153,6 +169,10 @@ def main() -> None:
             f"{args.rows / base:,.0f} rows/s; driver peak RSS {peak:.2f} GiB"
         )
         print(f"ratio stage / baseline (cap+total): {timings['cap+total'] / base:.2f}x the time")
+        print(
+            "stage seconds beyond the read + write floor: "
+            + ", ".join(f"{k} {v - floor:.1f} s" for k, v in timings.items())
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -342,6 +342,15 @@ class Grouping:
     by_kind: bool = False
     concepts: ConceptRule | None = None
 
+    def columns(self, by_kind: bool | None = None) -> list[str]:
+        """The columns `groups` reads (with `by_kind` overriding the grouping's own)."""
+        out = ["id", self.source_column]
+        if self.by_kind if by_kind is None else by_kind:
+            out.append("images")
+        if self.concepts is not None:
+            out += ["caption", "conversations"]
+        return out
+
     def groups(self, batch: pa.Table) -> tuple[np.ndarray, list[Group]]:
         """(group index per row, -1 for rows in no group; the groups the indices name)."""
         col = batch.column(self.source_column).combine_chunks().cast(pa.string())
@@ -361,6 +370,15 @@ class Grouping:
         return idx, names
 
 
+def _project(ds: Any, columns: list[str]) -> Any:
+    """Only `columns` of `ds` (those it has): a counting pass then reads no image bytes, since
+    Ray pushes the projection down into the Parquet read."""
+    schema = ds.schema()
+    names = list(schema.names) if schema is not None else []
+    wanted = [c for c in dict.fromkeys(columns) if c in names] or names[:1]
+    return ds.select_columns(wanted) if names and wanted != names else ds
+
+
 def _sizes_pass(batch: pa.Table, grouping: Grouping) -> pa.Table:
     """Rows per (source, kind) that the concept rule keeps."""
     idx, names = dataclasses.replace(grouping, by_kind=True).groups(batch)
@@ -378,9 +396,10 @@ def _sizes_pass(batch: pa.Table, grouping: Grouping) -> pa.Table:
 def group_sizes(ds: Any, grouping: Grouping) -> dict[tuple[str | None, str], int]:
     """Rows per (source, kind) in one pass over `ds` (rows the concept rule rejects left out)."""
     sizes: dict[tuple[str | None, str], int] = {}
-    for b in ds.map_batches(_sizes_pass, fn_args=(grouping,), batch_format="pyarrow").iter_batches(
-        batch_size=None, batch_format="pyarrow"
-    ):
+    counts = _project(ds, grouping.columns(by_kind=True)).map_batches(
+        _sizes_pass, fn_args=(grouping,), batch_format="pyarrow"
+    )
+    for b in counts.iter_batches(batch_size=None, batch_format="pyarrow"):
         cols = (b.column(c).to_pylist() for c in ("source", "kind", "n"))
         for s, kind, n in zip(*cols, strict=True):
             sizes[(s, kind)] = sizes.get((s, kind), 0) + n
@@ -476,7 +495,7 @@ def find_group_cutoffs(
         brackets = {g: [(r, *_bracket(r, sizes[g], margin)) for r in rs] for g, rs in todo.items()}
         before: dict[tuple[Group, int], int] = {}
         inside: dict[tuple[Group, int], list[Cutoff]] = {}
-        counts = ds.map_batches(
+        counts = _project(ds, grouping.columns()).map_batches(
             _count_pass, fn_args=(grouping, seed, brackets, numbers), batch_format="pyarrow"
         )
         for b in counts.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -748,7 +767,8 @@ class Balance(GlobalStage):
         p = self.params
         vocab = load_vocabulary(p.concepts)
         counts = np.zeros(len(vocab.entries), np.int64)
-        for b in ds.map_batches(
+        texts = _project(ds, ["caption", "conversations"])
+        for b in texts.map_batches(
             _concept_count_pass, fn_args=(vocab, p.concept_text), batch_format="pyarrow"
         ).iter_batches(batch_size=None, batch_format="pyarrow"):
             np.add.at(counts, b.column("entry").to_numpy(), b.column("n").to_numpy())
@@ -798,9 +818,11 @@ class Balance(GlobalStage):
         }
         by_kind = dataclasses.replace(by_source, by_kind=True)
         survivors: dict[tuple, int] = dict.fromkeys(kind_sizes, 0)
-        for b in ds.map_batches(
-            _survivors_pass, fn_args=(by_kind, p.seed, cuts), batch_format="pyarrow"
-        ).iter_batches(batch_size=None, batch_format="pyarrow"):
+        for b in (
+            _project(ds, by_kind.columns())
+            .map_batches(_survivors_pass, fn_args=(by_kind, p.seed, cuts), batch_format="pyarrow")
+            .iter_batches(batch_size=None, batch_format="pyarrow")
+        ):
             cols = (b.column(c).to_pylist() for c in ("source", "kind", "n"))
             for s, kind, n in zip(*cols, strict=True):
                 survivors[(s, kind)] += n
