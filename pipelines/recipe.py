@@ -143,6 +143,12 @@ def build_parser(pipeline: Pipeline, default_output: str) -> argparse.ArgumentPa
     parser.add_argument(
         "--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)"
     )
+    parser.add_argument(
+        "--basic-filter",
+        action="store_true",
+        help="run pipelines/basic_filter.py's stages (image and caption filters, language, NSFW, "
+        "exact and perceptual duplicates) in front of this recipe",
+    )
     parser.add_argument("--describe", action="store_true", help="print the pipeline and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress lines or funnel")
     parser.add_argument("--verbose", action="store_true", help="show the full traceback on errors")
@@ -180,6 +186,12 @@ def main(
     pipeline: Pipeline, argv: Sequence[str] | None = None, default_output: str | None = None
 ) -> int:
     """Parse the command line, run the pipeline, print the funnel. Returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--basic-filter" in argv:
+        # Before the parser is built: the filter's stages bring their own --<stage>.<param> flags.
+        from pipelines.basic_filter import with_basic_filter
+
+        pipeline = with_basic_filter(pipeline)
     parser = build_parser(pipeline, default_output or f"warren-out/{pipeline.name}")
     args = parser.parse_args(argv)
     try:
