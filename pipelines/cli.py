@@ -6,6 +6,8 @@ warren describe demo
 warren mixture pipelines/mixtures/demo.yaml   # same flags as python pipelines/mixture.py
 warren export OUT/03-export_check --format llava --to exports/llava [--overwrite]
 warren export OUT --format sharegpt --to exports/lf --name my_data   # OUT: its final stage
+warren report OUT [--to report.html] [--seed 0]   # the run's HTML report (OUT/report.html)
+warren explain OUT ID                          # one row's journey: stages, scores, its removal
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from collections.abc import Sequence
 
 import pipelines
 
-# mixture.py takes a spec, not a fixed pipeline: `warren mixture SPEC.yaml` runs it.
-NOT_RECIPES = {"cli", "recipe", "runner", "mixture"}
+# mixture.py takes a spec, not a fixed pipeline: `warren mixture SPEC.yaml` runs it; report.py
+# and explain.py read a run's output.
+NOT_RECIPES = {"cli", "recipe", "runner", "mixture", "report", "explain"}
 
 
 def recipe_names() -> list[str]:
@@ -65,6 +68,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     exp.add_argument("--to", required=True, dest="dest", help="the folder to write")
     exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --to folder")
     exp.add_argument("--name", help="sharegpt: the dataset's name in dataset_info.json")
+    rep = sub.add_parser(
+        "report", help="write the HTML report of a run's output (funnel, histograms, galleries)"
+    )
+    rep.add_argument("output", help="a run's output folder")
+    rep.add_argument("--to", dest="dest", help="the HTML file (default: OUTPUT/report.html)")
+    rep.add_argument("--seed", type=int, default=0, help="seed of the gallery samples")
+    why = sub.add_parser(
+        "explain", help="print one row's journey through a run: stages, scores, why it was removed"
+    )
+    why.add_argument("output", help="a run's output folder")
+    why.add_argument("id", help="the row's id")
     args, rest = parser.parse_known_args(argv)
     if args.command == "recipes":
         for name in recipe_names():
@@ -79,6 +93,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return mixture_main([args.spec, *rest])
     if args.command == "export":
         return export_main(args)
+    if args.command == "report":
+        from pipelines.report import main as report_main
+
+        seed = ["--seed", str(args.seed)]
+        return report_main([args.output, *seed, *(["--to", args.dest] if args.dest else [])])
+    if args.command == "explain":
+        from pipelines.explain import main as explain_main
+
+        return explain_main([args.output, args.id])
     module = load_recipe(args.recipe)
     from pipelines.recipe import main as recipe_main
 

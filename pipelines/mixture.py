@@ -188,7 +188,8 @@ USAGE = """usage: mixture.py SPEC.yaml [--output DIR] [--export-format llava|sha
                   [--export-to DIR] [--overwrite-export] [--no-export] [recipe flags]
 
 Recipe flags (see `mixture.py SPEC.yaml --help` for the stage flags of a spec): --force,
---from STAGE, --only STAGE, --num-cpus N, --describe, --quiet, --verbose, --<stage>.<param>."""
+--from STAGE, --only STAGE, --num-cpus N, --describe, --quiet, --verbose, --no-report,
+--<stage>.<param>."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

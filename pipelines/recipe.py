@@ -2,7 +2,8 @@
 
 `python pipelines/<recipe>.py --help` lists the runner's flags and one `--<stage>.<param>` flag per
 stage parameter, with the default and help text declared on the dataclass field: a default lives
-in one place.
+in one place. After a run it writes `OUTPUT/report.html` (`pipelines.report`) and prints its path;
+`--no-report` skips it.
 """
 
 from __future__ import annotations
@@ -151,6 +152,11 @@ def build_parser(pipeline: Pipeline, default_output: str) -> argparse.ArgumentPa
     )
     parser.add_argument("--describe", action="store_true", help="print the pipeline and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress lines or funnel")
+    parser.add_argument(
+        "--no-report",
+        action="store_true",
+        help="do not write OUTPUT/report.html (the funnel, score histograms and galleries)",
+    )
     parser.add_argument("--verbose", action="store_true", help="show the full traceback on errors")
     add_stage_flags(parser, pipeline.stages, pipeline.demo_params)
     return parser
@@ -221,4 +227,25 @@ def main(
         if not isinstance(exc, (PipelineError, InputError, SchemaError)):
             print("(run with --verbose for the traceback)", file=sys.stderr)
         return 2
+    if not args.no_report:
+        _write_report(args.output, args.verbose)
     return 0
+
+
+def _write_report(output: str, verbose: bool) -> None:
+    """The run's HTML report; the data is what the run is for, so a report that cannot be
+    written is a warning, never a failed run."""
+    try:
+        from pipelines.report import write_report
+
+        print(f"report: {write_report(output)}", flush=True)
+    except Exception as exc:  # matplotlib missing, a full disk, a bug in the report: warn only
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(
+            f"warning: the run finished but its report could not be written: "
+            f"{type(exc).__name__}: {exc} (retry with `warren report {output}`)",
+            file=sys.stderr,
+        )
