@@ -124,7 +124,8 @@ def build_parser(pipeline: Pipeline, default_output: str) -> argparse.ArgumentPa
     parser.add_argument(
         "--input-format",
         default=None,
-        help="parquet, img2dataset, llava_json, image_folder, hf_datasets (default: detected)",
+        help="parquet, img2dataset, llava_json, image_folder, hf_datasets, coco, mixture, "
+        "download (a URL table: fetched with img2dataset first) (default: detected)",
     )
     parser.add_argument(
         "--input-option",

@@ -338,6 +338,10 @@ class Runner:
         from stages.readers import get_reader
 
         self.reader = reader or get_reader(input_format, input_uri, **(reader_options or {}))
+        # A reader with a cache of its own (download) keeps it under the run's output.
+        bind_output = getattr(self.reader, "bind_output", None)
+        if bind_output is not None:
+            bind_output(self.output)
         self.force = force
         self.progress = progress
         self.num_cpus = num_cpus

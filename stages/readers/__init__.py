@@ -17,6 +17,7 @@ import pyarrow.fs as pafs
 from stages.readers.base import InputError, Reader, ReadUnit
 from stages.readers.coco import CocoReader, is_captions_file
 from stages.readers.columns import open_parquet_schema
+from stages.readers.download import TABLE_KINDS, DownloadReader, is_url_table
 from stages.readers.hf_datasets import HFDatasetsReader
 from stages.readers.image_folder import IMAGE_SUFFIXES, ImageFolderReader
 from stages.readers.img2dataset import Img2DatasetReader
@@ -35,6 +36,7 @@ READERS: dict[str, type[Reader]] = {
         HFDatasetsReader,
         CocoReader,
         MixtureReader,
+        DownloadReader,
     )
 }
 
@@ -46,6 +48,7 @@ _IMG2DATASET_COLUMNS = ("key", "status")
 __all__ = [
     "READERS",
     "CocoReader",
+    "DownloadReader",
     "HFDatasetsReader",
     "ImageFolderReader",
     "Img2DatasetReader",
@@ -75,9 +78,12 @@ def get_reader(format: str | None, uri: str, **options: Any) -> Reader:
 
 
 def _parquet_format(fs: pafs.FileSystem, path: str) -> str:
-    """img2dataset when the Parquet file has img2dataset's `key` and `status` columns."""
+    """img2dataset when the Parquet file has img2dataset's `key` and `status` columns; download
+    when it is a URL table (a url column, no image column)."""
     schema, _ = open_parquet_schema("detect_format", fs, path)
-    return "img2dataset" if all(c in schema.names for c in _IMG2DATASET_COLUMNS) else "parquet"
+    if all(c in schema.names for c in _IMG2DATASET_COLUMNS):
+        return "img2dataset"
+    return "download" if is_url_table(fs, path) else "parquet"
 
 
 def detect_format(uri: str) -> str:
@@ -86,6 +92,8 @@ def detect_format(uri: str) -> str:
     - `captions_*.json` file -> coco; other `*.json` / `*.jsonl` file -> llava_json;
       `*.yaml` / `*.yml` file -> mixture (a mixture spec, `stages.mixture_spec`);
       `*.parquet` file -> as a folder of one file; `*.tar` file -> img2dataset;
+    - a URL table (`.parquet`, `.csv`, `.tsv`, JSON-lines `.jsonl`/`.json`; file or folder) with a
+      `url`/`URL` column and no image column -> download (fetched with img2dataset);
     - folder with `state.json` or `dataset_dict.json` -> hf_datasets;
     - folder with a LLaMA-Factory `dataset_info.json` ({name: {"file_name": ...}}) -> llava_json
       (it reads the files the entries name); any other `dataset_info.json` -> hf_datasets;
@@ -104,6 +112,8 @@ def detect_format(uri: str) -> str:
         name = loc.path.lower()
         if is_captions_file(name):
             return "coco"
+        if name.endswith((*TABLE_KINDS, ".json")) and is_url_table(loc.fs, loc.path):
+            return "download"
         if name.endswith((".json", ".jsonl")):
             return "llava_json"
         if name.endswith((".yaml", ".yml")):
@@ -127,6 +137,9 @@ def detect_format(uri: str) -> str:
     parquets = [f.path for f in list_files(loc, (".parquet",))]
     if parquets:
         return _parquet_format(loc.fs, parquets[0])
+    tables = [f.path for f in list_files(loc, (".csv", ".tsv", ".jsonl", ".json"))]
+    if tables and is_url_table(loc.fs, tables[0]):
+        return "download"
     # Before images: a COCO root holds both its image folders and annotations/captions_*.json.
     if any(is_captions_file(p) for p in paths):
         return "coco"

@@ -172,6 +172,17 @@ class Img2DatasetReader(Reader):
         else:
             yield from self._read_parquet(unit.path)
 
+    # Hooks for readers that run img2dataset themselves (stages.readers.download): they give ids
+    # of their own and finer rejection reasons, and share the rest of the conversion.
+
+    def _prepare(self, raw: pa.Table) -> pa.Table:
+        """A raw metadata batch before conversion; `key` becomes the id."""
+        return raw
+
+    def _failure_reasons(self, raw: pa.Table) -> pa.Array:
+        """The rejection reason of each row of a raw batch; null for a downloaded sample."""
+        return failure_reasons(raw.column("status").combine_chunks(), _column(raw, "error_message"))
+
     def _finish(self, table: pa.Table, path: str) -> pa.Table:
         return finish(
             table, self.source, "source" in self.options, file_uri(self.location.fs, path)
@@ -186,15 +197,13 @@ class Img2DatasetReader(Reader):
             mapping = _mapping(image_col)
             conversions = mapping.resolve(schema, file_uri(fs, path))
             for batch in pf.iter_batches(batch_size=self.batch_size):
-                raw = pa.Table.from_batches([batch])
+                raw = self._prepare(pa.Table.from_batches([batch]))
                 keys = pc.cast(raw.column("key"), pa.string())
                 paths = None
                 if image_col is not None:
                     paths = pc.binary_join_element_wise(keys, f".{image_col}", "")
                 table = mapping.apply(raw, conversions, image_paths=paths)
-                reasons = failure_reasons(
-                    raw.column("status").combine_chunks(), _column(raw, "error_message")
-                )
+                reasons = self._failure_reasons(raw)
                 no_image = pc.equal(pc.list_value_length(table.column("images")), 0)
                 missing = pc.binary_join_element_wise("img2dataset: missing image (", keys, ")", "")
                 reasons = pc.if_else(pc.and_(pc.is_null(reasons), no_image), missing, reasons)
