@@ -185,6 +185,16 @@ def reject(table: pa.Table, mask: Any, reasons: Any) -> pa.Table:
     return table.append_column(REJECT_COLUMN, new)
 
 
+def beyond(value: float, threshold: float) -> str:
+    """`value` for a reason, with enough decimals that it never prints equal to the threshold it
+    broke (0.50003 > 0.5 must not read "0.5 > 0.5")."""
+    for digits in range(2, 8):
+        text = f"{value:.{digits}f}"
+        if float(text) != threshold:
+            return text.rstrip("0").rstrip(".")
+    return repr(value)
+
+
 def reason_key(reason: str) -> str:
     """The rule and category of a reason, used to group rejections in the funnel.
 

@@ -58,7 +58,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stages.base import BatchStage, param, put_columns, reject
+from stages.base import BatchStage, beyond, param, put_columns, reject
 
 RULE = "caption_filter"
 _NULL_INT = pa.scalar(None, pa.int32())
@@ -271,13 +271,13 @@ class CaptionFilter(BatchStage):
         if p.max_char_rep_ratio and char_rep > p.max_char_rep_ratio:
             return (
                 f"{RULE}: repeated characters (char_rep_ratio "
-                f"{_fmt(char_rep, p.max_char_rep_ratio)} > max_char_rep_ratio "
+                f"{beyond(char_rep, p.max_char_rep_ratio)} > max_char_rep_ratio "
                 f"{p.max_char_rep_ratio:g})"
             )
         if p.max_word_rep_ratio and word_rep > p.max_word_rep_ratio:
             return (
                 f"{RULE}: repeated words (word_rep_ratio "
-                f"{_fmt(word_rep, p.max_word_rep_ratio)} > max_word_rep_ratio "
+                f"{beyond(word_rep, p.max_word_rep_ratio)} > max_word_rep_ratio "
                 f"{p.max_word_rep_ratio:g})"
             )
         return None
@@ -324,12 +324,3 @@ def _strip_non_letters(word: str) -> str:
     while end > start and unicodedata.category(word[end - 1])[0] not in "LM":
         end -= 1
     return word[start:end]
-
-
-def _fmt(value: float, threshold: float) -> str:
-    """`value` with enough decimals that it never prints equal to the threshold it broke."""
-    for digits in range(2, 8):
-        text = f"{value:.{digits}f}"
-        if float(text) != threshold:
-            return text.rstrip("0").rstrip(".")
-    return repr(value)

@@ -65,7 +65,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from stages.base import BatchStage, param, put_columns, reject
+from stages.base import BatchStage, beyond, param, put_columns, reject
 from stages.image_check import EXCLUDED_FORMATS, with_index
 
 RULE = "image_filter"
@@ -281,7 +281,7 @@ class ImageFilter(BatchStage):
                     if s.blank_share > p.max_blank_share:
                         s.reason = (
                             f"{RULE}: blank image (blank_share "
-                            f"{_fmt(s.blank_share, p.max_blank_share)} > max_blank_share "
+                            f"{beyond(s.blank_share, p.max_blank_share)} > max_blank_share "
                             f"{p.max_blank_share:g})"
                         )
         except MemoryError:
@@ -311,7 +311,7 @@ class ImageFilter(BatchStage):
             return f"{RULE}: unreadable image (size {w}x{h})"
         if p.max_aspect_ratio and aspect > p.max_aspect_ratio:
             return (
-                f"{RULE}: extreme aspect ratio (aspect_ratio {_fmt(aspect, p.max_aspect_ratio)} "
+                f"{RULE}: extreme aspect ratio (aspect_ratio {beyond(aspect, p.max_aspect_ratio)} "
                 f"> max_aspect_ratio {p.max_aspect_ratio:g})"
             )
         return None
@@ -380,12 +380,3 @@ def _worst(current, new, pick):
     if new is None:
         return current
     return new if current is None else pick(current, new)
-
-
-def _fmt(value: float, threshold: float) -> str:
-    """`value` with enough decimals that it never prints equal to the threshold it broke."""
-    for digits in range(2, 8):
-        text = f"{value:.{digits}f}"
-        if float(text) != threshold:
-            return text.rstrip("0").rstrip(".")
-    return repr(value)

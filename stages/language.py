@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stages.base import BatchStage, param, put_columns, reject
+from stages.base import BatchStage, beyond, param, put_columns, reject
 from stages.schema import IMAGE_MARKER
 
 RULE = "language"
@@ -141,7 +141,7 @@ class Language(BatchStage):
                 reasons[i] = f"{RULE}: not wanted (lang {lang}, score {score:.2f}; want {want})"
             elif score < p.min_score:
                 reasons[i] = (
-                    f"{RULE}: low confidence (lang {lang}, score {_fmt(score, p.min_score)} < "
+                    f"{RULE}: low confidence (lang {lang}, score {beyond(score, p.min_score)} < "
                     f"min_score {p.min_score:g})"
                 )
         mask = np.array([r is not None for r in reasons], dtype=bool)
@@ -167,12 +167,3 @@ def row_texts(batch: pa.Table) -> list[str | None]:
         joined = " ".join(parts).strip()
         texts[i] = joined or None
     return texts
-
-
-def _fmt(value: float, threshold: float) -> str:
-    """`value` with enough decimals that it never prints equal to the threshold it broke."""
-    for digits in range(2, 8):
-        text = f"{value:.{digits}f}"
-        if float(text) != threshold:
-            return text.rstrip("0").rstrip(".")
-    return repr(value)
