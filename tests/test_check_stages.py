@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import struct
 import time
 import zlib
 
-import numpy as np
 import pyarrow as pa
 import pytest
+from crafted_images import encode, noise, png_chunk
 from PIL import Image, ImageFile
 
 from stages.base import reason_key
@@ -19,21 +18,6 @@ from stages.schema import REJECT_COLUMN, image_value, rows_to_table, validate
 
 # ---------------------------------------------------------------------------------------------
 # inputs
-
-
-def encode(img: Image.Image, fmt: str, **save: object) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **save)
-    return buf.getvalue()
-
-
-def noise(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def png_chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
 
 def png_claiming(width: int, height: int) -> bytes:

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import skimage.data
+from crafted_images import encode, noise, png_chunk
 from PIL import Image, ImageDraw, ImageFile
 
 from stages.image_check import ImageCheck
@@ -21,23 +22,8 @@ from stages.schema import REJECT_COLUMN, image_value, rows_to_table
 # inputs
 
 
-def encode(img: Image.Image, fmt: str = "PNG", **save: object) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **save)
-    return buf.getvalue()
-
-
-def noise(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
 def noise_png(width: int, height: int, seed: int = 0) -> bytes:
     return encode(noise(width, height, seed))
-
-
-def png_chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
 
 def png_claiming(width: int, height: int) -> bytes:
