@@ -55,7 +55,9 @@ import re
 import unicodedata
 import warnings
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from stages.base import GlobalContext, GlobalStage, param, put_column, reject
@@ -223,6 +225,29 @@ def resolve_group(group: pa.Table, key: str = "image") -> pa.Table:
     return out.drop_columns([KEY_COLUMN])
 
 
+def resolve_partition(
+    table: pa.Table, bounds: list[tuple[int, int]], key: str = "image"
+) -> pa.Table:
+    """`resolve_group` for every group of a key-sorted partition at once: groups of one row (most
+    of them) cost nothing, and the rejections are marked in one `reject` call."""
+    n = table.num_rows
+    mask = np.zeros(n, bool)
+    reasons: list[str | None] = [None] * n
+    if n:
+        ids = table.column("id").to_pylist()
+        valid = pc.is_valid(table.column(KEY_COLUMN)).to_numpy(zero_copy_only=False)
+        what = "" if key == "image" else f"{key} "
+        for a, b in bounds:
+            if b - a < 2 or not valid[a]:
+                continue
+            keep_at = min(range(a, b), key=lambda i: (ids[i], i))
+            reason = f"exact_dedup: duplicate ({what}of {ids[keep_at]})"
+            for i in range(a, b):
+                if i != keep_at:
+                    mask[i], reasons[i] = True, reason
+    return reject(table, mask, reasons).drop_columns([KEY_COLUMN])
+
+
 class ExactDedup(GlobalStage):
     """Exact duplicates by content hash (file bytes, decoded pixels, caption); one row per group."""
 
@@ -245,8 +270,9 @@ class ExactDedup(GlobalStage):
         return map_groups(
             keyed,
             KEY_COLUMN,
-            resolve_group,
+            resolve_partition,
             fn_args=(p.key,),
+            whole_partitions=True,
             num_partitions=ctx.partitions(),
             num_rows=ctx.num_rows,
             num_cpus=ctx.num_cpus,

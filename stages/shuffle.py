@@ -84,13 +84,18 @@ def group_bounds(keys: pa.ChunkedArray | pa.Array) -> list[tuple[int, int]]:
     return list(zip(starts.tolist(), stops.tolist(), strict=True))
 
 
-def _reduce(key: str, fn: Callable[..., pa.Table], fn_args: tuple, *tables: pa.Table) -> pa.Table:
+def _reduce(
+    key: str, fn: Callable[..., pa.Table], fn_args: tuple, whole: bool, *tables: pa.Table
+) -> pa.Table:
     table = _concat(tables)
     if not table.num_rows:
-        return fn(table, *fn_args)
+        return fn(table, [], *fn_args) if whole else fn(table, *fn_args)
     order = pc.sort_indices(table, sort_keys=[(key, "ascending")])  # nulls last: the default
     table = table.take(order)
-    outs = [fn(table.slice(a, b - a), *fn_args) for a, b in group_bounds(table.column(key))]
+    bounds = group_bounds(table.column(key))
+    if whole:
+        return fn(table, bounds, *fn_args)
+    outs = [fn(table.slice(a, b - a), *fn_args) for a, b in bounds]
     return pa.concat_tables(outs, promote_options="default")
 
 
@@ -103,8 +108,14 @@ def map_groups(
     num_partitions: int,
     num_rows: int,
     num_cpus: float,
+    whole_partitions: bool = False,
 ) -> Any:
-    """A Dataset of `fn(group, *fn_args)` for every group of rows of `ds` sharing `key`."""
+    """A Dataset of `fn(group, *fn_args)` for every group of rows of `ds` sharing `key`.
+
+    With `whole_partitions`, `fn(partition, bounds, *fn_args)` is called once per partition
+    instead, with the partition sorted by key and the (start, stop) rows of each of its groups:
+    for many tiny groups (exact duplicates are mostly groups of one) a call per group costs far
+    more than the work."""
     import ray
 
     refs = ds.to_arrow_refs()
@@ -120,5 +131,8 @@ def map_groups(
         out = split.remote(key, parts, *refs[bounds[r] : bounds[r + 1]])
         pieces.append(out if parts > 1 else [out])
     reduce = ray.remote(_reduce)
-    results = [reduce.remote(key, fn, fn_args, *[p[i] for p in pieces]) for i in range(parts)]
+    results = [
+        reduce.remote(key, fn, fn_args, whole_partitions, *[p[i] for p in pieces])
+        for i in range(parts)
+    ]
     return ray.data.from_arrow_refs(results)

@@ -34,6 +34,7 @@ from stages.exact_dedup import (
     ExactDedup,
     content_key,
     resolve_group,
+    resolve_partition,
 )
 from stages.phash_dedup import (
     DISTANCE_COLUMN,
@@ -554,3 +555,26 @@ def test_exact_dedup_pixels_through_ray_accounts_for_every_row(ray_session, enco
     )
     assert sum(r is not None for r in reasons.values()) == 6
     assert KEY_COLUMN not in out.column_names and PIXEL_HASH_COLUMN in out.column_names
+
+
+def test_resolving_a_whole_partition_equals_resolving_each_group():
+    """The per-partition resolver (one call for many mostly single-row groups) decides exactly as
+    the per-group rule: random keys with groups of 1-4 rows and null keys, in key order."""
+    import numpy as np
+    import pyarrow as pa
+
+    from stages.shuffle import group_bounds
+
+    rng = np.random.default_rng(4)
+    keys = [None if k < 0 else f"k{k:03d}" for k in rng.integers(-5, 60, 200).tolist()]
+    ids = [f"r{i:03d}" for i in rng.permutation(200).tolist()]
+    table = pa.table({"id": ids, KEY_COLUMN: pa.array(keys, pa.string())})
+    table = table.take(pa.compute.sort_indices(table, sort_keys=[(KEY_COLUMN, "ascending")]))
+    bounds = group_bounds(table.column(KEY_COLUMN))
+    for key in ("image", "pixels"):
+        whole = resolve_partition(table, bounds, key)
+        groups = [resolve_group(table.slice(a, b - a), key) for a, b in bounds]
+        each = pa.concat_tables(groups, promote_options="default")
+        assert whole.column("id").to_pylist() == each.column("id").to_pylist()
+        assert whole.column("_reject").to_pylist() == each.column("_reject").to_pylist()
+        assert sum(r is not None for r in whole.column("_reject").to_pylist()) > 20
