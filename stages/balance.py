@@ -406,14 +406,6 @@ def group_sizes(ds: Any, grouping: Grouping) -> dict[tuple[str | None, str], int
     return sizes
 
 
-def source_sizes(ds: Any, source_column: str = "source") -> dict[str | None, int]:
-    """Rows per source value (None for null sources), in one pass over `ds`."""
-    out: dict[str | None, int] = {}
-    for (s, _), n in group_sizes(ds, Grouping(source_column)).items():
-        out[s] = out.get(s, 0) + n
-    return out
-
-
 def _before(keys: np.ndarray, ids: np.ndarray, cut: Cutoff) -> np.ndarray:
     """Rows strictly before the cut-off row in (key, id) order."""
     ck, cid = cut
@@ -866,7 +858,6 @@ __all__ = [
     "load_vocabulary",
     "parse_vocabulary",
     "row_texts",
-    "source_sizes",
     "tempered_targets",
     "text_share_split",
 ]

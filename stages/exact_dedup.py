@@ -215,14 +215,7 @@ def resolve_group(group: pa.Table, key: str = "image") -> pa.Table:
 
     Rows with a null grouping key arrive as one group of their own and are all kept.
     """
-    ids = group.column("id").to_pylist()
-    if not ids or group.column(KEY_COLUMN).null_count:
-        return group.drop_columns([KEY_COLUMN])
-    keep_at = min(range(len(ids)), key=lambda i: (ids[i], i))
-    mask = [i != keep_at for i in range(len(ids))]
-    what = "" if key == "image" else f"{key} "
-    out = reject(group, mask, f"exact_dedup: duplicate ({what}of {ids[keep_at]})")
-    return out.drop_columns([KEY_COLUMN])
+    return resolve_partition(group, [(0, group.num_rows)], key)
 
 
 def resolve_partition(

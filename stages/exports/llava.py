@@ -35,6 +35,11 @@ def no_turns_error(fmt: str, row_id: str) -> ExportError:
     )
 
 
+def extra_fields(row: dict) -> dict:
+    """The row's `EXTRA_KEYS` that are not null, written beside the format's own keys."""
+    return {key: row[key] for key in EXTRA_KEYS if row.get(key) is not None}
+
+
 def item(row: dict, paths: list[str]) -> dict:
     """One LLaVA item from a canonical row and its exported image paths."""
     turns = row.get("conversations")
@@ -44,10 +49,7 @@ def item(row: dict, paths: list[str]) -> dict:
     if paths:
         out["image"] = paths[0] if len(paths) == 1 else paths
     out["conversations"] = [{"from": t["from"], "value": t["value"]} for t in turns]
-    for key in EXTRA_KEYS:
-        if row.get(key) is not None:
-            out[key] = row[key]
-    return out
+    return {**out, **extra_fields(row)}
 
 
 def export(src: StageFolder, dest: str, overwrite: bool = False, **options: Any) -> ExportReport:

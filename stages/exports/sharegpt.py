@@ -28,7 +28,7 @@ from typing import Any
 
 from stages.exports.base import ExportError, ExportReport, StageFolder, check_options
 from stages.exports.image_tree import export_with_image_tree
-from stages.exports.llava import EXTRA_KEYS, no_turns_error
+from stages.exports.llava import extra_fields, no_turns_error
 from stages.readers.columns import ROLE_TO_FROM
 from stages.shards import Location
 
@@ -69,10 +69,7 @@ def item(row: dict, paths: list[str]) -> dict:
         "images": paths,
         "id": row["id"],
     }
-    for key in EXTRA_KEYS:
-        if row.get(key) is not None:
-            out[key] = row[key]
-    return out
+    return {**out, **extra_fields(row)}
 
 
 def export(src: StageFolder, dest: str, overwrite: bool = False, **options: Any) -> ExportReport:
