@@ -544,7 +544,13 @@ CHECK_ROWS = {
         turns(("human", "q"), ("bot", "a")),
         "export_check: unknown role (turn 2 is 'bot')",
     ),
-    "no-turns": ([img(A, "a.png")], None, "export_check: no conversations"),
+    "no-turns": ([img(A, "a.png")], None, "export_check: no conversations"),  # and no caption
+    "caption-row": ([img(A, "a.png")], None, None),
+    "caption-two-images": (
+        [img(A, "a.png"), img(B, "b.png")],
+        None,
+        "export_check: no conversations",
+    ),
     "not-an-image": (
         [img(b"not an image at all", "a.png")],
         turns(("human", "<image>"), ("gpt", "a")),
@@ -586,7 +592,12 @@ CHECK_ROWS = {
 
 def run_export_check(**params) -> dict[str, str | None]:
     rows = [
-        {"id": k, "images": images, "conversations": conv, "caption": "c"}
+        {
+            "id": k,
+            "images": images,
+            "conversations": conv,
+            "caption": None if k == "no-turns" else "c",
+        }
         for k, (images, conv, _) in CHECK_ROWS.items()
     ]
     out = ExportCheck(**params).process(rows_to_table(rows))
