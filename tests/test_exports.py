@@ -325,7 +325,7 @@ def test_hf_export_loads_in_datasets_with_pil_images_and_no_markers(exports):
 # refusals
 
 
-def test_export_refuses_non_empty_dest_unsafe_paths_and_turnless_rows(stage, tmp_path):
+def test_export_refuses_non_empty_dest_unsafe_paths_and_textless_rows(stage, tmp_path):
     dest = tmp_path / "dest"
     dest.mkdir()
     (dest / "old.txt").write_text("keep me")
@@ -371,13 +371,12 @@ def test_export_refuses_non_empty_dest_unsafe_paths_and_turnless_rows(stage, tmp
         export(str(nobytes), "sharegpt", str(tmp_path / "n-lf"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "dest", "nobytes"]
 
-    captions = write_stage(
-        tmp_path / "captions", [{"id": "c1", "images": [img(A, "c.png")], "caption": "a cat"}], 1
-    )
-    with pytest.raises(ExportError, match="'c1' has no conversations"):
-        export(str(captions), "llava", str(tmp_path / "c-llava"))
-    export(str(captions), "hf", str(tmp_path / "c-hf"))
-    assert import_rows(tmp_path / "c-hf", "hf")["c1"]["caption"] == "a cat"
+    # A row with neither turns nor a caption is not written; a source of only such rows is an
+    # export of nothing: an error, and nothing is left behind.
+    textless = write_stage(tmp_path / "textless", [{"id": "t1", "images": [img(A, "t.png")]}], 1)
+    with pytest.raises(ExportError, match=r"exported 0 of 1 rows.*no conversations and no capt"):
+        export(str(textless), "llava", str(tmp_path / "t-llava"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "dest", "nobytes", "textless"]
 
 
 def test_cli_export_prints_the_report_and_exits_2_on_a_bad_source(stage, tmp_path, capsys):
