@@ -269,6 +269,7 @@ UNWRITABLE = [
     {"id": "blank", "images": [img(P2, "b.png")], "caption": " \n\t"},
     {"id": "no-image", "images": [], "caption": "a caption of nothing"},
     {"id": "no-text-2", "images": [], "conversations": []},
+    {"id": "marker", "images": [img(P3, "m.png")], "caption": "see <image> here"},
 ]
 
 
@@ -277,26 +278,27 @@ def test_rows_not_written_are_counted_by_reason_and_their_images_not_written(tmp
     rows = [*CAPTION_ROWS[:1], *UNWRITABLE, *CONVERSATION_ROWS]
     src = write_stage(tmp_path / "src", rows, files=2)
     report = export(str(src), fmt, str(tmp_path / fmt))
-    assert (report.rows, report.given) == (3, 7)
+    assert (report.rows, report.given) == (3, 8)
     assert report.skipped == {
         "no conversations and no caption": 2,
         "no conversations and a blank caption": 1,
         "caption row without an image": 1,
+        "caption holds an <image> marker (it would pair with no image)": 1,
     }
     summary = report.summary()
-    assert summary.startswith("exported 3 of 7 rows (1 from captions) and ")
-    assert "not exported: 4 rows:" in summary
+    assert summary.startswith("exported 3 of 8 rows (1 from captions) and ")
+    assert "not exported: 5 rows:" in summary
     assert "2 no conversations and no caption (e.g. 'no-text', 'no-text-2')" in summary
     assert sorted(import_rows(tmp_path / fmt, fmt)) == ["chat-2", "laion/0001", "vqa-1"]
     if fmt != "hf":
         files = {p.name for p in (tmp_path / fmt).rglob("*.png")}
-        assert "n.png" not in files and "b.png" not in files
+        assert not files & {"n.png", "b.png", "m.png"}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_an_export_of_no_rows_is_an_error_that_says_why_and_leaves_nothing(tmp_path, fmt):
     src = write_stage(tmp_path / "src", UNWRITABLE, files=2)
-    with pytest.raises(ExportError, match=r"exported 0 of 4 rows as \w+: 2 no conversations"):
+    with pytest.raises(ExportError, match=r"exported 0 of 5 rows as \w+: 2 no conversations"):
         export(str(src), fmt, str(tmp_path / fmt))
     empty = write_stage(tmp_path / "empty", [], files=1)
     with pytest.raises(ExportError, match="no kept rows to export"):
@@ -309,7 +311,7 @@ def test_cli_export_exits_2_on_no_rows_and_lists_what_it_skipped(tmp_path, capsy
     args = ["export", str(src), "--format", "llava", "--to", str(tmp_path / "out")]
     assert cli_main(args) == 2
     err = capsys.readouterr().err
-    assert "exported 0 of 4 rows as llava" in err and "caption row without an image" in err
+    assert "exported 0 of 5 rows as llava" in err and "caption row without an image" in err
     assert not (tmp_path / "out").exists()
 
     some = write_stage(tmp_path / "some", [*UNWRITABLE, CAPTION_ROWS[0]], files=1)
@@ -317,7 +319,7 @@ def test_cli_export_exits_2_on_no_rows_and_lists_what_it_skipped(tmp_path, capsy
     args = ["export", str(some), "--format", "sharegpt", "--to", str(tmp_path / "lf")]
     assert cli_main([*args, "--caption-template", "{instruction}\\n<image>"]) == 0
     out = capsys.readouterr().out
-    assert "exported 1 of 5 rows (1 from captions)" in out and "not exported: 4 rows" in out
+    assert "exported 1 of 6 rows (1 from captions)" in out and "not exported: 5 rows" in out
     item = json.loads((tmp_path / "lf" / "data.json").read_text(encoding="utf-8"))[0]
     assert item["messages"][0] == {
         "role": "user",

@@ -20,7 +20,8 @@ turn by the marker alone, so the instruction does not change what LLaVA's stage 
 template of just `"<image>"` writes that form. The caption itself is kept as it is (no stripping).
 
 Rows with conversations keep them (the caption, if any, rides along in the format's `caption`
-field). A row with neither turns nor a caption, or a caption row without an image, cannot be
+field). A row with neither turns nor a caption, a caption row without an image, or a caption
+holding an `<image>` marker (every loader would pair it with an image that is not there) cannot be
 written as a training example and is counted as not exported, with its reason.
 """
 
@@ -53,6 +54,7 @@ LLAVA_BRIEF_INSTRUCTIONS = (
 NO_TEXT = "no conversations and no caption"
 BLANK_CAPTION = "no conversations and a blank caption"
 NO_IMAGE = "caption row without an image"
+MARKER_IN_CAPTION = f"caption holds an {IMAGE_MARKER} marker (it would pair with no image)"
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 
 
@@ -110,6 +112,8 @@ def turns_of(row: dict, template: CaptionTemplate) -> list[dict]:
     n_images = len(row.get("images") or [])
     if n_images == 0:
         raise SkipRow(NO_IMAGE)
+    if IMAGE_MARKER in caption:
+        raise SkipRow(MARKER_IN_CAPTION)
     return [
         {"from": "human", "value": template.human_turn(row["id"], n_images)},
         {"from": "gpt", "value": caption},
