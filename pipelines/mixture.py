@@ -54,7 +54,7 @@ from stages.source_filter import SourceFilter
 BALANCE_KEYS_FROM_SOURCES = ("source_caps", "source_weights")
 
 
-def build_stages(spec: MixtureSpec, export_format: str | None = None) -> list[Stage]:
+def build_stages(spec: MixtureSpec) -> list[Stage]:
     """The mixture's stages, in order, from the spec (steps 2-5 of the module docstring)."""
     where = f"{spec.uri}"
     stages: list[Stage] = []
@@ -79,9 +79,7 @@ def build_stages(spec: MixtureSpec, export_format: str | None = None) -> list[St
     if balance:
         balance.setdefault("seed", spec.seed)
         stages.append(_make(Balance, balance, where))
-    # Every export format takes caption rows, so export_check runs with its defaults whatever the
-    # format (`export_format` is kept for callers that pass it).
-    del export_format
+    # Every export format takes caption rows, so export_check is the same whatever the format.
     stages.append(_make(ExportCheck, dict(spec.export_check), where))
     return stages
 
@@ -93,10 +91,10 @@ def _make(cls: type[Stage], params: dict[str, Any], where: str) -> Stage:
         raise SpecError(f"{where}: {cls.name}: {exc}") from exc
 
 
-def build_pipeline(spec: MixtureSpec, export_format: str | None = None) -> Pipeline:
+def build_pipeline(spec: MixtureSpec) -> Pipeline:
     return Pipeline(
         name=spec.name,
-        stages=build_stages(spec, export_format),
+        stages=build_stages(spec),
         description=spec.description or f"mixture of {len(spec.sources)} sources",
     )
 
@@ -220,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SpecError("an export needs both --export-format and --export-to")
         if export.get("caption_template") is not None:
             CaptionTemplate(export["caption_template"])  # a bad template fails before the run
-        pipeline = build_pipeline(spec, export.get("format"))
+        pipeline = build_pipeline(spec)
     except (SpecError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
