@@ -413,6 +413,26 @@ def test_has_values_finds_each_top_level_columns_leaves_in_nested_schemas(tmp_pa
                 assert src.has_values(column) == truth(tables, column), (k, orders, column)
 
 
+def test_has_values_counts_leaves_of_structs_maps_and_names_with_dots(tmp_path):
+    schema = pa.schema(
+        [
+            ("id", STRING),
+            ("x.y", pa.struct([("a", STRING), ("b", pa.list_(pa.int64()))])),
+            ("m", pa.map_(STRING, pa.list_(STRING))),
+            ("caption", STRING),
+            ("url", STRING),
+        ]
+    )
+    rows = [
+        {"id": "1", "x.y": None, "m": None, "caption": "c", "url": None},
+        {"id": "2", "x.y": {"a": None, "b": None}, "m": None, "caption": None, "url": None},
+    ]
+    tables = [pa.Table.from_pylist(rows, schema=schema)]
+    src = stage_of(tmp_path, tables)
+    for column in schema.names:
+        assert src.has_values(column) == truth(tables, column), column
+
+
 def test_has_values_decides_from_the_footer_when_it_can(tmp_path, monkeypatch):
     tables = [nested_table(CANONICAL, DEMO_ROWS)]
     src = stage_of(tmp_path, tables)

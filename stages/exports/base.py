@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -189,15 +190,16 @@ class StageFolder:
                 pf = pq.ParquetFile(f)
                 if column not in pf.schema_arrow.names:
                     continue
-                leaves = leaf_indices(pf.schema)[column]
                 meta = pf.metadata
+                mapping = leaf_indices(pf.schema_arrow)
+                # A type whose leaves we count wrong must never point at another column: then
+                # the column is read instead.
+                counted = sum(len(v) for v in mapping.values()) == meta.num_columns
+                leaves = mapping[column]
+                nested = pa.types.is_nested(pf.schema_arrow.field(column).type)
                 for g in range(meta.num_row_groups):
                     group = meta.row_group(g)
-                    verdict = _stats_verdict(
-                        group,
-                        leaves,
-                        nested=len(leaves) > 1 or (pf.schema.column(leaves[0]).path != column),
-                    )
+                    verdict = _stats_verdict(group, leaves, nested) if counted else None
                     if verdict is None:
                         table = pf.read_row_group(g, columns=[column])
                         verdict = table.column(0).null_count < group.num_rows
@@ -222,15 +224,31 @@ class StageFolder:
             )
 
 
-def leaf_indices(schema: pq.ParquetSchema) -> dict[str, list[int]]:
+def leaf_indices(schema: pa.Schema) -> dict[str, list[int]]:
     """Top-level column name -> the indices of its Parquet leaf columns (the indices a row
     group's column chunks have). A nested column has several leaves (`images` is
     `images.list.element.bytes` and `images.list.element.path`), so a top-level field's position
-    is not its leaf index."""
+    is not its leaf index. Leaves come depth first, field after field, so each field owns the
+    next run of as many leaves as its type has (names are never parsed: they may hold dots)."""
     out: dict[str, list[int]] = {}
-    for i in range(len(schema)):
-        out.setdefault(schema.column(i).path.split(".", 1)[0], []).append(i)
+    start = 0
+    for field in schema:
+        n = _leaf_count(field.type)
+        out[field.name] = list(range(start, start + n))
+        start += n
     return out
+
+
+def _leaf_count(t: pa.DataType) -> int:
+    if isinstance(t, pa.ExtensionType):
+        return _leaf_count(t.storage_type)
+    if pa.types.is_struct(t):
+        return sum(_leaf_count(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_map(t):
+        return _leaf_count(t.key_type) + _leaf_count(t.item_type)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _leaf_count(t.value_type)
+    return 1
 
 
 def _stats_verdict(group: pq.RowGroupMetaData, leaves: list[int], nested: bool) -> bool | None:
