@@ -4,10 +4,10 @@ LLaVA, LLaMA-Factory and TRL each assume the same few things of an instruction r
 worse, silently misalign images and text) when a row breaks them. This stage checks them on the
 canonical row and rejects the row with the first rule it breaks, in this order:
 
-1. `export_check: no conversations`: a caption-only row (null or empty `conversations`).
-   Instruction formats need turns. With `require_conversations=False` such rows pass (the `hf`
-   export takes them: a null `messages` and the caption in `caption`); rules 2-3 do not apply to
-   them, rules 4-5 still do.
+1. `export_check: no conversations`: a row with null or empty `conversations` that is not a
+   caption row (a caption that is not blank, at most one image: the exports write those as
+   LLaVA's pretraining pair). With `require_conversations=False` every such row passes; rules 2-3
+   do not apply to rows without turns, rules 4-5 still do.
 2. The turns: an optional single leading `system` turn, then `human` and `gpt` alternating,
    starting with `human` and ending with `gpt`; every value a non-empty string (whitespace alone
    counts as empty: a blank turn teaches nothing). Reasons, for the first bad turn:
@@ -79,6 +79,12 @@ def turn_problem(turns: list[dict] | None) -> str | None:
     return None
 
 
+def is_caption_row(caption: str | None, images: int) -> bool:
+    """A caption row (no turns needed): a caption that is not blank and at most one image; the
+    exports write it as LLaVA's pretraining pair (stages.exports.caption)."""
+    return isinstance(caption, str) and bool(caption.strip()) and images <= 1
+
+
 class ExportCheck(BatchStage):
     """Reject rows that break the instruction formats' rules: turns, markers, images, paths."""
 
@@ -92,6 +98,7 @@ class ExportCheck(BatchStage):
         p = self.params
         n = batch.num_rows
         conversations = batch.column("conversations").to_pylist()
+        captions = batch.column("caption").to_pylist()
         images = batch.column("images").combine_chunks()
         counts = pc.fill_null(pc.list_value_length(images), 0).to_numpy(zero_copy_only=False)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
@@ -116,7 +123,7 @@ class ExportCheck(BatchStage):
                     if problem is not None:
                         reasons[row] = f"{RULE}: {problem}"
                         continue
-                elif p.require_conversations:
+                elif p.require_conversations and not is_caption_row(captions[row], count):
                     reasons[row] = f"{RULE}: no conversations"
                     continue
                 reasons[row] = self._image_problem(decoder, blobs, paths, int(starts[row]), count)

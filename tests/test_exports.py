@@ -325,7 +325,7 @@ def test_hf_export_loads_in_datasets_with_pil_images_and_no_markers(exports):
 # refusals
 
 
-def test_export_refuses_non_empty_dest_unsafe_paths_and_turnless_rows(stage, tmp_path):
+def test_export_refuses_non_empty_dest_unsafe_paths_and_textless_rows(stage, tmp_path):
     dest = tmp_path / "dest"
     dest.mkdir()
     (dest / "old.txt").write_text("keep me")
@@ -371,13 +371,12 @@ def test_export_refuses_non_empty_dest_unsafe_paths_and_turnless_rows(stage, tmp
         export(str(nobytes), "sharegpt", str(tmp_path / "n-lf"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "dest", "nobytes"]
 
-    captions = write_stage(
-        tmp_path / "captions", [{"id": "c1", "images": [img(A, "c.png")], "caption": "a cat"}], 1
-    )
-    with pytest.raises(ExportError, match="'c1' has no conversations"):
-        export(str(captions), "llava", str(tmp_path / "c-llava"))
-    export(str(captions), "hf", str(tmp_path / "c-hf"))
-    assert import_rows(tmp_path / "c-hf", "hf")["c1"]["caption"] == "a cat"
+    # A row with neither turns nor a caption is not written; a source of only such rows is an
+    # export of nothing: an error, and nothing is left behind.
+    textless = write_stage(tmp_path / "textless", [{"id": "t1", "images": [img(A, "t.png")]}], 1)
+    with pytest.raises(ExportError, match=r"exported 0 of 1 rows.*no conversations and no capt"):
+        export(str(textless), "llava", str(tmp_path / "t-llava"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "dest", "nobytes", "textless"]
 
 
 def test_cli_export_prints_the_report_and_exits_2_on_a_bad_source(stage, tmp_path, capsys):
@@ -544,7 +543,13 @@ CHECK_ROWS = {
         turns(("human", "q"), ("bot", "a")),
         "export_check: unknown role (turn 2 is 'bot')",
     ),
-    "no-turns": ([img(A, "a.png")], None, "export_check: no conversations"),
+    "no-turns": ([img(A, "a.png")], None, "export_check: no conversations"),  # and no caption
+    "caption-row": ([img(A, "a.png")], None, None),
+    "caption-two-images": (
+        [img(A, "a.png"), img(B, "b.png")],
+        None,
+        "export_check: no conversations",
+    ),
     "not-an-image": (
         [img(b"not an image at all", "a.png")],
         turns(("human", "<image>"), ("gpt", "a")),
@@ -586,7 +591,12 @@ CHECK_ROWS = {
 
 def run_export_check(**params) -> dict[str, str | None]:
     rows = [
-        {"id": k, "images": images, "conversations": conv, "caption": "c"}
+        {
+            "id": k,
+            "images": images,
+            "conversations": conv,
+            "caption": None if k == "no-turns" else "c",
+        }
         for k, (images, conv, _) in CHECK_ROWS.items()
     ]
     out = ExportCheck(**params).process(rows_to_table(rows))
