@@ -7,8 +7,9 @@ a list of `ChatRequest`s and returns one `Result` per request, in order:
 - at most `max_concurrency` requests in flight, and at most `requests_per_minute` /
   `tokens_per_minute` (token buckets; tokens estimated before a call from `max_tokens` and the
   prompt, corrected after it from `usage`);
-- retries with exponential backoff and full jitter on 429, 408, 409, 5xx, connection errors and
-  time-outs, honouring `Retry-After` (seconds or HTTP date) and `retry-after-ms`, up to
+- retries with exponential backoff and full jitter on 429, 408, 409, 5xx, connection errors,
+  time-outs and 200 replies that are not a chat completion (truncated or non-JSON body, no
+  `choices`; named `endpoint error: malformed JSON in 200 reply from URL` when retries run out), honouring `Retry-After` (seconds or HTTP date) and `retry-after-ms`, up to
   `max_attempts` attempts of at most `timeout_s` each (the `openai` package's own retries are off);
 - a budget (`max_total_tokens`, `max_cost` at per-1k prices) that stops cleanly: a request is sent
   only when its worst case fits in what is left, requests not sent come back with
@@ -397,9 +398,30 @@ def backoff_s(attempt: int, config: ClientConfig, rng: random.Random) -> float:
 
 
 class _Retryable(Exception):
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, retry_after: float | None = None, *, malformed: bool = False
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        # A 200 reply whose body is not a chat completion (a proxy's error page, a body cut off
+        # mid-stream, JSON without `choices`): the server's fault, so retried like a 5xx.
+        self.malformed = malformed
+
+
+def _malformed_detail(response: Any) -> str | None:
+    """Why a parsed 200 reply is not a usable chat completion, or None when it is one.
+
+    With a body that is not JSON (`Content-Type: text/html`), the openai package returns the body
+    as a `str`; with JSON that lacks fields it builds the model anyway (`choices=None`)."""
+    if isinstance(response, (str, bytes)):
+        head = " ".join(str(response[:80]).split())
+        return f"body is not JSON: {head!r}"
+    choices = getattr(response, "choices", None)
+    if not choices:
+        return "JSON without choices"
+    if getattr(choices[0], "message", None) is None:
+        return "choice without message"
+    return None
 
 
 # --- the client ---------------------------------------------------------------------------------
@@ -494,6 +516,13 @@ class ChatClient:
                     )
                 except _Retryable as err:
                     if attempt >= config.max_attempts:
+                        if err.malformed:
+                            return self._failed(
+                                key,
+                                f"endpoint error: malformed JSON in 200 reply from "
+                                f"{self._endpoint()} after {attempt} tries ({err})",
+                                attempt,
+                            )
                         return self._failed(
                             key, f"gave up after {attempt} attempts: {err}", attempt
                         )
@@ -575,15 +604,24 @@ class ChatClient:
                     retry_after = parse_retry_after(getattr(err.response, "headers", None))
                     raise _Retryable(self._describe(err), retry_after) from None
                 raise
+            except (json.JSONDecodeError, openai.APIResponseValidationError) as err:
+                # A 200 whose JSON is cut off or broken: the openai package's parser raises
+                # json.JSONDecodeError (APIResponseValidationError under strict validation).
+                raise _Retryable(self._describe(err), malformed=True) from None
+        bad = _malformed_detail(response)
+        if bad is not None:
+            raise _Retryable(bad, malformed=True)
         usage = response.usage.model_dump(exclude_none=True) if response.usage else None
         if usage is not None:
             usage = {k: int(v) for k, v in usage.items() if isinstance(v, int)}
         if tpm is not None and usage and "total_tokens" in usage:
             tpm.adjust(est_tokens - usage["total_tokens"])
-        if not response.choices:
-            raise _Retryable("response without choices")
         choice = response.choices[0]
         return choice.message.content or "", choice.finish_reason, usage
+
+    def _endpoint(self) -> str:
+        base = str(self._openai.base_url) if self._openai is not None else self.config.base_url
+        return f"{(base or '').rstrip('/')}/chat/completions"
 
     def _describe(self, err: BaseException) -> str:
         status = getattr(err, "status_code", None)
