@@ -56,6 +56,7 @@ import numpy as np
 import pyarrow as pa
 
 from prompts import Prompt, PromptError, image_mime, load_prompt
+from stages import watchdog
 from stages.base import BatchStage, param, params_to_dict, put_columns, reject, stable_hash
 from stages.llm_client import (
     BUDGET_STOP,
@@ -301,6 +302,11 @@ class _GenerateStage(BatchStage):
 
     def prompts(self) -> dict[str, Prompt]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def setup(self) -> None:
+        # A worker whose run is gone (driver killed) stops sending at once and exits once its
+        # answers in flight are cached, instead of paying on until Ray notices.
+        watchdog.start()
 
     def check_params(self) -> None:
         self.client_config()  # ClientConfig validates limits and budget

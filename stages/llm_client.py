@@ -42,6 +42,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from stages import watchdog
+
 log = logging.getLogger(__name__)
 
 BUDGET_STOP = "not done: budget"
@@ -441,6 +443,9 @@ class ChatClient:
     async def __aenter__(self) -> ChatClient:
         import openai
 
+        # In a Ray worker: stop sending, and exit, once the run this worker serves is gone.
+        watchdog.start()
+
         # max_retries=0: retries are ours, so that they share the budget, the rate limiter and
         # the attempt count, and honour Retry-After the same way for every endpoint.
         self._openai = openai.AsyncOpenAI(
@@ -510,104 +515,106 @@ class ChatClient:
             attempt = 0
             while True:
                 attempt += 1
-                try:
-                    text, finish_reason, usage = await self._attempt(
-                        request, slots, rpm, tpm, est_tokens
-                    )
-                except _Retryable as err:
-                    if attempt >= config.max_attempts:
-                        if err.malformed:
-                            return self._failed(
-                                key,
-                                f"endpoint error: malformed JSON in 200 reply from "
-                                f"{self._endpoint()} after {attempt} tries ({err})",
-                                attempt,
+                # The slot is taken before the rate limiters so that sends, not just grants, are
+                # paced; the watchdog's gate spans the send and the cache write, so a worker whose
+                # run is gone sends nothing more and loses no answer it already paid for.
+                async with slots:
+                    if rpm is not None:
+                        await rpm.take(1)
+                    if tpm is not None:
+                        await tpm.take(est_tokens)
+                    async with watchdog.gate():
+                        try:
+                            text, finish_reason, usage = await self._attempt(
+                                request, tpm, est_tokens
                             )
-                        return self._failed(
-                            key, f"gave up after {attempt} attempts: {err}", attempt
-                        )
-                    if err.retry_after is not None and err.retry_after > config.max_retry_after_s:
+                        except _Retryable as err:
+                            retry = err
+                        except Exception as err:  # a 4xx the server will answer the same again
+                            return self._failed(key, self._describe(err), attempt)
+                        else:
+                            used_tokens = usage.get("total_tokens", 0) if usage else est_tokens
+                            used_cost = (
+                                config.cost(
+                                    usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+                                )
+                                if usage
+                                else est_cost
+                            )
+                            if self.cache is not None:
+                                # Written the moment it arrives, in a thread: fsync takes
+                                # milliseconds, which would stall every request in flight on this
+                                # event loop. A cancelled caller still lets the write finish.
+                                await asyncio.to_thread(
+                                    self.cache.put,
+                                    key,
+                                    {
+                                        "model": request.model or config.model,
+                                        "text": text,
+                                        "finish_reason": finish_reason,
+                                        "usage": usage,
+                                    },
+                                )
+                            return Result(key, text, finish_reason, usage, False, None, attempt)
+                err = retry
+                if attempt >= config.max_attempts:
+                    if err.malformed:
                         return self._failed(
                             key,
-                            f"Retry-After {err.retry_after:.0f}s exceeds max_retry_after_s: {err}",
+                            f"endpoint error: malformed JSON in 200 reply from "
+                            f"{self._endpoint()} after {attempt} tries ({err})",
                             attempt,
                         )
-                    wait = backoff_s(attempt, config, self.rng)
-                    if err.retry_after is not None:
-                        # Never earlier than the server asked; a little jitter on top so that the
-                        # requests it refused together do not come back together.
-                        wait = err.retry_after + wait * 0.1
-                    log.info("retry %d of %s in %.2fs: %s", attempt, key[:12], wait, err)
-                    await asyncio.sleep(wait)
-                    continue
-                except Exception as err:  # a 4xx the server will answer the same way again
-                    return self._failed(key, self._describe(err), attempt)
-                used_tokens = usage.get("total_tokens", 0) if usage else est_tokens
-                used_cost = (
-                    config.cost(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
-                    if usage
-                    else est_cost
-                )
-                if self.cache is not None:
-                    # In a thread: fsync takes milliseconds, which would stall every request in
-                    # flight on this event loop. A cancelled caller still lets the write finish.
-                    await asyncio.to_thread(
-                        self.cache.put,
+                    return self._failed(key, f"gave up after {attempt} attempts: {err}", attempt)
+                if err.retry_after is not None and err.retry_after > config.max_retry_after_s:
+                    return self._failed(
                         key,
-                        {
-                            "model": request.model or config.model,
-                            "text": text,
-                            "finish_reason": finish_reason,
-                            "usage": usage,
-                        },
+                        f"Retry-After {err.retry_after:.0f}s exceeds max_retry_after_s: {err}",
+                        attempt,
                     )
-                return Result(key, text, finish_reason, usage, False, None, attempt)
+                wait = backoff_s(attempt, config, self.rng)
+                if err.retry_after is not None:
+                    # Never earlier than the server asked; a little jitter on top so that the
+                    # requests it refused together do not come back together.
+                    wait = err.retry_after + wait * 0.1
+                log.info("retry %d of %s in %.2fs: %s", attempt, key[:12], wait, err)
+                await asyncio.sleep(wait)
         finally:
             if budget.limited:
                 # Shielded: a cancelled run must still release its reservation for its siblings.
                 await asyncio.shield(budget.settle(est_tokens, est_cost, used_tokens, used_cost))
 
     async def _attempt(
-        self,
-        request: ChatRequest,
-        slots: asyncio.Semaphore,
-        rpm: TokenBucket | None,
-        tpm: TokenBucket | None,
-        est_tokens: int,
+        self, request: ChatRequest, tpm: TokenBucket | None, est_tokens: int
     ) -> tuple[str, str | None, dict[str, int] | None]:
+        """One HTTP request (the caller holds a slot and the rate limiters' grants)."""
         import openai
 
         config = self.config
-        # The slot is taken before the rate limiters so that sends, not just grants, are paced.
-        async with slots:
-            if rpm is not None:
-                await rpm.take(1)
-            if tpm is not None:
-                await tpm.take(est_tokens)
-            try:
-                # The openai timeout bounds each read; wait_for bounds the whole request, so a
-                # server that trickles bytes cannot hold a slot forever.
-                response = await asyncio.wait_for(
-                    self._openai.chat.completions.create(
-                        model=request.model or config.model,
-                        messages=list(request.messages),
-                        **request.params,
-                    ),
-                    timeout=config.timeout_s,
-                )
-            except (asyncio.TimeoutError, openai.APITimeoutError):
-                raise _Retryable(f"timed out after {config.timeout_s:g}s") from None
-            except openai.APIConnectionError as err:
-                raise _Retryable(self._describe(err)) from None
-            except openai.APIStatusError as err:
-                if err.status_code in RETRYABLE_STATUS or err.status_code >= 500:
-                    retry_after = parse_retry_after(getattr(err.response, "headers", None))
-                    raise _Retryable(self._describe(err), retry_after) from None
-                raise
-            except (json.JSONDecodeError, openai.APIResponseValidationError) as err:
-                # A 200 whose JSON is cut off or broken: the openai package's parser raises
-                # json.JSONDecodeError (APIResponseValidationError under strict validation).
-                raise _Retryable(self._describe(err), malformed=True) from None
+        try:
+            # The openai timeout bounds each read; wait_for bounds the whole request, so a
+            # server that trickles bytes cannot hold a slot forever.
+            response = await asyncio.wait_for(
+                self._openai.chat.completions.create(
+                    model=request.model or config.model,
+                    messages=list(request.messages),
+                    **request.params,
+                ),
+                timeout=config.timeout_s,
+            )
+        except (asyncio.TimeoutError, openai.APITimeoutError):
+            raise _Retryable(f"timed out after {config.timeout_s:g}s") from None
+        except openai.APIConnectionError as err:
+            raise _Retryable(self._describe(err)) from None
+        except openai.APIStatusError as err:
+            if err.status_code in RETRYABLE_STATUS or err.status_code >= 500:
+                retry_after = parse_retry_after(getattr(err.response, "headers", None))
+                raise _Retryable(self._describe(err), retry_after) from None
+            raise
+        except (json.JSONDecodeError, openai.APIResponseValidationError) as err:
+            # A 200 whose JSON is cut off or broken: the openai package's parser raises
+            # json.JSONDecodeError (APIResponseValidationError under strict validation).
+            raise _Retryable(self._describe(err), malformed=True) from None
         bad = _malformed_detail(response)
         if bad is not None:
             raise _Retryable(bad, malformed=True)

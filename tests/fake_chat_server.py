@@ -38,7 +38,7 @@ class FakeChatServer:
     overloaded proxies and gateways send: "truncated" (JSON cut in the middle), "html" (an error page
     served as text/html) or "nochoices" (valid JSON without `choices`). Unscripted requests get "ok",
     or a 429 with probability `rate_429`. Every request is logged with its arrival time, and the largest number
-    of requests in flight at once is recorded.
+    of requests in flight at once is recorded; `answered` lists the completions it generated.
     """
 
     def __init__(
@@ -56,6 +56,7 @@ class FakeChatServer:
         self.retry_after = retry_after
         self.rng = random.Random(seed)
         self.log: list[dict[str, Any]] = []
+        self.answered: list[dict[str, Any]] = []  # the 200 completions it generated (paid)
         self.in_flight = 0
         self.max_in_flight = 0
         self.lock = threading.Lock()
@@ -141,6 +142,10 @@ class FakeChatServer:
                         if kind == "stall":
                             time.sleep(answer[1])
                         completion = f"answer to {content}"
+                        with server.lock:
+                            # Paid: an endpoint bills an answer it generated, whether or not
+                            # the client is still there to read it.
+                            server.answered.append({"content": content, "t": time.monotonic()})
                         usage = {"prompt_tokens": 6, "completion_tokens": 5, "total_tokens": 11}
                         reply = {
                             "id": "chatcmpl-test",
