@@ -38,6 +38,10 @@ stage: the prompts' sha256 are part of its cache key. A reply that was rejected 
 other, so a re-run rejects it again for free; to ask anew, change a request parameter
 (`temperature`, `max_tokens`) or the `cache_dir`.
 
+Nothing paid is lost: each answer is written to the on-disk cache the moment it arrives (not at
+the end of a batch), and when the run's driver dies (kill -9, OOM) the stage's worker sends no
+further request, waits for the answers in flight to be cached, and exits (`stages/watchdog.py`).
+
 The API key is read from the environment variable named by `api_key_env` inside the worker; it is
 never a parameter, so it reaches no manifest, and the client redacts it from every error text.
 """

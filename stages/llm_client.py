@@ -16,7 +16,9 @@ a list of `ChatRequest`s and returns one `Result` per request, in order:
   `error="not done: budget"`, everything completed is kept;
 - a disk cache: one JSON file per response, keyed by the sha256 of canonical JSON of
   (model, messages, params), written atomically, so a killed run loses no paid response and a
-  re-run sends no request that already has one.
+  re-run sends no request that already has one. In a Ray worker, each send and its cache write
+  pass `stages.watchdog.gate()`: once the run's driver is gone, nothing more is sent, and the
+  process exits when every answer in flight is on disk.
 
 The API key is read from the environment variable `api_key_env` at run time (never stored in the
 config, which is pickled to Ray workers) and is redacted from every error text this module

@@ -7,7 +7,8 @@ had in flight: an endpoint bills them, and their answers never reach the cache. 
 dead job's workers are killed by their raylets the same way.
 
 `start()` (called by the generation stages' `setup()` and by the chat client in a Ray worker) runs a
-daemon thread that checks every `interval_s` whether the run is gone:
+daemon thread that checks every `interval_s` (0.25 s; the GCS at most once a second) whether the
+run is gone:
 
 - the driver's process, when it runs on this node: its pid, with its start time so that a reused
   pid does not pass for it, and a zombie (killed, not yet reaped) counting as dead;
@@ -33,7 +34,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-INTERVAL_S = 0.25
+INTERVAL_S = 0.25  # local checks (a pid, the parent): microseconds each
+GCS_INTERVAL_S = 1.0  # a driver on another node: one GCS request a second
 GRACE_S = 30.0
 EXIT_CODE = 3
 
@@ -91,6 +93,7 @@ class _Driver:
         self.pid: int | None = None
         self.started: float | None = None
         self.gcs: Any = None
+        self.asked = 0.0  # when the GCS was last asked about the job
         try:
             worker = ray._private.worker.global_worker
             info = worker.gcs_client.get_all_job_info(
@@ -131,7 +134,8 @@ class _Driver:
                     return f"the driver (pid {self.pid}) was killed"
             except psutil.Error:
                 return f"the driver (pid {self.pid}) is gone"
-        elif self.gcs is not None:
+        elif self.gcs is not None and time.monotonic() - self.asked >= GCS_INTERVAL_S:
+            self.asked = time.monotonic()
             try:
                 info = self.gcs.get_all_job_info(
                     job_or_submission_id=self.job_id,
