@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import outputs
+import psutil
 import pyarrow.parquet as pq
 import pytest
 from fake_chat_server import FakeChatServer
@@ -29,6 +30,30 @@ ROWS = 40
 # Ray's own fate-sharing brings the raylet down with the driver, but a worker only notices that on
 # its own schedule (1.5-2 s here): a few seconds is when a killed run must have gone quiet.
 SETTLE_S = 3.0
+
+
+def _ray_workers(driver: int) -> list[psutil.Process]:
+    """The worker processes of the driver's in-process Ray: the raylet's children, less its
+    agents (Ray's dashboard and runtime-env agents check their parent on their own schedule)."""
+    found = []
+    for child in psutil.Process(driver).children():
+        if "raylet" not in " ".join(child.cmdline()[:1]):
+            continue
+        for p in child.children(recursive=True):
+            try:
+                if "Agent" not in p.name() and "agent" not in " ".join(p.cmdline()[:3]):
+                    p.info = {"name": " ".join(p.cmdline())[:80]}
+                    found.append(p)
+            except psutil.Error:
+                continue
+    return found
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _command(pool: Path, out: Path, cache: Path, url: str) -> list[str]:
@@ -88,10 +113,15 @@ def test_killed_driver_stops_its_workers_sending_and_resume_buys_no_answer_twice
                     )
                 assert time.monotonic() < deadline, "no answer reached the server in 180 s"
                 time.sleep(0.02)
+            workers = _ray_workers(proc.pid)
+            assert workers, "no Ray worker under the driver's raylet"
             os.kill(proc.pid, signal.SIGKILL)  # the driver alone, mid-stage
             killed_at = time.monotonic()
             proc.wait()
-            time.sleep(SETTLE_S + 3.0)
+            time.sleep(SETTLE_S)
+            alive = [p.info["name"] for p in workers if _alive(p)]
+            assert not alive, f"{len(alive)} Ray workers of the killed run still running: {alive}"
+            time.sleep(3.0)
         finally:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)  # whatever of Ray shares the driver's group
