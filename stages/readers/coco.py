@@ -269,7 +269,7 @@ class CocoReader(Reader):
         ]
         table = table_from_rows(rows, EXTRA_FIELDS)
         where = file_uri(self.location.fs, unit.path)
-        yield finish(table, self.source, "source" in self.options, where)
+        yield finish(table, self.source, "source" in self.options, where, self.format)
 
     @staticmethod
     def _row(

@@ -19,9 +19,11 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from stages import conversation
 from stages.readers.base import InputError
 from stages.schema import (
     CORE_FIELDS,
+    EDITS_COLUMN,
     EMBEDDING_COLUMNS,
     IMAGE_MARKER,
     IMAGE_TYPE,
@@ -36,8 +38,10 @@ from stages.shards import Location, list_files
 
 IMAGES_LIST_TYPE = pa.list_(IMAGE_TYPE)
 TURNS_LIST_TYPE = pa.list_(TURN_TYPE)
-# role/content chat roles (TRL, OpenAI) to LLaVA `from` values.
+# role/content chat roles (TRL, OpenAI) to LLaVA `from` values: a translation between formats,
+# not an edit; any other spelling is normalised (and recorded) by `stages.conversation`.
 ROLE_TO_FROM = {"user": "human", "assistant": "gpt", "system": "system"}
+EDITS_TYPE = pa.list_(pa.string())
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,19 +68,89 @@ def row_content_id(
     return content_id(*parts)
 
 
+def first_bad_text(value: Any, where: str = "") -> str | None:
+    """Where (`conversations[1].value`) the first string that cannot be UTF-8 sits, or None.
+
+    JSON can spell a lone UTF-16 surrogate ("\\ud800"); Python keeps it in a str, and Arrow, whose
+    strings are UTF-8, cannot hold it.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "text"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = f"{where}.{key}" if where else str(key)
+            found = first_bad_text(key, f"{where} key" if where else "key") or first_bad_text(
+                item, name
+            )
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = first_bad_text(item, f"{where}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+def replace_bad_text(value: Any) -> Any:
+    """`value` with every lone surrogate replaced by U+FFFD (what a UTF-8 decoder shows)."""
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {replace_bad_text(k): replace_bad_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [replace_bad_text(v) for v in value]
+    return value
+
+
 def table_from_rows(
     rows: Sequence[Mapping[str, Any]], extra_fields: Sequence[pa.Field] = ()
 ) -> pa.Table:
-    """A table with the core columns, `extra_fields` and `_reject`, in that order (per-row readers)."""
+    """A table with the core columns, `extra_fields` and `_reject`, in that order (per-row readers).
+
+    A row whose values cannot take their column's type (text that is not UTF-8, a list where a
+    string belongs) becomes a rejected row with its id and a reason naming it, `bad record (<its
+    "_record" label, or "row N">: ...)`; the other rows are unaffected. Keys not in the table
+    (such as `_record`) are ignored.
+    """
     fields = [*CORE_FIELDS, *extra_fields, pa.field(REJECT_COLUMN, pa.string())]
-    arrays = [pa.array([r.get(f.name) for r in rows], type=f.type) for f in fields]
-    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+    schema = pa.schema(fields)
+    try:
+        return _rows_table(rows, schema)
+    except (pa.ArrowException, UnicodeError, TypeError, ValueError):
+        pass
+    safe = []
+    for i, row in enumerate(rows):
+        try:
+            _rows_table([row], schema)
+            safe.append(row)
+        except (pa.ArrowException, UnicodeError, TypeError, ValueError) as exc:
+            label = row.get("_record") or f"row {i + 1}"
+            row_id = row.get("id")
+            if not isinstance(row_id, str) or first_bad_text(row_id) is not None:
+                row_id = content_id(repr(sorted(row.items(), key=lambda kv: kv[0])))
+            safe.append({"id": row_id, "images": [], REJECT_COLUMN: f"bad record ({label}: {exc})"})
+    return _rows_table(safe, schema)
 
 
-def finish(table: pa.Table, source: str, override_source: bool, where: str) -> pa.Table:
-    """Set `source`, make sure `_reject` exists (last), and conform to the canonical schema.
+def _rows_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
+    arrays = [pa.array([r.get(f.name) for r in rows], type=f.type) for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
 
-    An existing non-null `source` value is kept unless the user gave the `source` option.
+
+def finish(
+    table: pa.Table, source: str, override_source: bool, where: str, reader: str = "ingest"
+) -> pa.Table:
+    """Set `source`, apply the conversation rules, make sure `edits` and `_reject` exist (`_reject`
+    last), and conform to the canonical schema.
+
+    An existing non-null `source` value is kept unless the user gave the `source` option. The
+    conversation rules (`stages.conversation`) normalise every row's turns, record each edit in
+    `edits` and reject an invalid conversation with `<reader>: <reason>`.
     """
     n = table.num_rows
     default = pa.array([source] * n, type=pa.string())
@@ -98,9 +172,52 @@ def finish(table: pa.Table, source: str, override_source: bool, where: str) -> p
         table = conform(table, where)
     except SchemaError as exc:
         raise InputError(str(exc)) from exc
+    table = apply_conversation_rules(table, reader)
     # One schema for every reader and batch: `id` is declared non-null as in CORE_SCHEMA.
     i = table.schema.get_field_index("id")
     return table.cast(table.schema.set(i, pa.field("id", pa.string(), nullable=False)))
+
+
+def apply_conversation_rules(table: pa.Table, reader: str) -> pa.Table:
+    """Normalise every row's turns (`stages.conversation.normalize`), append the edits to `edits`
+    and reject invalid conversations; `edits` and `_reject` end up the last two columns."""
+    n = table.num_rows
+    reasons = table.column(REJECT_COLUMN).to_pylist()
+    if EDITS_COLUMN in table.column_names:
+        edits: list[list[str] | None] = table.column(EDITS_COLUMN).to_pylist()
+    else:
+        edits = [None] * n
+    conv = table.column("conversations")
+    if conv.null_count < n:
+        turns_per_row = conv.to_pylist()
+        counts = (
+            pc.fill_null(pc.list_value_length(table.column("images")), 0)
+            .to_numpy(zero_copy_only=False)
+            .tolist()
+        )
+        changed = False
+        for row, turns in enumerate(turns_per_row):
+            if not turns:
+                continue
+            normalised, made = conversation.normalize(turns, counts[row])
+            if made:
+                turns_per_row[row] = normalised
+                edits[row] = [*(edits[row] or []), *made]
+                changed = True
+            if reasons[row] is None:
+                why = conversation.problem(normalised, counts[row])
+                if why is not None:
+                    reasons[row] = f"{reader}: {why}"
+        if changed:
+            i = table.column_names.index("conversations")
+            table = table.set_column(
+                i, table.schema.field(i), pa.array(turns_per_row, TURNS_LIST_TYPE)
+            )
+    table = table.drop_columns(
+        [c for c in (EDITS_COLUMN, REJECT_COLUMN) if c in table.column_names]
+    )
+    table = table.append_column(pa.field(EDITS_COLUMN, EDITS_TYPE), pa.array(edits, EDITS_TYPE))
+    return table.append_column(pa.field(REJECT_COLUMN, pa.string()), pa.array(reasons, pa.string()))
 
 
 def fill_missing_ids(table: pa.Table) -> pa.Table:

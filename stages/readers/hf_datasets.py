@@ -162,7 +162,7 @@ class HFDatasetsReader(Reader):
                 for start in range(0, batch.num_rows, self.batch_size):
                     part = pa.Table.from_batches([batch.slice(start, self.batch_size)])
                     table = self.mapping.apply(part, conversions)
-                    yield finish(table, self.source, "source" in self.options, where)
+                    yield finish(table, self.source, "source" in self.options, where, self.format)
 
 
 def _schema_image_hints(schema: pa.Schema) -> list[str]:

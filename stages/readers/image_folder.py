@@ -101,7 +101,7 @@ class ImageFolderReader(Reader):
         ]
         extra = [*self.metadata_columns, METADATA_COLUMN]
         table = table_from_rows(rows, [pa.field(k, pa.string()) for k in extra])
-        yield finish(table, self.source, "source" in self.options, self.location.uri)
+        yield finish(table, self.source, "source" in self.options, self.location.uri, self.format)
 
     def _row(self, rel: str, has_txt: bool, has_json: bool) -> dict:
         stem = _stem(rel)

@@ -185,7 +185,11 @@ class Img2DatasetReader(Reader):
 
     def _finish(self, table: pa.Table, path: str) -> pa.Table:
         return finish(
-            table, self.source, "source" in self.options, file_uri(self.location.fs, path)
+            table,
+            self.source,
+            "source" in self.options,
+            file_uri(self.location.fs, path),
+            self.format,
         )
 
     def _read_parquet(self, path: str) -> Iterator[pa.Table]:

@@ -81,7 +81,7 @@ class ParquetReader(Reader):
                 if unified is not None:
                     table = _to_schema(table, unified, where)
                 table = self.mapping.apply(table, conversions)
-                yield finish(table, self.source, "source" in self.options, where)
+                yield finish(table, self.source, "source" in self.options, where, self.format)
 
 
 def _plain_schema(schema: pa.Schema) -> pa.Schema:
