@@ -267,8 +267,8 @@ class CocoReader(Reader):
                 strict=True,
             )
         ]
-        table = table_from_rows(rows, EXTRA_FIELDS)
         where = file_uri(self.location.fs, unit.path)
+        table = table_from_rows(rows, EXTRA_FIELDS, unit.path.rsplit("/", 1)[-1], READER)
         yield finish(table, self.source, "source" in self.options, where, self.format)
 
     @staticmethod
@@ -285,6 +285,7 @@ class CocoReader(Reader):
     ) -> dict:
         row: dict[str, Any] = {
             "id": f"{READER}-{image_id}",
+            "_record": f"image_id {image_id}",
             "images": [],
             "caption": captions[0] if captions else None,
             "captions": captions,

@@ -108,14 +108,17 @@ def replace_bad_text(value: Any) -> Any:
 
 
 def table_from_rows(
-    rows: Sequence[Mapping[str, Any]], extra_fields: Sequence[pa.Field] = ()
+    rows: Sequence[Mapping[str, Any]],
+    extra_fields: Sequence[pa.Field] = (),
+    where: str | None = None,
+    reader: str = "ingest",
 ) -> pa.Table:
     """A table with the core columns, `extra_fields` and `_reject`, in that order (per-row readers).
 
     A row whose values cannot take their column's type (text that is not UTF-8, a list where a
-    string belongs) becomes a rejected row with its id and a reason naming it, `bad record (<its
-    "_record" label, or "row N">: ...)`; the other rows are unaffected. Keys not in the table
-    (such as `_record`) are ignored.
+    string belongs) becomes a rejected row with its id and a reason naming it, `<reader>: bad
+    record (<where> <its "_record" label, or "row N">: ...)`; the other rows are unaffected. Keys
+    not in the table (such as `_record`) are ignored.
     """
     fields = [*CORE_FIELDS, *extra_fields, pa.field(REJECT_COLUMN, pa.string())]
     schema = pa.schema(fields)
@@ -130,11 +133,26 @@ def table_from_rows(
             safe.append(row)
         except (pa.ArrowException, UnicodeError, TypeError, ValueError) as exc:
             label = row.get("_record") or f"row {i + 1}"
-            row_id = row.get("id")
-            if not isinstance(row_id, str) or first_bad_text(row_id) is not None:
-                row_id = content_id(repr(sorted(row.items(), key=lambda kv: kv[0])))
-            safe.append({"id": row_id, "images": [], REJECT_COLUMN: f"bad record ({label}: {exc})"})
+            label = f"{where} {label}" if where else label
+            reason = f"{reader}: bad record ({label}: {_why(exc)})"
+            # Keep what can be read: text with U+FFFD for a lone surrogate, when that is all.
+            fixed = {k: replace_bad_text(v) for k, v in row.items()}
+            fixed[REJECT_COLUMN] = row.get(REJECT_COLUMN) or reason
+            try:
+                _rows_table([fixed], schema)
+            except (pa.ArrowException, UnicodeError, TypeError, ValueError):
+                row_id = row.get("id")
+                if not isinstance(row_id, str) or first_bad_text(row_id) is not None:
+                    row_id = content_id(repr(sorted(row.items(), key=lambda kv: kv[0])))
+                fixed = {"id": row_id, "images": [], REJECT_COLUMN: reason}
+            safe.append(fixed)
     return _rows_table(safe, schema)
+
+
+def _why(exc: Exception) -> str:
+    if isinstance(exc, UnicodeEncodeError) and "surrogate" in str(exc):
+        return "text is not valid UTF-8: lone surrogate"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _rows_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:

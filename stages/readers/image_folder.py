@@ -100,12 +100,12 @@ class ImageFolderReader(Reader):
             )
         ]
         extra = [*self.metadata_columns, METADATA_COLUMN]
-        table = table_from_rows(rows, [pa.field(k, pa.string()) for k in extra])
+        table = table_from_rows(rows, [pa.field(k, pa.string()) for k in extra], reader=READER)
         yield finish(table, self.source, "source" in self.options, self.location.uri, self.format)
 
     def _row(self, rel: str, has_txt: bool, has_json: bool) -> dict:
         stem = _stem(rel)
-        row: dict[str, Any] = {"id": stem, "images": []}
+        row: dict[str, Any] = {"id": stem, "images": [], "_record": rel}
         reject = None
         try:
             row["images"] = [{"bytes": self.location.join(rel).read_bytes(), "path": rel}]

@@ -275,7 +275,7 @@ class Img2DatasetReader(Reader):
             yield self._tar_table(rows, path)
 
     def _tar_table(self, rows: list[dict], path: str) -> pa.Table:
-        table = table_from_rows(rows, SIZE_FIELDS)
+        table = table_from_rows(rows, SIZE_FIELDS, path.rsplit("/", 1)[-1], self.format)
         return self._finish(table, path)
 
 
@@ -321,7 +321,7 @@ def _int(value: Any) -> int | None:
 
 def _tar_row(key: str, files: dict[str, bytes]) -> dict:
     """One sample of a tar as a row; a missing image or unreadable text becomes a rejection."""
-    row: dict[str, Any] = {"id": key, "images": []}
+    row: dict[str, Any] = {"id": key, "images": [], "_record": f"sample {key}"}
     reject = None
     meta: dict = {}
     if "json" in files:

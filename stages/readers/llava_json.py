@@ -250,10 +250,12 @@ class LlavaJsonReader(Reader):
         for record, item, error in self._items(unit.path):
             rows.append(self._row(item, error, root, f"{unit.key} {record}"))
             if len(rows) >= self.batch_size:
-                yield finish(table_from_rows(rows), self.source, override, where, READER)
+                yield finish(
+                    table_from_rows(rows, reader=READER), self.source, override, where, READER
+                )
                 rows = []
         if rows:
-            yield finish(table_from_rows(rows), self.source, override, where, READER)
+            yield finish(table_from_rows(rows, reader=READER), self.source, override, where, READER)
 
     def _row(self, item: Any, error: str | None, root: Location, record: str) -> dict:
         """One item as a row; `record` ("sub/x.jsonl line 17") names it in a rejection."""
@@ -282,12 +284,6 @@ class LlavaJsonReader(Reader):
                 wrong = f"{name} is {_type_name(value)}, expected a string"
         try:
             row["id"] = self._id(item, record)
-            if bad_text is not None:
-                raise _Rejected(
-                    f"bad record ({record}: {bad_text} is not valid UTF-8: lone surrogate)"
-                )
-            if wrong is not None:
-                raise _Rejected(f"bad record ({record}: {wrong})")
             turns = _turns(item, record)
             row["conversations"] = turns
             paths = _image_paths(item, record)
@@ -297,6 +293,13 @@ class LlavaJsonReader(Reader):
                 if rel is None:
                     raise _Rejected(f"image path escapes root ({p})")
                 row["images"][i] = {"bytes": _read_image(root, rel, p), "path": rel}
+            # last, so the rejected row keeps the turns and images that could be read
+            if bad_text is not None:
+                raise _Rejected(
+                    f"bad record ({record}: {bad_text} is not valid UTF-8: lone surrogate)"
+                )
+            if wrong is not None:
+                raise _Rejected(f"bad record ({record}: {wrong})")
         except _Rejected as exc:
             row[REJECT_COLUMN] = f"{READER}: {exc}"
         if row.get("id") is None:
