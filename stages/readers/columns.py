@@ -554,6 +554,23 @@ class Conversion:
     target: str
     source: str
     kind: str  # string | id_int | images_* | turns | messages | cast | embedding | passthrough
+    # how the column was chosen: "name" (canonical), "option" (the columns option), "image"
+    # (shaped like a Hugging Face image), "messages", or "alias" (ALIASES)
+    how: str = "name"
+
+
+# Common names of canonical columns in other tools' files (img2dataset: jpg/png/txt/key/URL, LAION:
+# TEXT/URL, WebDataset: __key__, Hugging Face datasets: image/text), compared in lower case. A
+# column is read under its alias only when the canonical column is absent, its type fits, and no
+# other alias competes; each use is reported (`Conversion.how == "alias"`).
+ALIASES: dict[str, tuple[str, ...]] = {
+    "id": ("key", "__key__", "uid", "sample_id"),
+    "images": ("image", "img", "jpg", "jpeg", "png", "webp"),
+    "caption": ("text", "txt", "alt", "alt_text", "alttext", "caption"),
+    "url": ("url", "image_url", "img_url"),
+    "license": ("license",),
+}
+CONTENT_COLUMNS = ("images", "caption", "conversations")
 
 
 _STRING_TARGETS = {name for name, t in KNOWN_TYPES.items() if t == pa.string()}
@@ -619,6 +636,7 @@ class ColumnMapping:
         drop: Iterable[str] = (),
         auto_images: bool = True,
         auto_messages: bool = True,
+        aliases: bool = False,
     ) -> None:
         columns = dict(columns or {})
         for target, src in columns.items():
@@ -635,6 +653,10 @@ class ColumnMapping:
         self.drop = set(drop)
         self.auto_images = auto_images
         self.auto_messages = auto_messages
+        # With aliases: common names are recognised (ALIASES), and a file that gives no content
+        # column, or holds bytes no column option placed, is refused instead of read as rows
+        # that later look empty.
+        self.aliases = aliases
 
     def resolve(
         self, schema: pa.Schema, where: str, image_hints: Sequence[str] = ()
@@ -642,8 +664,12 @@ class ColumnMapping:
         names = schema.names
         prefix = f"{self.reader}: {where}"
         mapping = dict(self.columns)
-        for target, src in mapping.items():
+        for target, src in self.columns.items():
             if src not in names:
+                # Files of one input may differ: one that has the canonical column needs no map.
+                if target in names and target not in self.columns.values():
+                    mapping[target] = target
+                    continue
                 raise InputError(
                     f"{prefix}: column '{src}' (for '{target}') not found; columns are {names}"
                 )
@@ -659,6 +685,7 @@ class ColumnMapping:
             if name in KNOWN_TYPES or name in EMBEDDING_COLUMNS:
                 mapping[name] = name
                 used.add(name)
+        how = {t: "option" for t, src in self.columns.items() if mapping.get(t) == src != t}
         free = [n for n in names if n not in used and n not in self.drop]
         if self.auto_images and "images" not in mapping:
             candidates = [n for n in image_hints if n in free]
@@ -666,6 +693,7 @@ class ColumnMapping:
             if candidates:
                 mapping["images"] = candidates[0]
                 used.add(candidates[0])
+                how["images"] = "image"
         if (
             self.auto_messages
             and "conversations" not in mapping
@@ -675,6 +703,9 @@ class ColumnMapping:
             if is_messages_list(schema.field("messages").type):
                 mapping["conversations"] = "messages"
                 used.add("messages")
+                how["conversations"] = "messages"
+        if self.aliases:
+            self._resolve_aliases(schema, prefix, mapping, used, how)
         conversions = []
         for target, src in mapping.items():
             found = schema.field(src).type
@@ -684,11 +715,64 @@ class ColumnMapping:
                 raise InputError(
                     f"{prefix}: column '{src}'{via} has type {found}, expected {_expected(target)}"
                 )
-            conversions.append(Conversion(target, src, kind))
+            conversions.append(Conversion(target, src, kind, how.get(target, "name")))
         for name in names:
             if name not in used and name not in self.drop:
                 conversions.append(Conversion(name, name, "passthrough"))
         return conversions
+
+    def _resolve_aliases(
+        self,
+        schema: pa.Schema,
+        prefix: str,
+        mapping: dict[str, str],
+        used: set[str],
+        how: dict[str, str],
+    ) -> None:
+        """Map absent canonical columns from their aliases; refuse what would be a guess."""
+        listing = ", ".join(f"{f.name} ({f.type})" for f in schema)
+        hint = "give the reader's columns option (--input-option columns='{...}')"
+        for target, names in ALIASES.items():
+            if target in mapping:
+                continue
+            found = [
+                n
+                for n in schema.names
+                if n not in used
+                and n not in self.drop
+                and n.lower() in names
+                and _kind_for(target, schema.field(n).type) is not None
+            ]
+            if len(found) > 1:
+                raise InputError(
+                    f"{prefix}: columns {found} could each be '{target}'; {hint}, e.g. "
+                    f"columns={{'{target}': '{found[0]}'}}; columns are {listing}"
+                )
+            if found:
+                mapping[target] = found[0]
+                used.add(found[0])
+                how[target] = "alias"
+        if not any(t in mapping for t in CONTENT_COLUMNS):
+            raise InputError(
+                f"{prefix}: no column maps to images, caption or conversations; columns are "
+                f"{listing}; {hint}, e.g. columns={{'images': '<image column>', "
+                "'caption': '<text column>'}"
+            )
+        if "images" not in mapping:
+            stray = [
+                n
+                for n in schema.names
+                if n not in used
+                and n not in self.drop
+                and (is_binary_like(schema.field(n).type) or is_image_list(schema.field(n).type))
+            ]
+            if stray:
+                raise InputError(
+                    f"{prefix}: column '{stray[0]}' ({schema.field(stray[0]).type}) holds bytes "
+                    f"but no column maps to images, so every row would look image-less; {hint}, "
+                    f"e.g. columns={{'images': '{stray[0]}'}}, or drop_columns=['{stray[0]}'] if "
+                    f"it is not an image; columns are {listing}"
+                )
 
     def apply(
         self,
