@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from stages.readers import InputError, ParquetReader
+from stages.readers import InputError, LlavaJsonReader, ParquetReader
 from stages.schema import IMAGE_TYPE, REJECT_COLUMN, conform
 
 
@@ -162,3 +162,18 @@ def test_a_corrupt_row_group_is_an_error_naming_it_or_one_rejected_row_per_row_w
         r.startswith("parquet: unreadable row group (") and "rg.parquet row group 2 of 3" in r
         for r in reasons
     )
+
+
+def test_a_warren_output_reads_back_with_its_edits(tmp_path):
+    (tmp_path / "a.png").write_bytes(png(4))
+    (tmp_path / "in.json").write_text(
+        '[{"id": "x", "image": "a.png", "conversations": '
+        '[{"from": "user", "value": "q"}, {"from": "gpt", "value": "a"}]}]'
+    )
+    first = read_all(LlavaJsonReader(str(tmp_path / "in.json")))
+    edits = ["role 'user' -> 'human' (turn 1)", "inserted <image> in turn 1"]
+    assert first.column("edits").to_pylist() == [edits]
+    pq.write_table(first.drop_columns([REJECT_COLUMN]), tmp_path / "out.parquet")
+    again = read_all(ParquetReader(str(tmp_path / "out.parquet")))
+    assert again.column("edits").to_pylist() == [edits]  # kept, and nothing new to edit
+    assert again.column("conversations").to_pylist() == first.column("conversations").to_pylist()

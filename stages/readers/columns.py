@@ -617,6 +617,9 @@ def _kind_for(target: str, t: pa.DataType) -> str | None:
         return "cast"
     if pa.types.is_floating(expected) and (pa.types.is_integer(u) or pa.types.is_floating(u)):
         return "cast"
+    # list<string> (`edits`): Parquet names the item field `element`, Arrow `item`
+    if _is_list(u) and _is_list(expected) and u.value_type.equals(expected.value_type):
+        return "cast"
     return None
 
 
