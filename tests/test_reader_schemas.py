@@ -177,3 +177,34 @@ def test_a_warren_output_reads_back_with_its_edits(tmp_path):
     again = read_all(ParquetReader(str(tmp_path / "out.parquet")))
     assert again.column("edits").to_pylist() == [edits]  # kept, and nothing new to edit
     assert again.column("conversations").to_pylist() == first.column("conversations").to_pylist()
+
+
+def test_text_that_is_not_utf8_in_parquet_rejects_its_row_naming_file_and_row(tmp_path):
+    # Parquet does not check that strings are UTF-8; this file holds the byte 0xff in a caption
+    # and in a turn, as a broken writer would leave them.
+    captions = pa.array([b"ok", b"bad \xff caption", b"fine", b"also ok"]).view(pa.string())
+    turn = pa.struct([("from", pa.binary()), ("value", pa.binary())])
+    turns = pa.array(
+        [
+            None,
+            None,
+            None,
+            [{"from": b"human", "value": b"q \xfe"}, {"from": b"gpt", "value": b"a"}],
+        ],
+        pa.list_(turn),
+    ).cast(pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())])), safe=False)
+    pq.write_table(
+        pa.table({"id": ["a", "b", "c", "d"], "caption": captions, "conversations": turns}),
+        tmp_path / "u.parquet",
+        row_group_size=2,
+    )
+    got = read_all(ParquetReader(str(tmp_path / "u.parquet"), batch_size=1))
+    assert got.num_rows == 4
+    rows = {r["id"]: r for r in got.to_pylist()}  # to_pylist itself would fail on bad UTF-8
+    where = str(tmp_path / "u.parquet")
+    assert {k: r[REJECT_COLUMN] for k, r in rows.items() if r[REJECT_COLUMN]} == {
+        "b": f"parquet: bad record ({where} row 2: caption is not valid UTF-8)",
+        "d": f"parquet: bad record ({where} row 4: conversations is not valid UTF-8)",
+    }
+    assert rows["b"]["caption"] == "bad \ufffd caption"
+    assert rows["d"]["conversations"][0]["value"] == "q \ufffd"

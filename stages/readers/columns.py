@@ -161,14 +161,21 @@ def _rows_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.Tabl
 
 
 def finish(
-    table: pa.Table, source: str, override_source: bool, where: str, reader: str = "ingest"
+    table: pa.Table,
+    source: str,
+    override_source: bool,
+    where: str,
+    reader: str = "ingest",
+    first_row: int = 0,
 ) -> pa.Table:
     """Set `source`, apply the conversation rules, make sure `edits` and `_reject` exist (`_reject`
     last), and conform to the canonical schema.
 
     An existing non-null `source` value is kept unless the user gave the `source` option. The
     conversation rules (`stages.conversation`) normalise every row's turns, record each edit in
-    `edits` and reject an invalid conversation with `<reader>: <reason>`.
+    `edits` and reject an invalid conversation with `<reader>: <reason>`. Text that is not valid
+    UTF-8 (Parquet does not check it) rejects its row, naming `where` and the row (counted from
+    1, `first_row` being the number of rows of the file before this table).
     """
     n = table.num_rows
     default = pa.array([source] * n, type=pa.string())
@@ -190,10 +197,84 @@ def finish(
         table = conform(table, where)
     except SchemaError as exc:
         raise InputError(str(exc)) from exc
+    table = reject_invalid_utf8(table, reader, where, first_row)
     table = apply_conversation_rules(table, reader)
     # One schema for every reader and batch: `id` is declared non-null as in CORE_SCHEMA.
     i = table.schema.get_field_index("id")
     return table.cast(table.schema.set(i, pa.field("id", pa.string(), nullable=False)))
+
+
+def _bad_utf8_rows(arr: pa.ChunkedArray) -> list[int]:
+    """Rows of a string (or list<struct<string...>>) column holding bytes that are not UTF-8."""
+    try:
+        arr.validate(full=True)
+        return []
+    except pa.ArrowInvalid:
+        pass
+    t = arr.type
+    as_bytes = (
+        pa.list_(pa.struct([(f.name, pa.binary()) for f in t.value_type]))
+        if _is_list(t)
+        else pa.binary()
+    )
+    bad = []
+    for i, value in enumerate(arr.cast(as_bytes).to_pylist()):
+        parts = (
+            []
+            if value is None
+            else [value]
+            if isinstance(value, bytes)
+            else [v for turn in value for v in turn.values() if v is not None]
+        )
+        try:
+            for part in parts:
+                part.decode("utf-8")
+        except UnicodeDecodeError:
+            bad.append(i)
+    return bad
+
+
+def reject_invalid_utf8(table: pa.Table, reader: str, where: str, first_row: int = 0) -> pa.Table:
+    """Reject rows whose text is not UTF-8 (`<reader>: bad record (FILE row N: caption is not
+    valid UTF-8)`), their bad bytes replaced by U+FFFD so the row still shows what it held."""
+    reasons: list[str | None] | None = None
+    for name in table.column_names:
+        field = table.schema.field(name)
+        text = pa.types.is_string(field.type) or field.type == pa.list_(TURN_TYPE)
+        if not text:
+            continue
+        bad = _bad_utf8_rows(table.column(name))
+        if not bad:
+            continue
+        if reasons is None:
+            reasons = table.column(REJECT_COLUMN).to_pylist()
+        for i in bad:
+            reasons[i] = reasons[i] or (
+                f"{reader}: bad record ({where} row {first_row + i + 1}: {name} is not valid UTF-8)"
+            )
+        values = (
+            table.column(name)
+            .cast(
+                pa.binary()
+                if pa.types.is_string(field.type)
+                else pa.list_(pa.struct([("from", pa.binary()), ("value", pa.binary())]))
+            )
+            .to_pylist()
+        )
+        fixed = [_decode_replacing(v) for v in values]
+        table = table.set_column(table.column_names.index(name), field, pa.array(fixed, field.type))
+    if reasons is None:
+        return table
+    i = table.column_names.index(REJECT_COLUMN)
+    return table.set_column(i, table.schema.field(i), pa.array(reasons, pa.string()))
+
+
+def _decode_replacing(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, list):
+        return [{k: _decode_replacing(v) for k, v in turn.items()} for turn in value]
+    return value
 
 
 def apply_conversation_rules(table: pa.Table, reader: str) -> pa.Table:

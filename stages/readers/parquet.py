@@ -139,7 +139,10 @@ class ParquetReader(Reader):
             pf = pq.ParquetFile(f)
             conversions = self.mapping.resolve(_plain_schema(pf.schema_arrow), where)
             groups = pf.metadata.num_row_groups
+            offset = 0  # rows of the file before this row group, to name a bad row
             for group in range(groups):
+                before = offset
+                offset += pf.metadata.row_group(group).num_rows
                 try:
                     data = pf.read_row_group(group)
                 except (OSError, pa.ArrowException, ValueError) as err:
@@ -155,7 +158,14 @@ class ParquetReader(Reader):
                 for start in range(0, data.num_rows, self.batch_size):
                     table = _plain_table(data.slice(start, self.batch_size))
                     table = self.mapping.apply(table, conversions)
-                    table = finish(table, self.source, "source" in self.options, where, self.format)
+                    table = finish(
+                        table,
+                        self.source,
+                        "source" in self.options,
+                        where,
+                        self.format,
+                        first_row=before + start,
+                    )
                     yield table if unified is None else _to_schema(table, unified, where)
 
     def _rejected(
