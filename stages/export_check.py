@@ -60,17 +60,12 @@ class ExportCheckParams:
     )
 
 
-def turn_problem(turns: list[dict] | None) -> str | None:
-    """The reason the turns break the conversation rules (markers aside), or None; kept for
-    callers of the old name: `stages.conversation.problem` is the definition."""
-    return conversation.problem(turns, conversation.count_markers(turns))
-
-
 class ExportCheck(BatchStage):
     """Reject rows that break the instruction formats' rules: turns, markers, images, paths."""
 
     name = "export_check"
-    version = "1"
+    # 2: stages.conversation's rules; caption rows pass
+    version = "2"
     Params = ExportCheckParams
     # Decoding dominates, as in image_check: modest batches bound a worker's memory.
     batch_size = 256
@@ -124,4 +119,4 @@ class ExportCheck(BatchStage):
         return None
 
 
-__all__ = ["ExportCheck", "ExportCheckParams", "turn_problem"]
+__all__ = ["ExportCheck", "ExportCheckParams"]

@@ -37,6 +37,11 @@ class ReadUnit:
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+# The version of what every reader makes of its input; bump it when rows change meaning, so an
+# earlier run's ingest is recomputed. 2: conversation rules and `edits` (stages.conversation),
+# record-level rejections.
+CONTRACT = "2"
+
 _DATA_SUFFIXES = (".parquet", ".json", ".jsonl", ".tar", ".arrow")
 
 
@@ -90,10 +95,17 @@ class Reader:
         raise NotImplementedError
 
     def fingerprint(self) -> str:
-        """Changes when the input files (paths, sizes, modification times) or options change."""
+        """Changes when the input files (paths, sizes, modification times), the options or the
+        rows a reader makes of them (`CONTRACT`) change."""
         files = [(f.path, f.size, f.mtime_ns) for f in list_files(self.location)]
         return stable_hash(
-            {"format": self.format, "uri": self.uri, "options": self.options, "files": files}
+            {
+                "format": self.format,
+                "uri": self.uri,
+                "options": self.options,
+                "files": files,
+                "contract": CONTRACT,
+            }
         )
 
     def describe(self) -> dict[str, Any]:
