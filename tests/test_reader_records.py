@@ -11,8 +11,11 @@ import tarfile
 
 import pyarrow as pa
 import pytest
+from outputs import rejected_reasons, table
 from PIL import Image
 
+from pipelines.runner import Pipeline, Runner
+from stages.export_check import ExportCheck
 from stages.readers import CocoReader, ImageFolderReader, Img2DatasetReader, LlavaJsonReader
 from stages.schema import REJECT_COLUMN, conform
 
@@ -31,9 +34,9 @@ def read_all(reader) -> pa.Table:
     tables = []
     for unit in units:
         unit = type(unit)(unit.key, unit.path, json.loads(json.dumps(unit.options)))
-        for table in reader.read(unit):
-            assert conform(table).schema.equals(table.schema)
-            tables.append(table)
+        for part in reader.read(unit):
+            assert conform(part).schema.equals(part.schema)
+            tables.append(part)
     return pa.concat_tables(tables)
 
 
@@ -193,3 +196,25 @@ def test_isolation_does_not_depend_on_the_batch(tmp_path, batch_size):
     path.write_text("\n".join(json.dumps(i) for i in items_with_one_lone_surrogate()) + "\n")
     table = read_all(LlavaJsonReader(str(path), batch_size=batch_size))
     assert table.num_rows == 24 and len(reasons(table)) == 1
+
+
+def test_a_run_over_a_jsonl_with_one_lone_surrogate_keeps_the_other_23_rows(ray_session, tmp_path):
+    """The reported case, through the runner: 24 records in, 23 kept, 1 rejected, no crash."""
+    path = tmp_path / "x.jsonl"
+    path.write_text("\n".join(json.dumps(i) for i in items_with_one_lone_surrogate()) + "\n")
+    out = tmp_path / "out"
+    Runner(
+        Pipeline("t", [ExportCheck(check_images=False)]),
+        str(path),
+        str(out),
+        input_format="llava_json",
+        progress=False,
+    ).run()
+    assert rejected_reasons(out / "00-ingest") == {
+        "r16": (
+            "llava_json: bad record (x.jsonl line 17: conversations[1].value is not valid "
+            "UTF-8: lone surrogate)"
+        )
+    }
+    assert table(out / "00-ingest").num_rows == 23
+    assert table(out / "01-export_check").num_rows == 23
