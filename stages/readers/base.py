@@ -3,7 +3,7 @@
 The runner calls `plan()` once on the driver (it lists the input and fails early, naming the file,
 on anything unreadable), then `read(unit)` in Ray tasks, one task per unit, so ingest resumes
 unit by unit after an interruption. `read` yields conformed tables (`stages.schema.conform`,
-through `stages.readers.columns.finish`); rows that cannot become canonical rows (a missing image
+through `stages.readers.columns.finish` and `stages.readers.records`); rows that cannot become canonical rows (a missing image
 file, a path escaping the image root, a caption that is not a string, text that is not UTF-8) are
 kept with a `_reject` reason instead of being dropped: the reason names the file and the record,
 and the row keeps its id (or a content id) and whatever could be read, so one bad record never

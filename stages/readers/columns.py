@@ -19,11 +19,16 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from stages import conversation
 from stages.readers.base import InputError
+from stages.readers.records import (
+    apply_conversation_rules,
+    describe_error,
+    first_bad_text,
+    reject_invalid_utf8,
+    replace_bad_text,
+)
 from stages.schema import (
     CORE_FIELDS,
-    EDITS_COLUMN,
     EMBEDDING_COLUMNS,
     IMAGE_MARKER,
     IMAGE_TYPE,
@@ -41,7 +46,6 @@ TURNS_LIST_TYPE = pa.list_(TURN_TYPE)
 # role/content chat roles (TRL, OpenAI) to LLaVA `from` values: a translation between formats,
 # not an edit; any other spelling is normalised (and recorded) by `stages.conversation`.
 ROLE_TO_FROM = {"user": "human", "assistant": "gpt", "system": "system"}
-EDITS_TYPE = pa.list_(pa.string())
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,45 +70,6 @@ def row_content_id(
         turns = [[t.get("from"), t.get("value")] for t in conversations]
         parts.append(json.dumps(turns, ensure_ascii=False, separators=(",", ":")))
     return content_id(*parts)
-
-
-def first_bad_text(value: Any, where: str = "") -> str | None:
-    """Where (`conversations[1].value`) the first string that cannot be UTF-8 sits, or None.
-
-    JSON can spell a lone UTF-16 surrogate ("\\ud800"); Python keeps it in a str, and Arrow, whose
-    strings are UTF-8, cannot hold it.
-    """
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return where or "text"
-        return None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            name = f"{where}.{key}" if where else str(key)
-            found = first_bad_text(key, f"{where} key" if where else "key") or first_bad_text(
-                item, name
-            )
-            if found is not None:
-                return found
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            found = first_bad_text(item, f"{where}[{i}]")
-            if found is not None:
-                return found
-    return None
-
-
-def replace_bad_text(value: Any) -> Any:
-    """`value` with every lone surrogate replaced by U+FFFD (what a UTF-8 decoder shows)."""
-    if isinstance(value, str):
-        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    if isinstance(value, dict):
-        return {replace_bad_text(k): replace_bad_text(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [replace_bad_text(v) for v in value]
-    return value
 
 
 def table_from_rows(
@@ -134,7 +99,7 @@ def table_from_rows(
         except (pa.ArrowException, UnicodeError, TypeError, ValueError) as exc:
             label = row.get("_record") or f"row {i + 1}"
             label = f"{where} {label}" if where else label
-            reason = f"{reader}: bad record ({label}: {_why(exc)})"
+            reason = f"{reader}: bad record ({label}: {describe_error(exc)})"
             # Keep what can be read: text with U+FFFD for a lone surrogate, when that is all.
             fixed = {k: replace_bad_text(v) for k, v in row.items()}
             fixed[REJECT_COLUMN] = row.get(REJECT_COLUMN) or reason
@@ -147,12 +112,6 @@ def table_from_rows(
                 fixed = {"id": row_id, "images": [], REJECT_COLUMN: reason}
             safe.append(fixed)
     return _rows_table(safe, schema)
-
-
-def _why(exc: Exception) -> str:
-    if isinstance(exc, UnicodeEncodeError) and "surrogate" in str(exc):
-        return "text is not valid UTF-8: lone surrogate"
-    return f"{type(exc).__name__}: {exc}"
 
 
 def _rows_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
@@ -202,121 +161,6 @@ def finish(
     # One schema for every reader and batch: `id` is declared non-null as in CORE_SCHEMA.
     i = table.schema.get_field_index("id")
     return table.cast(table.schema.set(i, pa.field("id", pa.string(), nullable=False)))
-
-
-def _bad_utf8_rows(arr: pa.ChunkedArray) -> list[int]:
-    """Rows of a string (or list<struct<string...>>) column holding bytes that are not UTF-8."""
-    try:
-        arr.validate(full=True)
-        return []
-    except pa.ArrowInvalid:
-        pass
-    t = arr.type
-    as_bytes = (
-        pa.list_(pa.struct([(f.name, pa.binary()) for f in t.value_type]))
-        if _is_list(t)
-        else pa.binary()
-    )
-    bad = []
-    for i, value in enumerate(arr.cast(as_bytes).to_pylist()):
-        parts = (
-            []
-            if value is None
-            else [value]
-            if isinstance(value, bytes)
-            else [v for turn in value for v in turn.values() if v is not None]
-        )
-        try:
-            for part in parts:
-                part.decode("utf-8")
-        except UnicodeDecodeError:
-            bad.append(i)
-    return bad
-
-
-def reject_invalid_utf8(table: pa.Table, reader: str, where: str, first_row: int = 0) -> pa.Table:
-    """Reject rows whose text is not UTF-8 (`<reader>: bad record (FILE row N: caption is not
-    valid UTF-8)`), their bad bytes replaced by U+FFFD so the row still shows what it held."""
-    reasons: list[str | None] | None = None
-    for name in table.column_names:
-        field = table.schema.field(name)
-        text = pa.types.is_string(field.type) or field.type == pa.list_(TURN_TYPE)
-        if not text:
-            continue
-        bad = _bad_utf8_rows(table.column(name))
-        if not bad:
-            continue
-        if reasons is None:
-            reasons = table.column(REJECT_COLUMN).to_pylist()
-        for i in bad:
-            reasons[i] = reasons[i] or (
-                f"{reader}: bad record ({where} row {first_row + i + 1}: {name} is not valid UTF-8)"
-            )
-        values = (
-            table.column(name)
-            .cast(
-                pa.binary()
-                if pa.types.is_string(field.type)
-                else pa.list_(pa.struct([("from", pa.binary()), ("value", pa.binary())]))
-            )
-            .to_pylist()
-        )
-        fixed = [_decode_replacing(v) for v in values]
-        table = table.set_column(table.column_names.index(name), field, pa.array(fixed, field.type))
-    if reasons is None:
-        return table
-    i = table.column_names.index(REJECT_COLUMN)
-    return table.set_column(i, table.schema.field(i), pa.array(reasons, pa.string()))
-
-
-def _decode_replacing(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, list):
-        return [{k: _decode_replacing(v) for k, v in turn.items()} for turn in value]
-    return value
-
-
-def apply_conversation_rules(table: pa.Table, reader: str) -> pa.Table:
-    """Normalise every row's turns (`stages.conversation.normalize`), append the edits to `edits`
-    and reject invalid conversations; `edits` and `_reject` end up the last two columns."""
-    n = table.num_rows
-    reasons = table.column(REJECT_COLUMN).to_pylist()
-    if EDITS_COLUMN in table.column_names:
-        edits: list[list[str] | None] = table.column(EDITS_COLUMN).to_pylist()
-    else:
-        edits = [None] * n
-    conv = table.column("conversations")
-    if conv.null_count < n:
-        turns_per_row = conv.to_pylist()
-        counts = (
-            pc.fill_null(pc.list_value_length(table.column("images")), 0)
-            .to_numpy(zero_copy_only=False)
-            .tolist()
-        )
-        changed = False
-        for row, turns in enumerate(turns_per_row):
-            if not turns:
-                continue
-            normalised, made = conversation.normalize(turns, counts[row])
-            if made:
-                turns_per_row[row] = normalised
-                edits[row] = [*(edits[row] or []), *made]
-                changed = True
-            if reasons[row] is None:
-                why = conversation.problem(normalised, counts[row])
-                if why is not None:
-                    reasons[row] = f"{reader}: {why}"
-        if changed:
-            i = table.column_names.index("conversations")
-            table = table.set_column(
-                i, table.schema.field(i), pa.array(turns_per_row, TURNS_LIST_TYPE)
-            )
-    table = table.drop_columns(
-        [c for c in (EDITS_COLUMN, REJECT_COLUMN) if c in table.column_names]
-    )
-    table = table.append_column(pa.field(EDITS_COLUMN, EDITS_TYPE), pa.array(edits, EDITS_TYPE))
-    return table.append_column(pa.field(REJECT_COLUMN, pa.string()), pa.array(reasons, pa.string()))
 
 
 def fill_missing_ids(table: pa.Table) -> pa.Table:

@@ -62,13 +62,12 @@ from stages.readers.columns import (
     ROLE_TO_FROM,
     file_uri,
     finish,
-    first_bad_text,
     list_input_files,
     relative_key,
-    replace_bad_text,
     row_content_id,
     table_from_rows,
 )
+from stages.readers.records import first_bad_text, replace_bad_text
 from stages.schema import REJECT_COLUMN, content_id
 from stages.shards import Location, list_files
 
