@@ -190,6 +190,26 @@ def test_img2dataset_sample_with_a_lone_surrogate_rejects_that_sample_only(tmp_p
     }
 
 
+def test_a_tar_cut_short_keeps_the_samples_before_the_break_and_says_where_it_broke(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key in ("000", "001", "002"):
+            for ext, data in (("png", png(int(key)) + b"\0" * 3000), ("txt", b"a caption")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    whole = buf.getvalue()
+    # cut inside the third sample's image: 000 and 001 are complete
+    offsets = {m.name: m.offset_data for m in tarfile.open(fileobj=io.BytesIO(whole))}
+    (tmp_path / "00000.tar").write_bytes(whole[: offsets["002.png"] + 100])
+    table = read_all(Img2DatasetReader(str(tmp_path)))
+    assert table.num_rows == 3
+    rows = {r["id"]: r for r in table.to_pylist()}
+    assert rows["000"][REJECT_COLUMN] is None and rows["001"][REJECT_COLUMN] is None
+    (bad,) = [r[REJECT_COLUMN] for r in rows.values() if r[REJECT_COLUMN]]
+    assert bad.startswith("img2dataset: unreadable tar (00000.tar after 2 samples: ")
+
+
 @pytest.mark.parametrize("batch_size", [1, 3, 100])
 def test_isolation_does_not_depend_on_the_batch(tmp_path, batch_size):
     path = tmp_path / "x.jsonl"
