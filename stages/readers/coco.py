@@ -21,7 +21,9 @@ annotations folder, as in the official layout, else the folder holding the capti
 
 Rejections (rows kept with a `_reject` reason): `coco: image has no captions (image_id N)`,
 `coco: image path escapes root (<file_name>)`, `coco: image not found (<file_name>)`,
-`coco: image unreadable (...)`, `coco: bad image size (...)` (boxes cannot be normalised).
+`coco: image unreadable (...)`, `coco: bad image size (...)` (boxes cannot be normalised),
+`coco: bad record (captions_x.json image_id N: text is not valid UTF-8: lone surrogate)` (a
+caption JSON can spell but UTF-8 cannot hold).
 
 An annotation whose `image_id` is not among the file's images is an `InputError` raised by
 `plan()`: the official files never have one, so it means an instances file from another split

@@ -13,7 +13,8 @@ path. Images: jpg, jpeg, png, webp, gif, bmp, tif, tiff (any letter case).
 
 Rejections: `image_folder: missing caption (<stem>.txt)`, `image_folder: caption not UTF-8
 (<stem>.txt)`, `image_folder: bad metadata (<stem>.json: ...)`, `image_folder: image unreadable
-(...)`.
+(...)`, `image_folder: bad record (<image path>: text is not valid UTF-8: lone surrogate)` (a
+sidecar value JSON can spell but UTF-8 cannot hold).
 
 A unit is a chunk of up to `chunk_size` (default 1000) images in sorted path order; the chunk key
 holds a hash of its paths, so adding files changes the keys of the chunks that changed. Sidecar
