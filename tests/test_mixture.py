@@ -118,15 +118,16 @@ def main_run(ray_session, sources, tmp_path_factory):
 def test_mixture_reads_filters_caps_and_shares_exactly_as_brute_force(main_run):
     _, out, _ = main_run
     ingest = table(out / "00-ingest")
-    assert ingest.num_rows == 90
+    assert ingest.num_rows == 85
     assert set(ingest.column("source").to_pylist()) == {"vqa", "chat", "captions"}
     assert "vqa/0" in ingest.column("id").to_pylist()  # integer id 0, prefixed by its source
-
-    filtered = rejected_reasons(out / "01-source_filter")
-    assert filtered == {
-        f"chat/c{i}": "source_filter: condition not met (source chat: n_turns >= 2)"
+    # a lone question is not a conversation (stages.conversation): rejected at ingest, so the
+    # source's filter "n_turns >= 2" has nothing left to reject
+    assert rejected_reasons(out / "00-ingest") == {
+        f"chat/c{i}": "llava_json: turns do not alternate (ends with 'human', expected 'gpt')"
         for i in range(5)
     }
+    assert rejected_reasons(out / "01-source_filter") == {}
     # caps: vqa keeps its 25 smallest keys; text share 0.2 with T = 25 chat rows and
     # M = 25 + 20 multimodal: N = min(25 / 0.2, 45 / 0.8) = 56.25 -> 56, text-only round(11.2) = 11
     vqa = _smallest([f"vqa/{i if i % 2 == 0 else f'q{i}'}" for i in range(40)], 25)
@@ -269,8 +270,8 @@ def test_caption_rows_go_out_as_pretraining_pairs_in_the_json_formats(
 
 
 def test_an_export_of_no_rows_makes_the_mixture_exit_2(ray_session, sources, tmp_path, capsys):
-    # Rows with neither turns nor a caption pass an export_check told not to need conversations,
-    # but no format can hold them: the export writes nothing, and says so.
+    # Rows with neither turns nor a caption are rejected by export_check (no format can hold
+    # them), so the export has nothing to write, and says so.
     bare = [{"id": f"b{i}", "images": [{"bytes": _jpeg(i), "path": None}]} for i in range(3)]
     pq.write_table(rows_to_table(bare), tmp_path / "bare.parquet")
     spec = _spec(
@@ -286,7 +287,7 @@ def test_an_export_of_no_rows_makes_the_mixture_exit_2(ray_session, sources, tmp
     )
     assert mixture.main([str(spec), "--output", str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "export failed" in err and "exported 0 of 3 rows as hf: 3 no conversations and no" in err
+    assert "export failed" in err and "no kept rows to export as hf" in err
     assert not (tmp_path / "hf").exists()
     # A bad template is refused before the run starts.
     bad = [str(spec), "--output", str(tmp_path / "out2"), "--caption-template", "no marker"]
