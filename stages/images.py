@@ -119,13 +119,15 @@ def decode_memory(width: int, height: int, mode: str, alpha: bool) -> int:
     return width * height * (stored + 4 + (9 if alpha else 0))
 
 
-def size_problem(width: int, height: int, max_pixels: int, flag: str = "max_pixels") -> str | None:
+def size_problem(width: int, height: int, max_pixels: int, flag: str | None = None) -> str | None:
     """Why width x height is over `max_pixels` (naming the flag that sets it), or None."""
     if width * height > max_pixels:
-        return (
-            f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}, set by {flag}"
-        )
+        return f"{width}x{height} = {width * height} pixels > {_max_pixels(max_pixels, flag)}"
     return None
+
+
+def _max_pixels(max_pixels: int, flag: str | None) -> str:
+    return f"max_pixels {max_pixels}" + (f", set by {flag}" if flag else "")
 
 
 def memory_problem(need: int, limit: int, width: int, height: int) -> str | None:
@@ -182,7 +184,7 @@ def decode_image(
     background: tuple[int, int, int] = WHITE,
     reduce_to: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_pixels_flag: str = "max_pixels",
+    max_pixels_flag: str | None = None,
     memory_limit: int | None = None,
 ) -> Image.Image:
     """The RGB picture encoded in `data` (see the module docstring for every rule).
@@ -204,7 +206,7 @@ def decode_image(
             found = _BOMB_PIXELS.search(str(exc))
             pixels = found.group(1) if found else "?"
             raise ImageTooLargeError(
-                f"{pixels} pixels > max_pixels {max_pixels}, set by {max_pixels_flag}",
+                f"{pixels} pixels > {_max_pixels(max_pixels, max_pixels_flag)}",
                 "max_pixels",
             ) from None
         with img:
@@ -216,7 +218,7 @@ def _decode_opened(
     background: tuple[int, int, int],
     reduce_to: int | None,
     max_pixels: int,
-    max_pixels_flag: str,
+    max_pixels_flag: str | None,
     memory_limit: int,
 ) -> Image.Image:
     width, height = img.size
