@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import re
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -59,7 +58,6 @@ WHITE = (255, 255, 255)
 DEFAULT_MAX_PIXELS = 2**28
 #: Modes whose pixels carry an alpha channel.
 ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
-_BOMB_PIXELS = re.compile(r"Image size \((\d+) pixels\)")
 _ORIENTATION = 0x0112
 # Orientations that swap width and height.
 _SWAPS = frozenset(
@@ -199,18 +197,13 @@ def decode_image(
     if len(raw) == 0:
         raise ValueError("empty image (0 bytes)")
     limit = default_memory_limit() if memory_limit is None else memory_limit
-    with bomb_limits(max_pixels):
-        try:
-            img = Image.open(io.BytesIO(raw), formats=openable_formats())
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            found = _BOMB_PIXELS.search(str(exc))
-            pixels = found.group(1) if found else "?"
-            raise ImageTooLargeError(
-                f"{pixels} pixels > {_max_pixels(max_pixels, max_pixels_flag)}",
-                "max_pixels",
-            ) from None
-        with img:
-            return _decode_opened(img, background, reduce_to, max_pixels, max_pixels_flag, limit)
+    # PIL's own check off while the header is read, so the size it claims can be reported in
+    # full (PIL's message has no width and height); `_decode_opened` checks it before any pixel
+    # is decoded and turns PIL's check back on at `max_pixels` for everything after.
+    with bomb_limits(None):
+        img = Image.open(io.BytesIO(raw), formats=openable_formats())
+    with img:
+        return _decode_opened(img, background, reduce_to, max_pixels, max_pixels_flag, limit)
 
 
 def _decode_opened(
@@ -235,7 +228,8 @@ def _decode_opened(
     problem = memory_problem(need, memory_limit, *img.size)
     if problem:
         raise ImageTooLargeError(problem, "memory")
-    img.load()
+    with bomb_limits(max_pixels):
+        img.load()
     method = _transpose_method(img)
     rgb = _to_rgb(img, background)
     if reduce_to:
