@@ -25,7 +25,8 @@
 6. **EXIF orientation** (tag 274, or XMP's, as PIL reads it) applied, as `ImageOps.exif_transpose`.
 
 The result is a loaded RGB image, independent of the bytes, whose `info` holds only
-`source_size`: the full-resolution size as displayed (after orientation, before any reduction).
+`source_size`, the full-resolution size as displayed (after orientation, before any reduction),
+and `stored_size`, the same as stored in the file (before orientation).
 
 Why the default `max_pixels` is a fixed number and not read from the machine: the same input and
 parameters must give the same output on every machine, and a limit read from memory would keep an
@@ -215,11 +216,12 @@ def _decode_opened(
     memory_limit: int,
 ) -> Image.Image:
     width, height = img.size
-    # PIL checks most formats at open; this is the same rule for plugins that do not.
     problem = size_problem(width, height, max_pixels, max_pixels_flag)
     if problem:
         raise ImageTooLargeError(problem, "max_pixels")
+    drafted = False
     if reduce_to and img.format in ("JPEG", "MPO"):
+        drafted = True
         # DCT scaling: decodes every coefficient (so truncation is still caught), at 1/2..1/8
         # of the size, keeping both sides >= reduce_to; mode None keeps the file's colours.
         img.draft(None, (reduce_to, reduce_to))
@@ -230,6 +232,8 @@ def _decode_opened(
         raise ImageTooLargeError(problem, "memory")
     with bomb_limits(max_pixels):
         img.load()
+    if not drafted:
+        width, height = img.size  # a few formats (ICO, ICNS) settle their size on load
     method = _transpose_method(img)
     rgb = _to_rgb(img, background)
     if reduce_to:
@@ -241,7 +245,10 @@ def _decode_opened(
     if method is not None:
         rgb = rgb.transpose(method)
     swapped = method in _SWAPS
-    rgb.info = {"source_size": (height, width) if swapped else (width, height)}
+    rgb.info = {
+        "source_size": (height, width) if swapped else (width, height),
+        "stored_size": (width, height),
+    }
     return rgb
 
 
