@@ -41,7 +41,6 @@ take its batch mates down),
 from __future__ import annotations
 
 import dataclasses
-import io
 from collections.abc import Sequence
 from typing import Any
 
@@ -126,15 +125,21 @@ def decoding(params: Any) -> dict[str, Any]:
 
 
 def decode_image(value: Any) -> Any:
-    """An RGB PIL image from an `images` item's bytes; ValueError saying why not."""
+    """The RGB picture of an `images` item's bytes, as every stage sees it
+    (`stages.images.decode_image`: orientation, transparency on white, first frame); ValueError
+    saying why not."""
     from PIL import Image, UnidentifiedImageError
+
+    from stages.images import ImageTooLargeError
+    from stages.images import decode_image as decode
 
     data = (value or {}).get("bytes")
     if not data:
         raise ValueError("no image bytes")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
+        return decode(data)
+    except ImageTooLargeError as exc:
+        raise ValueError(f"too many pixels: {exc.detail}") from None
     except UnidentifiedImageError:
         raise ValueError("not an image format PIL reads") from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
@@ -145,7 +150,8 @@ class Recaption(_ModelOrEndpointStage):
     """Detailed captions from a VLM (in-process transformers or an OpenAI-compatible endpoint)."""
 
     name = "recaption"
-    version = "1"
+    # 2: the local backend sees images through stages.images (composited, oriented).
+    version = "2"
     Params = RecaptionParams
     batch_size = 32
 
