@@ -20,7 +20,8 @@ The path of a row, inside one data-loader worker:
    groups; then windows of `length_group_batches * batch_size` samples are sorted by their real
    length (text plus expanded image tokens) and cut into batches of neighbours, whose order is
    shuffled. Samples hold their images as compressed bytes up to here.
-6. **Decode** the images of one batch only (PIL, RGB, then the LlavaProcessor's image
+6. **Decode** the images of one batch only (`stages.images.decode_image`, as every stage sees
+   them: orientation, transparency on white, first frame; then the LlavaProcessor's image
    processor), and **collate** (`collate`): right-padded `input_ids` (pad id), `labels`
    (IGNORE_INDEX) and `attention_mask`, and `pixel_values` stacked in the order of the batch's
    image tokens. An image that opened but does not decode drops its sample from the batch
@@ -55,6 +56,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from stages.images import decode_image
 from stages.schema import KNOWN_TYPES
 from stages.shards import Location, list_shards
 from trainers.templates import IGNORE_INDEX, NO_LOSS_TOKENS, ConversationEncoder, TemplateError
@@ -627,8 +629,8 @@ def _header_problem(data: bytes) -> str | None:
 
 
 def _decode(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
+    # The one way every stage sees an image, so the model trains on the pixels curation judged.
+    return decode_image(data)
 
 
 def _reason(exc: BaseException) -> str:
