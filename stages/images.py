@@ -329,7 +329,36 @@ def _through_icc(img: Image.Image) -> Image.Image:
         return img.convert("RGB")
 
 
+#: Formats every OpenAI-compatible vision endpoint accepts.
+_WEB_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF"})
+
+
+def endpoint_image_bytes(data: bytes, *, background: tuple[int, int, int] = WHITE) -> bytes:
+    """Image bytes to send to a served model so that it sees what every stage sees: `data` itself
+    when the file already shows exactly `decode_image`'s picture in a web format (an upright,
+    opaque, single-frame RGB or grey JPEG/PNG/WebP/GIF, by far the most common case, so request
+    hashes and cached answers stay as they were); otherwise `decode_image`'s picture as PNG
+    (transparency composited, orientation applied, first frame, CMYK/16-bit converted).
+    Raises as `decode_image` does for bytes that are not a decodable image."""
+    with bomb_limits(None):
+        img = Image.open(io.BytesIO(data), formats=openable_formats())
+    with img:
+        as_is = (
+            img.format in _WEB_FORMATS
+            and img.mode in ("RGB", "L")
+            and not has_alpha(img)
+            and not getattr(img, "is_animated", False)
+            and _transpose_method(img) is None
+        )
+    if as_is:
+        return data
+    buf = io.BytesIO()
+    decode_image(data, background=background).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 __all__ = [
+    "endpoint_image_bytes",
     "DEFAULT_MAX_PIXELS",
     "EXCLUDED_FORMATS",
     "ImageTooLargeError",

@@ -41,6 +41,7 @@ take its batch mates down),
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,6 +62,7 @@ from stages.generate import (
     generate_each,
     prompt_ref,
 )
+from stages.images import endpoint_image_bytes
 from stages.llm_client import ChatRequest
 from stages.schema import IMAGE_MARKER
 
@@ -128,9 +130,8 @@ def decode_image(value: Any) -> Any:
     """The RGB picture of an `images` item's bytes, as every stage sees it
     (`stages.images.decode_image`: orientation, transparency on white, first frame); ValueError
     saying why not."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    from stages.images import ImageTooLargeError
     from stages.images import decode_image as decode
 
     data = (value or {}).get("bytes")
@@ -138,12 +139,23 @@ def decode_image(value: Any) -> Any:
         raise ValueError("no image bytes")
     try:
         return decode(data)
-    except ImageTooLargeError as exc:
-        raise ValueError(f"too many pixels: {exc.detail}") from None
-    except UnidentifiedImageError:
-        raise ValueError("not an image format PIL reads") from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+        raise ValueError(_decode_error(exc)) from None
+
+
+def _decode_error(exc: Exception) -> str:
+    """The words for an image that cannot be decoded, free of object addresses (reasons are
+    data and must not change from run to run)."""
+    from PIL import UnidentifiedImageError
+
+    from stages.images import ImageTooLargeError
+
+    if isinstance(exc, ImageTooLargeError):
+        return f"too many pixels: {exc.detail}"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image format PIL reads"
+    message = re.sub(r" ?<[^>]* at 0x[0-9a-fA-F]+>", "", " ".join(str(exc).split()))
+    return f"{type(exc).__name__}: {message[:200]}"
 
 
 class Recaption(_ModelOrEndpointStage):
@@ -259,9 +271,14 @@ class Recaption(_ModelOrEndpointStage):
         rows, requests = [], []
         for i, data in todo.items():
             try:
+                # The served model sees the picture every stage sees (see endpoint_image_bytes).
+                data = endpoint_image_bytes(data)
                 messages = prompt.render({"image": data, "image_mime": image_mime(data)})
             except PromptError as err:
                 reasons[i] = f"{self.name}: undecodable image ({err})"
+                continue
+            except Exception as err:  # noqa: BLE001 - untrusted bytes: PIL raises many types
+                reasons[i] = f"{self.name}: undecodable image ({_decode_error(err)})"
                 continue
             rows.append(i)
             requests.append(ChatRequest(messages=messages, params=self.request_params()))

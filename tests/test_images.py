@@ -417,3 +417,50 @@ def test_a_105_megapixel_photograph_is_kept_by_image_check_and_image_filter(phot
     filtered = ImageFilter(max_aspect_ratio=3.0).process(checked)
     assert REJECT_COLUMN not in filtered.column_names or filtered.column(REJECT_COLUMN)[0] is None
     assert 0 < filtered.column("blank_share")[0].as_py() < 0.98
+
+
+# ---------------------------------------------------------------------------------------------
+# a served model sees the same picture
+
+
+def test_endpoint_bytes_are_the_file_when_it_shows_the_picture_and_png_otherwise():
+    from stages.images import endpoint_image_bytes
+
+    plain = encode(Image.new("RGB", (8, 8), RED), "JPEG")
+    assert endpoint_image_bytes(plain) is plain  # request hashes and cached answers unchanged
+    for kind in ("rgba", "palette_trns", "grey16", "cmyk_jpeg", "exif6_jpeg", "animated_gif"):
+        sent = endpoint_image_bytes(KINDS[kind])
+        assert sent.startswith(b"\x89PNG"), kind
+        assert _same(Image.open(io.BytesIO(sent)).convert("RGB"), decode_image(KINDS[kind]))
+
+
+def test_recaption_sends_the_endpoint_the_composited_picture(monkeypatch, shapes):
+    from stages.recaption import Recaption
+
+    sent = []
+
+    class Stop(Exception):
+        pass
+
+    def ask(self, requests):
+        sent.extend(requests)
+        raise Stop
+
+    monkeypatch.setattr(Recaption, "ask", ask)
+    stage = Recaption(model="served-model", backend="endpoint")
+    table = rows_to_table(
+        [{"id": "a", "images": [{"bytes": shapes["horizontal"]}], "caption": "c"}]
+    )
+    with pytest.raises(Stop):
+        stage.process(table)
+    (request,) = sent
+    urls = [
+        part["image_url"]["url"]
+        for message in request.messages
+        if isinstance(message["content"], list)
+        for part in message["content"]
+        if part.get("type") == "image_url"
+    ]
+    (url,) = urls
+    picture = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+    assert _same(picture, decode_image(shapes["horizontal"]))
