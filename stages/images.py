@@ -239,7 +239,7 @@ def _decode_opened(
     if reduce_to:
         factor = min(rgb.size) // reduce_to
         if factor >= 2:
-            # After compositing: a box average of premultiplied colours, so hidden RGB under
+            # After compositing: the box average is of the colours shown, so RGB hidden under
             # transparent pixels cannot bleed into the reduced picture.
             rgb = rgb.reduce(factor)
     if method is not None:
@@ -344,10 +344,13 @@ def endpoint_image_bytes(data: bytes, *, background: tuple[int, int, int] = WHIT
         img = Image.open(io.BytesIO(data), formats=openable_formats())
     with img:
         as_is = (
-            img.format in _WEB_FORMATS
+            img.size[0] * img.size[1] <= DEFAULT_MAX_PIXELS  # else decode_image says why not
+            and img.format in _WEB_FORMATS
             and img.mode in ("RGB", "L")
             and not has_alpha(img)
             and not getattr(img, "is_animated", False)
+            # last: for a PNG, reading EXIF may decode the image (its eXIf chunk can follow
+            # the pixels), which the size check above has bounded
             and _transpose_method(img) is None
         )
     if as_is:

@@ -409,7 +409,14 @@ def photo_105mp() -> bytes:
     return encode(small.resize((12_000, 8_800), Image.BILINEAR), "JPEG", quality=80)
 
 
-def test_a_105_megapixel_photograph_is_kept_by_image_check_and_image_filter(photo_105mp):
+def test_a_105_megapixel_photograph_is_kept_by_image_check_and_image_filter(
+    photo_105mp, monkeypatch
+):
+    # 64 MiB per decode: the full picture (12000*8800*8 bytes = 845 MB) would be over it, so the
+    # stages must decode it at a reduced scale (1/8: 1500x1100, 13 MB) to keep it.
+    monkeypatch.setattr(images_module, "default_memory_limit", lambda: 64 * 2**20)
+    with pytest.raises(ImageTooLargeError, match="memory limit"):
+        decode_image(photo_105mp)
     table = rows_to_table([{"id": "big", "images": [{"bytes": photo_105mp}], "caption": "c"}])
     checked = ImageCheck().process(table)
     assert REJECT_COLUMN not in checked.column_names or checked.column(REJECT_COLUMN)[0] is None
