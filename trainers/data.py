@@ -56,7 +56,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from stages.images import decode_image
+from stages.images import DEFAULT_MAX_PIXELS, bomb_limits, decode_image, size_problem
 from stages.schema import KNOWN_TYPES
 from stages.shards import Location, list_shards
 from trainers.templates import IGNORE_INDEX, NO_LOSS_TOKENS, ConversationEncoder, TemplateError
@@ -621,11 +621,13 @@ class LlavaStream(IterableDataset):
 
 def _header_problem(data: bytes) -> str | None:
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.size  # noqa: B018 - parsing the header is the check
+        # The header only, with the stages' bomb limit (not PIL's smaller default, which would
+        # refuse the large genuine photographs image_check kept).
+        with bomb_limits(None), Image.open(io.BytesIO(data)) as image:
+            too_many = size_problem(*image.size, DEFAULT_MAX_PIXELS)
     except Exception as exc:  # PIL raises many types for bytes that are not an image
         return f"not an image PIL can open: {_reason(exc)}"
-    return None
+    return f"too many pixels: {too_many}" if too_many else None
 
 
 def _decode(data: bytes) -> Image.Image:
