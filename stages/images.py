@@ -41,6 +41,7 @@ decode, and the reason says so, so a difference between machines is never silent
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import warnings
@@ -88,6 +89,7 @@ class ImageTooLargeError(Image.DecompressionBombError):
 # limits
 
 
+@functools.cache  # read once per process, not once per image
 def machine_memory() -> int:
     """Bytes of memory this process may use: physical memory, or the cgroup limit when lower
     (a container's limit is what an allocation runs into)."""
