@@ -31,7 +31,6 @@ import io
 import json
 import re
 import time
-import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -54,7 +53,9 @@ THUMB_PX = 128
 CAPTION_CHARS = 140
 BINS = 50
 # Thumbnails never decode more than this: rejected galleries hold decompression bombs on purpose.
-THUMB_MAX_PIXELS = 64_000_000
+# The stages' own limit (stages.images.DEFAULT_MAX_PIXELS, 2**28): a large genuine photograph is
+# shown (a JPEG decodes at 1/8 scale), a bomb is refused from its header.
+THUMB_MAX_PIXELS = 2**28
 # Thumbnails are the bulk of the page (about 5 kB each): past this many bytes of them the rest
 # are left out, so a run with many stages and reasons still gives a page under 20 MB.
 THUMBNAIL_BUDGET = 12 * 2**20
@@ -541,7 +542,8 @@ def _read_rows(stage: StageOutput, path: str, rows: list[int], columns: list[str
 
 def thumbnail(images: list[dict] | None) -> tuple[str | None, str]:
     """(JPEG data URI of the first image at THUMB_PX, '') or (None, why not)."""
-    from PIL import Image
+
+    from stages.images import ImageTooLargeError, decode_image
 
     if not images:
         return None, "no image"
@@ -549,16 +551,14 @@ def thumbnail(images: list[dict] | None) -> tuple[str | None, str]:
     if not data:
         return None, "image stored by path" if images[0].get("path") else "empty image"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            if img.width * img.height > THUMB_MAX_PIXELS:
-                return None, f"too many pixels to show ({img.width}x{img.height})"
-            img.draft("RGB", (THUMB_PX, THUMB_PX))  # JPEG: decode at a reduced scale
-            img = img.convert("RGB")
-            img.thumbnail((THUMB_PX, THUMB_PX))
-            buf = io.BytesIO()
-            img.save(buf, format="JPEG", quality=75)
+        # As every stage sees it (orientation, transparency on white, first frame), decoded at
+        # a reduced scale (JPEG draft) that keeps at least THUMB_PX on the shorter side.
+        img = decode_image(data, reduce_to=THUMB_PX, max_pixels=THUMB_MAX_PIXELS)
+        img.thumbnail((THUMB_PX, THUMB_PX))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=75)
+    except ImageTooLargeError as exc:
+        return None, f"too many pixels to show ({exc.detail})"
     except Exception as exc:  # anything PIL raises on a damaged file means: no thumbnail
         return None, f"cannot decode: {type(exc).__name__}"
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode(), ""

@@ -4,8 +4,9 @@ The model is named by a spec (`open_clip:ViT-L-14:openai`, `hf:<model id or dir>
 directory, ...; see `stages.models`) and loaded once per worker in `setup()`: a model that is not on
 the machine fails there with a message saying which flag to give (`--embed.model`).
 
-The first image of each row is decoded from its bytes (PIL, converted to RGB) and embedded, and so
-is the caption (`text_column`), in sub-batches of `model_batch_size` so that a worker holds at most
+The first image of each row is decoded from its bytes by `stages.images.decode_image` (EXIF
+orientation, transparency composited on white, first frame, at least twice the model's input side
+kept when it decodes a large image at reduced scale) and embedded, and so is the caption (`text_column`), in sub-batches of `model_batch_size` so that a worker holds at most
 that many decoded images at a time. Adds:
 
 - `image_emb`, `text_emb`: fixed_size_list<float16>[dim], L2-normalised (null where there is
@@ -20,8 +21,8 @@ problems is rejected for its image.
 from __future__ import annotations
 
 import dataclasses
-import io
 import re
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +30,7 @@ import pyarrow.compute as pc
 from PIL import Image, UnidentifiedImageError
 
 from stages.base import BatchStage, param, put_column, reject
+from stages.images import decode_image
 from stages.schema import embedding_type
 
 RULE = "embed"
@@ -55,7 +57,8 @@ class Embed(BatchStage):
     """Embed each row's first image and its caption with a CLIP-style model."""
 
     name = "embed"
-    version = "1"
+    # 2: images decoded by stages.images (transparency composited, EXIF orientation applied).
+    version = "2"
     Params = EmbedParams
     uses_model = True
     num_cpus = 1.0
@@ -116,11 +119,12 @@ class Embed(BatchStage):
         vectors = np.zeros((n, self.model.dim), dtype=np.float32)
         ok = np.zeros(n, dtype=bool)
         step = self.params.model_batch_size
+        reduce_to = reduction_side(self.model)
         for lo in range(0, len(rows), step):
             decoded, decoded_rows = [], []
             for k in range(lo, min(lo + step, len(rows))):
                 row = int(rows[k])
-                image, reasons[row] = _decode(blobs[k].as_buffer())
+                image, reasons[row] = _decode(blobs[k].as_buffer(), reduce_to)
                 if image is not None:
                     decoded.append(image)
                     decoded_rows.append(row)
@@ -148,14 +152,30 @@ class Embed(BatchStage):
         return _embedding_column(vectors, has_text), has_text
 
 
-def _decode(data: pa.Buffer | None) -> tuple[Image.Image | None, str | None]:
+def reduction_side(model: Any) -> int | None:
+    """Twice the model's input side (open_clip's `visual.image_size`, or a transformers vision
+    config's `image_size`), the shorter side a large image may be decoded down to: the model
+    resizes it to its input anyway, and from at least twice that size the result is the same to
+    the eye (PIL's `reducing_gap=2`). None when the model does not say."""
+    module = getattr(model, "module", None)
+    size = getattr(getattr(module, "visual", None), "image_size", None)
+    if size is None:
+        vision = getattr(getattr(module, "config", None), "vision_config", None)
+        size = getattr(vision, "image_size", None)
+    if isinstance(size, list | tuple):
+        size = max(size)
+    return 2 * int(size) if isinstance(size, int) and size > 0 else None
+
+
+def _decode(
+    data: pa.Buffer | None, reduce_to: int | None = None
+) -> tuple[Image.Image | None, str | None]:
     """An RGB image from `data`, or the reason it cannot be had; never raises for bad data."""
     if data is None or data.size == 0:
         return None, f"{RULE}: undecodable image ({'null' if data is None else '0'} bytes)"
     raw = memoryview(data)
     try:
-        with Image.open(io.BytesIO(raw)) as img:
-            return img.convert("RGB"), None
+        return decode_image(raw, reduce_to=reduce_to), None
     except UnidentifiedImageError:
         head = bytes(raw[:8]).hex()
         return None, f"{RULE}: undecodable image (unknown format, {len(raw)} bytes, starts {head})"

@@ -8,17 +8,22 @@ What "identical" means is the `key` parameter, one or more of these parts joined
   in order (a tag, its length, then its bytes, or its path when it has no bytes, so a path-only
   image is identified by its path and never by "no bytes").
 - `pixels`: the DECODED pixels, so a PNG and its lossless WebP/BMP/TIFF re-encode are duplicates
-  while their bytes differ. Each image is decoded with PIL (first frame, EXIF orientation not
-  applied, as `image_check` measures it), converted to RGBA when it has an alpha channel (or
-  palette/colour-key transparency) that is not fully opaque and to RGB otherwise (so L, P, CMYK,
-  I;16 and opaque RGBA all compare as the RGB picture they show), and hashed as mode, width,
-  height and the raw pixel bytes. Written to `pixel_hash` (string, 64 hex digits; SHA-256 of that
-  record, or of every image's record in order for several images). An image PIL cannot decode
-  (or larger than PIL's decompression-bomb limit) falls back to its file bytes, tagged so that it
-  can never equal a pixel record: this stage decides sameness, not usability (`image_check`
-  rejects broken images), and byte-identical broken files are still the same file. Pixel hashes of
-  lossy formats are comparable within one decoder build (JPEG decoders may differ in the last bit
-  between libjpeg versions), so compare `pixel_hash` columns written by the same environment.
+  while their bytes differ. Each image is decoded by `stages.images.decode_image`, the way every
+  stage and trainer sees it: first frame, EXIF orientation applied, transparency composited on
+  white, every mode as RGB, full resolution. The hash is of that picture (mode, width, height
+  and the raw RGB bytes), written to `pixel_hash` (string, 64 hex digits; SHA-256 of that
+  record, or of every image's record in order for several images). Compositing first is the
+  point: two files that show the same picture are duplicates for a trainer, which sees exactly
+  that picture, even when the colours hidden under their transparent pixels differ; while two
+  different shapes drawn on one transparent canvas (the same hidden RGB) show different pictures
+  and stay distinct, which hashing the RGB channels without alpha would have merged. A
+  photograph stored rotated with an EXIF orientation and the same photograph stored upright are
+  one picture too. An image that cannot be decoded (or is over `decode_image`'s size limits)
+  falls back to its file bytes, tagged so that it can never equal a pixel record: this stage
+  decides sameness, not usability (`image_check` rejects broken images), and byte-identical
+  broken files are still the same file. Pixel hashes of lossy formats are comparable within one
+  decoder build (JPEG decoders may differ in the last bit between libjpeg versions), so compare
+  `pixel_hash` columns written by the same environment.
 - `caption`: the caption text, normalised by `caption_norm` and written to `caption_hash` (string,
   SHA-256 hex of the normalised UTF-8 text). The default, `casefold`, applies Unicode NFKC, case
   folding, and collapses runs of whitespace to one space with the ends stripped: alt-text
@@ -41,7 +46,8 @@ others are rejected as `exact_dedup: duplicate (<key> of <kept id>)`, e.g.
 `exact_dedup: duplicate (pixels of r-0001)`; the default key keeps version 1's wording,
 `exact_dedup: duplicate (of <kept id>)`.
 
-Version 2 writes the hash columns of the parts the key uses (`image_sha256`, `pixel_hash`,
+Version 3 hashes the composited, oriented picture (version 2 hashed RGBA for images with
+transparency, orientation not applied). Version 2 writes the hash columns of the parts the key uses (`image_sha256`, `pixel_hash`,
 `caption_hash`) on every row, kept or rejected, and adds the `pixels` and `caption` parts and
 `caption_norm`; with `caption_norm="exact"` the groups of the version 1 keys are unchanged.
 """
@@ -50,17 +56,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import re
 import unicodedata
-import warnings
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from PIL import Image
 
 from stages.base import GlobalContext, GlobalStage, param, put_column, reject
+from stages.images import decode_image
 from stages.shuffle import map_groups
 
 KEY_COLUMN = "_exact_key"
@@ -132,32 +136,19 @@ def image_sha256(images: list[dict]) -> str:
     return h.hexdigest()
 
 
-def _opaque(img: Image.Image) -> bool:
-    """True when the image has no alpha channel or transparency, or its alpha is all 255."""
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        alpha = img.convert("RGBA").getchannel("A")
-        return alpha.getextrema() == (255, 255)
-    return True
-
-
 def pixel_record(data: bytes | None) -> bytes | None:
-    """Mode, size and RGB(A) bytes of an image's first frame; None when it cannot be decoded."""
+    """Mode, size and RGB bytes of an image as `decode_image` shows it; None when it cannot be
+    decoded."""
     if not data:
         return None
     try:
-        with warnings.catch_warnings():
-            # PIL only warns between its limit and twice its limit; a bomb is undecodable here.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-                mode = "RGB" if _opaque(img) else "RGBA"
-                pixels = img.convert(mode)
-                head = mode.encode() + pixels.width.to_bytes(4, "little")
-                return head + pixels.height.to_bytes(4, "little") + pixels.tobytes()
+        pixels = decode_image(data)
     except MemoryError:
         raise
     except Exception:  # noqa: BLE001 - untrusted bytes: any decoder failure means "not decodable"
         return None
+    head = b"RGB" + pixels.width.to_bytes(4, "little") + pixels.height.to_bytes(4, "little")
+    return head + pixels.tobytes()
 
 
 def pixel_hash(images: list[dict]) -> str:
@@ -245,7 +236,8 @@ class ExactDedup(GlobalStage):
     """Exact duplicates by content hash (file bytes, decoded pixels, caption); one row per group."""
 
     name = "exact_dedup"
-    version = "2"
+    # 3: pixel hashes of the picture as stages.images shows it (composited, oriented).
+    version = "3"
     Params = ExactDedupParams
 
     def check_params(self) -> None:

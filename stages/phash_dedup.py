@@ -1,7 +1,10 @@
 """phash_dedup: near-exact duplicate images (resized, re-encoded, slightly brightened copies) by a
 perceptual hash and a Hamming-distance threshold, resolved over the whole dataset.
 
-**Hash.** Each row's image is decoded with PIL and hashed by the `imagehash` library (`hash`:
+**Hash.** Each row's image is decoded by `stages.images.decode_image` (EXIF orientation applied,
+transparency composited on white, first frame; an image whose shorter side is above
+`HASH_DECODE_SIDE` is decoded at a reduced scale, never below it) and hashed by the `imagehash`
+library (`hash`:
 `phash`, the DCT hash, by default; `dhash`, `whash` or `average`), with `hash_size` 8, i.e. 64
 bits. The hash is written to `phash` (int64): the bits of imagehash's hex string `str(h)` read as
 an unsigned big-endian integer and stored in two's complement, so
@@ -48,8 +51,8 @@ Cost: a bucket with k distinct hashes costs k^2 / 2 comparisons; with uniform ha
 about N / 2^(n / m) rows (13-bit bands at d = 4), so at billions of rows lower `max_distance`
 (wider bands) or shard by another key first.
 
-**Keep rule** (`keep`): `largest` keeps the row whose image has the most pixels (width x height as
-decoded), then the smallest id (the original over its downscaled copies); `first` keeps the
+**Keep rule** (`keep`): `largest` keeps the row whose image has the most pixels (width x height at
+full resolution), then the smallest id (the original over its downscaled copies); `first` keeps the
 smallest id. Ties on id (rows sharing an id) are broken by position, so exactly one row survives.
 
 **Columns and reasons.** Every row gets `phash` (int64), `phash_group_size` (int64: rows in its
@@ -61,8 +64,6 @@ The others are rejected as `phash_dedup: near duplicate (of <kept id>, distance 
 from __future__ import annotations
 
 import dataclasses
-import io
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -71,6 +72,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from stages.base import GlobalContext, GlobalStage, param, put_columns, reject
+from stages.images import decode_image
 from stages.semdedup import union_pairs
 from stages.shuffle import map_groups
 
@@ -81,6 +83,9 @@ DISTANCE_COLUMN = "phash_distance"
 HASHES = ("phash", "dhash", "whash", "average")
 KEEP = ("largest", "first")
 MULTI_IMAGE = ("skip", "first")
+#: The shorter side kept when a large image is decoded at a reduced scale: 16 times the 32 px
+#: imagehash's pHash resizes to, so the hash sees the same picture.
+HASH_DECODE_SIDE = 512
 # Private columns, dropped before the stage returns.
 _PIXELS = "_phash_pixels"
 # A row's place in the hashed dataset: block index << 32 | row within the block.
@@ -144,18 +149,15 @@ def int64_to_hex(value: int, n_bits: int = 64) -> str:
 
 
 def image_hash(data: bytes | None, name: str, hash_size: int) -> tuple[int | None, int]:
-    """(hash as int64, width * height) of one encoded image; (None, 0) when it cannot be decoded."""
-    from PIL import Image
-
+    """(hash as int64, width * height at full resolution) of one encoded image; (None, 0) when it
+    cannot be decoded."""
     if not data:
         return None, 0
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-                h = hash_function(name)(img, hash_size=hash_size)
-                return hash_to_int64(h.hash), img.width * img.height
+        img = decode_image(data, reduce_to=HASH_DECODE_SIDE)
+        h = hash_function(name)(img, hash_size=hash_size)
+        width, height = img.info["source_size"]
+        return hash_to_int64(h.hash), width * height
     except MemoryError:
         raise
     except Exception:  # noqa: BLE001 - untrusted bytes: a decoder failure means "no hash"
@@ -523,7 +525,8 @@ class PhashDedup(GlobalStage):
     """Near-exact duplicate images by perceptual hash; one row kept per connected group."""
 
     name = "phash_dedup"
-    version = "1"
+    # 2: images decoded by stages.images (transparency composited, EXIF orientation applied).
+    version = "2"
     Params = PhashDedupParams
 
     def check_params(self) -> None:

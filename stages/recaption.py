@@ -41,7 +41,7 @@ take its batch mates down),
 from __future__ import annotations
 
 import dataclasses
-import io
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,6 +62,7 @@ from stages.generate import (
     generate_each,
     prompt_ref,
 )
+from stages.images import endpoint_image_bytes
 from stages.llm_client import ChatRequest
 from stages.schema import IMAGE_MARKER
 
@@ -126,26 +127,43 @@ def decoding(params: Any) -> dict[str, Any]:
 
 
 def decode_image(value: Any) -> Any:
-    """An RGB PIL image from an `images` item's bytes; ValueError saying why not."""
-    from PIL import Image, UnidentifiedImageError
+    """The RGB picture of an `images` item's bytes, as every stage sees it
+    (`stages.images.decode_image`: orientation, transparency on white, first frame); ValueError
+    saying why not."""
+    from PIL import Image
+
+    from stages.images import decode_image as decode
 
     data = (value or {}).get("bytes")
     if not data:
         raise ValueError("no image bytes")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
-    except UnidentifiedImageError:
-        raise ValueError("not an image format PIL reads") from None
+        return decode(data)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+        raise ValueError(_decode_error(exc)) from None
+
+
+def _decode_error(exc: Exception) -> str:
+    """The words for an image that cannot be decoded, free of object addresses (reasons are
+    data and must not change from run to run)."""
+    from PIL import UnidentifiedImageError
+
+    from stages.images import ImageTooLargeError
+
+    if isinstance(exc, ImageTooLargeError):
+        return f"too many pixels: {exc.detail}"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image format PIL reads"
+    message = re.sub(r" ?<[^>]* at 0x[0-9a-fA-F]+>", "", " ".join(str(exc).split()))
+    return f"{type(exc).__name__}: {message[:200]}"
 
 
 class Recaption(_ModelOrEndpointStage):
     """Detailed captions from a VLM (in-process transformers or an OpenAI-compatible endpoint)."""
 
     name = "recaption"
-    version = "1"
+    # 2: the local backend sees images through stages.images (composited, oriented).
+    version = "2"
     Params = RecaptionParams
     batch_size = 32
 
@@ -254,9 +272,14 @@ class Recaption(_ModelOrEndpointStage):
         rows, requests = [], []
         for i, data in todo.items():
             try:
+                # The served model sees the picture every stage sees (see endpoint_image_bytes).
+                data = endpoint_image_bytes(data)
                 messages = prompt.render({"image": data, "image_mime": image_mime(data)})
             except PromptError as err:
                 reasons[i] = f"{self.name}: undecodable image ({err})"
+                continue
+            except Exception as err:  # noqa: BLE001 - untrusted bytes: PIL raises many types
+                reasons[i] = f"{self.name}: undecodable image ({_decode_error(err)})"
                 continue
             rows.append(i)
             requests.append(ChatRequest(messages=messages, params=self.request_params()))

@@ -132,7 +132,8 @@ THRESHOLD_CASES = [
     (
         {"max_pixels": 39_999},
         (200, 200),
-        "image_filter: too many pixels (200x200 = 40000 > max_pixels 39999)",
+        "image_filter: too many pixels (200x200 = 40000 pixels > max_pixels 39999, "
+        "set by --image_filter.max_pixels)",
     ),
     ({"min_width": 0, "min_height": 0}, (1, 1), None),
 ]
@@ -185,7 +186,8 @@ def test_decompression_bomb_rejected_from_header_without_decoding(monkeypatch):
     out = run([row("bomb", bomb)])
     assert decoded == []
     assert reasons(out)["bomb"] == (
-        "image_filter: too many pixels (30000x30000 = 900000000 > max_pixels 89478485)"
+        "image_filter: too many pixels (30000x30000 = 900000000 pixels > max_pixels 268435456, "
+        "set by --image_filter.max_pixels)"
     )
     assert (scores(out, "width")["bomb"], scores(out, "height")["bomb"]) == (30_000, 30_000)
     assert scores(out, "n_frames")["bomb"] is None

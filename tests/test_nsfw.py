@@ -234,7 +234,10 @@ def test_a_decompression_bomb_is_unreadable_without_decoding_it(photos):
     stage = Nsfw(max_pixels=10_000)
     stage.setup()
     reasons = _reasons(stage.process(_rows([[photos["astronaut"]]])))
-    assert reasons == ["nsfw: unreadable image (too many pixels: 262144 pixels > max_pixels 10000)"]
+    assert reasons == [
+        "nsfw: unreadable image (too many pixels: 512x512 = 262144 pixels > max_pixels 10000, "
+        "set by --nsfw.max_pixels)"
+    ]
 
 
 # ---- model, parameters, resources -----------------------------------------------------------

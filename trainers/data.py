@@ -20,7 +20,8 @@ The path of a row, inside one data-loader worker:
    groups; then windows of `length_group_batches * batch_size` samples are sorted by their real
    length (text plus expanded image tokens) and cut into batches of neighbours, whose order is
    shuffled. Samples hold their images as compressed bytes up to here.
-6. **Decode** the images of one batch only (PIL, RGB, then the LlavaProcessor's image
+6. **Decode** the images of one batch only (`stages.images.decode_image`, as every stage sees
+   them: orientation, transparency on white, first frame; then the LlavaProcessor's image
    processor), and **collate** (`collate`): right-padded `input_ids` (pad id), `labels`
    (IGNORE_INDEX) and `attention_mask`, and `pixel_values` stacked in the order of the batch's
    image tokens. An image that opened but does not decode drops its sample from the batch
@@ -55,6 +56,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from stages.images import DEFAULT_MAX_PIXELS, bomb_limits, decode_image, size_problem
 from stages.schema import KNOWN_TYPES
 from stages.shards import Location, list_shards
 from trainers.templates import IGNORE_INDEX, NO_LOSS_TOKENS, ConversationEncoder, TemplateError
@@ -619,16 +621,18 @@ class LlavaStream(IterableDataset):
 
 def _header_problem(data: bytes) -> str | None:
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.size  # noqa: B018 - parsing the header is the check
+        # The header only, with the stages' bomb limit (not PIL's smaller default, which would
+        # refuse the large genuine photographs image_check kept).
+        with bomb_limits(None), Image.open(io.BytesIO(data)) as image:
+            too_many = size_problem(*image.size, DEFAULT_MAX_PIXELS)
     except Exception as exc:  # PIL raises many types for bytes that are not an image
         return f"not an image PIL can open: {_reason(exc)}"
-    return None
+    return f"too many pixels: {too_many}" if too_many else None
 
 
 def _decode(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
+    # The one way every stage sees an image, so the model trains on the pixels curation judged.
+    return decode_image(data)
 
 
 def _reason(exc: BaseException) -> str:
