@@ -62,6 +62,7 @@ import pyarrow as pa
 from prompts import Prompt, PromptError, image_mime, load_prompt
 from stages import watchdog
 from stages.base import BatchStage, param, params_to_dict, put_columns, reject, stable_hash
+from stages.images import endpoint_image_bytes
 from stages.llm_client import (
     BUDGET_STOP,
     ChatRequest,
@@ -490,7 +491,7 @@ class LlavaGenerate(_GenerateStage):
     """LLaVA-158K instruction data (conversation, detail, complex reasoning) from captions + boxes."""
 
     name = "llava_generate"
-    version = "1"
+    version = "2"  # 2: the model sees decode_image's picture (transparency composited)
     Params = LlavaGenerateParams
     batch_size = 64
 
@@ -597,11 +598,14 @@ class AllavaGenerate(_GenerateStage):
             elif not found:
                 reasons[i] = f"{self.name}: no image"
             else:
-                data = found[0]["bytes"]
                 try:
+                    # The model sees the picture every stage sees (see endpoint_image_bytes).
+                    data = endpoint_image_bytes(found[0]["bytes"])
                     context[i] = {"image": data, "image_mime": image_mime(data)}
                 except PromptError as err:
                     reasons[i] = f"{self.name}: unreadable image ({err})"
+                except Exception as err:  # noqa: BLE001 - untrusted bytes: PIL raises many types
+                    reasons[i] = f"{self.name}: unreadable image ({type(err).__name__}: {err})"
 
         for call in ("caption", "question", "answer"):
             rows = sorted(context)
