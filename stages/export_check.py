@@ -41,7 +41,9 @@ import pyarrow.compute as pc
 
 from stages import conversation
 from stages.base import BatchStage, param, reject
+from stages.image_check import RULE as IMAGE_CHECK_RULE
 from stages.image_check import ImageCheck, pil_limits, with_index
+from stages.images import DEFAULT_MAX_PIXELS
 from stages.readers.llava_json import safe_relative_path
 
 RULE = "export_check"
@@ -57,6 +59,10 @@ class ExportCheckParams:
     )
     check_images: bool = param(
         True, "Decode every image once and reject rows with an image that does not decode."
+    )
+    max_pixels: int = param(
+        DEFAULT_MAX_PIXELS,
+        "Reject images whose header claims more than this many pixels (as image_check).",
     )
 
 
@@ -83,7 +89,7 @@ class ExportCheck(BatchStage):
         blobs = pc.struct_field(items, "bytes")
         paths = pc.struct_field(items, "path").to_pylist()
         # The decoder of image_check, so both stages give an image the same verdict and wording.
-        decoder = ImageCheck(min_side=0)
+        decoder = ImageCheck(min_side=0, max_pixels=p.max_pixels, stage_name=self.name)
 
         reasons: list[str | None] = [None] * n
         with pil_limits(decoder.params.max_pixels):
@@ -110,7 +116,8 @@ class ExportCheck(BatchStage):
                 result = decoder.check_one(blobs[start + k].as_buffer(), paths[start + k])
                 if result.reason is not None:
                     reason = with_index(result.reason, k, count)
-                    return RULE + reason.removeprefix(decoder.name)
+                    # image_check's wording under this stage's name (the flag in a reason is ours)
+                    return RULE + reason.removeprefix(IMAGE_CHECK_RULE)
         for k in range(count):
             path = paths[start + k]
             if path is not None and safe_relative_path(path) is None:

@@ -620,6 +620,15 @@ def test_export_check_rejects_each_rule_at_its_boundary_with_its_reason():
             assert got[key] == expected, key
 
 
+def test_export_check_names_its_own_pixel_limit_flag():
+    got = run_export_check()
+    assert got["bomb"].endswith("> max_pixels 268435456, set by --export_check.max_pixels)")
+    # Its own limit, lowered, rejects what the default keeps.
+    small = run_export_check(max_pixels=100)
+    assert small["truncated-jpeg"].startswith("export_check: too many pixels (64x48 = 3072")
+    assert small["truncated-jpeg"].endswith("> max_pixels 100, set by --export_check.max_pixels)")
+
+
 def test_export_check_options_refuse_caption_rows_and_let_unchecked_images_through():
     got = run_export_check(require_conversations=True, check_images=False)
     assert got["no-turns"] == "export_check: no conversations"
