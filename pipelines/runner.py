@@ -11,6 +11,11 @@ For a pipeline run into OUTPUT:
   there), so changing one parameter recomputes that stage and what follows it, nothing before.
 - A map stage interrupted half way (a kill, a lost node) resumes source shard by source shard: see
   `stages.ledger`. Global stages restart from their input.
+- Output is deterministic: the same input and parameters give the same shards, byte for byte,
+  whatever the timing, the number of workers or the resume point. Units of work come from the
+  input, never from Ray's blocks: a map stage processes each input shard in fixed ranges of its
+  batch size (pieces named by shard and row offset); a global stage reads and writes fixed pieces
+  of GLOBAL_ROWS_PER_PART rows in input order (see `_global_write_task`).
 - Progress lines are printed while a stage runs; a funnel table at the end, saved as
   `OUTPUT/run.json`.
 """

@@ -1,7 +1,7 @@
 """Writing a stage's output and keeping its ledger.
 
-Every piece of work (one Arrow batch of a map stage, one input unit of ingest, one block of a
-global stage) ends in `commit_piece`: kept rows go to `part-*.parquet`, rejected rows to
+Every piece of work (a fixed row range of one input shard of a map stage, one input unit of ingest,
+one fixed piece of a global stage's output) ends in `commit_piece`: kept rows go to `part-*.parquet`, rejected rows to
 `rejected/part-*.parquet` with a `reason` column, and only then a small JSON entry under `_progress/`
 records which source the rows came from and how many went where. A piece without its entry never
 happened (a kill between the data write and the entry write leaves an orphan that resume deletes),
