@@ -158,3 +158,40 @@ def test_runs_with_other_worker_counts_or_a_kill_and_resume_write_identical_shar
     manifest = (resumed / "03-embed" / "_manifest.json").read_text()
     assert '"status": "resumed"' in manifest
     assert_same_output(plain, resumed)
+
+
+def test_a_global_stage_writes_the_same_shards_in_input_order_however_its_rows_move(
+    ray_session, tmp_path
+):
+    from stages_for_tests import CaptionLength, ScrambleRows
+
+    from pipelines.runner import GLOBAL_ROWS_PER_PART, Pipeline, Runner
+    from stages.schema import rows_to_table
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    n = GLOBAL_ROWS_PER_PART + 700  # two output pieces
+    rows = [{"id": f"r-{i:05d}", "caption": "x" * (i % 40), "source": "t"} for i in range(n)]
+    for s, (a, b) in enumerate([(0, 900), (900, 1000), (1000, n)]):
+        pq.write_table(rows_to_table(rows[a:b]), pool / f"shard-{s}.parquet")
+    pipe = Pipeline("t", [CaptionLength(max_chars=30), ScrambleRows()])
+    outs = []
+    for k in range(3):
+        out = tmp_path / f"out{k}"
+        Runner(pipe, str(pool), str(out), input_format="parquet", progress=False).run()
+        outs.append(out)
+    assert_same_output(outs[0], outs[1])
+    assert_same_output(outs[0], outs[2])
+    # Each shard holds its rows in input order (the order of the stage before, shard by shard).
+    upstream = [
+        r["id"]
+        for f in sorted((outs[0] / "01-caption_length").glob("part-*.parquet"))
+        for r in pq.read_table(f, columns=["id"]).to_pylist()
+    ]
+    kept = [
+        pq.read_table(f, columns=["id"]).column("id").to_pylist()
+        for f in sorted((outs[0] / "02-scramble_rows").glob("part-*.parquet"))
+    ]
+    assert sorted(i for ids in kept for i in ids) == sorted(i for i in upstream if i[-1] != "3")
+    for ids in kept:
+        assert ids == sorted(ids, key=upstream.index)
