@@ -11,6 +11,11 @@ For a pipeline run into OUTPUT:
   there), so changing one parameter recomputes that stage and what follows it, nothing before.
 - A map stage interrupted half way (a kill, a lost node) resumes source shard by source shard: see
   `stages.ledger`. Global stages restart from their input.
+- Output is deterministic: the same input and parameters give the same shards, byte for byte,
+  whatever the timing, the number of workers or the resume point. Units of work come from the
+  input, never from Ray's blocks: a map stage processes each input shard in fixed ranges of its
+  batch size (pieces named by shard and row offset); a global stage reads and writes fixed pieces
+  of GLOBAL_ROWS_PER_PART rows in input order (see `_global_write_task`).
 - Progress lines are printed while a stage runs; a funnel table at the end, saved as
   `OUTPUT/run.json`.
 """
@@ -28,7 +33,14 @@ from typing import Any
 
 import pyarrow as pa
 
-from stages.base import BatchStage, GlobalContext, GlobalStage, Stage, stable_hash
+from stages.base import (
+    POSITION_COLUMN,
+    BatchStage,
+    GlobalContext,
+    GlobalStage,
+    Stage,
+    stable_hash,
+)
 from stages.ledger import (
     PROGRESS_DIR,
     REJECTED_DIR,
@@ -40,13 +52,16 @@ from stages.ledger import (
 )
 from stages.readers.base import Reader, ReadUnit
 from stages.schema import conform
-from stages.shards import Location
+from stages.shards import TMP_PREFIX, Location, write_table_atomic
 
 MANIFEST = "_manifest.json"
 ATTEMPT = "_attempt.json"
 INGEST = "ingest"
-SRC_COLUMN = "path"  # the column Ray's read_parquet(include_paths=True) adds
+# Rows per output piece of a global stage, and per piece of a map stage without a batch size.
 GLOBAL_ROWS_PER_PART = 2048
+MAP_ROWS_PER_PIECE = 4096
+# Where a global stage stages the fragments of pieces that its output spread over several blocks.
+STAGING_DIR = "_staging"
 # Read tasks ask for a quarter CPU: an actor pool sized to the machine then never leaves them
 # without a slot (on one CPU, a whole-CPU read would wait forever behind a half-CPU actor).
 READ_CPUS = 0.25
@@ -229,43 +244,82 @@ def _apply_stage(stage: BatchStage, batch: pa.Table) -> pa.Table:
     return conform(out, where=f"stage {stage.name}")
 
 
-def _commit_by_source(out: Location, src_col: pa.ChunkedArray, table: pa.Table) -> list[dict]:
-    import pyarrow.compute as pc
-
-    entries = []
-    for src in pc.unique(src_col).to_pylist():
-        piece = table.filter(pc.equal(src_col, src))
-        entries.append(commit_piece(out, _normalise_src(src), piece))
-    return entries
-
-
 def _normalise_src(path: str) -> str:
     return path.split("://", 1)[-1]
 
 
-class _MapActor:
-    """Actor-pool worker for model stages: setup() once, then process and write each batch."""
+# Units of work come from the input, never from scheduling: a map stage processes each input shard
+# in fixed row ranges (`_map_pieces`), and a piece is named by its shard and row offset, so the
+# same input gives the same pieces, the same model batches and the same files whatever Ray does
+# (how many workers, which block boundaries, which retries, where a resumed run starts).
 
-    def __init__(self, stage: BatchStage, out: Location) -> None:
+
+def _map_pieces(sources: dict[str, str], rows: dict[str, int], step: int) -> list[dict[str, Any]]:
+    """One work item per `step` rows of each source shard: {"src", "path", "offset", "rows"}."""
+    return [
+        {"src": src, "path": path, "offset": o, "rows": min(step, rows[src] - o)}
+        for src, path in sources.items()
+        for o in range(0, rows[src], step)
+    ]
+
+
+def _read_rows(fs: Any, path: str, offset: int, rows: int) -> pa.Table:
+    """Rows [offset, offset + rows) of a Parquet file, reading only the row groups that hold them."""
+    import pyarrow.parquet as pq
+
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        groups, start, first = [], 0, None
+        for i in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(i).num_rows
+            if start < offset + rows and start + n > offset:
+                groups.append(i)
+                first = start if first is None else first
+            start += n
+        if first is None:
+            return pf.schema_arrow.empty_table()
+        table = pf.read_row_groups(groups)
+    return table.slice(offset - first, rows)
+
+
+def _piece_name(offset: int) -> str:
+    return f"{offset:012d}"
+
+
+def _map_pieces_of(stage: BatchStage, fs: Any, out: Location, items: pa.Table) -> pa.Table:
+    entries = []
+    for item in items.to_pylist():
+        table = _read_rows(fs, item["path"], item["offset"], item["rows"])
+        if table.num_rows != item["rows"]:
+            raise PipelineError(
+                f"stage {stage.name}: {item['path']} has {table.num_rows} rows at offset "
+                f"{item['offset']}, expected {item['rows']} (changed since its stage wrote it?)"
+            )
+        out_table = _apply_stage(stage, table)
+        entries.append(commit_piece(out, item["src"], out_table, piece=_piece_name(item["offset"])))
+    return _summary(entries)
+
+
+class _MapActor:
+    """Actor-pool worker for model stages: setup() once, then process and write each piece."""
+
+    def __init__(self, stage: BatchStage, fs: Any, out: Location) -> None:
         self.stage = stage
+        self.fs = fs
         self.out = out
         stage.setup()
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        src = batch.column(SRC_COLUMN)
-        table = _apply_stage(self.stage, batch.drop_columns([SRC_COLUMN]))
-        return _summary(_commit_by_source(self.out, src, table))
+    def __call__(self, items: pa.Table) -> pa.Table:
+        return _map_pieces_of(self.stage, self.fs, self.out, items)
 
 
-def _map_task(batch: pa.Table, stage: BatchStage, out: Location) -> pa.Table:
+def _map_task(items: pa.Table, stage: BatchStage, fs: Any, out: Location) -> pa.Table:
     # Each task gets a fresh copy of the stage; set it up once per worker process and reuse it.
     key = (type(stage).__module__, type(stage).__qualname__, stage.params_hash)
     if key not in _SETUP_DONE:
         stage.setup()
         _SETUP_DONE[key] = stage
-    src = batch.column(SRC_COLUMN)
-    table = _apply_stage(_SETUP_DONE[key], batch.drop_columns([SRC_COLUMN]))
-    return _summary(_commit_by_source(out, src, table))
+    return _map_pieces_of(_SETUP_DONE[key], fs, out, items)
 
 
 def _ingest_task(batch: pa.Table, reader: Reader, out: Location) -> pa.Table:
@@ -281,9 +335,117 @@ def _ingest_task(batch: pa.Table, reader: Reader, out: Location) -> pa.Table:
     return _summary(entries)
 
 
-def _global_write_task(batch: pa.Table, out: Location, name: str) -> pa.Table:
-    table = conform(batch, where=f"stage {name}")
-    return _summary([commit_piece(out, "global", table)])
+# A global stage reads its input in fixed pieces of GLOBAL_ROWS_PER_PART rows (in the order of the
+# upstream manifest's files), each row tagged with its input position (POSITION_COLUMN). Whatever
+# the stage does to the rows (shuffles, groups), its output is written back in the same pieces:
+# piece k holds the rows at positions [k * GLOBAL_ROWS_PER_PART, (k + 1) * GLOBAL_ROWS_PER_PART),
+# sorted by position. A block that holds a whole piece (a row-wise stage keeps the read's blocks)
+# is committed at once; the parts of a piece spread over several blocks (a grouping stage) are
+# staged as fragments and merged by one task per piece. Memory: a block, or a piece.
+
+
+def _global_pieces(files: list[tuple[str, int]], total: int) -> list[dict[str, Any]]:
+    """The read items: piece k's segments [path, offset, rows, first position], as JSON."""
+    items, starts, pos = [], [], 0
+    for _, n in files:
+        starts.append(pos)
+        pos += n
+    for k in range(-(-total // GLOBAL_ROWS_PER_PART)):
+        lo, hi = k * GLOBAL_ROWS_PER_PART, min(total, (k + 1) * GLOBAL_ROWS_PER_PART)
+        segments = []
+        for (path, n), start in zip(files, starts, strict=True):
+            a, b = max(lo, start), min(hi, start + n)
+            if a < b:
+                segments.append([path, a - start, b - a, a])
+        items.append({"part": k, "segments": json.dumps(segments)})
+    return items
+
+
+def _global_read_task(items: pa.Table, fs: Any) -> pa.Table:
+    import numpy as np
+
+    tables = []
+    for item in items.to_pylist():
+        for path, offset, rows, pos in json.loads(item["segments"]):
+            table = _read_rows(fs, path, offset, rows)
+            positions = pa.array(np.arange(pos, pos + table.num_rows, dtype=np.int64))
+            tables.append(table.append_column(POSITION_COLUMN, positions))
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def _piece_rows(part: int, total: int) -> int:
+    return min(GLOBAL_ROWS_PER_PART, total - part * GLOBAL_ROWS_PER_PART)
+
+
+def _commit_global(out: Location, name: str, part: int, table: pa.Table) -> dict:
+    import pyarrow.compute as pc
+
+    table = table.take(pc.sort_indices(table, [(POSITION_COLUMN, "ascending")]))
+    table = conform(table.drop_columns([POSITION_COLUMN]), where=f"stage {name}")
+    return commit_piece(out, "global", table, piece=f"{part:09d}")
+
+
+def _positions(batch: pa.Table, name: str) -> Any:
+    if POSITION_COLUMN not in batch.column_names:
+        raise PipelineError(
+            f"stage {name}: its output lost the {POSITION_COLUMN!r} column; a global stage must "
+            "return every input column"
+        )
+    return batch.column(POSITION_COLUMN).to_numpy()
+
+
+def _global_write_task(
+    batch: pa.Table, out: Location, staging: Location, name: str, total: int
+) -> pa.Table:
+    import numpy as np
+
+    pos = _positions(batch, name)
+    part = pos // GLOBAL_ROWS_PER_PART
+    entries = []
+    for p in np.unique(part).tolist():
+        mask = part == p
+        piece = batch.filter(pa.array(mask))
+        if piece.num_rows == _piece_rows(p, total) == len(np.unique(pos[mask])):
+            entries.append(_commit_global(out, name, p, piece))
+        else:
+            first = int(pos[mask].min())
+            write_table_atomic(piece, staging.join(f"{p:09d}-{first:012d}.parquet"))
+    return _summary(entries)
+
+
+def _global_merge_task(items: pa.Table, out: Location, name: str, total: int) -> pa.Table:
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    entries = []
+    for item in items.to_pylist():
+        part = item["part"]
+        tables = []
+        for path in json.loads(item["files"]):
+            with out.fs.open_input_file(path) as f:
+                tables.append(pq.read_table(f))
+        table = pa.concat_tables(tables, promote_options="default")
+        # A retried write task may have staged the same rows twice; they are identical copies.
+        _, first = np.unique(_positions(table, name), return_index=True)
+        table = table.take(pa.array(np.sort(first)))
+        if table.num_rows != _piece_rows(part, total):
+            raise PipelineError(
+                f"stage {name}: output piece {part} has {table.num_rows} rows, expected "
+                f"{_piece_rows(part, total)}: the stage lost or duplicated rows"
+            )
+        entries.append(_commit_global(out, name, part, table))
+    return _summary(entries)
+
+
+def _staged_fragments(staging: Location) -> dict[int, list[str]]:
+    import pyarrow.fs as pafs
+
+    by_part: dict[int, list[str]] = {}
+    for fi in staging.fs.get_file_info(pafs.FileSelector(staging.path)):
+        if fi.type == pafs.FileType.File and fi.base_name.endswith(".parquet"):
+            if not fi.base_name.startswith(TMP_PREFIX):
+                by_part.setdefault(int(fi.base_name.split("-", 1)[0]), []).append(fi.path)
+    return {p: sorted(paths) for p, paths in sorted(by_part.items())}
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,7 +651,7 @@ class Runner:
             if isinstance(stage, BatchStage):
                 self._run_map(stage, out, sources, expected)
             else:
-                self._run_global(stage, out, sources, sum(expected.values()))
+                self._run_global(stage, out, sources, expected)
 
         state = read_ledger(out)
         if stage is None:
@@ -597,56 +759,69 @@ class Runner:
         pending = [p for p in pending if expected[p] > 0]
         if not pending:
             return
-        in_fs = self.output.fs
-        ds = ray.data.read_parquet(
-            [by_src[p] for p in pending],
-            filesystem=in_fs,
-            include_paths=True,
-            partitioning=None,
-            num_cpus=READ_CPUS,
-        )
+        # Pieces of the stage's batch size (rows per process() call) within each source shard.
+        step = stage.batch_size or MAP_ROWS_PER_PIECE
+        items = _map_pieces({p: by_src[p] for p in pending}, expected, step)
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
         resources = _map_resources(stage)
         if stage.uses_model:
             ds = ds.map_batches(
                 _MapActor,
-                fn_constructor_args=(stage, out),
-                batch_size=stage.batch_size,
+                fn_constructor_args=(stage, self.output.fs, out),
+                batch_size=1,
                 batch_format="pyarrow",
-                zero_copy_batch=True,
                 **resources,
             )
         else:
             ds = ds.map_batches(
                 _map_task,
-                fn_args=(stage, out),
-                batch_size=stage.batch_size,
+                fn_args=(stage, self.output.fs, out),
+                batch_size=1,
                 batch_format="pyarrow",
                 **resources,
             )
         self._drain(ds, stage.name, sum(expected[p] for p in pending))
 
     def _run_global(
-        self, stage: GlobalStage, out: Location, sources: list[str], total: int
+        self, stage: GlobalStage, out: Location, sources: list[str], rows: dict[str, int]
     ) -> None:
         import ray
 
-        if not sources:
+        total = sum(rows.values())
+        if not sources or not total:
             return
-        ds = ray.data.read_parquet(
-            sources, filesystem=self.output.fs, partitioning=None, num_cpus=READ_CPUS
+        files = [(p, rows[_normalise_src(p)]) for p in sources]
+        items = _global_pieces(files, total)
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _global_read_task,
+            fn_args=(self.output.fs,),
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=READ_CPUS,
         )
         ds = stage.run(
             ds, GlobalContext(num_rows=total, num_shards=len(sources), num_cpus=_cluster_cpus())
         )
-        # Shuffles emit many small blocks; combine them so the output is not a thousand tiny files.
-        ds = ds.repartition(target_num_rows_per_block=GLOBAL_ROWS_PER_PART)
+        staging = out.join(STAGING_DIR)
+        staging.mkdir()
         ds = ds.map_batches(
             _global_write_task,
-            fn_args=(out, stage.name),
+            fn_args=(out, staging, stage.name, total),
             batch_format="pyarrow",
             batch_size=None,
         )
         self._drain(ds, stage.name, total)
+        fragments = _staged_fragments(staging)
+        if fragments:
+            merge = [{"part": p, "files": json.dumps(f)} for p, f in fragments.items()]
+            ds = ray.data.from_items(merge, override_num_blocks=len(merge)).map_batches(
+                _global_merge_task,
+                fn_args=(out, stage.name, total),
+                batch_size=1,
+                batch_format="pyarrow",
+            )
+            self._drain(ds, f"{stage.name} (merge)", None)
+        staging.rmtree()
 
     def _drain(self, ds, label: str, total: int | None) -> None:
         progress = _Progress(label, total, self.progress)

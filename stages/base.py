@@ -29,6 +29,11 @@ import pyarrow.compute as pc
 
 from stages.schema import REJECT_COLUMN
 
+#: The input position of each row of a global stage's input (int64, set by the runner). A global
+#: stage returns it with every other column; the runner writes the output in input order by it,
+#: and a stage may use it to order rows deterministically (ties, groups).
+POSITION_COLUMN = "_pos"
+
 
 @dataclasses.dataclass(frozen=True)
 class NoParams:

@@ -24,6 +24,9 @@ import pyarrow.compute as pc
 
 from stages.base import GlobalContext, GlobalStage, param, put_column, reject
 
+#: Rows x clusters similarities computed at once when assigning (float64: 8 bytes each).
+ASSIGN_CELLS = 4_000_000
+
 
 @dataclasses.dataclass(frozen=True)
 class ClusterParams:
@@ -55,14 +58,21 @@ def embeddings_of(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]
 
 
 def _sample_embeddings(batch: pa.Table, column: str, fraction: float, seed: int) -> pa.Table:
+    """The rows of the sample with their ids and sample keys (a seeded hash of the id)."""
+    has = pc.is_valid(batch.column(column))
     emb, _ = embeddings_of(batch, column)
-    if fraction < 1.0 and len(emb):
-        # Seeded by the batch's own ids so the sample does not depend on block boundaries.
-        ids = batch.column("id").filter(pc.is_valid(batch.column(column))).to_pylist()
-        keep = np.array([_unit_hash(i, seed) < fraction for i in ids], dtype=bool)
-        emb = emb[keep]
-    flat = pa.array(emb.reshape(-1), pa.float32())
-    return pa.table({"emb": pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])})
+    ids = batch.column("id").filter(has).to_pylist()
+    keys = np.array([_unit_hash(i, seed) for i in ids], dtype=np.float64)
+    # Keyed by id, never by block or arrival: the same rows are drawn whatever Ray does.
+    keep = keys < fraction
+    flat = pa.array(emb[keep].reshape(-1), pa.float32())
+    return pa.table(
+        {
+            "key": pa.array(keys[keep], pa.float64()),
+            "id": pa.array([i for i, k in zip(ids, keep, strict=True) if k], pa.string()),
+            "emb": pa.FixedSizeListArray.from_arrays(flat, emb.shape[1]),
+        }
+    )
 
 
 def _unit_hash(text: str, seed: int) -> float:
@@ -72,21 +82,33 @@ def _unit_hash(text: str, seed: int) -> float:
     return int.from_bytes(h, "little") / 2**64
 
 
+def _smallest_keys(table: pa.Table, n: int) -> pa.Table:
+    """The `n` rows with the smallest (key, id), in that order."""
+    order = pc.sort_indices(table, [("key", "ascending"), ("id", "ascending")])
+    return table.take(order[:n])
+
+
 def gather_sample(ds, column: str, fraction: float, seed: int, max_rows: int) -> np.ndarray:
-    """A seeded sample of a column's embeddings on the driver (float32, at most `max_rows`)."""
+    """A seeded sample of a column's embeddings on the driver (float32, at most `max_rows`).
+
+    The sample, and its row order (k-means sums its points in that order), depend on the ids
+    only: rows are drawn and ordered by a seeded hash of their id (ties by id), and beyond
+    `max_rows` the rows with the smallest keys are kept. The driver holds at most `max_rows` rows
+    plus one block."""
     sample = ds.select_columns(["id", column]).map_batches(
         _sample_embeddings, fn_args=(column, fraction, seed), batch_format="pyarrow"
     )
-    parts, total = [], 0
+    kept = None
     for batch in sample.iter_batches(batch_size=None, batch_format="pyarrow"):
-        if total >= max_rows or not batch.num_rows:
+        if not batch.num_rows:
             continue
-        emb, _ = embeddings_of(batch, "emb")
-        parts.append(emb[: max_rows - total])
-        total += len(parts[-1])
-    if not parts:
+        kept = batch if kept is None else pa.concat_tables([kept, batch])
+        if kept.num_rows > max_rows:
+            kept = _smallest_keys(kept, max_rows)
+    if kept is None:
         return np.zeros((0, 0), np.float32)
-    return np.concatenate(parts)
+    emb, _ = embeddings_of(_smallest_keys(kept, max_rows), "emb")
+    return emb
 
 
 def kmeans_task(sample: np.ndarray, k: int, niter: int, seed: int, nredo: int = 1) -> np.ndarray:
@@ -124,6 +146,26 @@ def train_kmeans(sample: np.ndarray, k: int, niter: int, seed: int, nredo: int =
     return centroids
 
 
+def nearest_centroids(emb: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(index, cosine) of each row's most similar centroid, the same for a row in any batch.
+
+    A float32 matmul rounds a row's dot products differently depending on the other rows of the
+    batch (BLAS blocking), so a row's cosine would change with Ray's block boundaries. In float64
+    those differences are about 1e-16 and vanish when the cosine is rounded to float32; rows go
+    through in chunks to bound the rows x clusters matrix."""
+    x = emb.astype(np.float64)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    c = centroids.astype(np.float64)
+    best = np.empty(len(x), dtype=np.int64)
+    cos = np.empty(len(x), dtype=np.float32)
+    step = max(1, ASSIGN_CELLS // max(1, len(c)))
+    for lo in range(0, len(x), step):
+        sims = x[lo : lo + step] @ c.T
+        best[lo : lo + step] = sims.argmax(axis=1)
+        cos[lo : lo + step] = sims[np.arange(len(sims)), best[lo : lo + step]]
+    return best, cos
+
+
 def assign(batch: pa.Table, column: str, centroids: np.ndarray, exclude: list) -> pa.Table:
     """Nearest centroid by cosine for every row; rows without an embedding are rejected."""
     emb, valid = embeddings_of(batch, column)
@@ -131,11 +173,9 @@ def assign(batch: pa.Table, column: str, centroids: np.ndarray, exclude: list) -
     ids = np.full(n, -1, dtype=np.int64)
     cos = np.full(n, np.nan, dtype=np.float32)
     if len(emb):
-        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-        sims = emb @ centroids.T
-        best = sims.argmax(axis=1)
+        best, best_cos = nearest_centroids(emb, centroids)
         ids[valid] = best
-        cos[valid] = sims[np.arange(len(best)), best]
+        cos[valid] = best_cos
     out = batch
     for name, arr in (
         ("cluster_id", pa.array(ids, pa.int64(), mask=~valid)),

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from stages.base import GlobalContext, GlobalStage, param, put_column, reject
-from stages.cluster import embeddings_of, gather_sample, kmeans_task
+from stages.cluster import embeddings_of, gather_sample, kmeans_task, nearest_centroids
 from stages.shards import Location
 
 MIN_ROWS_PER_CLUSTER = 40
@@ -102,7 +102,8 @@ def mark(batch: pa.Table, params: ImageBasedParams, centroids, chosen) -> pa.Tab
     if centroids is not None:
         emb, valid = embeddings_of(batch, params.column)
         if len(emb):
-            cluster[valid] = (emb @ centroids.T).argmax(axis=1)
+            # The same cluster for a row in any batch (a float32 matmul is not batch-invariant).
+            cluster[valid] = nearest_centroids(emb, centroids)[0]
         near = valid & np.isin(cluster, chosen)
     out = batch
     for name, arr in (

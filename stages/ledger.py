@@ -1,7 +1,7 @@
 """Writing a stage's output and keeping its ledger.
 
-Every piece of work (one Arrow batch of a map stage, one input unit of ingest, one block of a
-global stage) ends in `commit_piece`: kept rows go to `part-*.parquet`, rejected rows to
+Every piece of work (a fixed row range of one input shard of a map stage, one input unit of ingest,
+one fixed piece of a global stage's output) ends in `commit_piece`: kept rows go to `part-*.parquet`, rejected rows to
 `rejected/part-*.parquet` with a `reason` column, and only then a small JSON entry under `_progress/`
 records which source the rows came from and how many went where. A piece without its entry never
 happened (a kill between the data write and the entry write leaves an orphan that resume deletes),
@@ -62,14 +62,21 @@ def piece_key(table: pa.Table) -> str:
     return f"{ids[0].as_py()}\x1f{ids[-1].as_py()}\x1f{len(ids)}"
 
 
+def _relative_to_run(out: Location, src: str) -> str:
+    """`src` relative to the run's folder when it lies in it (a sibling stage's shard): file names
+    then depend on the run's content, not on where its output folder is."""
+    root = out.path.rstrip("/").rsplit("/", 1)[0] + "/"
+    return src[len(root) :] if src.startswith(root) else src
+
+
 def commit_piece(out: Location, src: str, table: pa.Table, *, piece: str | None = None) -> dict:
     """Write one piece of a stage's output for source `src` and record it. Returns the entry.
 
     `piece` identifies the piece within its source (default: its first id, last id and row count);
-    the same piece always gets the same file names.
+    the same piece always gets the same file names, in any output folder.
     """
     key = piece if piece is not None else piece_key(table)
-    tag = f"{source_tag(src)}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+    tag = f"{source_tag(_relative_to_run(out, src))}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
     kept, rejected = split_rejected(_normalise_nulls(table))
     files = []
     if kept.num_rows:

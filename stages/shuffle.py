@@ -10,7 +10,7 @@ zero-copy Arrow slices:
 1. the input blocks are cut into `S` contiguous runs; one task per run concatenates its blocks,
    orders the rows by `key mod P` and returns `P` slices, one per partition (S x P objects);
 2. one task per partition concatenates its slices from every run, sorts them by key (nulls last,
-   as one group of their own) and calls `fn(group, *fn_args)` on each group;
+   as one group of their own; within a group by input position, else by id) and calls `fn(group, *fn_args)` on each group;
 3. the partitions' results become the output Dataset (`ray.data.from_arrow_refs`).
 
 Memory per task: a run (about `rows / S` rows) in step 1, a partition (about `rows / P` rows, and
@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from stages.base import POSITION_COLUMN
 
 ROWS_PER_SPLIT_TASK = 200_000
 
@@ -90,7 +92,10 @@ def _reduce(
     table = _concat(tables)
     if not table.num_rows:
         return fn(table, [], *fn_args) if whole else fn(table, *fn_args)
-    order = pc.sort_indices(table, sort_keys=[(key, "ascending")])  # nulls last: the default
+    # Nulls last (the default); within a group rows come in input order (or by id), whatever
+    # order the runs arrived in, so a group's decisions and floats are the same in every run.
+    ties = [c for c in (POSITION_COLUMN, "id") if c in table.column_names and c != key]
+    order = pc.sort_indices(table, sort_keys=[(c, "ascending") for c in [key, *ties]])
     table = table.take(order)
     bounds = group_bounds(table.column(key))
     if whole:

@@ -9,7 +9,7 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stages.base import BatchStage, param, reject
+from stages.base import BatchStage, GlobalContext, GlobalStage, param, reject
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,3 +71,23 @@ class DropsRows(BatchStage):
 
     def process(self, batch: pa.Table) -> pa.Table:
         return batch.slice(1)
+
+
+class ScrambleRows(GlobalStage):
+    """A global stage whose output order and blocks change from run to run (an unseeded shuffle
+    into a random number of blocks), as a grouping stage's do with Ray's timing; rejects ids
+    ending in 3."""
+
+    name = "scramble_rows"
+    version = "1"
+
+    def run(self, ds, ctx: GlobalContext):
+        import random
+
+        ds = ds.random_shuffle().repartition(random.randint(1, 7))
+
+        def mark(batch: pa.Table) -> pa.Table:
+            ends3 = [i.endswith("3") for i in batch.column("id").to_pylist()]
+            return reject(batch, ends3, "scramble_rows: ends in 3")
+
+        return ds.map_batches(mark, batch_format="pyarrow")

@@ -64,7 +64,9 @@ def test_excluded_clusters_are_rejected_with_their_id():
 def test_stage_recovers_planted_blobs_through_ray(ray_session):
     x, labels = _blobs(5, 40, 24, seed=3)
     table = _table(x, len(x))
-    stage = Cluster(n_clusters=5, niter=25, sample_fraction=0.8)
+    # Restarts: Lloyd's iterations from one random start put two seeds in one blob for most
+    # seeds (1 in 8 found the blobs here); the best of 8 finds them for every seed tried.
+    stage = Cluster(n_clusters=5, niter=25, sample_fraction=0.8, nredo=8)
     out = pa.Table.from_pylist(
         stage.run(
             ray.data.from_arrow(table), GlobalContext(num_rows=len(x), num_shards=1, num_cpus=2)
@@ -86,3 +88,35 @@ def test_default_number_of_clusters_follows_rows_per_cluster():
     with pytest.raises(ValueError, match="sample_fraction"):
         Cluster(sample_fraction=0.0)
     assert embedding_type(4) == pa.list_(pa.float16(), 4)
+
+
+def test_a_rows_cluster_and_cosine_are_the_same_bits_in_any_batch():
+    x, _ = _blobs(6, 60, 48, seed=5)
+    centroids = train_kmeans(x, 6, niter=10, seed=0)
+    table = _table(x, len(x))
+    whole = assign(table, "image_emb", centroids, exclude=[])
+    # Batches of odd sizes at odd offsets, as Ray's block boundaries would cut them.
+    cuts = [0, 1, 4, 37, 38, 101, 250, len(x)]
+    parts = [
+        assign(table.slice(a, b - a), "image_emb", centroids, exclude=[])
+        for a, b in zip(cuts, cuts[1:], strict=False)
+    ]
+    pieced = pa.concat_tables(parts)
+    assert pieced.column("cluster_id").equals(whole.column("cluster_id"))
+    a = whole.column("cos_to_centroid").to_numpy()
+    b = pieced.column("cos_to_centroid").to_numpy()
+    assert a.tobytes() == b.tobytes()
+
+
+def test_the_training_sample_does_not_depend_on_block_order_or_boundaries(ray_session):
+    from stages.cluster import gather_sample
+
+    x, _ = _blobs(3, 100, 16, seed=4)
+    table = _table(x, len(x))
+    forward = ray.data.from_arrow([table.slice(i, 50) for i in range(0, 300, 50)])
+    backward = ray.data.from_arrow([table.slice(i, 70) for i in range(0, 300, 70)][::-1])
+    for fraction, most in ((1.0, 10**6), (0.5, 10**6), (1.0, 40)):
+        a = gather_sample(forward, "image_emb", fraction, 0, most)
+        b = gather_sample(backward, "image_emb", fraction, 0, most)
+        assert a.shape == b.shape and len(a) == min(most, len(a)) > 0
+        assert a.tobytes() == b.tobytes()

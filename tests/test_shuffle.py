@@ -68,3 +68,36 @@ def test_string_keys_group_like_integers(ray_session):
     assert sorted(r["id"] for r in rows) == sorted(table.column("id").to_pylist())
     # "" and null are different groups
     assert all(r["size"] == count[r["k"]] and r["distinct"] == 1 for r in rows)
+
+
+def _arrival(group: pa.Table) -> pa.Table:
+    return group.append_column("seen", pa.array(range(group.num_rows), pa.int64()))
+
+
+def test_rows_of_a_group_come_in_the_same_order_whatever_the_order_of_the_blocks(ray_session):
+    n = 300
+    rng = np.random.default_rng(3)
+    table = pa.table(
+        {
+            "id": [f"r{i:04d}" for i in rng.permutation(n)],
+            "k": pa.array(rng.integers(0, 4, n), pa.int64()),
+        }
+    )
+
+    def seen(blocks: list[pa.Table]) -> dict[str, int]:
+        out = map_groups(
+            ray.data.from_arrow(blocks), "k", _arrival, num_partitions=2, num_rows=n, num_cpus=2
+        ).take_all()
+        return {r["id"]: r["seen"] for r in out}
+
+    forward = seen([table.slice(i, 60) for i in range(0, n, 60)])
+    backward = seen([table.slice(i, 45) for i in range(0, n, 45)][::-1])
+    assert forward == backward
+    # by id within a group (the table has no input-position column)
+    for k in range(4):
+        ids = sorted(
+            i
+            for i, kk in zip(table["id"].to_pylist(), table["k"].to_pylist(), strict=True)
+            if kk == k
+        )
+        assert [forward[i] for i in ids] == list(range(len(ids)))
