@@ -151,6 +151,12 @@ def build_parser(pipeline: Pipeline, default_output: str) -> argparse.ArgumentPa
         help="run pipelines/basic_filter.py's stages (image and caption filters, language, NSFW, "
         "exact and perceptual duplicates) in front of this recipe",
     )
+    parser.add_argument(
+        "--break-lock",
+        action="store_true",
+        help="take over OUTPUT/.lock even when its owner runs on another host (only when that "
+        "run is known to be dead); a stale lock of this host is taken over without it",
+    )
     parser.add_argument("--describe", action="store_true", help="print the pipeline and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress lines or funnel")
     parser.add_argument(
@@ -220,6 +226,7 @@ def main(
             only=args.only,
             progress=not args.quiet,
             num_cpus=args.num_cpus,
+            break_lock=args.break_lock,
         ).run()
     except (PipelineError, InputError, SchemaError, ValueError, OSError, KeyError) as exc:
         if args.verbose:

@@ -22,6 +22,7 @@ import datetime as dt
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -40,7 +41,7 @@ from stages.ledger import (
 )
 from stages.readers.base import Reader, ReadUnit
 from stages.schema import conform
-from stages.shards import Location
+from stages.shards import Location, LockError, OutputLock
 
 MANIFEST = "_manifest.json"
 ATTEMPT = "_attempt.json"
@@ -332,6 +333,7 @@ class Runner:
         only: str | None = None,
         progress: bool = True,
         num_cpus: int | None = None,
+        break_lock: bool = False,
     ) -> None:
         self.pipeline = pipeline
         self.output = Location.of(output_uri)
@@ -345,6 +347,8 @@ class Runner:
         self.force = force
         self.progress = progress
         self.num_cpus = num_cpus
+        self.break_lock = break_lock
+        self._lock: OutputLock | None = None
         self.folders = pipeline.folders()
         self.from_index = self._stage_index(from_stage, "--from") if from_stage else None
         self.only_index = self._stage_index(only, "--only") if only else None
@@ -390,10 +394,32 @@ class Runner:
     # ---- running
 
     def run(self) -> list[StageReport]:
+        # The lock comes first: a second run into the same folder fails at once, before Ray starts.
+        self.output.mkdir()
+        self._lock = OutputLock(self.output, force=self.break_lock)
+        try:
+            note = self._lock.acquire()
+        except LockError as exc:
+            raise PipelineError(str(exc)) from None
+        if note:
+            print(f"warning: {note}", file=sys.stderr, flush=True)
+        try:
+            return self._run()
+        finally:
+            self._lock.release()
+
+    def _check_lock(self) -> None:
+        """Before replacing a manifest or run.json: this run must still own the folder."""
+        if self._lock is not None:
+            try:
+                self._lock.check()
+            except LockError as exc:
+                raise PipelineError(str(exc)) from None
+
+    def _run(self) -> list[StageReport]:
         ensure_ray(self.num_cpus)
         _quiet_ray_data(not self.progress)
         started = time.time()
-        self.output.mkdir()
         self.log(self.pipeline.describe())
         self.log(f"input: {self.reader.uri} ({self.reader.format}); output: {self.output.uri}")
         reports: list[StageReport] = []
@@ -454,6 +480,7 @@ class Runner:
         attempt = out.join(ATTEMPT)
         resumable = stage is None or isinstance(stage, BatchStage)
         status = "computed"
+        self._check_lock()
         if out.exists():
             previous = _read_json_or_none(attempt)
             if (
@@ -545,6 +572,7 @@ class Runner:
                 stage.summed_columns if stage else (),
             ),
         }
+        self._check_lock()
         out.join(MANIFEST).write_json_atomic(manifest)
         self.log(
             f"[{folder}] done: {manifest['rows_in']:,} in, {manifest['kept']:,} kept, "
@@ -688,6 +716,7 @@ class Runner:
             ],
             "final": {"folder": reports[-1].folder, "rows": reports[-1].kept} if reports else None,
         }
+        self._check_lock()
         self.output.join("run.json").write_json_atomic(summary)
         return summary
 
