@@ -152,6 +152,14 @@ def build_parser(pipeline: Pipeline, default_output: str) -> argparse.ArgumentPa
         "exact and perceptual duplicates) in front of this recipe",
     )
     parser.add_argument(
+        "--on-duplicate-id",
+        choices=("reject", "suffix"),
+        default="reject",
+        help="a record whose id was seen before (in input order): reject it with reason "
+        "'ingest: duplicate id (first seen at FILE:INDEX)', or keep it as ID#2, ID#3, ... with "
+        "the id it came with in original_id (default: reject)",
+    )
+    parser.add_argument(
         "--break-lock",
         action="store_true",
         help="take over OUTPUT/.lock even when its owner runs on another host (only when that "
@@ -227,6 +235,7 @@ def main(
             progress=not args.quiet,
             num_cpus=args.num_cpus,
             break_lock=args.break_lock,
+            on_duplicate_id=args.on_duplicate_id,
         ).run()
     except (PipelineError, InputError, SchemaError, ValueError, OSError, KeyError) as exc:
         if args.verbose:

@@ -29,6 +29,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from stages import unique_ids
 from stages.base import BatchStage, GlobalContext, GlobalStage, Stage, stable_hash
 from stages.ledger import (
     PROGRESS_DIR,
@@ -276,9 +277,20 @@ def _ingest_task(batch: pa.Table, reader: Reader, out: Location) -> pa.Table:
         total = 0
         for seq, table in enumerate(reader.read(unit)):
             table = conform(table, where=f"{reader.format} reader, {unit.path}")
+            # Each row's record index in its unit: where a repeated id was first seen.
+            table = unique_ids.with_records(table, total)
             entries.append(commit_piece(out, unit.key, table, piece=str(seq)))
             total += table.num_rows
         mark_source_done(out, unit.key, total)
+    return _summary(entries)
+
+
+def _unique_ids_task(batch: pa.Table, raw: Location, out: Location, mode: str) -> pa.Table:
+    entries = []
+    for row in batch.to_pylist():
+        entries += unique_ids.apply_unit(
+            raw, out, row["key"], row["unit"], json.loads(row["entries"]), mode
+        )
     return _summary(entries)
 
 
@@ -334,6 +346,7 @@ class Runner:
         progress: bool = True,
         num_cpus: int | None = None,
         break_lock: bool = False,
+        on_duplicate_id: str = "reject",
     ) -> None:
         self.pipeline = pipeline
         self.output = Location.of(output_uri)
@@ -348,6 +361,8 @@ class Runner:
         self.progress = progress
         self.num_cpus = num_cpus
         self.break_lock = break_lock
+        unique_ids.check_mode(on_duplicate_id)
+        self.on_duplicate_id = on_duplicate_id
         self._lock: OutputLock | None = None
         self.folders = pipeline.folders()
         self.from_index = self._stage_index(from_stage, "--from") if from_stage else None
@@ -432,7 +447,7 @@ class Runner:
             folder = self.folders[index]
             stage = None if index == 0 else self.pipeline.stages[index - 1]
             identity = (
-                {"stage": INGEST}
+                {"stage": INGEST, "ids": self.on_duplicate_id}
                 if stage is None
                 else {
                     "stage": stage.name,
@@ -592,28 +607,80 @@ class Runner:
         return pending
 
     def _run_ingest(self, out: Location, resumed: bool) -> None:
+        """Read every unit under `_read/`, decide on repeated ids, then write the stage's rows.
+
+        Each step resumes: read by unit, the id decisions once, the final rows by unit. The
+        `_read/` and `_ids/` folders go once every unit is written.
+        """
         import ray
 
         self._units = self.reader.plan()
         if len({u.key for u in self._units}) != len(self._units):
             raise PipelineError(f"{self.reader.format} reader planned duplicate unit keys")
         by_key = {u.key: u for u in self._units}
-        pending = self._pending(out, None, list(by_key))
+        keys = list(by_key)
+        raw = out.join(unique_ids.RAW_DIR)
+        if self._pending(out, None, keys):
+            raw.mkdir()
+            raw.join(REJECTED_DIR).mkdir()
+            raw.join(PROGRESS_DIR).mkdir()
+            pending = self._pending(raw, None, keys)
+            if pending:
+                items = [
+                    {"key": k, "path": by_key[k].path, "options": json.dumps(by_key[k].options)}
+                    for k in pending
+                ]
+                ds = ray.data.from_items(items, override_num_blocks=len(items))
+                ds = ds.map_batches(
+                    _ingest_task,
+                    batch_size=1,
+                    batch_format="pyarrow",
+                    fn_args=(self.reader, raw),
+                    num_cpus=1,
+                )
+                self._drain(ds, INGEST, None)
+            self._unique_ids(out, raw, keys)
+        raw.rmtree()
+        out.join(unique_ids.IDS_DIR).rmtree()
+
+    def _unique_ids(self, out: Location, raw: Location, keys: list[str]) -> None:
+        import ray
+
+        state = read_ledger(raw)
+        if complete_sources(state, None) != set(keys):
+            raise PipelineError(
+                f"{INGEST}: {len(set(keys) - set(state.done_markers))} units unread"
+            )
+        order = {k: i for i, k in enumerate(keys)}
+        entries = unique_ids.raw_entries(state.entries)
+        # Input order: units as planned, a unit's pieces by name (the reader's piece order
+        # decides nothing: the record index in each row does).
+        files = [
+            (raw.join(f["name"]).path, order[k])
+            for k in keys
+            for e in sorted(entries.get(k, []), key=lambda e: e["tag"])
+            for f in e["files"]
+        ]
+        kept = sum(e["kept"] for e in state.entries)
+        repeated = unique_ids.decide(out, files, keys, self.on_duplicate_id, kept, _cluster_cpus())
+        if repeated:
+            verb = "renamed or rejected" if self.on_duplicate_id == "suffix" else "rejected"
+            self.log(f"  {repeated:,} rows repeat an id seen before: {verb}")
+        pending = self._pending(out, None, keys)
         if not pending:
             return
         items = [
-            {"key": k, "path": by_key[k].path, "options": json.dumps(by_key[k].options)}
-            for k in pending
+            {"key": k, "unit": order[k], "entries": json.dumps(entries.get(k, []))} for k in pending
         ]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ray.data.from_items(items, override_num_blocks=min(len(items), 64))
         ds = ds.map_batches(
-            _ingest_task,
+            _unique_ids_task,
             batch_size=1,
             batch_format="pyarrow",
-            fn_args=(self.reader, out),
-            num_cpus=1,
+            fn_args=(raw, out, self.on_duplicate_id),
+            num_cpus=READ_CPUS,
         )
-        self._drain(ds, INGEST, None)
+        self._drain(ds, f"{INGEST}: unique ids", sum(state.done_markers.values()))
 
     def _run_map(
         self, stage: BatchStage, out: Location, sources: list[str], expected: dict[str, int]
