@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import json
 import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,6 +47,7 @@ from stages.schema import conform
 from stages.shards import Location, LockError, OutputLock
 
 MANIFEST = "_manifest.json"
+LOGS_DIR = "logs"
 ATTEMPT = "_attempt.json"
 INGEST = "ingest"
 SRC_COLUMN = "path"  # the column Ray's read_parquet(include_paths=True) adds
@@ -56,6 +59,48 @@ READ_CPUS = 0.25
 
 class PipelineError(RuntimeError):
     """A run cannot go on; the message says which stage and why."""
+
+
+class StageFailed(Exception):
+    """An error raised in a Ray worker, made compact there: `message` is the cause in one line
+    (it names the flag or file to change where the stage's own error does), `details` the full
+    traceback, which the driver writes to OUTPUT/logs/ instead of the console."""
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def __reduce__(self):  # Ray pickles worker errors; keep both fields
+        return (StageFailed, (self.message, self.details))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an error, with its type unless it is one of ours."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    if isinstance(exc, (PipelineError, StageFailed)):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _compact_errors(fn):
+    """Worker functions raise StageFailed: Ray then carries a one-line cause and a short stack
+    back to the driver instead of the chain of every frame (printed once per retry)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except StageFailed:
+            raise
+        except Exception as exc:
+            raise StageFailed(one_line(exc), traceback.format_exc()) from None
+
+    return wrapper
 
 
 @dataclasses.dataclass
@@ -251,14 +296,25 @@ class _MapActor:
     def __init__(self, stage: BatchStage, out: Location) -> None:
         self.stage = stage
         self.out = out
-        stage.setup()
+        # A failed setup (a model that cannot be loaded) is raised by the first batch instead:
+        # Ray Data retries a failing actor constructor and prints every attempt, while a failed
+        # batch ends the run at once with one error.
+        self.failed: StageFailed | None = None
+        try:
+            _compact_errors(stage.setup)()
+        except StageFailed as exc:
+            self.failed = exc
 
+    @_compact_errors
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.failed is not None:
+            raise self.failed
         src = batch.column(SRC_COLUMN)
         table = _apply_stage(self.stage, batch.drop_columns([SRC_COLUMN]))
         return _summary(_commit_by_source(self.out, src, table))
 
 
+@_compact_errors
 def _map_task(batch: pa.Table, stage: BatchStage, out: Location) -> pa.Table:
     # Each task gets a fresh copy of the stage; set it up once per worker process and reuse it.
     key = (type(stage).__module__, type(stage).__qualname__, stage.params_hash)
@@ -270,6 +326,7 @@ def _map_task(batch: pa.Table, stage: BatchStage, out: Location) -> pa.Table:
     return _summary(_commit_by_source(out, src, table))
 
 
+@_compact_errors
 def _ingest_task(batch: pa.Table, reader: Reader, out: Location) -> pa.Table:
     entries = []
     for row in batch.to_pylist():
@@ -285,6 +342,7 @@ def _ingest_task(batch: pa.Table, reader: Reader, out: Location) -> pa.Table:
     return _summary(entries)
 
 
+@_compact_errors
 def _unique_ids_task(batch: pa.Table, raw: Location, out: Location, mode: str) -> pa.Table:
     entries = []
     for row in batch.to_pylist():
@@ -294,6 +352,7 @@ def _unique_ids_task(batch: pa.Table, raw: Location, out: Location, mode: str) -
     return _summary(entries)
 
 
+@_compact_errors
 def _global_write_task(batch: pa.Table, out: Location, name: str) -> pa.Table:
     table = conform(batch, where=f"stage {name}")
     return _summary([commit_piece(out, "global", table)])
@@ -514,6 +573,7 @@ class Runner:
         if status == "computed":
             attempt.write_json_atomic({"fingerprint": fingerprint, "started": _now()})
         label = stage.name if stage else INGEST
+        self._folder = folder
         self.log(f"[{folder}] {'resuming' if status == 'resumed' else 'running'} {label}")
 
         if stage is None:
@@ -749,10 +809,26 @@ class Runner:
             for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 progress.add(summary)
         except Exception as exc:  # Ray wraps worker errors; show the user the cause, not the stack
-            cause = _root_cause(exc)
-            raise PipelineError(f"stage {label} failed: {type(cause).__name__}: {cause}") from exc
+            raise self._failure(label, exc) from exc
         if self.progress and progress.printed_rows != progress.rows:
             progress.print()
+
+    def _failure(self, label: str, exc: BaseException) -> PipelineError:
+        """The one-line error for the console; the full story goes to OUTPUT/logs/<folder>.log."""
+        cause = _root_cause(exc)
+        details = cause.details if isinstance(cause, StageFailed) else ""
+        text = "".join(traceback.format_exception(exc))
+        if details:
+            text += "\nIn the Ray worker:\n" + details
+        log = self.output.join(LOGS_DIR, f"{getattr(self, '_folder', label)}.log")
+        where = ""
+        try:
+            log.mkdir_parent()
+            log.write_bytes_atomic(text.encode())
+            where = f" (traceback: {log.uri})"
+        except OSError:
+            pass
+        return PipelineError(f"stage {label} failed: {one_line(cause)}{where}")
 
     # ---- reporting
 
@@ -863,6 +939,36 @@ def _quiet_ray_data(quiet: bool) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     # Ray warns that its bars are off; that is our choice, not the user's problem.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # A worker's error reaches the driver as itself (StageFailed: one line and the traceback for
+    # OUTPUT/logs/), not wrapped in UserCodeException, and Ray Data's own announcements of it are
+    # not printed: the runner reports every failed stage once.
+    ctx.raise_original_map_exception = True
+    for name in _RAY_FAILURE_LOGGERS:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _ReportedByRunner) for f in log.filters):
+            log.addFilter(_ReportedByRunner())
+
+
+_RAY_FAILURE_LOGGERS = (
+    "ray.data._internal.execution.streaming_executor_state",
+    "ray.data.exceptions",
+)
+
+
+class _ReportedByRunner(logging.Filter):
+    """Drops Ray Data's console report of a failed task (its notice and the stack, which Ray
+    Data prints in full for any error that is not its own UserCodeException wrapper): the runner
+    prints the cause once and writes the whole stack to OUTPUT/logs/<stage>.log."""
+
+    PREFIXES = (
+        "An exception was raised from a task of operator",
+        "Exception occurred in user code",
+        "Exception occurred in Ray Data or Ray Core internal code",
+        "Full stack trace:",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.PREFIXES)
 
 
 def _read_json_or_none(loc: Location) -> dict | None:

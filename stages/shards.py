@@ -49,6 +49,9 @@ class Location:
     def mkdir(self) -> None:
         self.fs.create_dir(self.path, recursive=True)
 
+    def mkdir_parent(self) -> None:
+        self.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
+
     def rmtree(self) -> None:
         if self.exists():
             self.fs.delete_dir(self.path)

@@ -210,6 +210,8 @@ def decide(
     bounds = np.linspace(0, len(files), tasks + 1).round().astype(int)
     narrow = ray.remote(_narrow).options(num_cpus=0.25)
     refs = [narrow.remote(out.fs, files[bounds[t] : bounds[t + 1]]) for t in range(tasks)]
+    # Wait for the tasks here: a Dataset built over running tasks warns that no CPU is free.
+    ray.wait(refs, num_returns=len(refs), fetch_local=False)
     parts = max(1, int(num_cpus) * 2)
     grouped = dict(num_partitions=parts, num_rows=num_rows, num_cpus=num_cpus)
     first = map_groups(
