@@ -406,6 +406,7 @@ class Runner:
         num_cpus: int | None = None,
         break_lock: bool = False,
         on_duplicate_id: str = "reject",
+        allow_demo_model: bool = False,
     ) -> None:
         self.pipeline = pipeline
         self.output = Location.of(output_uri)
@@ -422,6 +423,7 @@ class Runner:
         self.break_lock = break_lock
         unique_ids.check_mode(on_duplicate_id)
         self.on_duplicate_id = on_duplicate_id
+        self.allow_demo_model = allow_demo_model
         self._lock: OutputLock | None = None
         self.folders = pipeline.folders()
         self.from_index = self._stage_index(from_stage, "--from") if from_stage else None
@@ -468,6 +470,7 @@ class Runner:
     # ---- running
 
     def run(self) -> list[StageReport]:
+        self._check_demo_models()
         # The lock comes first: a second run into the same folder fails at once, before Ray starts.
         self.output.mkdir()
         self._lock = OutputLock(self.output, force=self.break_lock)
@@ -481,6 +484,29 @@ class Runner:
             return self._run()
         finally:
             self._lock.release()
+
+    def _check_demo_models(self) -> None:
+        """A demo model (its directory holds a demo marker) only runs on the data it was trained
+        on, unless the user says otherwise: on anything else its scores would look real."""
+        from stages.models import demo_model_marker
+
+        for stage in self.pipeline.stages:
+            for f in dataclasses.fields(stage.params):
+                value = getattr(stage.params, f.name)
+                marker = demo_model_marker(value) if isinstance(value, str) and value else None
+                if marker is None or _is_training_data(self.reader, marker.get("trained_on")):
+                    continue
+                trained_on = (marker.get("trained_on") or {}).get("file", "its demo data")
+                text = (
+                    f"stage {stage.name}: {f.name} {value} is a DEMO model trained only on "
+                    f"{trained_on}; on other input ({self.reader.uri}) its outputs mean nothing"
+                )
+                if not self.allow_demo_model:
+                    raise PipelineError(
+                        f"{text}. Give a real model with --{stage.name}.{f.name}, or pass "
+                        "--allow-demo-model to run it anyway"
+                    )
+                print(f"WARNING: {text} (running anyway: --allow-demo-model)", file=sys.stderr)
 
     def _check_lock(self) -> None:
         """Before replacing a manifest or run.json: this run must still own the folder."""
@@ -969,6 +995,28 @@ class _ReportedByRunner(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(self.PREFIXES)
+
+
+def _is_training_data(reader: Reader, trained_on: dict | None) -> bool:
+    """True when the reader's input is one file with the size and SHA-256 a demo marker names
+    (the bundled file, wherever it was copied); large inputs are never hashed."""
+    import hashlib
+
+    from stages.shards import list_files
+
+    if not trained_on:
+        return False
+    try:
+        files = list_files(reader.location)
+    except (OSError, FileNotFoundError):
+        return False
+    if len(files) != 1 or files[0].size != trained_on.get("bytes"):
+        return False
+    digest = hashlib.sha256()
+    with reader.location.fs.open_input_stream(files[0].path) as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest() == trained_on.get("sha256")
 
 
 def _read_json_or_none(loc: Location) -> dict | None:
