@@ -13,6 +13,12 @@ For a pipeline run into OUTPUT:
   `stages.ledger`. Global stages restart from their input.
 - Progress lines are printed while a stage runs; a funnel table at the end, saved as
   `OUTPUT/run.json`.
+- Ids are unique per run: ingest rejects (or, on request, suffixes) a repeated id, first in input
+  order; see `stages.unique_ids`.
+- A run holds `OUTPUT/.lock` (`stages.shards.OutputLock`) and checks it before every manifest and
+  `run.json` it writes.
+- A failed stage is one line (`PipelineError`) naming its cause; the whole traceback, the Ray
+  worker's included, is written to `OUTPUT/logs/<stage folder>.log`.
 """
 
 from __future__ import annotations
