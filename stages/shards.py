@@ -200,13 +200,18 @@ class OutputLock:
     def acquire(self) -> str | None:
         """Take the lock; returns a message when a stale or forcibly broken lock was taken over."""
         note = None
-        for _ in range(3):
+        for attempt in range(5):
             if self._create():
                 self.held = True
                 return note
             owner = self.read()
-            if owner is None:  # released (or half written) between our attempt and the read
-                time.sleep(0.05)
+            if owner is None:  # released, or created and not yet written, since our attempt
+                if attempt < 3:
+                    time.sleep(0.1)
+                    continue
+                # Still unreadable: its writer died between the create and the write.
+                owner = {"host": self.owner["host"], "pid": None, "started": "unknown"}
+                note = self._take_over(owner, unreadable=True)
                 continue
             note = self._take_over(owner)
         raise LockError(
@@ -236,11 +241,13 @@ class OutputLock:
             return None
         return owner if isinstance(owner, dict) else None
 
-    def _take_over(self, owner: dict) -> str:
+    def _take_over(self, owner: dict, unreadable: bool = False) -> str:
         who = describe_owner(owner)
         same_host = owner.get("host") == self.owner["host"]
         pid = owner.get("pid")
-        dead = same_host and isinstance(pid, int) and not _pid_alive(pid, owner.get("pid_start"))
+        dead = unreadable or (
+            same_host and isinstance(pid, int) and not _pid_alive(pid, owner.get("pid_start"))
+        )
         if not dead and not self.force:
             where = (
                 "wait for it to finish or stop it"
@@ -259,6 +266,8 @@ class OutputLock:
             self.loc.fs.delete_file(aside)
         except (OSError, FileNotFoundError):
             pass
+        if unreadable:
+            return "took over an unreadable output lock (its writer stopped before writing it)"
         why = "its process is gone" if dead else "--break-lock"
         return f"took over the output lock of {who} ({why})"
 

@@ -139,3 +139,19 @@ def test_a_run_whose_lock_was_taken_writes_no_manifest_and_no_run_json(ray_sessi
     ]
     # The thief's lock is not released by the run that lost it.
     assert json.loads((out / ".lock").read_text())["token"] == "thief"
+
+
+def test_an_empty_lock_file_left_by_a_crash_between_create_and_write_is_taken_over(tmp_path):
+    from stages.shards import Location, OutputLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").write_text("")
+    lock = OutputLock(Location.of(out))
+    assert lock.acquire() == (
+        "took over an unreadable output lock (its writer stopped before writing it)"
+    )
+    assert json.loads((out / ".lock").read_text())["token"] == lock.token
+    lock.check()
+    lock.release()
+    assert not (out / ".lock").exists()
