@@ -180,6 +180,12 @@ def _resolve(first: pa.Table, second: pa.Table) -> pa.Table:
     )
 
 
+def _block_refs(ds: Any) -> list:
+    """The Arrow blocks of `ds`, streamed: `to_arrow_refs` would run the plan eagerly and warn
+    that no CPU is free while the group tasks it waits for hold them."""
+    return [ref for bundle in ds.iter_internal_ref_bundles() for ref in bundle.block_refs]
+
+
 def _write_decisions(table: pa.Table, loc: Location) -> int:
     table = table.sort_by([("unit", "ascending"), ("record", "ascending")])
     write_table_atomic(table, loc)
@@ -222,10 +228,11 @@ def decide(
         whole_partitions=True,
         **grouped,
     )
-    results = first.to_arrow_refs()
+    results = _block_refs(first)
     if mode == "suffix":
         decided = pa.concat_tables(ray.get(results)) if results else _DECISIONS.empty_table()
-        olds = [ray.remote(_as_old_rows).remote(r) for r in refs]
+        olds = [ray.remote(_as_old_rows).options(num_cpus=0.25).remote(r) for r in refs]
+        ray.wait(olds, num_returns=len(olds), fetch_local=False)
         news = [ray.put(_as_new_rows(decided))]
         second = map_groups(
             ray.data.from_arrow_refs(olds + news),
@@ -235,7 +242,7 @@ def decide(
             whole_partitions=True,
             **grouped,
         )
-        clashes = [t for t in ray.get(second.to_arrow_refs()) if t.num_rows]
+        clashes = [t for t in ray.get(_block_refs(second)) if t.num_rows]
         clash = pa.concat_tables(clashes) if clashes else _DECISIONS.empty_table()
         results = [ray.put(_resolve(decided, clash))]
     write = ray.remote(_write_decisions).options(num_cpus=0.25)
