@@ -17,6 +17,8 @@ Ingest runs in two steps inside `OUTPUT/00-ingest/`:
    duplicate instead, so no two kept rows ever share an id.
 
 Image bytes are read only by `apply_unit`, one piece at a time; they never enter the shuffle.
+In suffix mode the decisions (one narrow row per repeated id) are gathered once on the driver to
+find suffixes that collide; in reject mode nothing but counts reaches the driver.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import pyarrow.parquet as pq
 from stages.base import reject
 from stages.ledger import REJECTED_DIR, commit_piece, mark_source_done
 from stages.schema import REASON_COLUMN, REJECT_COLUMN
-from stages.shards import Location, write_table_atomic
+from stages.shards import Location, list_shards, write_table_atomic
 
 RECORD_COLUMN = "_record"
 ORIGINAL_ID_COLUMN = "original_id"
@@ -259,8 +261,6 @@ def decide(
 
 def _decisions_for(out: Location, unit: int) -> dict[int, tuple[str, str | None]]:
     ids_dir = out.join(IDS_DIR)
-    from stages.shards import list_shards
-
     paths = list_shards(ids_dir)
     if not paths:
         return {}
