@@ -6,6 +6,7 @@ warren describe demo
 warren mixture pipelines/mixtures/demo.yaml   # same flags as python pipelines/mixture.py
 warren export OUT/03-export_check --format llava --to exports/llava [--overwrite]
 warren export OUT --format sharegpt --to exports/lf --name my_data   # OUT: its final stage
+warren export OUT --format llava --to exports/pt --caption-template "<image>"  # caption rows
 warren report OUT [--to report.html] [--seed 0]   # the run's HTML report (OUT/report.html)
 warren explain OUT ID                          # one row's journey: stages, scores, its removal
 """
@@ -68,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     exp.add_argument("--to", required=True, dest="dest", help="the folder to write")
     exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --to folder")
     exp.add_argument("--name", help="sharegpt: the dataset's name in dataset_info.json")
+    exp.add_argument(
+        "--caption-template",
+        help='the human turn of caption rows (default "<image>\\n{instruction}", as LCS-558K)',
+    )
     rep = sub.add_parser(
         "report", help="write the HTML report of a run's output (funnel, histograms, galleries)"
     )
@@ -111,9 +116,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def export_main(args: argparse.Namespace) -> int:
+    """`warren export`: exit 0 when rows were written (the rows not written, if any, are listed
+    with their reasons), 2 when the export failed or would have written no row."""
     from stages.exports import ExportError, export
+    from stages.exports.caption import unescape
 
-    options = {"name": args.name} if args.name is not None else {}
+    options: dict[str, str] = {}
+    if args.name is not None:
+        options["name"] = args.name
+    if args.caption_template is not None:
+        options["caption_template"] = unescape(args.caption_template)
     try:
         report = export(args.src, args.format, args.dest, overwrite=args.overwrite, **options)
     except ExportError as exc:

@@ -14,6 +14,10 @@ The steps, from the spec (`stages.mixture_spec` documents every key):
 
 then the rows and shares per source and per task type before and after (printed, and saved in
 `run.json` under "mixture"), and the export when the spec or the command line asks for one.
+Every format takes caption rows (as LLaVA's pretraining pairs, `stages.exports.caption`;
+`--caption-template` or the spec's `export.caption_template` sets the human turn). The export
+prints how many rows it wrote and, for the rows it did not, why; an export that writes no row, or
+fails, makes the exit code 2.
 Each step is cached like any recipe's: change the total and only `balance` and what follows
 re-run.
 
@@ -40,18 +44,17 @@ from pipelines.runner import MANIFEST, Pipeline
 from stages.balance import Balance
 from stages.base import Stage
 from stages.export_check import ExportCheck
+from stages.exports.caption import CaptionTemplate, unescape
 from stages.mixture_spec import MixtureSpec, SpecError, load_spec
 from stages.readers.mixture import READER
 from stages.shards import Location
 from stages.short_answer import ShortAnswer
 from stages.source_filter import SourceFilter
 
-# The JSON formats need turns; the hf export also carries caption rows.
-CONVERSATION_FORMATS = ("llava", "sharegpt")
 BALANCE_KEYS_FROM_SOURCES = ("source_caps", "source_weights")
 
 
-def build_stages(spec: MixtureSpec, export_format: str | None = None) -> list[Stage]:
+def build_stages(spec: MixtureSpec) -> list[Stage]:
     """The mixture's stages, in order, from the spec (steps 2-5 of the module docstring)."""
     where = f"{spec.uri}"
     stages: list[Stage] = []
@@ -76,10 +79,8 @@ def build_stages(spec: MixtureSpec, export_format: str | None = None) -> list[St
     if balance:
         balance.setdefault("seed", spec.seed)
         stages.append(_make(Balance, balance, where))
-    check = dict(spec.export_check)
-    fmt = export_format or (spec.export or {}).get("format")
-    check.setdefault("require_conversations", fmt in CONVERSATION_FORMATS)
-    stages.append(_make(ExportCheck, check, where))
+    # Every export format takes caption rows, so export_check is the same whatever the format.
+    stages.append(_make(ExportCheck, dict(spec.export_check), where))
     return stages
 
 
@@ -90,10 +91,10 @@ def _make(cls: type[Stage], params: dict[str, Any], where: str) -> Stage:
         raise SpecError(f"{where}: {cls.name}: {exc}") from exc
 
 
-def build_pipeline(spec: MixtureSpec, export_format: str | None = None) -> Pipeline:
+def build_pipeline(spec: MixtureSpec) -> Pipeline:
     return Pipeline(
         name=spec.name,
-        stages=build_stages(spec, export_format),
+        stages=build_stages(spec),
         description=spec.description or f"mixture of {len(spec.sources)} sources",
     )
 
@@ -178,6 +179,7 @@ def _split_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--output")
     parser.add_argument("--export-format", choices=("llava", "sharegpt", "hf"))
     parser.add_argument("--export-to")
+    parser.add_argument("--caption-template")
     parser.add_argument("--overwrite-export", action="store_true")
     parser.add_argument("--no-export", action="store_true")
     parser.add_argument("-h", "--help", action="store_true")
@@ -185,7 +187,11 @@ def _split_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 USAGE = """usage: mixture.py SPEC.yaml [--output DIR] [--export-format llava|sharegpt|hf]
-                  [--export-to DIR] [--overwrite-export] [--no-export] [recipe flags]
+                  [--export-to DIR] [--caption-template TEXT] [--overwrite-export]
+                  [--no-export] [recipe flags]
+
+--caption-template: the human turn caption rows are exported with (default
+"<image>\\n{instruction}": LLaVA's LCS-558K pretraining form; `\\n` is a newline).
 
 Recipe flags (see `mixture.py SPEC.yaml --help` for the stage flags of a spec): --force,
 --from STAGE, --only STAGE, --num-cpus N, --describe, --quiet, --verbose, --no-report,
@@ -204,11 +210,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             export["format"] = args.export_format
         if args.export_to:
             export["to"] = args.export_to
+        if args.caption_template is not None:
+            export["caption_template"] = unescape(args.caption_template)
         if args.no_export:
             export = {}
         if export and not (export.get("format") and export.get("to")):
             raise SpecError("an export needs both --export-format and --export-to")
-        pipeline = build_pipeline(spec, export.get("format"))
+        if export.get("caption_template") is not None:
+            CaptionTemplate(export["caption_template"])  # a bad template fails before the run
+        pipeline = build_pipeline(spec)
     except (SpecError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

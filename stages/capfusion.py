@@ -125,6 +125,7 @@ class CapFusion(_ModelOrEndpointStage):
         return out
 
     def setup(self) -> None:
+        super().setup()  # the watchdog
         if self.params.backend == "transformers":
             from stages.lm import load_lm
 

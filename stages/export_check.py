@@ -4,25 +4,27 @@ LLaVA, LLaMA-Factory and TRL each assume the same few things of an instruction r
 worse, silently misalign images and text) when a row breaks them. This stage checks them on the
 canonical row and rejects the row with the first rule it breaks, in this order:
 
-1. `export_check: no conversations`: a caption-only row (null or empty `conversations`).
-   Instruction formats need turns. With `require_conversations=False` such rows pass (the `hf`
-   export takes them: a null `messages` and the caption in `caption`); rules 2-3 do not apply to
-   them, rules 4-5 still do.
-2. The turns: an optional single leading `system` turn, then `human` and `gpt` alternating,
-   starting with `human` and ending with `gpt`; every value a non-empty string (whitespace alone
-   counts as empty: a blank turn teaches nothing). Reasons, for the first bad turn:
-   `export_check: unknown role (turn 3 is 'bot')`, `export_check: empty turn (turn 2, 'gpt')`,
-   `export_check: turns do not alternate (turn 3 is 'system', expected 'human')`,
-   `export_check: turns do not alternate (ends with 'human', expected 'gpt')`.
-3. `export_check: image marker mismatch (2 markers, 1 images)`: the `<image>` markers over all
-   turns must equal the number of images (each loader pairs the k-th marker with the k-th image).
-4. Every image decodes: its bytes are identified and fully decoded once by PIL (no resizing), with
+1. The row's text, by the one definition of `stages.conversation` (the readers apply the same at
+   ingest, so a row ingest kept passes here):
+   - a conversation row (non-empty `conversations`): an optional single leading `system` turn,
+     then `human` and `gpt` alternating, starting with `human` and ending with `gpt`; every value
+     a non-empty string; the `<image>` markers over all turns equal the number of images.
+     Reasons: `export_check: unknown role (turn 3 is 'bot')`, `export_check: empty turn (turn 2,
+     'gpt')`, `export_check: starts with the model's turn (turn 1 is 'gpt')`, `export_check:
+     turns do not alternate (turn 3 is 'system', expected 'human')`, `export_check: image marker
+     mismatch (2 markers, 1 images)`. Roles are checked as they are, not normalised: a row that
+     did not come through a reader (a stage's output) is reported, never silently changed.
+   - a caption row (no turns): a non-empty caption and at most one image; the exports write it
+     in LLaVA's pretraining form. Reasons: `export_check: no conversations and no caption`,
+     `export_check: caption row with 2 images (...)`. With `require_conversations=True` caption
+     rows are rejected as `export_check: no conversations` (a format that needs turns).
+2. Every image decodes: its bytes are identified and fully decoded once by PIL (no resizing), with
    the rules and reasons of `image_check` under this stage's name: `export_check: empty image
    (null bytes)`, `export_check: truncated image (...)`, `export_check: corrupt image (...)`,
    `export_check: not an image (...)`, `export_check: too many pixels (...)` (PIL's
    decompression-bomb limit is a rejection, never a crash). Several images: the reason says which,
    `(image 2 of 3: ...)`. `check_images=False` skips this rule (the images were checked upstream).
-5. `export_check: unsafe image path (../x.png)`: an image `path`, when not null, must be relative
+3. `export_check: unsafe image path (../x.png)`: an image `path`, when not null, must be relative
    and stay inside the image root (the rule of the `llava_json` reader, `safe_relative_path`),
    because the LLaVA and ShareGPT exports write each image at its path under the export folder.
 
@@ -37,53 +39,33 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from stages import conversation
 from stages.base import BatchStage, param, reject
 from stages.image_check import ImageCheck, pil_limits, with_index
 from stages.readers.llava_json import safe_relative_path
-from stages.schema import IMAGE_MARKER
 
 RULE = "export_check"
-ROLES = ("human", "gpt", "system")
+ROLES = conversation.ROLES
 
 
 @dataclasses.dataclass(frozen=True)
 class ExportCheckParams:
     require_conversations: bool = param(
-        True,
-        "Reject rows without conversations (caption-only rows). False lets them through, for the "
-        "hf export, which keeps captions.",
+        False,
+        "Reject caption rows (no conversations). By default they pass: every export writes a "
+        "caption row in LLaVA's pretraining form.",
     )
     check_images: bool = param(
         True, "Decode every image once and reject rows with an image that does not decode."
     )
 
 
-def turn_problem(turns: list[dict] | None) -> str | None:
-    """The reason (category and detail) the turns break the alternation rule, or None."""
-    expected = "human"
-    for i, turn in enumerate(turns or [], 1):
-        role, value = turn.get("from"), turn.get("value")
-        if role not in ROLES:
-            return f"unknown role (turn {i} is {role!r})"
-        if not isinstance(value, str) or not value.strip():
-            return f"empty turn (turn {i}, {role!r})"
-        if role == "system" and i == 1:
-            continue
-        if role != expected:
-            return f"turns do not alternate (turn {i} is {role!r}, expected {expected!r})"
-        expected = "gpt" if role == "human" else "human"
-    if expected != "human":
-        return f"turns do not alternate (ends with 'human', expected {expected!r})"
-    if not any(t.get("from") == "gpt" for t in turns or []):
-        return "turns do not alternate (no human/gpt turns)"
-    return None
-
-
 class ExportCheck(BatchStage):
     """Reject rows that break the instruction formats' rules: turns, markers, images, paths."""
 
     name = "export_check"
-    version = "1"
+    # 2: stages.conversation's rules; caption rows pass
+    version = "2"
     Params = ExportCheckParams
     # Decoding dominates, as in image_check: modest batches bound a worker's memory.
     batch_size = 256
@@ -92,6 +74,7 @@ class ExportCheck(BatchStage):
         p = self.params
         n = batch.num_rows
         conversations = batch.column("conversations").to_pylist()
+        captions = batch.column("caption").to_pylist()
         images = batch.column("images").combine_chunks()
         counts = pc.fill_null(pc.list_value_length(images), 0).to_numpy(zero_copy_only=False)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
@@ -107,17 +90,12 @@ class ExportCheck(BatchStage):
             for row in range(n):
                 turns = conversations[row]
                 count = int(counts[row])
-                if turns:
-                    problem = turn_problem(turns)
-                    if problem is None:
-                        markers = sum(t["value"].count(IMAGE_MARKER) for t in turns)
-                        if markers != count:
-                            problem = f"image marker mismatch ({markers} markers, {count} images)"
-                    if problem is not None:
-                        reasons[row] = f"{RULE}: {problem}"
-                        continue
-                elif p.require_conversations:
+                if not turns and p.require_conversations:
                     reasons[row] = f"{RULE}: no conversations"
+                    continue
+                problem = conversation.row_problem(turns, captions[row], count)
+                if problem is not None:
+                    reasons[row] = f"{RULE}: {problem}"
                     continue
                 reasons[row] = self._image_problem(decoder, blobs, paths, int(starts[row]), count)
 
@@ -141,4 +119,4 @@ class ExportCheck(BatchStage):
         return None
 
 
-__all__ = ["ExportCheck", "ExportCheckParams", "turn_problem"]
+__all__ = ["ExportCheck", "ExportCheckParams"]

@@ -38,6 +38,10 @@ stage: the prompts' sha256 are part of its cache key. A reply that was rejected 
 other, so a re-run rejects it again for free; to ask anew, change a request parameter
 (`temperature`, `max_tokens`) or the `cache_dir`.
 
+Nothing paid is lost: each answer is written to the on-disk cache the moment it arrives (not at
+the end of a batch), and when the run's driver dies (kill -9, OOM) the stage's worker sends no
+further request, waits for the answers in flight to be cached, and exits (`stages/watchdog.py`).
+
 The API key is read from the environment variable named by `api_key_env` inside the worker; it is
 never a parameter, so it reaches no manifest, and the client redacts it from every error text.
 """
@@ -56,6 +60,7 @@ import numpy as np
 import pyarrow as pa
 
 from prompts import Prompt, PromptError, image_mime, load_prompt
+from stages import watchdog
 from stages.base import BatchStage, param, params_to_dict, put_columns, reject, stable_hash
 from stages.llm_client import (
     BUDGET_STOP,
@@ -301,6 +306,11 @@ class _GenerateStage(BatchStage):
 
     def prompts(self) -> dict[str, Prompt]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def setup(self) -> None:
+        # A worker whose run is gone (driver killed) stops sending at once and exits once its
+        # answers in flight are cached, instead of paying on until Ray notices.
+        watchdog.start()
 
     def check_params(self) -> None:
         self.client_config()  # ClientConfig validates limits and budget

@@ -7,15 +7,18 @@ a list of `ChatRequest`s and returns one `Result` per request, in order:
 - at most `max_concurrency` requests in flight, and at most `requests_per_minute` /
   `tokens_per_minute` (token buckets; tokens estimated before a call from `max_tokens` and the
   prompt, corrected after it from `usage`);
-- retries with exponential backoff and full jitter on 429, 408, 409, 5xx, connection errors and
-  time-outs, honouring `Retry-After` (seconds or HTTP date) and `retry-after-ms`, up to
+- retries with exponential backoff and full jitter on 429, 408, 409, 5xx, connection errors,
+  time-outs and 200 replies that are not a chat completion (truncated or non-JSON body, no
+  `choices`; named `endpoint error: malformed JSON in 200 reply from URL` when retries run out), honouring `Retry-After` (seconds or HTTP date) and `retry-after-ms`, up to
   `max_attempts` attempts of at most `timeout_s` each (the `openai` package's own retries are off);
 - a budget (`max_total_tokens`, `max_cost` at per-1k prices) that stops cleanly: a request is sent
   only when its worst case fits in what is left, requests not sent come back with
   `error="not done: budget"`, everything completed is kept;
 - a disk cache: one JSON file per response, keyed by the sha256 of canonical JSON of
   (model, messages, params), written atomically, so a killed run loses no paid response and a
-  re-run sends no request that already has one.
+  re-run sends no request that already has one. In a Ray worker, each send and its cache write
+  pass `stages.watchdog.gate()`: once the run's driver is gone, nothing more is sent, and the
+  process exits when every answer in flight is on disk.
 
 The API key is read from the environment variable `api_key_env` at run time (never stored in the
 config, which is pickled to Ray workers) and is redacted from every error text this module
@@ -40,6 +43,8 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from stages import watchdog
 
 log = logging.getLogger(__name__)
 
@@ -397,9 +402,30 @@ def backoff_s(attempt: int, config: ClientConfig, rng: random.Random) -> float:
 
 
 class _Retryable(Exception):
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, retry_after: float | None = None, *, malformed: bool = False
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        # A 200 reply whose body is not a chat completion (a proxy's error page, a body cut off
+        # mid-stream, JSON without `choices`): the server's fault, so retried like a 5xx.
+        self.malformed = malformed
+
+
+def _malformed_detail(response: Any) -> str | None:
+    """Why a parsed 200 reply is not a usable chat completion, or None when it is one.
+
+    With a body that is not JSON (`Content-Type: text/html`), the openai package returns the body
+    as a `str`; with JSON that lacks fields it builds the model anyway (`choices=None`)."""
+    if isinstance(response, (str, bytes)):
+        head = " ".join(str(response[:80]).split())
+        return f"body is not JSON: {head!r}"
+    choices = getattr(response, "choices", None)
+    if not choices:
+        return "JSON without choices"
+    if getattr(choices[0], "message", None) is None:
+        return "choice without message"
+    return None
 
 
 # --- the client ---------------------------------------------------------------------------------
@@ -418,6 +444,9 @@ class ChatClient:
 
     async def __aenter__(self) -> ChatClient:
         import openai
+
+        # In a Ray worker: stop sending, and exit, once the run this worker serves is gone.
+        watchdog.start()
 
         # max_retries=0: retries are ours, so that they share the budget, the rate limiter and
         # the attempt count, and honour Retry-After the same way for every endpoint.
@@ -488,102 +517,120 @@ class ChatClient:
             attempt = 0
             while True:
                 attempt += 1
-                try:
-                    text, finish_reason, usage = await self._attempt(
-                        request, slots, rpm, tpm, est_tokens
-                    )
-                except _Retryable as err:
-                    if attempt >= config.max_attempts:
-                        return self._failed(
-                            key, f"gave up after {attempt} attempts: {err}", attempt
-                        )
-                    if err.retry_after is not None and err.retry_after > config.max_retry_after_s:
+                # The slot is taken before the rate limiters so that sends, not just grants, are
+                # paced; the watchdog's gate spans the send and the cache write, so a worker whose
+                # run is gone sends nothing more and loses no answer it already paid for.
+                async with slots:
+                    if rpm is not None:
+                        await rpm.take(1)
+                    if tpm is not None:
+                        await tpm.take(est_tokens)
+                    async with watchdog.gate():
+                        try:
+                            text, finish_reason, usage = await self._attempt(
+                                request, tpm, est_tokens
+                            )
+                        except _Retryable as err:
+                            retry = err
+                        except Exception as err:  # a 4xx the server will answer the same again
+                            return self._failed(key, self._describe(err), attempt)
+                        else:
+                            used_tokens = usage.get("total_tokens", 0) if usage else est_tokens
+                            used_cost = (
+                                config.cost(
+                                    usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+                                )
+                                if usage
+                                else est_cost
+                            )
+                            if self.cache is not None:
+                                # Written the moment it arrives, in a thread: fsync takes
+                                # milliseconds, which would stall every request in flight on this
+                                # event loop. A cancelled caller still lets the write finish.
+                                await asyncio.to_thread(
+                                    self.cache.put,
+                                    key,
+                                    {
+                                        "model": request.model or config.model,
+                                        "text": text,
+                                        "finish_reason": finish_reason,
+                                        "usage": usage,
+                                    },
+                                )
+                            return Result(key, text, finish_reason, usage, False, None, attempt)
+                err = retry
+                if attempt >= config.max_attempts:
+                    if err.malformed:
                         return self._failed(
                             key,
-                            f"Retry-After {err.retry_after:.0f}s exceeds max_retry_after_s: {err}",
+                            f"endpoint error: malformed JSON in 200 reply from "
+                            f"{self._endpoint()} after {attempt} tries ({err})",
                             attempt,
                         )
-                    wait = backoff_s(attempt, config, self.rng)
-                    if err.retry_after is not None:
-                        # Never earlier than the server asked; a little jitter on top so that the
-                        # requests it refused together do not come back together.
-                        wait = err.retry_after + wait * 0.1
-                    log.info("retry %d of %s in %.2fs: %s", attempt, key[:12], wait, err)
-                    await asyncio.sleep(wait)
-                    continue
-                except Exception as err:  # a 4xx the server will answer the same way again
-                    return self._failed(key, self._describe(err), attempt)
-                used_tokens = usage.get("total_tokens", 0) if usage else est_tokens
-                used_cost = (
-                    config.cost(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
-                    if usage
-                    else est_cost
-                )
-                if self.cache is not None:
-                    # In a thread: fsync takes milliseconds, which would stall every request in
-                    # flight on this event loop. A cancelled caller still lets the write finish.
-                    await asyncio.to_thread(
-                        self.cache.put,
+                    return self._failed(key, f"gave up after {attempt} attempts: {err}", attempt)
+                if err.retry_after is not None and err.retry_after > config.max_retry_after_s:
+                    return self._failed(
                         key,
-                        {
-                            "model": request.model or config.model,
-                            "text": text,
-                            "finish_reason": finish_reason,
-                            "usage": usage,
-                        },
+                        f"Retry-After {err.retry_after:.0f}s exceeds max_retry_after_s: {err}",
+                        attempt,
                     )
-                return Result(key, text, finish_reason, usage, False, None, attempt)
+                wait = backoff_s(attempt, config, self.rng)
+                if err.retry_after is not None:
+                    # Never earlier than the server asked; a little jitter on top so that the
+                    # requests it refused together do not come back together.
+                    wait = err.retry_after + wait * 0.1
+                log.info("retry %d of %s in %.2fs: %s", attempt, key[:12], wait, err)
+                await asyncio.sleep(wait)
         finally:
             if budget.limited:
                 # Shielded: a cancelled run must still release its reservation for its siblings.
                 await asyncio.shield(budget.settle(est_tokens, est_cost, used_tokens, used_cost))
 
     async def _attempt(
-        self,
-        request: ChatRequest,
-        slots: asyncio.Semaphore,
-        rpm: TokenBucket | None,
-        tpm: TokenBucket | None,
-        est_tokens: int,
+        self, request: ChatRequest, tpm: TokenBucket | None, est_tokens: int
     ) -> tuple[str, str | None, dict[str, int] | None]:
+        """One HTTP request (the caller holds a slot and the rate limiters' grants)."""
         import openai
 
         config = self.config
-        # The slot is taken before the rate limiters so that sends, not just grants, are paced.
-        async with slots:
-            if rpm is not None:
-                await rpm.take(1)
-            if tpm is not None:
-                await tpm.take(est_tokens)
-            try:
-                # The openai timeout bounds each read; wait_for bounds the whole request, so a
-                # server that trickles bytes cannot hold a slot forever.
-                response = await asyncio.wait_for(
-                    self._openai.chat.completions.create(
-                        model=request.model or config.model,
-                        messages=list(request.messages),
-                        **request.params,
-                    ),
-                    timeout=config.timeout_s,
-                )
-            except (asyncio.TimeoutError, openai.APITimeoutError):
-                raise _Retryable(f"timed out after {config.timeout_s:g}s") from None
-            except openai.APIConnectionError as err:
-                raise _Retryable(self._describe(err)) from None
-            except openai.APIStatusError as err:
-                if err.status_code in RETRYABLE_STATUS or err.status_code >= 500:
-                    retry_after = parse_retry_after(getattr(err.response, "headers", None))
-                    raise _Retryable(self._describe(err), retry_after) from None
-                raise
+        try:
+            # The openai timeout bounds each read; wait_for bounds the whole request, so a
+            # server that trickles bytes cannot hold a slot forever.
+            response = await asyncio.wait_for(
+                self._openai.chat.completions.create(
+                    model=request.model or config.model,
+                    messages=list(request.messages),
+                    **request.params,
+                ),
+                timeout=config.timeout_s,
+            )
+        except (asyncio.TimeoutError, openai.APITimeoutError):
+            raise _Retryable(f"timed out after {config.timeout_s:g}s") from None
+        except openai.APIConnectionError as err:
+            raise _Retryable(self._describe(err)) from None
+        except openai.APIStatusError as err:
+            if err.status_code in RETRYABLE_STATUS or err.status_code >= 500:
+                retry_after = parse_retry_after(getattr(err.response, "headers", None))
+                raise _Retryable(self._describe(err), retry_after) from None
+            raise
+        except (json.JSONDecodeError, openai.APIResponseValidationError) as err:
+            # A 200 whose JSON is cut off or broken: the openai package's parser raises
+            # json.JSONDecodeError (APIResponseValidationError under strict validation).
+            raise _Retryable(self._describe(err), malformed=True) from None
+        bad = _malformed_detail(response)
+        if bad is not None:
+            raise _Retryable(bad, malformed=True)
         usage = response.usage.model_dump(exclude_none=True) if response.usage else None
         if usage is not None:
             usage = {k: int(v) for k, v in usage.items() if isinstance(v, int)}
         if tpm is not None and usage and "total_tokens" in usage:
             tpm.adjust(est_tokens - usage["total_tokens"])
-        if not response.choices:
-            raise _Retryable("response without choices")
         choice = response.choices[0]
         return choice.message.content or "", choice.finish_reason, usage
+
+    def _endpoint(self) -> str:
+        base = str(self._openai.base_url) if self._openai is not None else self.config.base_url
+        return f"{(base or '').rstrip('/')}/chat/completions"
 
     def _describe(self, err: BaseException) -> str:
         status = getattr(err, "status_code", None)

@@ -16,6 +16,7 @@
     short_answer: {max_words: 3}      # any short_answer parameter but `sources`
     export_check: {}                  # any export_check parameter
     export: {format: llava, to: exports/mix665k}             # optional: written after the run
+    #   (also: name, overwrite, caption_template; see stages.exports)
 
 Source paths that are relative are relative to the spec's folder (data lives next to its spec);
 `output` and `export.to` are relative to the working directory, like `--output`.
@@ -62,7 +63,7 @@ TOP_KEYS = (
     "export_check",
     "export",
 )
-EXPORT_KEYS = ("format", "to", "name", "overwrite")
+EXPORT_KEYS = ("format", "to", "name", "overwrite", "caption_template")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 

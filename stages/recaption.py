@@ -183,6 +183,7 @@ class Recaption(_ModelOrEndpointStage):
         return out
 
     def setup(self) -> None:
+        super().setup()  # the watchdog
         if self.params.backend == "transformers":
             from stages.lm import load_vlm
 

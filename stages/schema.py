@@ -71,6 +71,9 @@ SIGNAL_FIELDS: list[pa.Field] = [
     pa.field("phash", pa.int64()),
     pa.field("phash_group_size", pa.int64()),
     pa.field("phash_distance", pa.int32()),
+    # every automatic edit a reader made to a row, one line each ("role 'user' -> 'human' (turn
+    # 1)", "inserted <image> in turn 1"); null when none (stages.conversation)
+    pa.field("edits", pa.list_(pa.string())),
 ]
 EMBEDDING_COLUMNS = ("image_emb", "text_emb")
 
@@ -80,6 +83,7 @@ KNOWN_TYPES: dict[str, pa.DataType] = {f.name: f.type for f in CORE_FIELDS + SIG
 # The column a stage sets to a non-null string to reject a row; the runner turns it into the
 # `reason` column of the rejected ledger and drops it from kept rows.
 REJECT_COLUMN = "_reject"
+EDITS_COLUMN = "edits"
 REASON_COLUMN = "reason"
 
 IMAGE_MARKER = "<image>"

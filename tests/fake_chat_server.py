@@ -11,6 +11,17 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+# 200 replies that are not a chat completion: (body, headers, content type).
+MALFORMED: dict[str, tuple[bytes, dict[str, str], str]] = {
+    "truncated": (
+        b'{"id": "chatcmpl-test", "object": "chat.completion", "choi',
+        {},
+        "application/json",
+    ),
+    "html": (b"<html><body><h1>502 Bad Gateway</h1></body></html>", {}, "text/html"),
+    "nochoices": (b'{"id": "chatcmpl-test", "object": "chat.completion"}', {}, "application/json"),
+}
+
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
@@ -23,9 +34,11 @@ class FakeChatServer:
 
     `script` maps a request's last message content to the answers for its successive requests:
     "ok", "500" (the body echoes the Authorization header, as careless proxies do), "401",
-    ("429", retry_after_header) or ("stall", seconds). Unscripted requests get "ok", or a 429 with
-    probability `rate_429`. Every request is logged with its arrival time, and the largest number
-    of requests in flight at once is recorded.
+    ("429", retry_after_header), ("stall", seconds), or a 200 reply that is not a completion, as
+    overloaded proxies and gateways send: "truncated" (JSON cut in the middle), "html" (an error page
+    served as text/html) or "nochoices" (valid JSON without `choices`). Unscripted requests get "ok",
+    or a 429 with probability `rate_429`. Every request is logged with its arrival time, and the largest number
+    of requests in flight at once is recorded; `answered` lists the completions it generated.
     """
 
     def __init__(
@@ -43,6 +56,7 @@ class FakeChatServer:
         self.retry_after = retry_after
         self.rng = random.Random(seed)
         self.log: list[dict[str, Any]] = []
+        self.answered: list[dict[str, Any]] = []  # the 200 completions it generated (paid)
         self.in_flight = 0
         self.max_in_flight = 0
         self.lock = threading.Lock()
@@ -88,10 +102,16 @@ class FakeChatServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-            def _send(self, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
-                blob = json.dumps(body).encode()
+            def _send(
+                self,
+                status: int,
+                body: dict[str, Any] | bytes,
+                headers: dict[str, str],
+                content_type: str = "application/json",
+            ) -> None:
+                blob = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(blob)))
                 for name, value in headers.items():
                     self.send_header(name, value)
@@ -116,10 +136,16 @@ class FakeChatServer:
                     elif kind in ("500", "401"):
                         message = f"cannot serve request with Authorization: {auth}"
                         self._send(int(kind), {"error": {"message": message}}, {})
+                    elif kind in MALFORMED:
+                        self._send(200, *MALFORMED[kind])
                     else:
                         if kind == "stall":
                             time.sleep(answer[1])
                         completion = f"answer to {content}"
+                        with server.lock:
+                            # Paid: an endpoint bills an answer it generated, whether or not
+                            # the client is still there to read it.
+                            server.answered.append({"content": content, "t": time.monotonic()})
                         usage = {"prompt_tokens": 6, "completion_tokens": 5, "total_tokens": 11}
                         reply = {
                             "id": "chatcmpl-test",

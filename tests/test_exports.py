@@ -325,7 +325,7 @@ def test_hf_export_loads_in_datasets_with_pil_images_and_no_markers(exports):
 # refusals
 
 
-def test_export_refuses_non_empty_dest_unsafe_paths_and_turnless_rows(stage, tmp_path):
+def test_export_refuses_non_empty_dest_unsafe_paths_and_textless_rows(stage, tmp_path):
     dest = tmp_path / "dest"
     dest.mkdir()
     (dest / "old.txt").write_text("keep me")
@@ -371,13 +371,12 @@ def test_export_refuses_non_empty_dest_unsafe_paths_and_turnless_rows(stage, tmp
         export(str(nobytes), "sharegpt", str(tmp_path / "n-lf"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "dest", "nobytes"]
 
-    captions = write_stage(
-        tmp_path / "captions", [{"id": "c1", "images": [img(A, "c.png")], "caption": "a cat"}], 1
-    )
-    with pytest.raises(ExportError, match="'c1' has no conversations"):
-        export(str(captions), "llava", str(tmp_path / "c-llava"))
-    export(str(captions), "hf", str(tmp_path / "c-hf"))
-    assert import_rows(tmp_path / "c-hf", "hf")["c1"]["caption"] == "a cat"
+    # A row with neither turns nor a caption is not written; a source of only such rows is an
+    # export of nothing: an error, and nothing is left behind.
+    textless = write_stage(tmp_path / "textless", [{"id": "t1", "images": [img(A, "t.png")]}], 1)
+    with pytest.raises(ExportError, match=r"exported 0 of 1 rows.*no conversations and no capt"):
+        export(str(textless), "llava", str(tmp_path / "t-llava"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "dest", "nobytes", "textless"]
 
 
 def test_cli_export_prints_the_report_and_exits_2_on_a_bad_source(stage, tmp_path, capsys):
@@ -522,7 +521,7 @@ CHECK_ROWS = {
     "starts-gpt": (
         [],
         turns(("gpt", "a"), ("human", "q")),
-        "export_check: turns do not alternate (turn 1 is 'gpt', expected 'human')",
+        "export_check: starts with the model's turn (turn 1 is 'gpt')",
     ),
     "system-only": (
         [],
@@ -544,7 +543,17 @@ CHECK_ROWS = {
         turns(("human", "q"), ("bot", "a")),
         "export_check: unknown role (turn 2 is 'bot')",
     ),
-    "no-turns": ([img(A, "a.png")], None, "export_check: no conversations"),
+    # a caption row: exported in LLaVA's pretraining form, so it passes (run_export_check gives
+    # every row the caption "c", except the ids listed in NO_CAPTION)
+    "no-turns": ([img(A, "a.png")], None, None),
+    "empty-turns": ([], [], None),
+    "caption-two-images": (
+        [img(A, "a.png"), img(B, "b.png")],
+        None,
+        "export_check: caption row with 2 images (a caption describes at most one image)",
+    ),
+    "no-text": ([img(A, "a.png")], None, "export_check: no conversations and no caption"),
+    "blank-caption": ([img(A, "a.png")], None, "export_check: no conversations and no caption"),
     "not-an-image": (
         [img(b"not an image at all", "a.png")],
         turns(("human", "<image>"), ("gpt", "a")),
@@ -584,9 +593,12 @@ CHECK_ROWS = {
 }
 
 
+NO_CAPTION = {"no-text": None, "blank-caption": " \n"}
+
+
 def run_export_check(**params) -> dict[str, str | None]:
     rows = [
-        {"id": k, "images": images, "conversations": conv, "caption": "c"}
+        {"id": k, "images": images, "conversations": conv, "caption": NO_CAPTION.get(k, "c")}
         for k, (images, conv, _) in CHECK_ROWS.items()
     ]
     out = ExportCheck(**params).process(rows_to_table(rows))
@@ -608,9 +620,11 @@ def test_export_check_rejects_each_rule_at_its_boundary_with_its_reason():
             assert got[key] == expected, key
 
 
-def test_export_check_options_let_caption_rows_and_unchecked_images_through():
-    got = run_export_check(require_conversations=False, check_images=False)
-    assert got["no-turns"] is None
+def test_export_check_options_refuse_caption_rows_and_let_unchecked_images_through():
+    got = run_export_check(require_conversations=True, check_images=False)
+    assert got["no-turns"] == "export_check: no conversations"
+    assert got["empty-turns"] == "export_check: no conversations"
+    assert got["ok-1"] is None
     assert got["not-an-image"] is None and got["bomb"] is None
     assert got["dotdot"] == CHECK_ROWS["dotdot"][2]
 
@@ -656,13 +670,13 @@ def test_crafted_llava_json_ends_as_documented(ray_session, tmp_path):
         input_format="llava_json",
         progress=False,
     ).run()
+    # ingest and export_check share one definition of a conversation: ingest rejects "4" first
     assert rejected_reasons(out / "00-ingest") == {
         "missing": "llava_json: image not found (images/none.png)",
         "escape": "llava_json: image path escapes root (../secret.png)",
+        "4": "llava_json: turns do not alternate (turn 2 is 'human', expected 'gpt')",
     }
-    assert rejected_reasons(out / "01-export_check") == {
-        "4": "export_check: turns do not alternate (turn 2 is 'human', expected 'gpt')"
-    }
+    assert rejected_reasons(out / "01-export_check") == {}
     assert sorted(table(out / "01-export_check").column("id").to_pylist()) == ["1", "text"]
 
     report = export(str(out), "llava", str(tmp_path / "llava"))  # a run folder: its final stage
@@ -704,6 +718,10 @@ def random_text(rng: random.Random, markers: int) -> str:
     return text
 
 
+def nonblank(text: str) -> str:
+    return text if text.strip() else text + "x"
+
+
 def random_rows(seed: int, n: int) -> tuple[list[dict], dict[tuple[str, int], str]]:
     rng = random.Random(seed)
     pool = [
@@ -726,12 +744,13 @@ def random_rows(seed: int, n: int) -> tuple[list[dict], dict[tuple[str, int], st
             images.append(img(data, path))
         n_turns = 2 * rng.randint(1, 3)
         slots = [rng.randrange(n_turns) for _ in range(n_images)]
+        # Valid conversations only (stages.conversation): a blank turn is rejected at ingest.
         conv = [
-            {"from": "human" if t % 2 == 0 else "gpt", "value": random_text(rng, slots.count(t))}
-            for t in range(n_turns)
+            {"from": "human" if t % 2 == 0 else "gpt", "value": nonblank(random_text(rng, n))}
+            for t, n in ((t, slots.count(t)) for t in range(n_turns))
         ]
         if rng.random() < 0.2:
-            conv.insert(0, {"from": "system", "value": random_text(rng, 0)})
+            conv.insert(0, {"from": "system", "value": nonblank(random_text(rng, 0))})
         row = {
             "id": row_id,
             "images": images,

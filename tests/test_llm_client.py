@@ -256,3 +256,26 @@ def test_run_requests_works_inside_a_running_event_loop() -> None:
 
         (result,) = asyncio.run(from_async_code())
     assert result.text == "answer to x"
+
+
+@pytest.mark.parametrize("fault", ["truncated", "html", "nochoices"])
+def test_malformed_200_reply_is_retried_like_a_5xx(tmp_path: Path, fault: str) -> None:
+    with FakeChatServer(script={"q": [fault, fault, "ok"]}) as server:
+        (result,) = run_requests([ask("q")], config_for(server, tmp_path), seed=0)
+    assert result.ok and result.text == "answer to q" and result.attempts == 3
+    assert server.contents() == ["q", "q", "q"]
+    assert cached_files(tmp_path) == 1  # the good answer, not a broken one
+
+
+@pytest.mark.parametrize("fault", ["truncated", "html", "nochoices"])
+def test_malformed_200_reply_that_persists_is_named_an_endpoint_error(
+    tmp_path: Path, fault: str
+) -> None:
+    with FakeChatServer(script={"q": [fault] * 3}) as server:
+        config = config_for(server, tmp_path, max_attempts=3)
+        (result,) = run_requests([ask("q")], config, seed=0)
+    assert not result.ok and result.attempts == 3 and len(server.log) == 3
+    expected = f"endpoint error: malformed JSON in 200 reply from {server.url}/chat/completions"
+    assert result.error.startswith(expected + " after 3 tries ("), result.error
+    assert SECRET not in result.error
+    assert cached_files(tmp_path) == 0  # nothing paid for is cached as an answer

@@ -118,15 +118,16 @@ def main_run(ray_session, sources, tmp_path_factory):
 def test_mixture_reads_filters_caps_and_shares_exactly_as_brute_force(main_run):
     _, out, _ = main_run
     ingest = table(out / "00-ingest")
-    assert ingest.num_rows == 90
+    assert ingest.num_rows == 85
     assert set(ingest.column("source").to_pylist()) == {"vqa", "chat", "captions"}
     assert "vqa/0" in ingest.column("id").to_pylist()  # integer id 0, prefixed by its source
-
-    filtered = rejected_reasons(out / "01-source_filter")
-    assert filtered == {
-        f"chat/c{i}": "source_filter: condition not met (source chat: n_turns >= 2)"
+    # a lone question is not a conversation (stages.conversation): rejected at ingest, so the
+    # source's filter "n_turns >= 2" has nothing left to reject
+    assert rejected_reasons(out / "00-ingest") == {
+        f"chat/c{i}": "llava_json: turns do not alternate (ends with 'human', expected 'gpt')"
         for i in range(5)
     }
+    assert rejected_reasons(out / "01-source_filter") == {}
     # caps: vqa keeps its 25 smallest keys; text share 0.2 with T = 25 chat rows and
     # M = 25 + 20 multimodal: N = min(25 / 0.2, 45 / 0.8) = 56.25 -> 56, text-only round(11.2) = 11
     vqa = _smallest([f"vqa/{i if i % 2 == 0 else f'q{i}'}" for i in range(40)], 25)
@@ -224,7 +225,9 @@ def test_an_earlier_output_is_a_source_of_its_kept_rows(main_run, sources, tmp_p
     assert sorted(again.column("task").to_pylist()) == sorted(first.column("task").to_pylist())
 
 
-def test_a_llava_export_rejects_caption_rows_with_a_reason(ray_session, sources, tmp_path):
+def test_caption_rows_go_out_as_pretraining_pairs_in_the_json_formats(
+    ray_session, sources, tmp_path, capsys
+):
     spec = _spec(
         tmp_path,
         "llava",
@@ -238,11 +241,93 @@ def test_a_llava_export_rejects_caption_rows_with_a_reason(ray_session, sources,
     )
     out = tmp_path / "out"
     assert mixture.main([str(spec), "--output", str(out), "--quiet"]) == 0
-    reasons = rejected_reasons(out / "01-export_check")
-    assert set(reasons) == {f"captions/cap{i}" for i in range(20)}
-    assert set(reasons.values()) == {"export_check: no conversations"}
+    assert rejected_reasons(out / "01-export_check") == {}
+    assert "exported 60 rows (20 from captions)" in capsys.readouterr().out
     items = json.loads((tmp_path / "llava" / "llava.json").read_text())
-    assert len(items) == 40 and all(isinstance(it["id"], str) for it in items)
+    assert len(items) == 60 and all(isinstance(it["id"], str) for it in items)
+    captions = {it["id"]: it for it in items if it["source"] == "captions"}
+    assert sorted(captions) == sorted(f"captions/cap{i}" for i in range(20))
+    for rid, it in captions.items():
+        human, gpt = it["conversations"]
+        # LCS-558K's form: the marker, a newline, one of LLaVA's brief-description instructions
+        assert human["from"] == "human" and human["value"].startswith("<image>\n")
+        assert human["value"].endswith(".") and human["value"].count("<image>") == 1
+        number = int(rid.rsplit("cap", 1)[1])
+        assert gpt == {"from": "gpt", "value": f"a photo number {number}"}
+        assert (tmp_path / "llava" / it["image"]).read_bytes() == _jpeg(100 + number)
+
+    # The same run exported to LLaMA-Factory with the marker alone (LLaVA's `plain` pretraining).
+    args = [str(spec), "--output", str(out), "--quiet", "--export-format", "sharegpt"]
+    args += ["--export-to", str(tmp_path / "lf"), "--caption-template", "<image>"]
+    assert mixture.main(args) == 0
+    data = json.loads((tmp_path / "lf" / "data.json").read_text())
+    pairs = {it["id"]: it["messages"] for it in data if it["source"] == "captions"}
+    assert pairs["captions/cap7"] == [
+        {"role": "user", "content": "<image>"},
+        {"role": "assistant", "content": "a photo number 7"},
+    ]
+    assert len(data) == 60
+
+
+def test_an_export_of_no_rows_makes_the_mixture_exit_2(ray_session, sources, tmp_path, capsys):
+    # Rows with neither turns nor a caption are rejected by export_check (no format can hold
+    # them), so the export has nothing to write, and says so.
+    bare = [{"id": f"b{i}", "images": [{"bytes": _jpeg(i), "path": None}]} for i in range(3)]
+    pq.write_table(rows_to_table(bare), tmp_path / "bare.parquet")
+    spec = _spec(
+        tmp_path,
+        "bare",
+        f"""\
+        name: bare
+        sources:
+          bare: {{path: {tmp_path / "bare.parquet"}}}
+        export_check: {{require_conversations: false}}
+        export: {{format: hf, to: {tmp_path / "hf"}}}
+        """,
+    )
+    assert mixture.main([str(spec), "--output", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "export failed" in err and "no kept rows to export as hf" in err
+    assert not (tmp_path / "hf").exists()
+    # A bad template is refused before the run starts.
+    bad = [str(spec), "--output", str(tmp_path / "out2"), "--caption-template", "no marker"]
+    assert mixture.main(bad) == 2
+    assert "has 0 <image> markers" in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists()
+
+
+DEMO_SPEC = Path(__file__).resolve().parents[1] / "pipelines" / "mixtures" / "demo.yaml"
+
+
+def test_the_demo_mixture_exports_every_kept_row_in_every_format(ray_session, tmp_path, capsys):
+    out = tmp_path / "out"
+    kept = None
+    for fmt in ("llava", "sharegpt", "hf"):
+        dest = tmp_path / fmt
+        args = [str(DEMO_SPEC), "--output", str(out), "--quiet", "--export-format", fmt]
+        assert mixture.main([*args, "--export-to", str(dest)]) == 0, fmt
+        final = table(out / "03-export_check")
+        rows = {r["id"]: r for r in final.to_pylist()}
+        # 120 sampled; export_check may reject a row with a reason (never silently lose one)
+        rejected = rejected_reasons(out / "03-export_check")
+        assert len(rows) + len(rejected) == 120 and len(rows) >= 119
+        assert kept in (None, sorted(rows))
+        kept = sorted(rows)
+        assert all(r["caption"] and not r["conversations"] for r in rows.values())
+        assert f"exported {len(rows)} rows ({len(rows)} from captions)" in capsys.readouterr().out
+        if fmt == "hf":
+            import datasets
+
+            ds = datasets.load_from_disk(str(dest))
+            got = dict(zip(ds["id"], ds["messages"], strict=True))
+            assert ds["caption"] == [rows[i]["caption"] for i in ds["id"]]
+            answers = {i: m[1]["content"][0]["text"] for i, m in got.items()}
+        else:
+            name = "llava.json" if fmt == "llava" else "data.json"
+            items = json.loads((dest / name).read_text(encoding="utf-8"))
+            key, value = ("conversations", "value") if fmt == "llava" else ("messages", "content")
+            answers = {it["id"]: it[key][1][value] for it in items}
+        assert answers == {i: r["caption"] for i, r in rows.items()}, fmt
 
 
 # ---- spec errors -----------------------------------------------------------------------------

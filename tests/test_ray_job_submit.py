@@ -1,21 +1,21 @@
-"""A recipe script runs unchanged as a Ray job: `ray job submit --working-dir . -- python pipelines/demo.py`.
+"""The README's `ray job submit` commands work as written, whatever state `~/.ray` is in.
 
-The test starts its own one-node cluster with `ray start --head` (dashboard, hence the job server, on
-127.0.0.1), submits the demo recipe with the repo as working_dir, and checks the job's status, its
-run.json and the funnel table in its logs.
+Ray 2.60 starts a head with token authentication as soon as a token exists (RAY_AUTH_TOKEN, the file
+at RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token, which any in-process `ray.init()` -- a local recipe run,
+the `ray_session` fixture -- writes), but `ray job` commands only send the token when
+RAY_AUTH_MODE=token is set in their own environment: on a machine that ever ran warren locally, a bare
+`ray start --head` + `ray job submit` pair fails with `Missing authentication token`.
 
-Token authentication: Ray turns it on for `ray start --head` as soon as a token exists (RAY_AUTH_TOKEN,
-the file at RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token, which any in-process `ray.init()` -- e.g. the
-`ray_session` fixture -- writes), but `ray job` commands only send the token when RAY_AUTH_MODE=token
-is set in their own environment. So whether the machine has ~/.ray/auth_token decides if a bare
-`ray start` + `ray job submit` pair works. The test does not depend on that: it runs a token-protected
-cluster with its own token, and passes RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to `ray start` and
-to every `ray job` command (never to this process: os.environ is left alone, and RAY_ADDRESS and
-friends are removed from the child environments so nothing joins the wrong cluster).
+The test takes the bash block of the README's "On a Ray cluster" section and runs it as written, in
+a temporary HOME (the real ~/.ray is never touched) that is either fresh or holds the token an
+in-process `ray.init()` left there. Only what must differ on a shared test machine is substituted:
+the head's ports and temp dir (so it cannot collide with another Ray), its address, and the output
+folder. It then checks the job's run.json and funnel table, and that the head really requires a
+token (a `ray job` command without RAY_AUTH_MODE=token is refused).
 
 Teardown never runs `ray stop` (it stops every Ray on the machine, including the session's in-process
-one): it kills the processes of the cluster's own session (started with start_new_session=True),
-anything naming its private temp dir, and their children.
+one): it kills the processes of the commands' own session (started with start_new_session=True),
+anything naming the cluster's private temp dir, and their children.
 """
 
 from __future__ import annotations
@@ -23,18 +23,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -47,17 +46,6 @@ _FOREIGN_VARS = (
     "RAY_AUTH_TOKEN",
     "RAY_AUTH_TOKEN_PATH",
 )
-# working_dir is zipped and uploaded (limit: 512 MiB; .git, .venv, venv and __pycache__ are
-# excluded by default). Leave out local caches and build leftovers too.
-_EXCLUDES = [
-    ".git",
-    ".venv",
-    "**/__pycache__",
-    ".pytest_cache",
-    ".ruff_cache",
-    "*.egg-info",
-    "warren-out",
-]
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 JOB_TIMEOUT_S = 150
@@ -81,33 +69,6 @@ def _free_port() -> int:
 
 def _plain(text: str) -> str:
     return _ANSI.sub("", text)
-
-
-@dataclass
-class Cluster:
-    dashboard: str  # http://127.0.0.1:PORT, the job server
-    temp_dir: str
-    token_path: Path
-    session: int = -1
-    log: Path | None = None
-    env: dict = field(default_factory=dict)
-
-    def ray(
-        self, *args: str, timeout: float = 60, env: dict | None = None
-    ) -> subprocess.CompletedProcess:
-        """Run a `ray` CLI command against this cluster (with its token)."""
-        return subprocess.run(
-            [*_ray_cli(), *args],
-            env=self.env if env is None else env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=timeout,
-        )
-
-    def job(self, verb: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return self.ray("job", verb, "--address", self.dashboard, *args, timeout=timeout)
 
 
 def _child_env(**extra: str) -> dict:
@@ -152,148 +113,131 @@ def _kill_cluster(session: int, temp_dir: str, grace_s: float = 1.0) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    """A private, token-protected one-node Ray cluster started with `ray start --head`."""
+README = ROOT / "README.md"
+SECTION = "### On a Ray cluster"
+
+
+def documented_commands() -> str:
+    """The first bash block of the README's cluster section, as written."""
+    text = README.read_text(encoding="utf-8")
+    assert SECTION in text, f"README.md has no {SECTION!r} section"
+    section = text.split(SECTION, 1)[1]
+    return section.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def _substitute(script: str, pattern: str, replacement: str) -> str:
+    new, count = re.subn(pattern, lambda _: replacement, script, flags=re.MULTILINE)
+    assert count == 1, f"README cluster commands: expected one match of {pattern!r} in\n{script}"
+    return new
+
+
+def _on_this_machine(script: str, dash_port: int, temp_dir: str, out: Path) -> str:
+    """The README's commands with private ports, temp dir and output folder."""
+    start = " ".join(
+        [
+            "ray start --head",
+            f"--port={_free_port()}",
+            "--num-cpus=2",
+            "--object-store-memory=268435456",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash_port}",
+            # The fixed defaults (10001, 52365) would collide with another Ray on this machine.
+            f"--ray-client-server-port={_free_port()}",
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ]
+    )
+    script = _substitute(script, r"^ray start --head\b.*$", start)
+    script = _substitute(script, r"\bHEAD:8265\b", f"127.0.0.1:{dash_port}")
+    return _substitute(script, r"/shared/warren-out/demo\b", str(out))
+
+
+def _token_left_by_ray_init(home: Path, env: dict) -> None:
+    """What a local recipe run leaves in HOME: an in-process ray.init() writes ~/.ray/auth_token."""
+    temp_dir = tempfile.mkdtemp(prefix="wi-", dir="/tmp")
+    code = (
+        "import ray; ray.init(address='local', num_cpus=1, include_dashboard=False, "
+        f"_temp_dir={temp_dir!r}); ray.shutdown()"
+    )
+    try:
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            cwd=home,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=120,
+            check=True,
+            start_new_session=True,
+        )
+    finally:
+        _kill_cluster(-1, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert (home / ".ray" / "auth_token").is_file(), "ray.init() no longer writes ~/.ray/auth_token"
+
+
+@pytest.mark.parametrize("state", ["fresh", "token_from_ray_init"])
+def test_readme_commands_submit_the_demo_recipe_on_a_fresh_head(state: str, tmp_path: Path) -> None:
     pytest.importorskip("aiohttp", reason="the job server needs ray[default]")
-    work = tmp_path_factory.mktemp("ray_cluster")
-    token_path = work / "auth_token"
-    token_path.write_text(secrets.token_hex(32))
-    token_path.chmod(0o600)
-    # Unix socket paths are capped at ~107 bytes and Ray nests session_<date>_<pid>/sockets/... under
-    # the temp dir, so pytest's tmp_path is too long: use a short /tmp directory.
+    home = tmp_path / "home"
+    home.mkdir()
+    env = _child_env(HOME=str(home))
+    if state == "token_from_ray_init":
+        _token_left_by_ray_init(home, env)
+    # Unix socket paths are capped at ~107 bytes and Ray nests session_<date>_<pid>/sockets/...
+    # under the temp dir, so pytest's tmp_path is too long: use a short /tmp directory.
     temp_dir = tempfile.mkdtemp(prefix="wr-", dir="/tmp")
     dash_port = _free_port()
-    cluster = Cluster(
-        dashboard=f"http://127.0.0.1:{dash_port}",
-        temp_dir=temp_dir,
-        token_path=token_path,
-        log=work / "ray_start.log",
-        env=_child_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path)),
-    )
-    start = [
-        *_ray_cli(),
-        "start",
-        "--head",
-        f"--port={_free_port()}",
-        "--num-cpus=2",
-        "--object-store-memory=268435456",
-        "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dash_port}",
-        # The fixed defaults (10001, 52365) would collide with another Ray on this machine.
-        f"--ray-client-server-port={_free_port()}",
-        f"--dashboard-agent-listen-port={_free_port()}",
-        f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-    ]
+    out = tmp_path / "out"
+    script = _on_this_machine(documented_commands(), dash_port, temp_dir, out)
+    log_path = tmp_path / "commands.log"
+    session = -1
     try:
-        with open(cluster.log, "w") as log:
-            # Output to a file, not a pipe: the daemons `ray start` leaves behind could hold a pipe open.
+        with open(log_path, "w") as log:
+            # Output to a file, not a pipe: the daemons `ray start` leaves behind hold it open.
             proc = subprocess.Popen(
-                start,
-                env=cluster.env,
-                cwd=work,
+                ["bash", "-euo", "pipefail", "-c", script],
+                env=env,
+                cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-            cluster.session = proc.pid  # the session leader's pid is the session id
-            rc = proc.wait(timeout=90)
-        if rc != 0:
-            pytest.fail(f"`ray start --head` exited {rc}:\n{cluster.log.read_text()}")
-        # Wait for the job server, authenticating with the cluster's token.
-        deadline = time.monotonic() + 45
-        while True:
-            res = cluster.job("list", timeout=30)
-            if res.returncode == 0:
-                break
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"job server at {cluster.dashboard} not ready:\n{res.stdout}\n{cluster.log.read_text()}"
-                )
-            time.sleep(1)
-        yield cluster
-    finally:
-        _kill_cluster(cluster.session, temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+            session = proc.pid  # the session leader's pid is the session id
+            try:
+                rc = proc.wait(timeout=JOB_TIMEOUT_S + 90)
+            except subprocess.TimeoutExpired:
+                rc = None
+        logs = _plain(log_path.read_text())
+        assert rc == 0, f"the README's commands ended with {rc}:\n{script}\n---\n{logs}"
 
+        run = json.loads((out / "run.json").read_text())
+        assert run["stages"], run
+        for stage in run["stages"]:
+            assert stage["rows_in"] == stage["kept"] + stage["rejected"], stage
+        from pipelines.demo import pipeline
+        from pipelines.runner import format_funnel
 
-def _status(cluster: Cluster, job_id: str) -> str | None:
-    res = cluster.job("status", job_id)
-    out = _plain(res.stdout)
-    if f"Job '{job_id}' succeeded" in out:
-        return "SUCCEEDED"
-    if f"Job '{job_id}' failed" in out:
-        return "FAILED"
-    if f"Job '{job_id}' was stopped" in out:
-        return "STOPPED"
-    m = re.search(rf"Status for job '{re.escape(job_id)}': (\w+)", out)
-    return m.group(1).split(".")[-1] if m else None
+        assert {s.name for s in pipeline().stages} <= {s.get("name") for s in run["stages"]}
+        # The funnel table the job's driver printed (streamed by `ray job submit`) is run.json's.
+        title, header = format_funnel(run).splitlines()[:2]
+        assert title in logs and header in logs, logs
 
-
-def submit_and_wait(
-    cluster: Cluster, working_dir: Path, entrypoint: list[str], timeout: float = JOB_TIMEOUT_S
-) -> tuple[str | None, str]:
-    """`ray job submit` (blocking: it tails the logs until the job ends), then `ray job status` and
-    `ray job logs`. A job still running after `timeout` s is stopped. Returns (status, logs)."""
-    job_id = f"warren_test_{secrets.token_hex(4)}"
-    submit = [
-        "--submission-id",
-        job_id,
-        "--working-dir",
-        str(working_dir),
-        "--runtime-env-json",
-        json.dumps({"excludes": _EXCLUDES}),
-        "--",
-        *entrypoint,
-    ]
-    try:
-        # One mostly idle process instead of a `ray job status` poll loop: each `ray` command costs
-        # about a CPU-second, which the job would lose on a 2-core machine.
-        res = cluster.job("submit", *submit, timeout=timeout)
-        submitted = _plain(res.stdout)
-    except subprocess.TimeoutExpired:
-        submitted = f"`ray job submit` still waiting after {timeout} s: stopping the job"
-        cluster.job("stop", job_id)
-    status = _status(cluster, job_id)
-    fetched = cluster.job("logs", job_id)
-    logs = _plain(fetched.stdout) if fetched.returncode == 0 else submitted
-    if status != "SUCCEEDED":
-        print(
-            f"--- job {job_id} ended as {status}\n--- ray job submit:\n{submitted}\n--- logs:\n{logs}"
+        # The head the commands started requires the token: without RAY_AUTH_MODE=token, even
+        # with the token file at hand, `ray job` is refused (the failure the README's first two
+        # lines prevent).
+        bare = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
+        res = subprocess.run(
+            [*_ray_cli(), "job", "list", "--address", f"http://127.0.0.1:{dash_port}"],
+            env=bare,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=60,
         )
-    return status, logs
-
-
-def test_cluster_rejects_job_commands_without_ray_auth_mode_token(ray_cluster):
-    """The token being at hand is not enough: `ray job` sends it only with RAY_AUTH_MODE=token."""
-    no_mode = _child_env(RAY_AUTH_TOKEN_PATH=str(ray_cluster.token_path))
-    res = ray_cluster.ray("job", "list", "--address", ray_cluster.dashboard, env=no_mode)
-    assert res.returncode != 0, res.stdout
-    assert "Unauthorized" in res.stdout, res.stdout
-
-
-def test_ray_job_submit_runs_the_demo_recipe(ray_cluster, tmp_path):
-    """The command docs/cluster.md gives, run from the repo root with the repo as working_dir."""
-    assert (ROOT / "pipelines" / "demo.py").is_file()
-    out = tmp_path / "out"
-    status, logs = submit_and_wait(
-        ray_cluster, ROOT, ["python", "pipelines/demo.py", "--output", str(out)]
-    )
-    assert status == "SUCCEEDED", f"job ended as {status}; logs:\n{logs}"
-
-    run = json.loads((out / "run.json").read_text())
-    assert run["stages"], run
-    for stage in run["stages"]:
-        assert stage["rows_in"] == stage["kept"] + stage["rejected"], stage
-    names = {s.get("name") for s in run["stages"]}
-    from pipelines.demo import pipeline
-
-    assert {s.name for s in pipeline().stages} <= names, names
-
-    # The funnel table the driver printed is the one run.json describes.
-    from pipelines.runner import format_funnel
-
-    title, header = format_funnel(run).splitlines()[:2]
-    assert title in logs and header in logs, logs
+        assert res.returncode != 0 and "Unauthorized" in res.stdout, res.stdout
+    finally:
+        _kill_cluster(session, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -414,7 +414,9 @@ def test_llava_json_reads_images_under_the_root_and_rejects_bad_items_with_reaso
     assert rows[no_id]["images"][0]["path"] == "c.png"
     got = reasons(table)
     malformed = [
-        k for k, v in got.items() if v.startswith("llava_json: malformed item (item is str")
+        k
+        for k, v in got.items()
+        if v.startswith("llava_json: malformed item (llava_mix.json record 11: item is str")
     ]
     assert len(malformed) == 1
     assert {k: v for k, v in got.items() if k not in malformed} == {
@@ -423,7 +425,10 @@ def test_llava_json_reads_images_under_the_root_and_rejects_bad_items_with_reaso
         "missing": "llava_json: image not found (coco/nope.jpg)",
         "too-many-markers": "llava_json: image marker mismatch (2 markers, 1 images)",
         "marker-no-image": "llava_json: image marker mismatch (1 markers, 0 images)",
-        "bad-turn": "llava_json: malformed turn (turn 0 value is int, expected a string)",
+        "bad-turn": (
+            "llava_json: malformed turn (llava_mix.json record 10: turn 1 value is int, "
+            "expected a string)"
+        ),
     }
     assert all(i["bytes"] != b"outside the root" for r in table.to_pylist() for i in r["images"])
     assert set(table.column("source").to_pylist()) == {"llava_mix"}
@@ -442,7 +447,7 @@ def test_llava_jsonl_is_streamed_and_a_broken_line_is_a_rejected_row(tmp_path: P
     assert table.num_rows == 3
     assert [r["id"] for r in kept(table)] == ["1", "3"]
     (reason,) = reasons(table).values()
-    assert reason.startswith("llava_json: malformed item (line 2: invalid JSON")
+    assert reason.startswith("llava_json: malformed item (data.jsonl line 2: invalid JSON")
 
 
 def test_llava_json_that_is_not_json_is_an_input_error_naming_the_file(tmp_path: Path):

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -35,6 +36,56 @@ class ExportError(ValueError):
     """An export that cannot be made; the message names the folder, file or row and what to do."""
 
 
+class SkipRow(Exception):
+    """Raised by a format's item maker for a row the format cannot hold as a training example
+    (no turns and no caption, ...): the row is counted under `reason`, never written half-made."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+EXAMPLE_IDS = 3  # ids shown per reason of rows not exported
+
+
+class Skipped:
+    """Rows not exported, counted by reason, with the first few ids of each."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.examples: dict[str, list[str]] = {}
+
+    def add(self, reason: str, row_id: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        ids = self.examples.setdefault(reason, [])
+        if len(ids) < EXAMPLE_IDS:
+            ids.append(row_id)
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def lines(self) -> list[str]:
+        out = []
+        for reason, n in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0])):
+            ids = ", ".join(repr(i) for i in self.examples[reason])
+            more = ", ..." if n > len(self.examples[reason]) else ""
+            out.append(f"{n:,} {reason} (e.g. {ids}{more})")
+        return out
+
+    def check_any_written(self, fmt: str, src: Location, written: int, given: int) -> None:
+        """An export of no rows is a failure, never an empty success."""
+        if written:
+            return
+        if not given:
+            raise ExportError(
+                f"{src.uri}: no kept rows to export as {fmt} (every row was rejected upstream; "
+                "see the stages' rejected/ shards)"
+            )
+        raise ExportError(
+            f"{src.uri}: exported 0 of {given:,} rows as {fmt}: " + "; ".join(self.lines())
+        )
+
+
 @dataclasses.dataclass
 class ExportReport:
     """What an export wrote."""
@@ -47,15 +98,27 @@ class ExportReport:
     files: int  # files under dest
     images_shared: int = 0  # images that reuse a file already written (same path, same bytes)
     paths_changed: int = 0  # images written at another path than their own (see image_tree)
+    given: int | None = None  # kept rows of the source (None: as many as `rows`)
+    captions: int = 0  # caption rows written in LLaVA's pretraining form (see caption.py)
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> rows
+    skipped_lines: list[str] = dataclasses.field(default_factory=list)  # with example ids
 
     def summary(self) -> str:
+        """What was written; when rows were not, how many and why, one line per reason."""
         extra = ""
         if self.images_shared or self.paths_changed:
             extra = f" ({self.images_shared:,} shared, {self.paths_changed:,} paths changed)"
-        return (
-            f"exported {self.rows:,} rows and {self.images:,} images{extra} as {self.format} to "
+        given = self.rows if self.given is None else self.given
+        rows = f"{self.rows:,} rows" if given == self.rows else f"{self.rows:,} of {given:,} rows"
+        captions = f" ({self.captions:,} from captions)" if self.captions else ""
+        lines = [
+            f"exported {rows}{captions} and {self.images:,} images{extra} as {self.format} to "
             f"{self.dest}: {self.files:,} files, {self.bytes:,} bytes"
-        )
+        ]
+        if given != self.rows:
+            lines.append(f"not exported: {given - self.rows:,} rows:")
+            lines += [f"  {line}" for line in self.skipped_lines]
+        return "\n".join(lines)
 
 
 def check_options(fmt: str, options: Mapping[str, Any], allowed: Sequence[str]) -> None:
@@ -120,24 +183,27 @@ class StageFolder:
         return [c for c in EXPORT_COLUMNS if c in names]
 
     def has_values(self, column: str) -> bool:
-        """Whether any row has a non-null `column`, from the footers' statistics when they have
-        them (no data read), else from that one column."""
+        """Whether any row has a non-null top-level `column`, from the footers' statistics when
+        they tell (no data read), else from that one column of the row group."""
         for path in self.files:
             with self.location.fs.open_input_file(path) as f:
                 pf = pq.ParquetFile(f)
                 if column not in pf.schema_arrow.names:
                     continue
-                index = pf.schema_arrow.names.index(column)
                 meta = pf.metadata
+                mapping = leaf_indices(pf.schema_arrow)
+                # A type whose leaves we count wrong must never point at another column: then
+                # the column is read instead.
+                counted = sum(len(v) for v in mapping.values()) == meta.num_columns
+                leaves = mapping[column]
+                nested = pa.types.is_nested(pf.schema_arrow.field(column).type)
                 for g in range(meta.num_row_groups):
                     group = meta.row_group(g)
-                    stats = group.column(index).statistics
-                    if stats is None or not stats.has_null_count:
-                        if pf.read_row_group(g, columns=[column]).column(0).null_count < (
-                            group.num_rows
-                        ):
-                            return True
-                    elif stats.null_count < group.num_rows:
+                    verdict = _stats_verdict(group, leaves, nested) if counted else None
+                    if verdict is None:
+                        table = pf.read_row_group(g, columns=[column])
+                        verdict = table.column(0).null_count < group.num_rows
+                    if verdict:
                         return True
         return False
 
@@ -156,6 +222,48 @@ class StageFolder:
             raise ExportError(
                 f"{self.location.uri}: read {seen:,} rows, {MANIFEST} lists {self.rows:,}"
             )
+
+
+def leaf_indices(schema: pa.Schema) -> dict[str, list[int]]:
+    """Top-level column name -> the indices of its Parquet leaf columns (the indices a row
+    group's column chunks have). A nested column has several leaves (`images` is
+    `images.list.element.bytes` and `images.list.element.path`), so a top-level field's position
+    is not its leaf index. Leaves come depth first, field after field, so each field owns the
+    next run of as many leaves as its type has (names are never parsed: they may hold dots)."""
+    out: dict[str, list[int]] = {}
+    start = 0
+    for field in schema:
+        n = _leaf_count(field.type)
+        out[field.name] = list(range(start, start + n))
+        start += n
+    return out
+
+
+def _leaf_count(t: pa.DataType) -> int:
+    if isinstance(t, pa.ExtensionType):
+        return _leaf_count(t.storage_type)
+    if pa.types.is_struct(t):
+        return sum(_leaf_count(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_map(t):
+        return _leaf_count(t.key_type) + _leaf_count(t.item_type)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _leaf_count(t.value_type)
+    return 1
+
+
+def _stats_verdict(group: pq.RowGroupMetaData, leaves: list[int], nested: bool) -> bool | None:
+    """True/False when the footer's statistics decide whether a row of the group has a value,
+    None when the column must be read. A flat column: null_count < rows. A nested one: a leaf
+    with a value means its row's top-level value is not null, but leaves all null cannot tell an
+    empty list or a struct of nulls (values) from a null (no value), so that is read."""
+    stats = [group.column(i).statistics for i in leaves]
+    if any(s is None or not s.has_null_count for s in stats):
+        return None
+    if not nested:
+        return stats[0].null_count < group.num_rows
+    if any(s.num_values > 0 for s in stats):
+        return True
+    return None
 
 
 def _read_json(loc: Location) -> Any:

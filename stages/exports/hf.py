@@ -12,8 +12,15 @@ Columns (explicit `datasets.Features`):
   `HuggingFaceH4/llava-instruct-mix-vsft`: `{"type": "image"}` parts in the content, the images in
   the `images` column, in order). Each turn's text is split at its `<image>` markers into text
   parts and image parts: the markers are removed, their positions kept, the text kept exactly
-  (newlines included; empty text parts dropped). A row without conversations has null `messages`.
+  (newlines included; empty text parts dropped).
 - `caption`, `url`, `license`: strings, each only when some row has one.
+
+Caption rows (no conversations, a caption, an image) get LLaVA's pretraining pair as messages,
+as in the llava export (`stages.exports.caption`, option `caption_template`): a user message of
+an image part per image (plus the instruction's text part when the template has one) and an
+assistant message holding the caption; `caption` keeps the caption too. A row with conversations
+and a caption keeps its conversations as messages and its caption in `caption`. Rows with neither
+are not written and are counted by reason in the report; an export of no rows is an ExportError.
 
 `datasets.load_from_disk(dest)` loads it; TRL's `SFTTrainer` takes it with a processor whose chat
 template turns `{"type": "image"}` parts into the model's image tokens. The `hf_datasets` reader
@@ -30,12 +37,21 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from stages.exports.base import ExportError, ExportReport, StagedFolder, StageFolder, check_options
+from stages.exports.base import (
+    ExportError,
+    ExportReport,
+    Skipped,
+    SkipRow,
+    StagedFolder,
+    StageFolder,
+    check_options,
+)
+from stages.exports.caption import CaptionTemplate, template_from, turns_of
 from stages.readers.columns import ROLE_TO_FROM
 from stages.schema import IMAGE_MARKER
 
 FORMAT = "hf"
-OPTIONS: tuple[str, ...] = ()
+OPTIONS: tuple[str, ...] = ("caption_template",)
 OPTIONAL_COLUMNS = ("caption", "url", "license")
 FROM_TO_ROLE = {v: k for k, v in ROLE_TO_FROM.items()}
 
@@ -86,12 +102,26 @@ def features(optional: list[str]):
     )
 
 
-def _rows(src: StageFolder, optional: tuple[str, ...], counts: dict, token: str) -> Iterator[dict]:
+def _rows(
+    src: StageFolder,
+    optional: tuple[str, ...],
+    template: CaptionTemplate,
+    counts: dict,
+    token: str,
+) -> Iterator[dict]:
     # `token` is unique per export: `datasets` caches a generator's output by a hash of its
     # arguments, and an export must never be served from an earlier export's cache.
     del token
+    skipped: Skipped = counts["skipped"]
     for batch in src.batches():
         for row in batch:
+            counts["given"] += 1
+            try:
+                turns = turns_of(row, template)
+            except SkipRow as skip:
+                skipped.add(skip.reason, row["id"])
+                continue
+            counts["captions"] += not row.get("conversations")
             images = row.get("images") or []
             for k, image in enumerate(images):
                 if not (image or {}).get("bytes"):
@@ -104,7 +134,7 @@ def _rows(src: StageFolder, optional: tuple[str, ...], counts: dict, token: str)
             out = {
                 "id": row["id"],
                 "images": [{"bytes": i["bytes"], "path": i.get("path")} for i in images],
-                "messages": messages(row.get("conversations")),
+                "messages": messages(turns),
                 "source": row.get("source"),
             }
             for name in optional:
@@ -116,21 +146,29 @@ def export(src: StageFolder, dest: str, overwrite: bool = False, **options: Any)
     import datasets
 
     check_options(FORMAT, options, OPTIONS)
+    template = template_from(options)
     optional = [name for name in OPTIONAL_COLUMNS if src.has_values(name)]
-    counts = {"rows": 0, "images": 0}
+    counts = {"rows": 0, "images": 0, "given": 0, "captions": 0, "skipped": Skipped()}
     # `datasets` draws progress bars for generating and saving: noise in a pipeline's log.
     bars_were_on = datasets.utils.logging.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
-        return _export(datasets, src, dest, overwrite, optional, counts)
+        return _export(datasets, src, dest, overwrite, optional, template, counts)
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()
 
 
 def _export(
-    datasets: Any, src: StageFolder, dest: str, overwrite: bool, optional: list, counts: dict
+    datasets: Any,
+    src: StageFolder,
+    dest: str,
+    overwrite: bool,
+    optional: list,
+    template: CaptionTemplate,
+    counts: dict,
 ) -> ExportReport:
+    skipped: Skipped = counts["skipped"]
     with StagedFolder(dest, overwrite, src.location) as staged:
         try:
             ds = datasets.Dataset.from_generator(
@@ -140,6 +178,7 @@ def _export(
                 gen_kwargs={
                     "src": src,
                     "optional": tuple(optional),
+                    "template": template,
                     "counts": counts,
                     "token": uuid.uuid4().hex,
                 },
@@ -150,8 +189,18 @@ def _export(
             if isinstance(cause, ExportError):
                 raise cause from None
             raise
-        if len(ds) != src.rows:
-            raise ExportError(f"{src.location.uri}: wrote {len(ds):,} rows of {src.rows:,}")
+        except ValueError:
+            # A generator that yields nothing makes `datasets` fail with "corresponds to no data";
+            # the user needs to know why no row was written.
+            if counts["rows"] == 0 and counts["given"] == src.rows:
+                skipped.check_any_written(FORMAT, src.location, 0, counts["given"])
+            raise
+        if len(ds) != counts["rows"] or counts["rows"] + skipped.total() != src.rows:
+            raise ExportError(
+                f"{src.location.uri}: wrote {len(ds):,} rows and skipped {skipped.total():,} of "
+                f"{src.rows:,}"
+            )
+        skipped.check_any_written(FORMAT, src.location, counts["rows"], counts["given"])
         ds.save_to_disk(staged.path.path)
         del ds
         files, size = staged.totals()
@@ -162,4 +211,8 @@ def _export(
         images=counts["images"],
         bytes=size,
         files=files,
+        given=counts["given"],
+        captions=counts["captions"],
+        skipped=dict(counts["skipped"].counts),
+        skipped_lines=counts["skipped"].lines(),
     )

@@ -37,10 +37,13 @@ from stages.exports.base import (
     ExportError,
     ExportReport,
     JsonListWriter,
+    Skipped,
+    SkipRow,
     StagedFolder,
     StageFolder,
     write_json,
 )
+from stages.exports.caption import CaptionTemplate, turns_of
 from stages.readers.llava_json import safe_relative_path
 from stages.shards import Location
 
@@ -160,25 +163,38 @@ def export_with_image_tree(
     dest: str,
     fmt: str,
     file_name: str,
-    make_item: Callable[[dict, list[str]], dict],
+    make_item: Callable[[dict, list[dict], list[str]], dict],
     overwrite: bool,
+    template: CaptionTemplate,
     extra_files: dict[str, object] | None = None,
 ) -> ExportReport:
-    """Write the image tree and a JSON list of `make_item(row, exported paths)` into `dest`."""
+    """Write the image tree and a JSON list of `make_item(row, turns, exported paths)` into
+    `dest`; `turns` are the row's conversations or its caption as LLaVA's pretraining pair
+    (`caption.turns_of`). Rows with neither are counted by reason, and their images not written."""
+    skipped = Skipped()
+    given = captions = 0
     with StagedFolder(dest, overwrite, src.location) as staged:
         tree = ImageTree(staged.path)
         writer = JsonListWriter(staged.path.join(file_name))
         try:
             for rows in src.batches():
                 for row in rows:
+                    given += 1
+                    try:
+                        turns = turns_of(row, template)
+                    except SkipRow as skip:
+                        skipped.add(skip.reason, row["id"])
+                        continue
+                    captions += not row.get("conversations")
                     images = row.get("images") or []
                     paths = [
                         tree.place(row["id"], k, len(images), image)
                         for k, image in enumerate(images)
                     ]
-                    writer.add(make_item(row, paths))
+                    writer.add(make_item(row, turns, paths))
         finally:
             writer.close()
+        skipped.check_any_written(fmt, src.location, writer.count, given)
         for name, obj in (extra_files or {}).items():
             write_json(staged.path.join(name), obj)
         files, size = staged.totals()
@@ -191,4 +207,8 @@ def export_with_image_tree(
         files=files,
         images_shared=tree.shared,
         paths_changed=tree.changed,
+        given=given,
+        captions=captions,
+        skipped=dict(skipped.counts),
+        skipped_lines=skipped.lines(),
     )

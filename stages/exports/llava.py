@@ -11,28 +11,28 @@ Train with LLaVA's `--data_path dest/llava.json --image_folder dest`. Ids are al
 text-only rows have no `image` key. `source`, `caption`, `url` and `license` are written when not
 null: LLaVA's loader ignores keys it does not know, and the `llava_json` reader reads them back.
 Kept: id, turns, image bytes and paths, source, caption, url, license. Lost: every other column
-(embeddings, scores, generation provenance). A row without conversations is an ExportError:
-LLaVA needs turns (the `export_check` stage rejects such rows; the `hf` export keeps them).
+(embeddings, scores, generation provenance).
+
+Caption rows (no conversations, a caption, an image) are written as LLaVA's pretraining data
+(LCS-558K) is: a human turn holding the image marker and a brief-description instruction, a gpt
+turn holding the caption (`stages.exports.caption`; option `caption_template`). The `caption` key
+keeps the caption too. A row with conversations and a caption keeps its conversations; the caption
+goes in the `caption` key. Rows with neither are not written and are counted by reason in the
+report; an export that writes no row is an ExportError.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from stages.exports.base import ExportError, ExportReport, StageFolder, check_options
+from stages.exports.base import ExportReport, StageFolder, check_options
+from stages.exports.caption import template_from
 from stages.exports.image_tree import export_with_image_tree
 
 FORMAT = "llava"
 FILE_NAME = "llava.json"
-OPTIONS: tuple[str, ...] = ()
+OPTIONS: tuple[str, ...] = ("caption_template",)
 EXTRA_KEYS = ("source", "caption", "url", "license")
-
-
-def no_turns_error(fmt: str, row_id: str) -> ExportError:
-    return ExportError(
-        f"row {row_id!r} has no conversations; the {fmt} format needs turns. Run the export_check "
-        "stage before exporting (it rejects caption-only rows), or export to hf, which keeps them"
-    )
 
 
 def extra_fields(row: dict) -> dict:
@@ -40,18 +40,16 @@ def extra_fields(row: dict) -> dict:
     return {key: row[key] for key in EXTRA_KEYS if row.get(key) is not None}
 
 
-def item(row: dict, paths: list[str]) -> dict:
-    """One LLaVA item from a canonical row and its exported image paths."""
-    turns = row.get("conversations")
-    if not turns:
-        raise no_turns_error(FORMAT, row["id"])
+def item(row: dict, turns: list[dict], paths: list[str]) -> dict:
+    """One LLaVA item from a canonical row, the turns to write and its exported image paths."""
     out: dict[str, Any] = {"id": row["id"]}
     if paths:
         out["image"] = paths[0] if len(paths) == 1 else paths
-    out["conversations"] = [{"from": t["from"], "value": t["value"]} for t in turns]
+    out["conversations"] = turns
     return {**out, **extra_fields(row)}
 
 
 def export(src: StageFolder, dest: str, overwrite: bool = False, **options: Any) -> ExportReport:
     check_options(FORMAT, options, OPTIONS)
-    return export_with_image_tree(src, dest, FORMAT, FILE_NAME, item, overwrite)
+    template = template_from(options)
+    return export_with_image_tree(src, dest, FORMAT, FILE_NAME, item, overwrite, template)

@@ -19,7 +19,9 @@ paths, one `<image>` marker in the text per image, kept where it was). Train wit
 a list (empty for text-only rows). `id`, `source`, `caption`, `url` and `license` are extra keys
 LLaMA-Factory ignores; the `llava_json` reader reads the folder back through `dataset_info.json`.
 Roles: human -> user, gpt -> assistant, system -> system (others are written as they are).
-Kept and lost: as for the llava export; rows without conversations are an ExportError.
+Kept and lost: as for the llava export. Caption rows: as for the llava export (a user message
+holding the image marker and an instruction, an assistant message holding the caption; option
+`caption_template`), and rows with neither turns nor a caption are counted, not written.
 """
 
 from __future__ import annotations
@@ -27,15 +29,16 @@ from __future__ import annotations
 from typing import Any
 
 from stages.exports.base import ExportError, ExportReport, StageFolder, check_options
+from stages.exports.caption import template_from
 from stages.exports.image_tree import export_with_image_tree
-from stages.exports.llava import extra_fields, no_turns_error
+from stages.exports.llava import extra_fields
 from stages.readers.columns import ROLE_TO_FROM
 from stages.shards import Location
 
 FORMAT = "sharegpt"
 FILE_NAME = "data.json"
 INFO_NAME = "dataset_info.json"
-OPTIONS = ("name",)
+OPTIONS = ("name", "caption_template")
 FROM_TO_ROLE = {v: k for k, v in ROLE_TO_FROM.items()}
 
 
@@ -57,11 +60,8 @@ def dataset_info(name: str) -> dict:
     }
 
 
-def item(row: dict, paths: list[str]) -> dict:
-    """One LLaMA-Factory item from a canonical row and its exported image paths."""
-    turns = row.get("conversations")
-    if not turns:
-        raise no_turns_error(FORMAT, row["id"])
+def item(row: dict, turns: list[dict], paths: list[str]) -> dict:
+    """One LLaMA-Factory item from a canonical row, the turns to write and its image paths."""
     out: dict[str, Any] = {
         "messages": [
             {"role": FROM_TO_ROLE.get(t["from"], t["from"]), "content": t["value"]} for t in turns
@@ -77,6 +77,14 @@ def export(src: StageFolder, dest: str, overwrite: bool = False, **options: Any)
     name = options.get("name") or Location.of(dest).path.rstrip("/").rsplit("/", 1)[-1]
     if not isinstance(name, str) or not name.strip():
         raise ExportError(f"export {FORMAT}: option name must be a non-empty string, got {name!r}")
+    template = template_from(options)
     return export_with_image_tree(
-        src, dest, FORMAT, FILE_NAME, item, overwrite, extra_files={INFO_NAME: dataset_info(name)}
+        src,
+        dest,
+        FORMAT,
+        FILE_NAME,
+        item,
+        overwrite,
+        template,
+        extra_files={INFO_NAME: dataset_info(name)},
     )

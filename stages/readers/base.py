@@ -2,9 +2,13 @@
 
 The runner calls `plan()` once on the driver (it lists the input and fails early, naming the file,
 on anything unreadable), then `read(unit)` in Ray tasks, one task per unit, so ingest resumes
-unit by unit after an interruption. `read` yields conformed tables (`stages.schema.conform`);
-rows that cannot become canonical rows (a missing image file, a path escaping the image root, a
-caption that is not a string) are kept with a `_reject` reason instead of being dropped.
+unit by unit after an interruption. `read` yields conformed tables (`stages.schema.conform`,
+through `stages.readers.columns.finish` and `stages.readers.records`); rows that cannot become canonical rows (a missing image
+file, a path escaping the image root, a caption that is not a string, text that is not UTF-8) are
+kept with a `_reject` reason instead of being dropped: the reason names the file and the record,
+and the row keeps its id (or a content id) and whatever could be read, so one bad record never
+stops the rest of its file. `finish` applies the conversation rules (`stages.conversation`) to
+every reader's rows and records each automatic edit in the `edits` column.
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ class ReadUnit:
     path: str
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+
+# The version of what every reader makes of its input; bump it when rows change meaning, so an
+# earlier run's ingest is recomputed. 2: conversation rules and `edits` (stages.conversation),
+# record-level rejections.
+CONTRACT = "2"
 
 _DATA_SUFFIXES = (".parquet", ".json", ".jsonl", ".tar", ".arrow")
 
@@ -86,10 +95,17 @@ class Reader:
         raise NotImplementedError
 
     def fingerprint(self) -> str:
-        """Changes when the input files (paths, sizes, modification times) or options change."""
+        """Changes when the input files (paths, sizes, modification times), the options or the
+        rows a reader makes of them (`CONTRACT`) change."""
         files = [(f.path, f.size, f.mtime_ns) for f in list_files(self.location)]
         return stable_hash(
-            {"format": self.format, "uri": self.uri, "options": self.options, "files": files}
+            {
+                "format": self.format,
+                "uri": self.uri,
+                "options": self.options,
+                "files": files,
+                "contract": CONTRACT,
+            }
         )
 
     def describe(self) -> dict[str, Any]:

@@ -21,7 +21,9 @@ annotations folder, as in the official layout, else the folder holding the capti
 
 Rejections (rows kept with a `_reject` reason): `coco: image has no captions (image_id N)`,
 `coco: image path escapes root (<file_name>)`, `coco: image not found (<file_name>)`,
-`coco: image unreadable (...)`, `coco: bad image size (...)` (boxes cannot be normalised).
+`coco: image unreadable (...)`, `coco: bad image size (...)` (boxes cannot be normalised),
+`coco: bad record (captions_x.json image_id N: text is not valid UTF-8: lone surrogate)` (a
+caption JSON can spell but UTF-8 cannot hold).
 
 An annotation whose `image_id` is not among the file's images is an `InputError` raised by
 `plan()`: the official files never have one, so it means an instances file from another split
@@ -267,9 +269,9 @@ class CocoReader(Reader):
                 strict=True,
             )
         ]
-        table = table_from_rows(rows, EXTRA_FIELDS)
         where = file_uri(self.location.fs, unit.path)
-        yield finish(table, self.source, "source" in self.options, where)
+        table = table_from_rows(rows, EXTRA_FIELDS, unit.path.rsplit("/", 1)[-1], READER)
+        yield finish(table, self.source, "source" in self.options, where, self.format)
 
     @staticmethod
     def _row(
@@ -285,6 +287,7 @@ class CocoReader(Reader):
     ) -> dict:
         row: dict[str, Any] = {
             "id": f"{READER}-{image_id}",
+            "_record": f"image_id {image_id}",
             "images": [],
             "caption": captions[0] if captions else None,
             "captions": captions,

@@ -20,6 +20,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from stages.readers.base import InputError
+from stages.readers.records import (
+    apply_conversation_rules,
+    describe_error,
+    first_bad_text,
+    reject_invalid_utf8,
+    replace_bad_text,
+)
 from stages.schema import (
     CORE_FIELDS,
     EMBEDDING_COLUMNS,
@@ -36,7 +43,8 @@ from stages.shards import Location, list_files
 
 IMAGES_LIST_TYPE = pa.list_(IMAGE_TYPE)
 TURNS_LIST_TYPE = pa.list_(TURN_TYPE)
-# role/content chat roles (TRL, OpenAI) to LLaVA `from` values.
+# role/content chat roles (TRL, OpenAI) to LLaVA `from` values: a translation between formats,
+# not an edit; any other spelling is normalised (and recorded) by `stages.conversation`.
 ROLE_TO_FROM = {"user": "human", "assistant": "gpt", "system": "system"}
 
 
@@ -65,18 +73,68 @@ def row_content_id(
 
 
 def table_from_rows(
-    rows: Sequence[Mapping[str, Any]], extra_fields: Sequence[pa.Field] = ()
+    rows: Sequence[Mapping[str, Any]],
+    extra_fields: Sequence[pa.Field] = (),
+    where: str | None = None,
+    reader: str = "ingest",
 ) -> pa.Table:
-    """A table with the core columns, `extra_fields` and `_reject`, in that order (per-row readers)."""
+    """A table with the core columns, `extra_fields` and `_reject`, in that order (per-row readers).
+
+    A row whose values cannot take their column's type (text that is not UTF-8, a list where a
+    string belongs) becomes a rejected row with its id and a reason naming it, `<reader>: bad
+    record (<where> <its "_record" label, or "row N">: ...)`; the other rows are unaffected. Keys
+    not in the table (such as `_record`) are ignored.
+    """
     fields = [*CORE_FIELDS, *extra_fields, pa.field(REJECT_COLUMN, pa.string())]
-    arrays = [pa.array([r.get(f.name) for r in rows], type=f.type) for f in fields]
-    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+    schema = pa.schema(fields)
+    try:
+        return _rows_table(rows, schema)
+    except (pa.ArrowException, UnicodeError, TypeError, ValueError):
+        pass
+    safe = []
+    for i, row in enumerate(rows):
+        try:
+            _rows_table([row], schema)
+            safe.append(row)
+        except (pa.ArrowException, UnicodeError, TypeError, ValueError) as exc:
+            label = row.get("_record") or f"row {i + 1}"
+            label = f"{where} {label}" if where else label
+            reason = f"{reader}: bad record ({label}: {describe_error(exc)})"
+            # Keep what can be read: text with U+FFFD for a lone surrogate, when that is all.
+            fixed = {k: replace_bad_text(v) for k, v in row.items()}
+            fixed[REJECT_COLUMN] = row.get(REJECT_COLUMN) or reason
+            try:
+                _rows_table([fixed], schema)
+            except (pa.ArrowException, UnicodeError, TypeError, ValueError):
+                row_id = row.get("id")
+                if not isinstance(row_id, str) or first_bad_text(row_id) is not None:
+                    row_id = content_id(repr(sorted(row.items(), key=lambda kv: kv[0])))
+                fixed = {"id": row_id, "images": [], REJECT_COLUMN: reason}
+            safe.append(fixed)
+    return _rows_table(safe, schema)
 
 
-def finish(table: pa.Table, source: str, override_source: bool, where: str) -> pa.Table:
-    """Set `source`, make sure `_reject` exists (last), and conform to the canonical schema.
+def _rows_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
+    arrays = [pa.array([r.get(f.name) for r in rows], type=f.type) for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
 
-    An existing non-null `source` value is kept unless the user gave the `source` option.
+
+def finish(
+    table: pa.Table,
+    source: str,
+    override_source: bool,
+    where: str,
+    reader: str = "ingest",
+    first_row: int = 0,
+) -> pa.Table:
+    """Set `source`, apply the conversation rules, make sure `edits` and `_reject` exist (`_reject`
+    last), and conform to the canonical schema.
+
+    An existing non-null `source` value is kept unless the user gave the `source` option. The
+    conversation rules (`stages.conversation`) normalise every row's turns, record each edit in
+    `edits` and reject an invalid conversation with `<reader>: <reason>`. Text that is not valid
+    UTF-8 (Parquet does not check it) rejects its row, naming `where` and the row (counted from
+    1, `first_row` being the number of rows of the file before this table).
     """
     n = table.num_rows
     default = pa.array([source] * n, type=pa.string())
@@ -98,6 +156,8 @@ def finish(table: pa.Table, source: str, override_source: bool, where: str) -> p
         table = conform(table, where)
     except SchemaError as exc:
         raise InputError(str(exc)) from exc
+    table = reject_invalid_utf8(table, reader, where, first_row)
+    table = apply_conversation_rules(table, reader)
     # One schema for every reader and batch: `id` is declared non-null as in CORE_SCHEMA.
     i = table.schema.get_field_index("id")
     return table.cast(table.schema.set(i, pa.field("id", pa.string(), nullable=False)))
@@ -419,6 +479,23 @@ class Conversion:
     target: str
     source: str
     kind: str  # string | id_int | images_* | turns | messages | cast | embedding | passthrough
+    # how the column was chosen: "name" (canonical), "option" (the columns option), "image"
+    # (shaped like a Hugging Face image), "messages", or "alias" (ALIASES)
+    how: str = "name"
+
+
+# Common names of canonical columns in other tools' files (img2dataset: jpg/png/txt/key/URL, LAION:
+# TEXT/URL, WebDataset: __key__, Hugging Face datasets: image/text), compared in lower case. A
+# column is read under its alias only when the canonical column is absent, its type fits, and no
+# other alias competes; each use is reported (`Conversion.how == "alias"`).
+ALIASES: dict[str, tuple[str, ...]] = {
+    "id": ("key", "__key__", "uid", "sample_id"),
+    "images": ("image", "img", "jpg", "jpeg", "png", "webp"),
+    "caption": ("text", "txt", "alt", "alt_text", "alttext", "caption"),
+    "url": ("url", "image_url", "img_url"),
+    "license": ("license",),
+}
+CONTENT_COLUMNS = ("images", "caption", "conversations")
 
 
 _STRING_TARGETS = {name for name, t in KNOWN_TYPES.items() if t == pa.string()}
@@ -465,6 +542,9 @@ def _kind_for(target: str, t: pa.DataType) -> str | None:
         return "cast"
     if pa.types.is_floating(expected) and (pa.types.is_integer(u) or pa.types.is_floating(u)):
         return "cast"
+    # list<string> (`edits`): Parquet names the item field `element`, Arrow `item`
+    if _is_list(u) and _is_list(expected) and u.value_type.equals(expected.value_type):
+        return "cast"
     return None
 
 
@@ -484,6 +564,7 @@ class ColumnMapping:
         drop: Iterable[str] = (),
         auto_images: bool = True,
         auto_messages: bool = True,
+        aliases: bool = False,
     ) -> None:
         columns = dict(columns or {})
         for target, src in columns.items():
@@ -500,6 +581,10 @@ class ColumnMapping:
         self.drop = set(drop)
         self.auto_images = auto_images
         self.auto_messages = auto_messages
+        # With aliases: common names are recognised (ALIASES), and a file that gives no content
+        # column, or holds bytes no column option placed, is refused instead of read as rows
+        # that later look empty.
+        self.aliases = aliases
 
     def resolve(
         self, schema: pa.Schema, where: str, image_hints: Sequence[str] = ()
@@ -507,8 +592,12 @@ class ColumnMapping:
         names = schema.names
         prefix = f"{self.reader}: {where}"
         mapping = dict(self.columns)
-        for target, src in mapping.items():
+        for target, src in self.columns.items():
             if src not in names:
+                # Files of one input may differ: one that has the canonical column needs no map.
+                if target in names and target not in self.columns.values():
+                    mapping[target] = target
+                    continue
                 raise InputError(
                     f"{prefix}: column '{src}' (for '{target}') not found; columns are {names}"
                 )
@@ -524,6 +613,7 @@ class ColumnMapping:
             if name in KNOWN_TYPES or name in EMBEDDING_COLUMNS:
                 mapping[name] = name
                 used.add(name)
+        how = {t: "option" for t, src in self.columns.items() if mapping.get(t) == src != t}
         free = [n for n in names if n not in used and n not in self.drop]
         if self.auto_images and "images" not in mapping:
             candidates = [n for n in image_hints if n in free]
@@ -531,6 +621,7 @@ class ColumnMapping:
             if candidates:
                 mapping["images"] = candidates[0]
                 used.add(candidates[0])
+                how["images"] = "image"
         if (
             self.auto_messages
             and "conversations" not in mapping
@@ -540,6 +631,9 @@ class ColumnMapping:
             if is_messages_list(schema.field("messages").type):
                 mapping["conversations"] = "messages"
                 used.add("messages")
+                how["conversations"] = "messages"
+        if self.aliases:
+            self._resolve_aliases(schema, prefix, mapping, used, how)
         conversions = []
         for target, src in mapping.items():
             found = schema.field(src).type
@@ -549,11 +643,64 @@ class ColumnMapping:
                 raise InputError(
                     f"{prefix}: column '{src}'{via} has type {found}, expected {_expected(target)}"
                 )
-            conversions.append(Conversion(target, src, kind))
+            conversions.append(Conversion(target, src, kind, how.get(target, "name")))
         for name in names:
             if name not in used and name not in self.drop:
                 conversions.append(Conversion(name, name, "passthrough"))
         return conversions
+
+    def _resolve_aliases(
+        self,
+        schema: pa.Schema,
+        prefix: str,
+        mapping: dict[str, str],
+        used: set[str],
+        how: dict[str, str],
+    ) -> None:
+        """Map absent canonical columns from their aliases; refuse what would be a guess."""
+        listing = ", ".join(f"{f.name} ({f.type})" for f in schema)
+        hint = "give the reader's columns option (--input-option columns='{...}')"
+        for target, names in ALIASES.items():
+            if target in mapping:
+                continue
+            found = [
+                n
+                for n in schema.names
+                if n not in used
+                and n not in self.drop
+                and n.lower() in names
+                and _kind_for(target, schema.field(n).type) is not None
+            ]
+            if len(found) > 1:
+                raise InputError(
+                    f"{prefix}: columns {found} could each be '{target}'; {hint}, e.g. "
+                    f"columns={{'{target}': '{found[0]}'}}; columns are {listing}"
+                )
+            if found:
+                mapping[target] = found[0]
+                used.add(found[0])
+                how[target] = "alias"
+        if not any(t in mapping for t in CONTENT_COLUMNS):
+            raise InputError(
+                f"{prefix}: no column maps to images, caption or conversations; columns are "
+                f"{listing}; {hint}, e.g. columns={{'images': '<image column>', "
+                "'caption': '<text column>'}"
+            )
+        if "images" not in mapping:
+            stray = [
+                n
+                for n in schema.names
+                if n not in used
+                and n not in self.drop
+                and (is_binary_like(schema.field(n).type) or is_image_list(schema.field(n).type))
+            ]
+            if stray:
+                raise InputError(
+                    f"{prefix}: column '{stray[0]}' ({schema.field(stray[0]).type}) holds bytes "
+                    f"but no column maps to images, so every row would look image-less; {hint}, "
+                    f"e.g. columns={{'images': '{stray[0]}'}}, or drop_columns=['{stray[0]}'] if "
+                    f"it is not an image; columns are {listing}"
+                )
 
     def apply(
         self,

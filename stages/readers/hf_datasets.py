@@ -13,6 +13,9 @@ are concatenated with no separator, an image part becoming exactly `<image>`, so
 export reads back to the turns it was made from). Integer ids become strings, rows without an
 id get a content-derived id, other columns are kept.
 
+Common column names are recognised as in `stages.readers.parquet` (`text` -> `caption`, ...),
+and a file whose columns do not map is refused with a message naming it and the option to give.
+
 Options: `columns`, `split`, `source` (default: the folder name), `batch_size` (default 512).
 """
 
@@ -65,7 +68,7 @@ class HFDatasetsReader(Reader):
 
     def __init__(self, uri: str, **options: Any) -> None:
         super().__init__(uri, **options)
-        self.mapping = ColumnMapping(self.format, options.get("columns"))
+        self.mapping = ColumnMapping(self.format, options.get("columns"), aliases=True)
 
     def _dataset_root(self) -> Location:
         loc = self.location
@@ -162,7 +165,7 @@ class HFDatasetsReader(Reader):
                 for start in range(0, batch.num_rows, self.batch_size):
                     part = pa.Table.from_batches([batch.slice(start, self.batch_size)])
                     table = self.mapping.apply(part, conversions)
-                    yield finish(table, self.source, "source" in self.options, where)
+                    yield finish(table, self.source, "source" in self.options, where, self.format)
 
 
 def _schema_image_hints(schema: pa.Schema) -> list[str]:

@@ -13,7 +13,8 @@ path. Images: jpg, jpeg, png, webp, gif, bmp, tif, tiff (any letter case).
 
 Rejections: `image_folder: missing caption (<stem>.txt)`, `image_folder: caption not UTF-8
 (<stem>.txt)`, `image_folder: bad metadata (<stem>.json: ...)`, `image_folder: image unreadable
-(...)`.
+(...)`, `image_folder: bad record (<image path>: text is not valid UTF-8: lone surrogate)` (a
+sidecar value JSON can spell but UTF-8 cannot hold).
 
 A unit is a chunk of up to `chunk_size` (default 1000) images in sorted path order; the chunk key
 holds a hash of its paths, so adding files changes the keys of the chunks that changed. Sidecar
@@ -100,12 +101,12 @@ class ImageFolderReader(Reader):
             )
         ]
         extra = [*self.metadata_columns, METADATA_COLUMN]
-        table = table_from_rows(rows, [pa.field(k, pa.string()) for k in extra])
-        yield finish(table, self.source, "source" in self.options, self.location.uri)
+        table = table_from_rows(rows, [pa.field(k, pa.string()) for k in extra], reader=READER)
+        yield finish(table, self.source, "source" in self.options, self.location.uri, self.format)
 
     def _row(self, rel: str, has_txt: bool, has_json: bool) -> dict:
         stem = _stem(rel)
-        row: dict[str, Any] = {"id": stem, "images": []}
+        row: dict[str, Any] = {"id": stem, "images": [], "_record": rel}
         reject = None
         try:
             row["images"] = [{"bytes": self.location.join(rel).read_bytes(), "path": rel}]

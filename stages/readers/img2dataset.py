@@ -14,6 +14,12 @@ and the sibling `NNNNN.parquet` contributes its failed samples as rejected rows
 `"download: failed (<error_message>)"`, so rows in = samples img2dataset was asked for. Without
 tars the image-bearing Parquet files are read with Arrow compute (a unit is one file).
 
+A sample that cannot be a row is a rejected row naming it: `img2dataset: bad metadata
+(<key>.json: ...)`, `img2dataset: caption not UTF-8 (<key>.txt)`, `img2dataset: missing image
+(<key>)`, `img2dataset: bad record (NNNNN.tar sample <key>: text is not valid UTF-8: lone
+surrogate)`. A tar cut short keeps the samples before the break and ends with one rejected row,
+`img2dataset: unreadable tar (NNNNN.tar after N samples: ...)`.
+
 The id is the img2dataset key; `url`, `caption`, `width`, `height` and the original sizes are kept.
 Options: `source` (default: the folder name), `batch_size` (default 256).
 """
@@ -41,7 +47,7 @@ from stages.readers.columns import (
     relative_key,
     table_from_rows,
 )
-from stages.schema import REJECT_COLUMN
+from stages.schema import REJECT_COLUMN, content_id
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff", "tif")
 PARQUET_IMAGE_COLUMNS = ("jpg", "png", "webp", "jpeg")
@@ -185,7 +191,11 @@ class Img2DatasetReader(Reader):
 
     def _finish(self, table: pa.Table, path: str) -> pa.Table:
         return finish(
-            table, self.source, "source" in self.options, file_uri(self.location.fs, path)
+            table,
+            self.source,
+            "source" in self.options,
+            file_uri(self.location.fs, path),
+            self.format,
         )
 
     def _read_parquet(self, path: str) -> Iterator[pa.Table]:
@@ -261,17 +271,35 @@ class Img2DatasetReader(Reader):
                 raise InputError(
                     f"{self.format}: {file_uri(fs, path)}: not a tar file ({exc})"
                 ) from exc
+            read = 0
             with archive:
-                for key, files in _samples(archive):
-                    rows.append(_tar_row(key, files))
-                    if len(rows) >= self.batch_size:
-                        yield self._tar_table(rows, path)
-                        rows = []
+                try:
+                    for key, files in _samples(archive):
+                        rows.append(_tar_row(key, files))
+                        read += 1
+                        if len(rows) >= self.batch_size:
+                            yield self._tar_table(rows, path)
+                            rows = []
+                except (tarfile.TarError, OSError, EOFError) as exc:
+                    # A tar cut short (an interrupted download or copy): the samples before the
+                    # break are rows, the break one rejected row; the sample being read when it
+                    # broke is part of that row, never a half-read kept row.
+                    name = path.rsplit("/", 1)[-1]
+                    rows.append(
+                        {
+                            "id": content_id(path, "unreadable", str(read)),
+                            "images": [],
+                            REJECT_COLUMN: (
+                                f"{self.format}: unreadable tar ({name} after {read} samples: "
+                                f"{exc}; the samples after it are not read)"
+                            ),
+                        }
+                    )
         if rows:
             yield self._tar_table(rows, path)
 
     def _tar_table(self, rows: list[dict], path: str) -> pa.Table:
-        table = table_from_rows(rows, SIZE_FIELDS)
+        table = table_from_rows(rows, SIZE_FIELDS, path.rsplit("/", 1)[-1], self.format)
         return self._finish(table, path)
 
 
@@ -300,13 +328,14 @@ def _samples(archive: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]
             continue
         stem, ext = base.split(".", 1)
         member_key = f"{folder}/{stem}" if folder else stem
-        handle = archive.extractfile(member)
-        data = handle.read() if handle is not None else b""
+        # a sample is complete when the next one starts: hand it out before reading on, so a tar
+        # cut short loses only the sample it broke in
         if member_key != key:
             if key is not None:
                 yield key, files
             key, files = member_key, {}
-        files[ext.lower()] = data
+        handle = archive.extractfile(member)
+        files[ext.lower()] = handle.read() if handle is not None else b""
     if key is not None:
         yield key, files
 
@@ -317,7 +346,7 @@ def _int(value: Any) -> int | None:
 
 def _tar_row(key: str, files: dict[str, bytes]) -> dict:
     """One sample of a tar as a row; a missing image or unreadable text becomes a rejection."""
-    row: dict[str, Any] = {"id": key, "images": []}
+    row: dict[str, Any] = {"id": key, "images": [], "_record": f"sample {key}"}
     reject = None
     meta: dict = {}
     if "json" in files:

@@ -20,13 +20,21 @@ question (the instruction, then the input after a blank line when there is one) 
 - Image paths are relative to option `image_root` (default: the folder holding the JSON file; any
   local path or pyarrow filesystem URI). `images[].path` is the normalised relative path and
   `images[].bytes` the file's bytes. Text-only items get `images = []`.
-- With images but no `<image>` marker, one `"<image>\\n"` per image is put in front of the first
-  human turn (LLaVA's convention); any other difference between markers and images is a rejection.
-- Rows that cannot be canonical are kept with a `_reject` reason (first rule that fired):
-  `llava_json: malformed item (...)`, `llava_json: malformed turn (...)`,
-  `llava_json: image path escapes root (<path>)`, `llava_json: image not found (<path>)`,
-  `llava_json: image unreadable (...)`, `llava_json: image marker mismatch (...)`. A rejected row
-  keeps what could be read (turns, images found).
+- Turns follow `stages.conversation` (applied by `finish`, as for every reader): role aliases
+  normalised, a missing `<image>` marker inserted, each edit recorded in `edits`, and an invalid
+  conversation (starting with the model's turn, not alternating, empty turns, unknown roles,
+  markers != images) rejected as `llava_json: <reason>`.
+- Record-level isolation: an item that cannot be represented is a rejected row naming the file
+  (relative to the input) and the record (`record N` of a JSON list, counted from 1, or `line N`
+  of JSONL), and the rest of the file goes on. Reasons (first rule that fired):
+  `llava_json: malformed item (x.jsonl line 2: invalid JSON ...)`,
+  `llava_json: bad record (x.json record 17: conversations[1].value is not valid UTF-8: lone
+  surrogate)` (valid JSON, but Arrow strings are UTF-8), `llava_json: bad record (... caption is
+  int, expected a string)`, `llava_json: malformed turn (x.json record 3: turn 1 value is int,
+  expected a string)`, `llava_json: image path escapes root (<path>)`,
+  `llava_json: image not found (<path>)`, `llava_json: image unreadable (...)`. A rejected row
+  keeps its id (or a content id) and what could be read (turns, images found; a lone surrogate
+  read as U+FFFD).
 
 A unit is one JSON file. A JSON list is parsed whole (`json.loads`), so its memory is the size of
 the file several times over; JSONL is streamed line by line. `plan()` fails early on a file that
@@ -59,13 +67,13 @@ from stages.readers.columns import (
     row_content_id,
     table_from_rows,
 )
-from stages.schema import IMAGE_MARKER, REJECT_COLUMN, content_id
+from stages.readers.records import first_bad_text, replace_bad_text
+from stages.schema import REJECT_COLUMN, content_id
 from stages.shards import Location, list_files
 
 READER = "llava_json"
 DATASET_INFO = "dataset_info.json"
 VALIDATE_MAX_BYTES = 64 << 20
-HUMAN_ROLES = ("human", "user")
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
@@ -199,14 +207,15 @@ class LlavaJsonReader(Reader):
 
     # ---------------------------------------------------------------- read
 
-    def _items(self, path: str) -> Iterator[tuple[Any, str | None]]:
-        """(item, parse error) pairs: a JSON list whole, JSONL line by line."""
+    def _items(self, path: str) -> Iterator[tuple[str, Any, str | None]]:
+        """(record label, item, parse error): a JSON list whole (`record N`, counted from 1),
+        JSONL line by line (`line N`)."""
         fs = self.location.fs
         with fs.open_input_stream(path) as f:
             head = f.read(4096)
         if _first_char(head) == b"[":
-            for item in self._parse_list(path):
-                yield item, None
+            for number, item in enumerate(self._parse_list(path), 1):
+                yield f"record {number}", item, None
             return
         with fs.open_input_stream(path) as f:
             buffer = b""
@@ -222,11 +231,12 @@ class LlavaJsonReader(Reader):
                     if not line.strip():
                         continue
                     try:
-                        yield json.loads(line), None
+                        yield f"line {number}", json.loads(line), None
                     except ValueError as exc:
                         yield (
+                            f"line {number}",
                             line.decode("utf-8", "replace"),
-                            f"line {number}: invalid JSON ({exc})",
+                            f"invalid JSON ({exc})",
                         )
                 if not chunk:
                     break
@@ -235,41 +245,60 @@ class LlavaJsonReader(Reader):
         root = self._root_for(unit)
         where = file_uri(self.location.fs, unit.path)
         rows: list[dict] = []
-        for item, error in self._items(unit.path):
-            rows.append(self._row(item, error, root))
+        override = "source" in self.options
+        for record, item, error in self._items(unit.path):
+            rows.append(self._row(item, error, root, f"{unit.key} {record}"))
             if len(rows) >= self.batch_size:
-                yield finish(table_from_rows(rows), self.source, "source" in self.options, where)
+                yield finish(
+                    table_from_rows(rows, reader=READER), self.source, override, where, READER
+                )
                 rows = []
         if rows:
-            yield finish(table_from_rows(rows), self.source, "source" in self.options, where)
+            yield finish(table_from_rows(rows, reader=READER), self.source, override, where, READER)
 
-    def _row(self, item: Any, error: str | None, root: Location) -> dict:
+    def _row(self, item: Any, error: str | None, root: Location, record: str) -> dict:
+        """One item as a row; `record` ("sub/x.jsonl line 17") names it in a rejection."""
+        bad_text = first_bad_text(item)
+        if bad_text is not None:
+            # Valid JSON, but a lone UTF-16 surrogate cannot be UTF-8 (Arrow strings are): the
+            # row is rejected, and keeps what can be read with U+FFFD in place of the surrogate.
+            item = replace_bad_text(item)
         if error is not None or not isinstance(item, dict):
             detail = error or f"item is {_type_name(item)}, expected an object"
             raw = item if isinstance(item, str) else json.dumps(item, sort_keys=True, default=str)
             return {
                 "id": content_id(raw),
                 "images": [],
-                REJECT_COLUMN: f"{READER}: malformed item ({detail})",
+                REJECT_COLUMN: f"{READER}: malformed item ({record}: {detail})",
             }
-        row: dict[str, Any] = {"images": []}
+        row: dict[str, Any] = {"images": [], "_record": record}
         # An item's own `source` (a warren export writes it) wins over the file-name default;
         # the reader's `source` option wins over both (`finish` applies it).
+        wrong = None
         for name in ("caption", "url", "license", "source"):
-            if isinstance(item.get(name), str):
-                row[name] = item[name]
+            value = item.get(name)
+            if isinstance(value, str):
+                row[name] = value
+            elif value is not None and wrong is None:
+                wrong = f"{name} is {_type_name(value)}, expected a string"
         try:
-            row["id"] = self._id(item)
-            turns = _turns(item)
+            row["id"] = self._id(item, record)
+            turns = _turns(item, record)
             row["conversations"] = turns
-            paths = _image_paths(item)
+            paths = _image_paths(item, record)
             row["images"] = [{"bytes": None, "path": p} for p in paths]
             for i, p in enumerate(paths):
                 rel = safe_relative_path(p)
                 if rel is None:
                     raise _Rejected(f"image path escapes root ({p})")
                 row["images"][i] = {"bytes": _read_image(root, rel, p), "path": rel}
-            _match_markers(turns, len(paths))
+            # last, so the rejected row keeps the turns and images that could be read
+            if bad_text is not None:
+                raise _Rejected(
+                    f"bad record ({record}: {bad_text} is not valid UTF-8: lone surrogate)"
+                )
+            if wrong is not None:
+                raise _Rejected(f"bad record ({record}: {wrong})")
         except _Rejected as exc:
             row[REJECT_COLUMN] = f"{READER}: {exc}"
         if row.get("id") is None:
@@ -277,13 +306,15 @@ class LlavaJsonReader(Reader):
         return row
 
     @staticmethod
-    def _id(item: dict) -> str | None:
+    def _id(item: dict, record: str) -> str | None:
         value = item.get("id")
         if value is None or isinstance(value, str):
             return value
         if isinstance(value, int) and not isinstance(value, bool):
             return str(value)
-        raise _Rejected(f"malformed item (id is {_type_name(value)}, expected a string or integer)")
+        raise _Rejected(
+            f"malformed item ({record}: id is {_type_name(value)}, expected a string or integer)"
+        )
 
 
 def llama_factory_entries(location: Location) -> dict[str, dict] | None:
@@ -319,7 +350,7 @@ def _read_image(root: Location, rel: str, original: str) -> bytes:
         raise _Rejected(f"image unreadable ({original}: {exc})") from exc
 
 
-def _image_paths(item: dict) -> list[str]:
+def _image_paths(item: dict, record: str) -> list[str]:
     key = "image" if item.get("image") is not None else "images"
     value = item.get(key)
     if value is None:
@@ -327,28 +358,31 @@ def _image_paths(item: dict) -> list[str]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _Rejected(f"malformed item ({key} must be a path or a list of paths)")
+        raise _Rejected(f"malformed item ({record}: {key} must be a path or a list of paths)")
     if any(not v for v in value):
-        raise _Rejected(f"malformed item (empty {key} path)")
+        raise _Rejected(f"malformed item ({record}: empty {key} path)")
     return value
 
 
-def _turns(item: dict) -> list[dict] | None:
+def _turns(item: dict, record: str) -> list[dict] | None:
     """The item's turns as {from, value}; role/content turns are mapped (user -> human, ...)."""
     key = "conversations" if "conversations" in item else "messages"
     raw = item.get(key)
     if raw is None and "instruction" in item and "output" in item:
-        return _alpaca_turns(item)
+        return _alpaca_turns(item, record)
     if raw is None:
         if isinstance(item.get("caption"), str):
             return None
-        raise _Rejected("malformed item (no conversations)")
+        raise _Rejected(f"malformed item ({record}: no conversations and no caption)")
     if not isinstance(raw, list) or not raw:
-        raise _Rejected(f"malformed item ({key} is {_type_name(raw) if raw != [] else 'empty'})")
+        what = _type_name(raw) if raw != [] else "empty"
+        raise _Rejected(f"malformed item ({record}: {key} is {what})")
     turns = []
     for i, turn in enumerate(raw):
         if not isinstance(turn, dict):
-            raise _Rejected(f"malformed turn (turn {i} is {_type_name(turn)}, expected an object)")
+            raise _Rejected(
+                f"malformed turn ({record}: turn {i + 1} is {_type_name(turn)}, expected an object)"
+            )
         if "from" in turn or "value" in turn:
             speaker, value = turn.get("from"), turn.get("value")
         else:
@@ -356,17 +390,19 @@ def _turns(item: dict) -> list[dict] | None:
             speaker = ROLE_TO_FROM.get(speaker, speaker) if isinstance(speaker, str) else speaker
         if not isinstance(speaker, str):
             raise _Rejected(
-                f"malformed turn (turn {i} speaker is {_type_name(speaker)}, expected a string)"
+                f"malformed turn ({record}: turn {i + 1} speaker is {_type_name(speaker)}, "
+                "expected a string)"
             )
         if not isinstance(value, str):
             raise _Rejected(
-                f"malformed turn (turn {i} value is {_type_name(value)}, expected a string)"
+                f"malformed turn ({record}: turn {i + 1} value is {_type_name(value)}, "
+                "expected a string)"
             )
         turns.append({"from": speaker, "value": value})
     return turns
 
 
-def _alpaca_turns(item: dict) -> list[dict]:
+def _alpaca_turns(item: dict, record: str) -> list[dict]:
     """Alpaca-style `{"instruction", "input", "output"}` (WizardLM evol-instruct, Alpaca) as one
     question and answer; a non-empty `input` follows the instruction after a blank line, as in
     Alpaca's own prompt."""
@@ -374,24 +410,9 @@ def _alpaca_turns(item: dict) -> list[dict]:
     bad = [k for k, v in parts.items() if not isinstance(v, str)]
     if bad:
         raise _Rejected(
-            f"malformed item ({bad[0]} is {_type_name(parts[bad[0]])}, expected a string)"
+            f"malformed item ({record}: {bad[0]} is {_type_name(parts[bad[0]])}, expected a string)"
         )
     question = parts["instruction"]
     if parts["input"].strip():
         question = f"{question}\n\n{parts['input']}"
     return [{"from": "human", "value": question}, {"from": "gpt", "value": parts["output"]}]
-
-
-def _match_markers(turns: list[dict] | None, n_images: int) -> None:
-    """Make `<image>` markers agree with the images, or reject (LLaVA's convention, see module doc)."""
-    if turns is None:  # a caption item: no turns to mark
-        return
-    markers = sum(t["value"].count(IMAGE_MARKER) for t in turns)
-    if markers == n_images:
-        return
-    if markers == 0:
-        first_human = next((t for t in turns if t["from"] in HUMAN_ROLES), None)
-        if first_human is not None:
-            first_human["value"] = (IMAGE_MARKER + "\n") * n_images + first_human["value"]
-            return
-    raise _Rejected(f"image marker mismatch ({markers} markers, {n_images} images)")

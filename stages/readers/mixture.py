@@ -30,11 +30,11 @@ import pyarrow.compute as pc
 from stages.base import stable_hash
 from stages.mixture_spec import MixtureSpec, SourceSpec, infer_tasks, load_spec
 from stages.readers.base import InputError, Reader, ReadUnit
-from stages.schema import CORE_FIELDS, REJECT_COLUMN, conform
+from stages.schema import CORE_FIELDS, EDITS_COLUMN, KNOWN_TYPES, REJECT_COLUMN, conform
 from stages.shards import Location
 
 READER = "mixture"
-MIXTURE_COLUMNS = [f.name for f in CORE_FIELDS] + ["task"]
+MIXTURE_COLUMNS = [f.name for f in CORE_FIELDS] + ["task", EDITS_COLUMN]
 
 
 def warren_output_files(loc: Location) -> list[str] | None:
@@ -130,7 +130,16 @@ class MixtureReader(Reader):
             task = infer_tasks(table)
         columns = {
             "id": ids,
-            **{c: table.column(c) for c in MIXTURE_COLUMNS if c not in ("id", "source", "task")},
+            **{
+                c: table.column(c)
+                for c in MIXTURE_COLUMNS
+                if c not in ("id", "source", "task")
+                if c != EDITS_COLUMN
+            },
+            # the edits its reader made (an earlier warren output may have none)
+            EDITS_COLUMN: table.column(EDITS_COLUMN)
+            if EDITS_COLUMN in table.column_names
+            else pa.nulls(n, KNOWN_TYPES[EDITS_COLUMN]),
             "source": pa.array([source.name] * n, pa.string()),
             "task": task,
             REJECT_COLUMN: table.column(REJECT_COLUMN)
