@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from stages_for_failures import StealLock
 from stages_for_tests import CaptionLength
-from stages_lock import StealLock
 from test_runner import make_pool
 
 from pipelines.runner import Pipeline, PipelineError, Runner

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from stages_for_failures import FailsInRay
 from test_runner import make_pool
 
 from pipelines.recipe import DEMO_CLIP, DEMO_DATA, main
@@ -60,6 +61,24 @@ def test_a_model_that_cannot_be_loaded_is_one_short_error_and_the_traceback_is_i
     logged = log.read_text()
     assert "Traceback (most recent call last)" in logged
     assert "in load_clip" in logged and "ModelNotFoundError" in logged
+
+
+def test_an_error_in_a_global_stage_s_ray_tasks_is_one_line_with_its_traceback_in_logs(
+    ray_session, tmp_path
+):
+    make_pool(tmp_path / "pool", n=20, shards=2)
+    out = tmp_path / "out"
+    pipe = Pipeline("t", [FailsInRay()])
+    with pytest.raises(PipelineError) as info:
+        Runner(pipe, str(tmp_path / "pool"), str(out), progress=False).run()
+    log = out / "logs" / "01-fails_in_ray.log"
+    assert str(info.value) == (
+        "stage fails_in_ray failed: ValueError: bad input: give --fails_in_ray.message "
+        f"(traceback: {log})"
+    )
+    assert "in _fail" in log.read_text()
+    assert not (out / "01-fails_in_ray" / "_manifest.json").exists()
+    assert not (out / ".lock").exists()  # a failed run releases its lock
 
 
 def test_an_unforeseen_error_is_one_line_and_its_traceback_goes_to_logs_run_log(

@@ -1,4 +1,5 @@
-"""A stage for the output-lock tests (importable by Ray workers through PYTHONPATH)."""
+"""Stages that fail or lose their lock, for the runner's failure tests (importable by Ray
+workers through PYTHONPATH)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import socket
 
 import pyarrow as pa
 
-from stages.base import BatchStage, param
+from stages.base import BatchStage, GlobalContext, GlobalStage, param
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,3 +32,23 @@ class StealLock(BatchStage):
             with open(self.params.lock_path, "w") as f:
                 json.dump(thief, f)
         return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class FailsInRayParams:
+    message: str = param("bad input: give --fails_in_ray.message", "the error's text")
+
+
+def _fail(batch: pa.Table, message: str) -> pa.Table:
+    raise ValueError(message)
+
+
+class FailsInRay(GlobalStage):
+    """A global stage whose Ray Data work raises (not one of the runner's own worker tasks)."""
+
+    name = "fails_in_ray"
+    version = "1"
+    Params = FailsInRayParams
+
+    def run(self, ds, ctx: GlobalContext):
+        return ds.map_batches(_fail, fn_args=(self.params.message,), batch_format="pyarrow")
