@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipelines.runner import Pipeline, PipelineError, Runner
+from pipelines.runner import Pipeline, PipelineError, Runner, one_line
 from stages.base import Stage
 from stages.readers.base import InputError
 from stages.schema import SchemaError
@@ -151,6 +151,26 @@ def build_parser(pipeline: Pipeline, default_output: str) -> argparse.ArgumentPa
         help="run pipelines/basic_filter.py's stages (image and caption filters, language, NSFW, "
         "exact and perceptual duplicates) in front of this recipe",
     )
+    parser.add_argument(
+        "--on-duplicate-id",
+        choices=("reject", "suffix"),
+        default="reject",
+        help="a record whose id was seen before (in input order): reject it with reason "
+        "'ingest: duplicate id (first seen at FILE:INDEX)', or keep it as ID#2, ID#3, ... with "
+        "the id it came with in original_id (default: reject)",
+    )
+    parser.add_argument(
+        "--allow-demo-model",
+        action="store_true",
+        help="run a demo model (e.g. pipelines/demo_data/demo_clip, trained only on the demo "
+        "pool) on other input; without it such a run is refused",
+    )
+    parser.add_argument(
+        "--break-lock",
+        action="store_true",
+        help="take over OUTPUT/.lock even when its owner runs on another host (only when that "
+        "run is known to be dead); a stale lock of this host is taken over without it",
+    )
     parser.add_argument("--describe", action="store_true", help="print the pipeline and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress lines or funnel")
     parser.add_argument(
@@ -220,17 +240,41 @@ def main(
             only=args.only,
             progress=not args.quiet,
             num_cpus=args.num_cpus,
+            break_lock=args.break_lock,
+            on_duplicate_id=args.on_duplicate_id,
+            allow_demo_model=args.allow_demo_model,
         ).run()
-    except (PipelineError, InputError, SchemaError, ValueError, OSError, KeyError) as exc:
+    except (PipelineError, InputError, SchemaError) as exc:
         if args.verbose:
             raise
         print(f"error: {exc}", file=sys.stderr)
-        if not isinstance(exc, (PipelineError, InputError, SchemaError)):
-            print("(run with --verbose for the traceback)", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug or an unforeseen error: one line here, the stack in logs/
+        if args.verbose:
+            raise
+        log = _log_traceback(args.output, exc)
+        where = f" (traceback: {log})" if log else " (run with --verbose for the traceback)"
+        print(f"error: {one_line(exc)}{where}", file=sys.stderr)
         return 2
     if not args.no_report:
         _write_report(args.output, args.verbose)
     return 0
+
+
+def _log_traceback(output: str, exc: BaseException) -> str | None:
+    """Write the traceback to OUTPUT/logs/run.log; its path, or None when it cannot be written."""
+    import traceback
+
+    from pipelines.runner import LOGS_DIR
+    from stages.shards import Location
+
+    try:
+        log = Location.of(output).join(LOGS_DIR, "run.log")
+        log.mkdir_parent()
+        log.write_bytes_atomic("".join(traceback.format_exception(exc)).encode())
+        return log.uri
+    except (OSError, ValueError):
+        return None
 
 
 def _write_report(output: str, verbose: bool) -> None:

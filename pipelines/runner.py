@@ -18,21 +18,31 @@ For a pipeline run into OUTPUT:
   of GLOBAL_ROWS_PER_PART rows in input order (see `_global_write_task`).
 - Progress lines are printed while a stage runs; a funnel table at the end, saved as
   `OUTPUT/run.json`.
+- Ids are unique per run: ingest rejects (or, on request, suffixes) a repeated id, first in input
+  order; see `stages.unique_ids`.
+- A run holds `OUTPUT/.lock` (`stages.shards.OutputLock`) and checks it before every manifest and
+  `run.json` it writes.
+- A failed stage is one line (`PipelineError`) naming its cause; the whole traceback, the Ray
+  worker's included, is written to `OUTPUT/logs/<stage folder>.log`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import json
 import logging
 import os
+import sys
 import time
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
 
+from stages import unique_ids
 from stages.base import (
     POSITION_COLUMN,
     BatchStage,
@@ -52,9 +62,10 @@ from stages.ledger import (
 )
 from stages.readers.base import Reader, ReadUnit
 from stages.schema import conform
-from stages.shards import TMP_PREFIX, Location, write_table_atomic
+from stages.shards import TMP_PREFIX, Location, LockError, OutputLock, write_table_atomic
 
 MANIFEST = "_manifest.json"
+LOGS_DIR = "logs"
 ATTEMPT = "_attempt.json"
 INGEST = "ingest"
 # Rows per output piece of a global stage, and per piece of a map stage without a batch size.
@@ -69,6 +80,48 @@ READ_CPUS = 0.25
 
 class PipelineError(RuntimeError):
     """A run cannot go on; the message says which stage and why."""
+
+
+class StageFailed(Exception):
+    """An error raised in a Ray worker, made compact there: `message` is the cause in one line
+    (it names the flag or file to change where the stage's own error does), `details` the full
+    traceback, which the driver writes to OUTPUT/logs/ instead of the console."""
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def __reduce__(self):  # Ray pickles worker errors; keep both fields
+        return (StageFailed, (self.message, self.details))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an error, with its type unless it is one of ours."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    if isinstance(exc, (PipelineError, StageFailed)):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _compact_errors(fn):
+    """Worker functions raise StageFailed: Ray then carries a one-line cause and a short stack
+    back to the driver instead of the chain of every frame (printed once per retry)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except StageFailed:
+            raise
+        except Exception as exc:
+            raise StageFailed(one_line(exc), traceback.format_exc()) from None
+
+    return wrapper
 
 
 @dataclasses.dataclass
@@ -307,12 +360,23 @@ class _MapActor:
         self.stage = stage
         self.fs = fs
         self.out = out
-        stage.setup()
+        # A failed setup (a model that cannot be loaded) is raised by the first batch instead:
+        # Ray Data retries a failing actor constructor and prints every attempt, while a failed
+        # batch ends the run at once with one error.
+        self.failed: StageFailed | None = None
+        try:
+            _compact_errors(stage.setup)()
+        except StageFailed as exc:
+            self.failed = exc
 
+    @_compact_errors
     def __call__(self, items: pa.Table) -> pa.Table:
+        if self.failed is not None:
+            raise self.failed
         return _map_pieces_of(self.stage, self.fs, self.out, items)
 
 
+@_compact_errors
 def _map_task(items: pa.Table, stage: BatchStage, fs: Any, out: Location) -> pa.Table:
     # Each task gets a fresh copy of the stage; set it up once per worker process and reuse it.
     key = (type(stage).__module__, type(stage).__qualname__, stage.params_hash)
@@ -322,6 +386,7 @@ def _map_task(items: pa.Table, stage: BatchStage, fs: Any, out: Location) -> pa.
     return _map_pieces_of(_SETUP_DONE[key], fs, out, items)
 
 
+@_compact_errors
 def _ingest_task(batch: pa.Table, reader: Reader, out: Location) -> pa.Table:
     entries = []
     for row in batch.to_pylist():
@@ -329,6 +394,8 @@ def _ingest_task(batch: pa.Table, reader: Reader, out: Location) -> pa.Table:
         total = 0
         for seq, table in enumerate(reader.read(unit)):
             table = conform(table, where=f"{reader.format} reader, {unit.path}")
+            # Each row's record index in its unit: where a repeated id was first seen.
+            table = unique_ids.with_records(table, total)
             entries.append(commit_piece(out, unit.key, table, piece=str(seq)))
             total += table.num_rows
         mark_source_done(out, unit.key, total)
@@ -361,6 +428,7 @@ def _global_pieces(files: list[tuple[str, int]], total: int) -> list[dict[str, A
     return items
 
 
+@_compact_errors
 def _global_read_task(items: pa.Table, fs: Any) -> pa.Table:
     import numpy as np
 
@@ -394,6 +462,7 @@ def _positions(batch: pa.Table, name: str) -> Any:
     return batch.column(POSITION_COLUMN).to_numpy()
 
 
+@_compact_errors
 def _global_write_task(
     batch: pa.Table, out: Location, staging: Location, name: str, total: int
 ) -> pa.Table:
@@ -413,6 +482,7 @@ def _global_write_task(
     return _summary(entries)
 
 
+@_compact_errors
 def _global_merge_task(items: pa.Table, out: Location, name: str, total: int) -> pa.Table:
     import numpy as np
     import pyarrow.parquet as pq
@@ -446,6 +516,16 @@ def _staged_fragments(staging: Location) -> dict[int, list[str]]:
             if not fi.base_name.startswith(TMP_PREFIX):
                 by_part.setdefault(int(fi.base_name.split("-", 1)[0]), []).append(fi.path)
     return {p: sorted(paths) for p, paths in sorted(by_part.items())}
+
+
+@_compact_errors
+def _unique_ids_task(batch: pa.Table, raw: Location, out: Location, mode: str) -> pa.Table:
+    entries = []
+    for row in batch.to_pylist():
+        entries += unique_ids.apply_unit(
+            raw, out, row["key"], row["unit"], json.loads(row["entries"]), mode
+        )
+    return _summary(entries)
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,6 +574,9 @@ class Runner:
         only: str | None = None,
         progress: bool = True,
         num_cpus: int | None = None,
+        break_lock: bool = False,
+        on_duplicate_id: str = "reject",
+        allow_demo_model: bool = False,
     ) -> None:
         self.pipeline = pipeline
         self.output = Location.of(output_uri)
@@ -507,6 +590,11 @@ class Runner:
         self.force = force
         self.progress = progress
         self.num_cpus = num_cpus
+        self.break_lock = break_lock
+        unique_ids.check_mode(on_duplicate_id)
+        self.on_duplicate_id = on_duplicate_id
+        self.allow_demo_model = allow_demo_model
+        self._lock: OutputLock | None = None
         self.folders = pipeline.folders()
         self.from_index = self._stage_index(from_stage, "--from") if from_stage else None
         self.only_index = self._stage_index(only, "--only") if only else None
@@ -552,10 +640,56 @@ class Runner:
     # ---- running
 
     def run(self) -> list[StageReport]:
+        self._check_demo_models()
+        # The lock comes first: a second run into the same folder fails at once, before Ray starts.
+        self.output.mkdir()
+        self._lock = OutputLock(self.output, force=self.break_lock)
+        try:
+            note = self._lock.acquire()
+        except LockError as exc:
+            raise PipelineError(str(exc)) from None
+        if note:
+            print(f"warning: {note}", file=sys.stderr, flush=True)
+        try:
+            return self._run()
+        finally:
+            self._lock.release()
+
+    def _check_demo_models(self) -> None:
+        """A demo model (its directory holds a demo marker) only runs on the data it was trained
+        on, unless the user says otherwise: on anything else its scores would look real."""
+        from stages.models import demo_model_marker
+
+        for stage in self.pipeline.stages:
+            for f in dataclasses.fields(stage.params):
+                value = getattr(stage.params, f.name)
+                marker = demo_model_marker(value) if isinstance(value, str) and value else None
+                if marker is None or _is_training_data(self.reader, marker.get("trained_on")):
+                    continue
+                trained_on = (marker.get("trained_on") or {}).get("file", "its demo data")
+                text = (
+                    f"stage {stage.name}: {f.name} {value} is a DEMO model trained only on "
+                    f"{trained_on}; on other input ({self.reader.uri}) its outputs mean nothing"
+                )
+                if not self.allow_demo_model:
+                    raise PipelineError(
+                        f"{text}. Give a real model with --{stage.name}.{f.name}, or pass "
+                        "--allow-demo-model to run it anyway"
+                    )
+                print(f"WARNING: {text} (running anyway: --allow-demo-model)", file=sys.stderr)
+
+    def _check_lock(self) -> None:
+        """Before replacing a manifest or run.json: this run must still own the folder."""
+        if self._lock is not None:
+            try:
+                self._lock.check()
+            except LockError as exc:
+                raise PipelineError(str(exc)) from None
+
+    def _run(self) -> list[StageReport]:
         ensure_ray(self.num_cpus)
         _quiet_ray_data(not self.progress)
         started = time.time()
-        self.output.mkdir()
         self.log(self.pipeline.describe())
         self.log(f"input: {self.reader.uri} ({self.reader.format}); output: {self.output.uri}")
         reports: list[StageReport] = []
@@ -568,7 +702,7 @@ class Runner:
             folder = self.folders[index]
             stage = None if index == 0 else self.pipeline.stages[index - 1]
             identity = (
-                {"stage": INGEST}
+                {"stage": INGEST, "ids": self.on_duplicate_id}
                 if stage is None
                 else {
                     "stage": stage.name,
@@ -616,6 +750,7 @@ class Runner:
         attempt = out.join(ATTEMPT)
         resumable = stage is None or isinstance(stage, BatchStage)
         status = "computed"
+        self._check_lock()
         if out.exists():
             previous = _read_json_or_none(attempt)
             if (
@@ -634,6 +769,7 @@ class Runner:
         if status == "computed":
             attempt.write_json_atomic({"fingerprint": fingerprint, "started": _now()})
         label = stage.name if stage else INGEST
+        self._folder = folder
         self.log(f"[{folder}] {'resuming' if status == 'resumed' else 'running'} {label}")
 
         if stage is None:
@@ -707,6 +843,7 @@ class Runner:
                 stage.summed_columns if stage else (),
             ),
         }
+        self._check_lock()
         out.join(MANIFEST).write_json_atomic(manifest)
         self.log(
             f"[{folder}] done: {manifest['rows_in']:,} in, {manifest['kept']:,} kept, "
@@ -726,28 +863,80 @@ class Runner:
         return pending
 
     def _run_ingest(self, out: Location, resumed: bool) -> None:
+        """Read every unit under `_read/`, decide on repeated ids, then write the stage's rows.
+
+        Each step resumes: read by unit, the id decisions once, the final rows by unit. The
+        `_read/` and `_ids/` folders go once every unit is written.
+        """
         import ray
 
         self._units = self.reader.plan()
         if len({u.key for u in self._units}) != len(self._units):
             raise PipelineError(f"{self.reader.format} reader planned duplicate unit keys")
         by_key = {u.key: u for u in self._units}
-        pending = self._pending(out, None, list(by_key))
+        keys = list(by_key)
+        raw = out.join(unique_ids.RAW_DIR)
+        if self._pending(out, None, keys):
+            raw.mkdir()
+            raw.join(REJECTED_DIR).mkdir()
+            raw.join(PROGRESS_DIR).mkdir()
+            pending = self._pending(raw, None, keys)
+            if pending:
+                items = [
+                    {"key": k, "path": by_key[k].path, "options": json.dumps(by_key[k].options)}
+                    for k in pending
+                ]
+                ds = ray.data.from_items(items, override_num_blocks=len(items))
+                ds = ds.map_batches(
+                    _ingest_task,
+                    batch_size=1,
+                    batch_format="pyarrow",
+                    fn_args=(self.reader, raw),
+                    num_cpus=1,
+                )
+                self._drain(ds, INGEST, None)
+            self._unique_ids(out, raw, keys)
+        raw.rmtree()
+        out.join(unique_ids.IDS_DIR).rmtree()
+
+    def _unique_ids(self, out: Location, raw: Location, keys: list[str]) -> None:
+        import ray
+
+        state = read_ledger(raw)
+        if complete_sources(state, None) != set(keys):
+            raise PipelineError(
+                f"{INGEST}: {len(set(keys) - set(state.done_markers))} units unread"
+            )
+        order = {k: i for i, k in enumerate(keys)}
+        entries = unique_ids.raw_entries(state.entries)
+        # Input order: units as planned, a unit's pieces by name (the reader's piece order
+        # decides nothing: the record index in each row does).
+        files = [
+            (raw.join(f["name"]).path, order[k])
+            for k in keys
+            for e in sorted(entries.get(k, []), key=lambda e: e["tag"])
+            for f in e["files"]
+        ]
+        kept = sum(e["kept"] for e in state.entries)
+        repeated = unique_ids.decide(out, files, keys, self.on_duplicate_id, kept, _cluster_cpus())
+        if repeated:
+            verb = "renamed or rejected" if self.on_duplicate_id == "suffix" else "rejected"
+            self.log(f"  {repeated:,} rows repeat an id seen before: {verb}")
+        pending = self._pending(out, None, keys)
         if not pending:
             return
         items = [
-            {"key": k, "path": by_key[k].path, "options": json.dumps(by_key[k].options)}
-            for k in pending
+            {"key": k, "unit": order[k], "entries": json.dumps(entries.get(k, []))} for k in pending
         ]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ray.data.from_items(items, override_num_blocks=min(len(items), 64))
         ds = ds.map_batches(
-            _ingest_task,
+            _unique_ids_task,
             batch_size=1,
             batch_format="pyarrow",
-            fn_args=(self.reader, out),
-            num_cpus=1,
+            fn_args=(raw, out, self.on_duplicate_id),
+            num_cpus=READ_CPUS,
         )
-        self._drain(ds, INGEST, None)
+        self._drain(ds, f"{INGEST}: unique ids", sum(state.done_markers.values()))
 
     def _run_map(
         self, stage: BatchStage, out: Location, sources: list[str], expected: dict[str, int]
@@ -829,10 +1018,26 @@ class Runner:
             for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 progress.add(summary)
         except Exception as exc:  # Ray wraps worker errors; show the user the cause, not the stack
-            cause = _root_cause(exc)
-            raise PipelineError(f"stage {label} failed: {type(cause).__name__}: {cause}") from exc
+            raise self._failure(label, exc) from exc
         if self.progress and progress.printed_rows != progress.rows:
             progress.print()
+
+    def _failure(self, label: str, exc: BaseException) -> PipelineError:
+        """The one-line error for the console; the full story goes to OUTPUT/logs/<folder>.log."""
+        cause = _root_cause(exc)
+        details = cause.details if isinstance(cause, StageFailed) else ""
+        text = "".join(traceback.format_exception(exc))
+        if details:
+            text += "\nIn the Ray worker:\n" + details
+        log = self.output.join(LOGS_DIR, f"{getattr(self, '_folder', label)}.log")
+        where = ""
+        try:
+            log.mkdir_parent()
+            log.write_bytes_atomic(text.encode())
+            where = f" (traceback: {log.uri})"
+        except OSError:
+            pass
+        return PipelineError(f"stage {label} failed: {one_line(cause)}{where}")
 
     # ---- reporting
 
@@ -863,6 +1068,7 @@ class Runner:
             ],
             "final": {"folder": reports[-1].folder, "rows": reports[-1].kept} if reports else None,
         }
+        self._check_lock()
         self.output.join("run.json").write_json_atomic(summary)
         return summary
 
@@ -942,6 +1148,58 @@ def _quiet_ray_data(quiet: bool) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     # Ray warns that its bars are off; that is our choice, not the user's problem.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # A worker's error reaches the driver as itself (StageFailed: one line and the traceback for
+    # OUTPUT/logs/), not wrapped in UserCodeException, and Ray Data's own announcements of it are
+    # not printed: the runner reports every failed stage once.
+    ctx.raise_original_map_exception = True
+    for name in _RAY_FAILURE_LOGGERS:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _ReportedByRunner) for f in log.filters):
+            log.addFilter(_ReportedByRunner())
+
+
+_RAY_FAILURE_LOGGERS = (
+    "ray.data._internal.execution.streaming_executor_state",
+    "ray.data.exceptions",
+)
+
+
+class _ReportedByRunner(logging.Filter):
+    """Drops Ray Data's console report of a failed task (its notice and the stack, which Ray
+    Data prints in full for any error that is not its own UserCodeException wrapper): the runner
+    prints the cause once and writes the whole stack to OUTPUT/logs/<stage>.log."""
+
+    PREFIXES = (
+        "An exception was raised from a task of operator",
+        "Exception occurred in user code",
+        "Exception occurred in Ray Data or Ray Core internal code",
+        "Full stack trace:",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.PREFIXES)
+
+
+def _is_training_data(reader: Reader, trained_on: dict | None) -> bool:
+    """True when the reader's input is one file with the size and SHA-256 a demo marker names
+    (the bundled file, wherever it was copied); large inputs are never hashed."""
+    import hashlib
+
+    from stages.shards import list_files
+
+    if not trained_on:
+        return False
+    try:
+        files = list_files(reader.location)
+    except (OSError, FileNotFoundError):
+        return False
+    if len(files) != 1 or files[0].size != trained_on.get("bytes"):
+        return False
+    digest = hashlib.sha256()
+    with reader.location.fs.open_input_stream(files[0].path) as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest() == trained_on.get("sha256")
 
 
 def _read_json_or_none(loc: Location) -> dict | None:

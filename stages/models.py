@@ -254,6 +254,31 @@ def load_clip(
     )
 
 
+#: A file in a model's directory that marks it as a demo model, with the data it was trained on
+#: (`trained_on`: file, bytes, sha256); the runner refuses such a model on other input.
+DEMO_MARKER = "warren_demo.json"
+
+
+def demo_model_marker(spec: str) -> dict | None:
+    """The demo marker of the model `spec` names (a local directory, `hf:<dir>`, or
+    `open_clip:<arch>:<checkpoint in a directory>`), or None for any other model."""
+    path = spec.strip()
+    if path.startswith("hf:"):
+        path = path[len("hf:") :]
+    elif path.startswith("open_clip:"):
+        parts = path.split(":", 2)
+        path = parts[2] if len(parts) == 3 else ""
+    if not path or not os.path.exists(path):
+        return None
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    try:
+        with open(os.path.join(folder, DEMO_MARKER), encoding="utf-8") as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("demo_model") else None
+
+
 _REGISTRY_DIR: Path | None = None
 
 

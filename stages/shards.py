@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -46,6 +48,9 @@ class Location:
 
     def mkdir(self) -> None:
         self.fs.create_dir(self.path, recursive=True)
+
+    def mkdir_parent(self) -> None:
+        self.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
 
     def rmtree(self) -> None:
         if self.exists():
@@ -126,3 +131,171 @@ def remove_temporaries(loc: Location) -> None:
     for fi in loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True)):
         if fi.type == pafs.FileType.File and fi.base_name.startswith(TMP_PREFIX):
             loc.fs.delete_file(fi.path)
+
+
+# --------------------------------------------------------------------------------------------
+# The output lock: one run per output folder.
+
+LOCK_NAME = ".lock"
+
+
+class LockError(RuntimeError):
+    """The output folder is held by another run, or this run lost its lock."""
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of `pid` (Linux), to tell a live owner from a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            # Field 22, counted after the command name, which may itself hold spaces and parens.
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    now = _process_start(pid)
+    return start is None or now is None or now == start
+
+
+class OutputLock:
+    """A lock file (`OUTPUT/.lock`) naming the run that owns an output folder.
+
+    It holds the owner's host, pid, process start time, start time and a random token. Taking it
+    is an atomic create on a local disk (`O_EXCL`); a lock whose owner is on this host and dead
+    (its pid is gone, or now belongs to a process started later) is stale and taken over; a lock
+    held from another host is only broken with `force=True` (`--break-lock`). Before a manifest or
+    `run.json` is written the runner calls `check()`: a run whose lock was taken from it stops
+    instead of replacing what the new owner writes.
+
+    Object stores (s3://, gs://) have no atomic create: there the lock is written, read back and
+    compared, which narrows the race between two runs started at the same moment but cannot close
+    it; start runs into one bucket prefix one at a time.
+    """
+
+    def __init__(self, output: Location, *, force: bool = False) -> None:
+        self.loc = output.join(LOCK_NAME)
+        self.force = force
+        self.token = uuid.uuid4().hex
+        pid = os.getpid()
+        self.owner = {
+            "host": socket.gethostname(),
+            "pid": pid,
+            "pid_start": _process_start(pid),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "token": self.token,
+        }
+        self.held = False
+
+    @property
+    def _local(self) -> bool:
+        return isinstance(self.loc.fs, pafs.LocalFileSystem)
+
+    def acquire(self) -> str | None:
+        """Take the lock; returns a message when a stale or forcibly broken lock was taken over."""
+        note = None
+        for attempt in range(5):
+            if self._create():
+                self.held = True
+                return note
+            owner = self.read()
+            if owner is None:  # released, or created and not yet written, since our attempt
+                if attempt < 3:
+                    time.sleep(0.1)
+                    continue
+                # Still unreadable: its writer died between the create and the write.
+                owner = {"host": self.owner["host"], "pid": None, "started": "unknown"}
+                note = self._take_over(owner, unreadable=True)
+                continue
+            note = self._take_over(owner)
+        raise LockError(
+            f"{self.loc.uri}: could not take the output lock (another run races for it)"
+        )
+
+    def _create(self) -> bool:
+        data = json.dumps(self.owner, indent=2).encode()
+        if self._local:
+            try:
+                fd = os.open(self.loc.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        if self.loc.exists():
+            return False
+        self.loc.write_bytes_atomic(data)
+        time.sleep(0.2)  # let a racing writer's object land, then see whose token stayed
+        return (self.read() or {}).get("token") == self.token
+
+    def read(self) -> dict | None:
+        try:
+            owner = json.loads(self.loc.read_bytes())
+        except (OSError, ValueError):
+            return None
+        return owner if isinstance(owner, dict) else None
+
+    def _take_over(self, owner: dict, unreadable: bool = False) -> str:
+        who = describe_owner(owner)
+        same_host = owner.get("host") == self.owner["host"]
+        pid = owner.get("pid")
+        dead = unreadable or (
+            same_host and isinstance(pid, int) and not _pid_alive(pid, owner.get("pid_start"))
+        )
+        if not dead and not self.force:
+            where = (
+                "wait for it to finish or stop it"
+                if same_host
+                else "if that run is dead, pass --break-lock"
+            )
+            raise LockError(
+                f"output folder {self.loc.uri.rsplit('/', 1)[0]} is in use by another run "
+                f"({who}); {where}, or choose another --output"
+            )
+        # Move the old lock aside rather than delete it: of two runs taking over at once, only
+        # one rename succeeds, and the other finds the new owner's lock on its next attempt.
+        aside = self.loc.path + f".stale-{self.token}"
+        try:
+            self.loc.fs.move(self.loc.path, aside)
+            self.loc.fs.delete_file(aside)
+        except (OSError, FileNotFoundError):
+            pass
+        if unreadable:
+            return "took over an unreadable output lock (its writer stopped before writing it)"
+        why = "its process is gone" if dead else "--break-lock"
+        return f"took over the output lock of {who} ({why})"
+
+    def check(self) -> None:
+        """Raise LockError unless the lock file still holds this run's token."""
+        owner = self.read()
+        if not self.held or owner is None or owner.get("token") != self.token:
+            now = f"it is now held by {describe_owner(owner)}" if owner else "the lock file is gone"
+            raise LockError(
+                f"this run lost its lock on {self.loc.uri.rsplit('/', 1)[0]} ({now}); "
+                "stopping without writing its manifest"
+            )
+
+    def release(self) -> None:
+        if self.held and (self.read() or {}).get("token") == self.token:
+            try:
+                self.loc.fs.delete_file(self.loc.path)
+            except OSError:
+                pass
+        self.held = False
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def describe_owner(owner: dict) -> str:
+    return f"host {owner.get('host')}, pid {owner.get('pid')}, started {owner.get('started')}"

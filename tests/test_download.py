@@ -386,6 +386,7 @@ def test_recipes_download_a_url_table_first(ray_session, server, tmp_path, recip
         "--input-option", "image_size=64",
         "--input-option", f"timeout={TIMEOUT_S}",
         "--embed.model", DEMO_CLIP,
+        "--allow-demo-model",  # a toy model on toy images: the run is what is tested
         "--quiet",
     ]  # fmt: skip
     assert main(module.pipeline(), argv) == 0
