@@ -30,6 +30,8 @@ SHARD_SIZES = (23, 61, 17, 48, 35, 56)
 FLAGS = [
     "--embed.model",
     DEMO_CLIP,
+    # a slice of the demo pool, cut into shards: the demo CLIP's own data, not the bundled file
+    "--allow-demo-model",
     "--cluster.n_clusters",
     "6",
     "--sample.n",
