@@ -22,7 +22,7 @@ on the row's `edits` column (schema.EDITS_COLUMN), so nothing is changed without
 
 Turn text is never edited otherwise (LLaVA's values carry meaningful newlines).
 
-A caption row (no turns, a non-empty caption, at most one image) is valid too: the exports write
+A caption row (no turns, a non-empty caption without `<image>`, exactly one image) is valid too: the exports write
 it in LLaVA's pretraining form (one human turn holding the marker, one model turn the caption).
 """
 
@@ -71,6 +71,9 @@ def normalize(
     out: list[dict] = []
     edits: list[str] = []
     for i, turn in enumerate(turns, 1):
+        if not isinstance(turn, Mapping):  # a null turn: left for `problem` to name
+            out.append(turn)
+            continue
         role, value = turn.get("from"), turn.get("value")
         name = canonical_role(role)
         if name is not None and name != role:
@@ -79,7 +82,11 @@ def normalize(
         out.append({"from": role, "value": value})
     if n_images and count_markers(out) == 0:
         first = next(
-            (k for k, t in enumerate(out) if t["from"] == HUMAN and isinstance(t["value"], str)),
+            (
+                k
+                for k, t in enumerate(out)
+                if isinstance(t, Mapping) and t["from"] == HUMAN and isinstance(t["value"], str)
+            ),
             None,
         )
         if first is not None:
@@ -91,14 +98,17 @@ def normalize(
 
 def count_markers(turns: Sequence[Mapping[str, Any]] | None) -> int:
     return sum(
-        t.get("value").count(IMAGE_MARKER) for t in turns or [] if isinstance(t.get("value"), str)
+        t["value"].count(IMAGE_MARKER)
+        for t in turns or []
+        if isinstance(t, Mapping) and isinstance(t.get("value"), str)
     )
 
 
 def problem(turns: Sequence[Mapping[str, Any]] | None, n_images: int) -> str | None:
     """Why `turns` (already normalised) with `n_images` images is not a valid conversation, or None.
 
-    The reasons, for the first rule broken: `no turns`, `unknown role (turn 3 is 'bot')`,
+    The reasons, for the first rule broken: `no turns`, `malformed turn (turn 2 is null)`,
+    `unknown role (turn 3 is 'bot')`,
     `empty turn (turn 2, 'gpt')`, `starts with the model's turn (turn 1 is 'gpt')`,
     `turns do not alternate (turn 3 is 'system', expected 'human')`,
     `turns do not alternate (ends with 'human', expected 'gpt')`,
@@ -108,6 +118,8 @@ def problem(turns: Sequence[Mapping[str, Any]] | None, n_images: int) -> str | N
         return "no turns"
     expected = HUMAN
     for i, turn in enumerate(turns, 1):
+        if not isinstance(turn, Mapping):
+            return f"malformed turn (turn {i} is {_type_name(turn)})"
         role, value = turn.get("from"), turn.get("value")
         if role not in ROLES:
             return f"unknown role (turn {i} is {role!r})"
@@ -131,12 +143,22 @@ def problem(turns: Sequence[Mapping[str, Any]] | None, n_images: int) -> str | N
     return None
 
 
+CAPTION_WITHOUT_IMAGE = "caption row without an image"
+MARKER_IN_CAPTION = f"caption holds an {IMAGE_MARKER} marker (it would pair with no image)"
+
+
 def caption_problem(caption: Any, n_images: int) -> str | None:
-    """Why a row without turns is not a valid caption row, or None."""
+    """Why a row without turns is not a valid caption row, or None. A caption row is exported as
+    LLaVA's pretraining pair (stages.exports.caption): it needs its one image and a caption that
+    holds no image marker of its own."""
     if not isinstance(caption, str) or not caption.strip():
         return "no conversations and no caption"
+    if n_images == 0:
+        return CAPTION_WITHOUT_IMAGE
     if n_images > 1:
-        return f"caption row with {n_images} images (a caption describes at most one image)"
+        return f"caption row with {n_images} images (a caption describes one image)"
+    if IMAGE_MARKER in caption:
+        return MARKER_IN_CAPTION
     return None
 
 

@@ -14,9 +14,10 @@ canonical row and rejects the row with the first rule it breaks, in this order:
      turns do not alternate (turn 3 is 'system', expected 'human')`, `export_check: image marker
      mismatch (2 markers, 1 images)`. Roles are checked as they are, not normalised: a row that
      did not come through a reader (a stage's output) is reported, never silently changed.
-   - a caption row (no turns): a non-empty caption and at most one image; the exports write it
-     in LLaVA's pretraining form. Reasons: `export_check: no conversations and no caption`,
-     `export_check: caption row with 2 images (...)`. With `require_conversations=True` caption
+   - a caption row (no turns): a non-empty caption without `<image>` and exactly one image; the
+     exports write it in LLaVA's pretraining form. Reasons: `export_check: no conversations and
+     no caption`, `export_check: caption row without an image`, `export_check: caption row with 2
+     images (...)`, `export_check: caption holds an <image> marker (...)`. With `require_conversations=True` caption
      rows are rejected as `export_check: no conversations` (a format that needs turns).
 2. Every image decodes: its bytes are identified and fully decoded once by PIL (no resizing), with
    the rules and reasons of `image_check` under this stage's name: `export_check: empty image
@@ -47,7 +48,6 @@ from stages.images import DEFAULT_MAX_PIXELS
 from stages.readers.llava_json import safe_relative_path
 
 RULE = "export_check"
-ROLES = conversation.ROLES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +75,10 @@ class ExportCheck(BatchStage):
     Params = ExportCheckParams
     # Decoding dominates, as in image_check: modest batches bound a worker's memory.
     batch_size = 256
+
+    def check_params(self) -> None:
+        if self.params.max_pixels < 1:
+            raise ValueError(f"{self.name}: max_pixels must be >= 1, got {self.params.max_pixels}")
 
     def process(self, batch: pa.Table) -> pa.Table:
         p = self.params

@@ -62,7 +62,7 @@ import pyarrow as pa
 from prompts import Prompt, PromptError, image_mime, load_prompt
 from stages import watchdog
 from stages.base import BatchStage, param, params_to_dict, put_columns, reject, stable_hash
-from stages.images import endpoint_image_bytes
+from stages.images import decode_error_words, endpoint_image_bytes
 from stages.llm_client import (
     BUDGET_STOP,
     ChatRequest,
@@ -491,7 +491,7 @@ class LlavaGenerate(_GenerateStage):
     """LLaVA-158K instruction data (conversation, detail, complex reasoning) from captions + boxes."""
 
     name = "llava_generate"
-    version = "2"  # 2: the model sees decode_image's picture (transparency composited)
+    version = "1"
     Params = LlavaGenerateParams
     batch_size = 64
 
@@ -566,7 +566,7 @@ class AllavaGenerate(_GenerateStage):
     """ALLaVA: detailed caption, then question, then answer, each written looking at the image."""
 
     name = "allava_generate"
-    version = "1"
+    version = "2"  # 2: the model sees decode_image's picture (transparency composited)
     Params = AllavaGenerateParams
     batch_size = 16  # each request carries an image
 
@@ -605,7 +605,7 @@ class AllavaGenerate(_GenerateStage):
                 except PromptError as err:
                     reasons[i] = f"{self.name}: unreadable image ({err})"
                 except Exception as err:  # noqa: BLE001 - untrusted bytes: PIL raises many types
-                    reasons[i] = f"{self.name}: unreadable image ({type(err).__name__}: {err})"
+                    reasons[i] = f"{self.name}: unreadable image ({decode_error_words(err)})"
 
         for call in ("caption", "question", "answer"):
             rows = sorted(context)

@@ -44,6 +44,7 @@ import contextlib
 import functools
 import io
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -362,7 +363,21 @@ def endpoint_image_bytes(data: bytes, *, background: tuple[int, int, int] = WHIT
     return buf.getvalue()
 
 
+def decode_error_words(exc: Exception) -> str:
+    """The words for an image that cannot be decoded, free of object addresses (reasons are
+    data and must not change from run to run)."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, ImageTooLargeError):
+        return f"too many pixels: {exc.detail}"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image format PIL reads"
+    message = re.sub(r" ?<[^>]* at 0x[0-9a-fA-F]+>", "", " ".join(str(exc).split()))
+    return f"{type(exc).__name__}: {message[:200]}"
+
+
 __all__ = [
+    "decode_error_words",
     "endpoint_image_bytes",
     "DEFAULT_MAX_PIXELS",
     "EXCLUDED_FORMATS",

@@ -41,7 +41,6 @@ take its batch mates down),
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,7 +61,7 @@ from stages.generate import (
     generate_each,
     prompt_ref,
 )
-from stages.images import endpoint_image_bytes
+from stages.images import decode_error_words, endpoint_image_bytes
 from stages.llm_client import ChatRequest
 from stages.schema import IMAGE_MARKER
 
@@ -140,22 +139,7 @@ def decode_image(value: Any) -> Any:
     try:
         return decode(data)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(_decode_error(exc)) from None
-
-
-def _decode_error(exc: Exception) -> str:
-    """The words for an image that cannot be decoded, free of object addresses (reasons are
-    data and must not change from run to run)."""
-    from PIL import UnidentifiedImageError
-
-    from stages.images import ImageTooLargeError
-
-    if isinstance(exc, ImageTooLargeError):
-        return f"too many pixels: {exc.detail}"
-    if isinstance(exc, UnidentifiedImageError):
-        return "not an image format PIL reads"
-    message = re.sub(r" ?<[^>]* at 0x[0-9a-fA-F]+>", "", " ".join(str(exc).split()))
-    return f"{type(exc).__name__}: {message[:200]}"
+        raise ValueError(decode_error_words(exc)) from None
 
 
 class Recaption(_ModelOrEndpointStage):
@@ -279,7 +263,7 @@ class Recaption(_ModelOrEndpointStage):
                 reasons[i] = f"{self.name}: undecodable image ({err})"
                 continue
             except Exception as err:  # noqa: BLE001 - untrusted bytes: PIL raises many types
-                reasons[i] = f"{self.name}: undecodable image ({_decode_error(err)})"
+                reasons[i] = f"{self.name}: undecodable image ({decode_error_words(err)})"
                 continue
             rows.append(i)
             requests.append(ChatRequest(messages=messages, params=self.request_params()))

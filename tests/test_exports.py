@@ -17,6 +17,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from outputs import rejected_reasons, table
@@ -27,7 +28,7 @@ from pipelines.runner import Pipeline, Runner
 from stages.export_check import ExportCheck
 from stages.exports import ExportError, export
 from stages.readers import detect_format, get_reader
-from stages.schema import REJECT_COLUMN, rows_to_table
+from stages.schema import IMAGE_TYPE, REJECT_COLUMN, rows_to_table
 
 FORMATS = ("llava", "sharegpt", "hf")
 FIELDS = ("id", "images", "conversations", "source", "caption", "url", "license")
@@ -546,11 +547,13 @@ CHECK_ROWS = {
     # a caption row: exported in LLaVA's pretraining form, so it passes (run_export_check gives
     # every row the caption "c", except the ids listed in NO_CAPTION)
     "no-turns": ([img(A, "a.png")], None, None),
-    "empty-turns": ([], [], None),
+    # a caption with no image is no pretraining pair, and export_check says so (the exports
+    # would skip it)
+    "empty-turns": ([], [], "export_check: caption row without an image"),
     "caption-two-images": (
         [img(A, "a.png"), img(B, "b.png")],
         None,
-        "export_check: caption row with 2 images (a caption describes at most one image)",
+        "export_check: caption row with 2 images (a caption describes one image)",
     ),
     "no-text": ([img(A, "a.png")], None, "export_check: no conversations and no caption"),
     "blank-caption": ([img(A, "a.png")], None, "export_check: no conversations and no caption"),
@@ -627,6 +630,25 @@ def test_export_check_names_its_own_pixel_limit_flag():
     small = run_export_check(max_pixels=100)
     assert small["truncated-jpeg"].startswith("export_check: too many pixels (64x48 = 3072")
     assert small["truncated-jpeg"].endswith("> max_pixels 100, set by --export_check.max_pixels)")
+
+
+def test_export_check_names_a_null_turn_and_a_caption_that_holds_a_marker():
+    turn = pa.struct([("from", pa.string()), ("value", pa.string())])
+    table = pa.table(
+        {
+            "id": ["null-turn", "marker-caption"],
+            "images": pa.array([[], [{"bytes": A, "path": "a.png"}]], pa.list_(IMAGE_TYPE)),
+            "caption": [None, "a <image> here"],
+            "conversations": pa.array(
+                [[{"from": "human", "value": "q"}, None], None], pa.list_(turn)
+            ),
+        }
+    )
+    out = ExportCheck(check_images=False).process(table)
+    assert out.column(REJECT_COLUMN).to_pylist() == [
+        "export_check: malformed turn (turn 2 is null)",
+        "export_check: caption holds an <image> marker (it would pair with no image)",
+    ]
 
 
 def test_export_check_options_refuse_caption_rows_and_let_unchecked_images_through():

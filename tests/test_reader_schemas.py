@@ -208,3 +208,43 @@ def test_text_that_is_not_utf8_in_parquet_rejects_its_row_naming_file_and_row(tm
     }
     assert rows["b"]["caption"] == "bad \ufffd caption"
     assert rows["d"]["conversations"][0]["value"] == "q \ufffd"
+
+
+def test_bad_utf8_inside_an_image_path_rejects_its_row_and_leaves_the_image_bytes_alone(tmp_path):
+    # The image struct holds binary bytes beside a string path: only the path is text.
+    as_bytes = pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.binary())]))
+    images = pa.array(
+        [
+            [{"bytes": png(1), "path": b"ok.png"}],
+            [{"bytes": png(2), "path": b"bad\xff.png"}],
+        ],
+        as_bytes,
+    ).cast(pa.list_(IMAGE_TYPE), safe=False)
+    pq.write_table(
+        pa.table({"id": ["a", "b"], "images": images, "caption": ["c a", "c b"]}),
+        tmp_path / "p.parquet",
+    )
+    got = read_all(ParquetReader(str(tmp_path / "p.parquet")))
+    rows = {r["id"]: r for r in got.to_pylist()}  # to_pylist itself would fail on bad UTF-8
+    where = str(tmp_path / "p.parquet")
+    assert rows["a"][REJECT_COLUMN] is None
+    assert rows["b"][REJECT_COLUMN] == (
+        f"parquet: bad record ({where} row 2: images is not valid UTF-8)"
+    )
+    assert rows["b"]["images"] == [{"bytes": png(2), "path": "bad\ufffd.png"}]
+
+
+def test_a_null_turn_is_a_rejected_row_not_a_failed_file(tmp_path):
+    turns = pa.array(
+        [
+            [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+            [{"from": "human", "value": "q"}, None],
+        ],
+        pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())])),
+    )
+    pq.write_table(pa.table({"id": ["a", "b"], "conversations": turns}), tmp_path / "t.parquet")
+    got = read_all(ParquetReader(str(tmp_path / "t.parquet")))
+    rows = {r["id"]: r for r in got.to_pylist()}
+    assert rows["a"][REJECT_COLUMN] is None
+    # Arrow reads a null struct's fields as nulls: a turn with no role
+    assert rows["b"][REJECT_COLUMN] == "parquet: unknown role (turn 2 is None)"

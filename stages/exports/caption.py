@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import re
 
+from stages.conversation import CAPTION_WITHOUT_IMAGE, MARKER_IN_CAPTION
 from stages.exports.base import ExportError, SkipRow
 from stages.schema import IMAGE_MARKER
 
@@ -53,8 +54,8 @@ LLAVA_BRIEF_INSTRUCTIONS = (
 )
 NO_TEXT = "no conversations and no caption"
 BLANK_CAPTION = "no conversations and a blank caption"
-NO_IMAGE = "caption row without an image"
-MARKER_IN_CAPTION = f"caption holds an {IMAGE_MARKER} marker (it would pair with no image)"
+# The same words as export_check (stages.conversation.caption_problem) for the same rows.
+NO_IMAGE = CAPTION_WITHOUT_IMAGE
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 
 

@@ -71,63 +71,78 @@ def describe_error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _bytes_type(t: pa.DataType) -> pa.DataType:
-    """`t` (string, or list<struct<string fields>>) with its strings as binary: a cast that never
-    checks UTF-8, so the bytes can be looked at."""
+def _as_binary(t: pa.DataType) -> pa.DataType:
+    """`t` with every string in it (top level, list items, struct fields) as binary: a cast that
+    never checks UTF-8, so the bytes can be looked at."""
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return pa.binary()
     if _is_list(t):
-        return pa.list_(pa.struct([(f.name, pa.binary()) for f in t.value_type]))
-    return pa.binary()
+        return pa.list_(pa.field(t.value_field.name, _as_binary(t.value_type)))
+    if pa.types.is_struct(t):
+        return pa.struct([pa.field(f.name, _as_binary(f.type)) for f in t])
+    return t
 
 
-def _is_utf8(value: Any) -> bool:
-    """Whether a value of `_bytes_type` decodes (None and missing turn fields do)."""
+def _is_utf8(value: Any, t: pa.DataType) -> bool:
+    """Whether the text of `value` (read as `_as_binary(t)`) decodes; `t` says which bytes are
+    text (an image's bytes are not)."""
     if value is None:
         return True
-    if isinstance(value, bytes):
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
         try:
             value.decode("utf-8")
         except UnicodeDecodeError:
             return False
         return True
-    return all(_is_utf8(v) for turn in value for v in turn.values())
+    if _is_list(t):
+        return all(_is_utf8(v, t.value_type) for v in value)
+    if pa.types.is_struct(t):
+        return all(_is_utf8(value.get(f.name), f.type) for f in t)
+    return True
+
+
+def _decode_replacing(value: Any, t: pa.DataType) -> Any:
+    if value is None:
+        return None
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return value.decode("utf-8", "replace")
+    if _is_list(t):
+        return [_decode_replacing(v, t.value_type) for v in value]
+    if pa.types.is_struct(t):
+        return {f.name: _decode_replacing(value.get(f.name), f.type) for f in t}
+    return value
 
 
 def reject_invalid_utf8(table: pa.Table, reader: str, where: str, first_row: int = 0) -> pa.Table:
     """Reject rows whose text is not UTF-8 (`<reader>: bad record (FILE row N: caption is not
-    valid UTF-8)`), their bad bytes replaced by U+FFFD so the row still shows what it held."""
+    valid UTF-8)`), anywhere in the row (a caption, a turn, an image path, a list of strings),
+    their bad bytes replaced by U+FFFD so the row still shows what it held."""
     reasons: list[str | None] | None = None
     for name in table.column_names:
         field = table.schema.field(name)
-        if not (pa.types.is_string(field.type) or field.type == TURNS_LIST_TYPE):
+        as_binary = _as_binary(field.type)
+        if as_binary == field.type:  # no text in it
             continue
         try:
-            table.column(name).validate(full=True)  # checks UTF-8; fast, Arrow's own
+            table.column(name).validate(full=True)  # checks UTF-8, nested too; Arrow's own
             continue
         except pa.ArrowInvalid:
             pass
-        values = table.column(name).cast(_bytes_type(field.type)).to_pylist()
+        values = table.column(name).cast(as_binary).to_pylist()
         if reasons is None:
             reasons = table.column(REJECT_COLUMN).to_pylist()
         for i, value in enumerate(values):
-            if not _is_utf8(value):
+            if not _is_utf8(value, field.type):
                 reasons[i] = reasons[i] or (
                     f"{reader}: bad record ({where} row {first_row + i + 1}: {name} is not "
                     "valid UTF-8)"
                 )
-        fixed = pa.array([_decode_replacing(v) for v in values], field.type)
+        fixed = pa.array([_decode_replacing(v, field.type) for v in values], field.type)
         table = table.set_column(table.column_names.index(name), field, fixed)
     if reasons is None:
         return table
     i = table.column_names.index(REJECT_COLUMN)
     return table.set_column(i, table.schema.field(i), pa.array(reasons, pa.string()))
-
-
-def _decode_replacing(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, list):
-        return [{k: _decode_replacing(v) for k, v in turn.items()} for turn in value]
-    return value
 
 
 def apply_conversation_rules(table: pa.Table, reader: str) -> pa.Table:
