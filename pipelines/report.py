@@ -52,10 +52,11 @@ MAX_REASON_GALLERIES = 12  # per stage, the most frequent reasons first
 THUMB_PX = 128
 CAPTION_CHARS = 140
 BINS = 50
-# Thumbnails never decode more than this: rejected galleries hold decompression bombs on purpose.
-# The stages' own limit (stages.images.DEFAULT_MAX_PIXELS, 2**28): a large genuine photograph is
-# shown (a JPEG decodes at 1/8 scale), a bomb is refused from its header.
-THUMB_MAX_PIXELS = 2**28
+# Rejected galleries hold decompression bombs on purpose, and the report is drawn on the driver:
+# a thumbnail takes the stages' pixel limit (stages.images.DEFAULT_MAX_PIXELS) and at most this
+# much memory for its decode. A large JPEG still shows (it decodes at 1/8 scale); a 16000 px PNG,
+# decoded in full, does not.
+THUMB_MEMORY = 256 * 2**20
 # Thumbnails are the bulk of the page (about 5 kB each): past this many bytes of them the rest
 # are left out, so a run with many stages and reasons still gives a page under 20 MB.
 THUMBNAIL_BUDGET = 12 * 2**20
@@ -553,7 +554,7 @@ def thumbnail(images: list[dict] | None) -> tuple[str | None, str]:
     try:
         # As every stage sees it (orientation, transparency on white, first frame), decoded at
         # a reduced scale (JPEG draft) that keeps at least THUMB_PX on the shorter side.
-        img = decode_image(data, reduce_to=THUMB_PX, max_pixels=THUMB_MAX_PIXELS)
+        img = decode_image(data, reduce_to=THUMB_PX, memory_limit=THUMB_MEMORY)
         img.thumbnail((THUMB_PX, THUMB_PX))
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=75)

@@ -413,17 +413,23 @@ def _ingest_task(batch: pa.Table, reader: Reader, out: Location) -> pa.Table:
 
 def _global_pieces(files: list[tuple[str, int]], total: int) -> list[dict[str, Any]]:
     """The read items: piece k's segments [path, offset, rows, first position], as JSON."""
-    items, starts, pos = [], [], 0
-    for _, n in files:
-        starts.append(pos)
-        pos += n
+    # One walk over the files and pieces together (pieces and files both in position order), so
+    # planning stays linear in their number.
+    items: list[dict[str, Any]] = []
+    f, start = 0, 0  # the first file that may overlap the piece, and its first position
     for k in range(-(-total // GLOBAL_ROWS_PER_PART)):
         lo, hi = k * GLOBAL_ROWS_PER_PART, min(total, (k + 1) * GLOBAL_ROWS_PER_PART)
-        segments = []
-        for (path, n), start in zip(files, starts, strict=True):
-            a, b = max(lo, start), min(hi, start + n)
+        while f < len(files) and start + files[f][1] <= lo:
+            start += files[f][1]
+            f += 1
+        segments, g, g_start = [], f, start
+        while g < len(files) and g_start < hi:
+            path, n = files[g]
+            a, b = max(lo, g_start), min(hi, g_start + n)
             if a < b:
-                segments.append([path, a - start, b - a, a])
+                segments.append([path, a - g_start, b - a, a])
+            g_start += n
+            g += 1
         items.append({"part": k, "segments": json.dumps(segments)})
     return items
 

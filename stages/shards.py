@@ -164,6 +164,16 @@ def _pid_alive(pid: int, start: str | None) -> bool:
     return start is None or now is None or now == start
 
 
+def _read_owner(fs: pafs.FileSystem, path: str) -> dict | None:
+    """The owner a lock file names, or None when it is missing, empty or not JSON."""
+    try:
+        with fs.open_input_stream(path) as f:
+            owner = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
 class OutputLock:
     """A lock file (`OUTPUT/.lock`) naming the run that owns an output folder.
 
@@ -235,11 +245,7 @@ class OutputLock:
         return (self.read() or {}).get("token") == self.token
 
     def read(self) -> dict | None:
-        try:
-            owner = json.loads(self.loc.read_bytes())
-        except (OSError, ValueError):
-            return None
-        return owner if isinstance(owner, dict) else None
+        return _read_owner(self.loc.fs, self.loc.path)
 
     def _take_over(self, owner: dict, unreadable: bool = False) -> str:
         who = describe_owner(owner)
@@ -258,14 +264,30 @@ class OutputLock:
                 f"output folder {self.loc.uri.rsplit('/', 1)[0]} is in use by another run "
                 f"({who}); {where}, or choose another --output"
             )
-        # Move the old lock aside rather than delete it: of two runs taking over at once, only
-        # one rename succeeds, and the other finds the new owner's lock on its next attempt.
-        aside = self.loc.path + f".stale-{self.token}"
+        # Move the old lock aside, then look at what was moved: of two runs that judged the same
+        # owner dead, the second may move the lock the first has just created. A moved lock
+        # that is not the one judged dead goes back, and this run stops.
+        aside_path = self.loc.path + f".stale-{self.token}"
         try:
-            self.loc.fs.move(self.loc.path, aside)
-            self.loc.fs.delete_file(aside)
+            self.loc.fs.move(self.loc.path, aside_path)
         except (OSError, FileNotFoundError):
-            pass
+            aside_path = None
+        if aside_path is not None:
+            moved = _read_owner(self.loc.fs, aside_path)
+            if (moved or {}).get("token") != owner.get("token"):
+                try:
+                    self.loc.fs.move(aside_path, self.loc.path)
+                except OSError:
+                    pass
+                raise LockError(
+                    f"output folder {self.loc.uri.rsplit('/', 1)[0]} was taken by another run "
+                    f"at the same moment ({describe_owner(moved or {})}); choose another --output "
+                    "or wait for it to finish"
+                )
+            try:
+                self.loc.fs.delete_file(aside_path)
+            except OSError:
+                pass
         if unreadable:
             return "took over an unreadable output lock (its writer stopped before writing it)"
         why = "its process is gone" if dead else "--break-lock"

@@ -193,6 +193,8 @@ def start(interval_s: float = INTERVAL_S, grace_s: float = GRACE_S) -> bool:
         driver = _Driver()
     except Exception as err:  # noqa: BLE001 - never let the watchdog break the stage
         log.warning("watchdog not started: %s", err)
+        with _lock:
+            _started = False  # a later call tries again
         return False
     threading.Thread(
         target=_watch, args=(driver, interval_s, grace_s), name="warren-watchdog", daemon=True

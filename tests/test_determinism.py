@@ -197,3 +197,35 @@ def test_a_global_stage_writes_the_same_shards_in_input_order_however_its_rows_m
     assert sorted(i for ids in kept for i in ids) == sorted(i for i in upstream if i[-1] != "3")
     for ids in kept:
         assert ids == sorted(ids, key=upstream.index)
+
+
+def test_global_pieces_cut_the_files_at_fixed_positions_as_a_scan_of_every_file_would():
+    import json
+    import random
+
+    from pipelines import runner
+
+    step = runner.GLOBAL_ROWS_PER_PART
+
+    def scan(files, total):  # every piece against every file: obviously right, quadratic
+        starts = [sum(n for _, n in files[:i]) for i in range(len(files))]
+        items = []
+        for k in range(-(-total // step)):
+            lo, hi = k * step, min(total, (k + 1) * step)
+            segments = [
+                [p, max(lo, s) - s, min(hi, s + n) - max(lo, s), max(lo, s)]
+                for (p, n), s in zip(files, starts, strict=True)
+                if max(lo, s) < min(hi, s + n)
+            ]
+            items.append({"part": k, "segments": json.dumps(segments)})
+        return items
+
+    rng = random.Random(0)
+    sizes = [0, 1, step - 1, step, step + 1, 3 * step + 5]
+    for _ in range(200):
+        files = [
+            (f"f{i}", rng.choice([*sizes, rng.randint(0, 4 * step)]))
+            for i in range(rng.randint(1, 25))
+        ]
+        total = sum(n for _, n in files)
+        assert runner._global_pieces(files, total) == scan(files, total), files

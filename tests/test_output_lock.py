@@ -155,3 +155,22 @@ def test_an_empty_lock_file_left_by_a_crash_between_create_and_write_is_taken_ov
     lock.check()
     lock.release()
     assert not (out / ".lock").exists()
+
+
+def test_two_runs_taking_over_one_stale_lock_never_both_hold_it(tmp_path):
+    from stages.shards import Location, LockError, OutputLock
+
+    out = tmp_path / "out"
+    dead = _dead_pid()
+    _write_lock(out, host=socket.gethostname(), pid=dead, token="old")
+    stale = json.loads((out / ".lock").read_text())
+    # Run A took the stale lock over a moment ago; run B judged the same stale owner dead and
+    # now moves A's fresh lock aside: it must put it back and stop.
+    first = OutputLock(Location.of(str(out)))
+    assert first.acquire() is not None and first.held
+    second = OutputLock(Location.of(str(out)))
+    with pytest.raises(LockError, match="taken by another run at the same moment"):
+        second._take_over(stale)
+    assert json.loads((out / ".lock").read_text())["token"] == first.token
+    first.check()  # still holds it
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]

@@ -427,3 +427,19 @@ def test_window_edges_are_the_values_at_the_window_ranks():
 )
 def test_duplicate_reasons_name_the_kept_copy(reason, kept):
     assert duplicate_of(reason) == kept
+
+
+def test_a_thumbnail_never_decodes_a_huge_png_on_the_driver():
+    import struct
+    import zlib
+
+    from pipelines.report import thumbnail
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    # An RGBA PNG header claiming 16000 x 16000 (256 Mpx: under the pixel limit, ~1 GiB decoded)
+    ihdr = struct.pack(">IIBBBBB", 16000, 16000, 8, 6, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+    uri, why = thumbnail([{"bytes": png, "path": None}])
+    assert uri is None and why.startswith("too many pixels to show (") and "memory" in why
