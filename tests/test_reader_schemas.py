@@ -248,3 +248,25 @@ def test_a_null_turn_is_a_rejected_row_not_a_failed_file(tmp_path):
     assert rows["a"][REJECT_COLUMN] is None
     # Arrow reads a null struct's fields as nulls: a turn with no role
     assert rows["b"][REJECT_COLUMN] == "parquet: unknown role (turn 2 is None)"
+
+
+def test_a_mapped_column_that_no_file_has_is_refused_not_read_as_the_canonical_one(tmp_path):
+    canonical_file(tmp_path / "a.parquet", ["a1", "a2"])
+    canonical_file(tmp_path / "b.parquet", ["b1"])
+    with pytest.raises(InputError, match=r"'alt_txt' \(for 'caption'\), which no input file has"):
+        ParquetReader(str(tmp_path), columns={"caption": "alt_txt"}).plan()
+    # A column that some files have and others lack is a difference between files: read.
+    pq.write_table(
+        pa.table(
+            {
+                "id": ["c1"],
+                "alt_txt": ["from alt"],
+                "images": pa.array([[{"bytes": png(9), "path": None}]], pa.list_(IMAGE_TYPE)),
+            }
+        ),
+        tmp_path / "c.parquet",
+    )
+    got = read_all(ParquetReader(str(tmp_path), columns={"caption": "alt_txt"}))
+    assert dict(
+        zip(got.column("id").to_pylist(), got.column("caption").to_pylist(), strict=True)
+    ) == {"a1": "c a1", "a2": "c a2", "b1": "c b1", "c1": "from alt"}

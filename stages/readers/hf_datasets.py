@@ -161,11 +161,15 @@ class HFDatasetsReader(Reader):
             stream = pa.ipc.open_stream(f)
             hints = unit.options.get("image_columns") or _schema_image_hints(stream.schema)
             conversions = self.mapping.resolve(stream.schema, where, hints)
+            offset = 0  # rows of the file before this slice: reasons name the file's row
             for batch in stream:
                 for start in range(0, batch.num_rows, self.batch_size):
                     part = pa.Table.from_batches([batch.slice(start, self.batch_size)])
                     table = self.mapping.apply(part, conversions)
-                    yield finish(table, self.source, "source" in self.options, where, self.format)
+                    yield finish(
+                        table, self.source, "source" in self.options, where, self.format, offset
+                    )
+                    offset += part.num_rows
 
 
 def _schema_image_hints(schema: pa.Schema) -> list[str]:

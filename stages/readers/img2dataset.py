@@ -189,13 +189,14 @@ class Img2DatasetReader(Reader):
         """The rejection reason of each row of a raw batch; null for a downloaded sample."""
         return failure_reasons(raw.column("status").combine_chunks(), _column(raw, "error_message"))
 
-    def _finish(self, table: pa.Table, path: str) -> pa.Table:
+    def _finish(self, table: pa.Table, path: str, first_row: int = 0) -> pa.Table:
         return finish(
             table,
             self.source,
             "source" in self.options,
             file_uri(self.location.fs, path),
             self.format,
+            first_row,
         )
 
     def _read_parquet(self, path: str) -> Iterator[pa.Table]:
@@ -206,6 +207,7 @@ class Img2DatasetReader(Reader):
             image_col = _image_column(schema)
             mapping = _mapping(image_col)
             conversions = mapping.resolve(schema, file_uri(fs, path))
+            offset = 0  # rows of the file before this batch: reasons name the file's row
             for batch in pf.iter_batches(batch_size=self.batch_size):
                 raw = self._prepare(pa.Table.from_batches([batch]))
                 keys = pc.cast(raw.column("key"), pa.string())
@@ -217,7 +219,8 @@ class Img2DatasetReader(Reader):
                 no_image = pc.equal(pc.list_value_length(table.column("images")), 0)
                 missing = pc.binary_join_element_wise("img2dataset: missing image (", keys, ")", "")
                 reasons = pc.if_else(pc.and_(pc.is_null(reasons), no_image), missing, reasons)
-                yield self._finish(table.append_column(REJECT_COLUMN, reasons), path)
+                yield self._finish(table.append_column(REJECT_COLUMN, reasons), path, offset)
+                offset += batch.num_rows
 
     def _read_metadata(self, path: str, tar_missing: bool) -> Iterator[pa.Table]:
         """Rejected rows from a metadata Parquet, with the columns of a tar unit's rows.

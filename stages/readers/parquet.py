@@ -92,6 +92,7 @@ class ParquetReader(Reader):
         fs = self.location.fs
         units = []
         schemas: list[tuple[str, pa.Schema]] = []
+        seen_columns: set[str] = set()
         for info in files:
             where = file_uri(fs, info.path)
             key = relative_key(self.location, info.path)
@@ -119,6 +120,17 @@ class ParquetReader(Reader):
                 self.aliases_used[key] = aliases
             schemas.append((where, _output_schema(self.mapping, schema, conversions, where)))
             units.append(ReadUnit(key=key, path=info.path, options={"rows": rows}))
+            seen_columns.update(schema.names)
+        # A file without a mapped column may read the canonical one instead (files of one input
+        # differ), but a mapped column that no file has is a typo, not a difference: refuse it
+        # rather than read every file's canonical column without a word.
+        missing = {t: s for t, s in self.mapping.columns.items() if s not in seen_columns}
+        if missing and schemas:
+            raise InputError(
+                f"{self.format}: option columns names {', '.join(map(repr, missing.values()))} "
+                f"(for {', '.join(map(repr, missing))}), which no input file has; the files' "
+                f"columns are {sorted(seen_columns)}"
+            )
         # Every shard of the output must have one schema, even when the input files disagree
         # (a column missing from some files, int32 here and int64 there): each file's canonical
         # table is cast to the union of them. The reader is pickled to the tasks with it.
