@@ -71,6 +71,10 @@ INGEST = "ingest"
 # Rows per output piece of a global stage, and per piece of a map stage without a batch size.
 GLOBAL_ROWS_PER_PART = 2048
 MAP_ROWS_PER_PIECE = 4096
+# Rows a map stage with a batch size reads and writes as one piece (a whole number of its batches):
+# one read of the upstream rows instead of one per batch, one file instead of one per batch, and a
+# worker's memory bounded by a piece. The size of a global stage's pieces, so those read once.
+MAP_ROWS_PER_READ = GLOBAL_ROWS_PER_PART
 # Where a global stage stages the fragments of pieces that its output spread over several blocks.
 STAGING_DIR = "_staging"
 # Read tasks ask for a quarter CPU: an actor pool sized to the machine then never leaves them
@@ -304,15 +308,20 @@ def _normalise_src(path: str) -> str:
 # Units of work come from the input, never from scheduling: a map stage processes each input shard
 # in fixed row ranges (`_map_pieces`), and a piece is named by its shard and row offset, so the
 # same input gives the same pieces, the same model batches and the same files whatever Ray does
-# (how many workers, which block boundaries, which retries, where a resumed run starts).
+# (how many workers, which block boundaries, which retries, where a resumed run starts). A piece
+# holds up to MAP_ROWS_PER_READ rows, read once, and the stage sees it in batches of its
+# `batch_size` cut from the piece's start: a small-batch stage neither re-reads a row group per
+# batch nor writes a file per batch.
 
 
 def _map_pieces(sources: dict[str, str], rows: dict[str, int], step: int) -> list[dict[str, Any]]:
-    """One work item per `step` rows of each source shard: {"src", "path", "offset", "rows"}."""
+    """One work item per piece of each source shard: {"src", "path", "offset", "rows", "step"};
+    a piece is a whole number of batches of `step` rows (or the shard's rest)."""
+    size = max(step, MAP_ROWS_PER_READ // step * step)
     return [
-        {"src": src, "path": path, "offset": o, "rows": min(step, rows[src] - o)}
+        {"src": src, "path": path, "offset": o, "rows": min(size, rows[src] - o), "step": step}
         for src, path in sources.items()
-        for o in range(0, rows[src], step)
+        for o in range(0, rows[src], size)
     ]
 
 
@@ -348,7 +357,11 @@ def _map_pieces_of(stage: BatchStage, fs: Any, out: Location, items: pa.Table) -
                 f"stage {stage.name}: {item['path']} has {table.num_rows} rows at offset "
                 f"{item['offset']}, expected {item['rows']} (changed since its stage wrote it?)"
             )
-        out_table = _apply_stage(stage, table)
+        step = item["step"]
+        parts = [_apply_stage(stage, table.slice(o, step)) for o in range(0, table.num_rows, step)]
+        out_table = (
+            pa.concat_tables(parts, promote_options="default") if len(parts) > 1 else parts[0]
+        )
         entries.append(commit_piece(out, item["src"], out_table, piece=_piece_name(item["offset"])))
     return _summary(entries)
 

@@ -91,3 +91,16 @@ class ScrambleRows(GlobalStage):
             return reject(batch, ends3, "scramble_rows: ends in 3")
 
         return ds.map_batches(mark, batch_format="pyarrow")
+
+
+class BatchProbe(BatchStage):
+    """Writes, on every row, the size and first id of the batch `process` was called with."""
+
+    name = "batch_probe"
+    version = "1"
+    batch_size = 7
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        out = batch.append_column("batch_rows", pa.array([n] * n, pa.int64()))
+        return out.append_column("batch_first", pa.array([batch.column("id")[0].as_py()] * n))

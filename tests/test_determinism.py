@@ -229,3 +229,50 @@ def test_global_pieces_cut_the_files_at_fixed_positions_as_a_scan_of_every_file_
         ]
         total = sum(n for _, n in files)
         assert runner._global_pieces(files, total) == scan(files, total), files
+
+
+def test_a_map_stage_sees_its_batches_cut_from_each_shard_and_writes_a_file_per_piece(
+    ray_session, tmp_path
+):
+    from stages_for_tests import BatchProbe
+
+    from pipelines.runner import MAP_ROWS_PER_READ, Pipeline, Runner
+    from stages.schema import rows_to_table
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    rows = [{"id": f"r-{i:05d}", "caption": "x", "source": "t"} for i in range(2 * 2050 + 9)]
+    pq.write_table(rows_to_table(rows), pool / "a.parquet")
+    out = tmp_path / "out"
+    Runner(
+        Pipeline("t", [BatchProbe()]),
+        str(pool),
+        str(out),
+        reader_options={"batch_size": 2050},
+        progress=False,
+    ).run()
+    got = {
+        r["id"]: (r["batch_rows"], r["batch_first"])
+        for f in (out / "01-batch_probe").glob("part-*.parquet")
+        for r in pq.read_table(f).to_pylist()
+    }
+    # The stage's input shards are ingest's files (2050, 2050 and 9 rows). Expected by hand:
+    # pieces of MAP_ROWS_PER_READ // 7 * 7 rows from each shard's start, batches of 7 from each
+    # piece's start.
+    shards = [
+        pq.read_table(f, columns=["id"]).column("id").to_pylist()
+        for f in sorted((out / "00-ingest").glob("part-*.parquet"))
+    ]
+    assert sorted(map(len, shards)) == [9, 2050, 2050]
+    per_piece = MAP_ROWS_PER_READ // 7 * 7
+    expected, pieces = {}, 0
+    for ids in shards:
+        for p in range(0, len(ids), per_piece):
+            pieces += 1
+            piece = ids[p : p + per_piece]
+            for b in range(0, len(piece), 7):
+                batch = piece[b : b + 7]
+                expected.update({i: (len(batch), batch[0]) for i in batch})
+    assert got == expected
+    assert pieces == 5  # 2044 + 6, twice, and 9
+    assert len(list((out / "01-batch_probe").glob("part-*.parquet"))) == pieces
