@@ -31,13 +31,14 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
+import inspect
 import json
 import logging
 import os
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -61,7 +62,7 @@ from stages.ledger import (
     read_ledger,
 )
 from stages.readers.base import Reader, ReadUnit
-from stages.schema import conform
+from stages.schema import REJECT_COLUMN, conform
 from stages.shards import TMP_PREFIX, Location, LockError, OutputLock, write_table_atomic
 
 MANIFEST = "_manifest.json"
@@ -115,6 +116,19 @@ def one_line(exc: BaseException) -> str:
 def _compact_errors(fn):
     """Worker functions raise StageFailed: Ray then carries a one-line cause and a short stack
     back to the driver instead of the chain of every frame (printed once per retry)."""
+
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def generator(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except StageFailed:
+                raise
+            except Exception as exc:
+                raise StageFailed(one_line(exc), traceback.format_exc()) from None
+
+        return generator
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -348,8 +362,11 @@ def _piece_name(offset: int) -> str:
     return f"{offset:012d}"
 
 
-def _map_pieces_of(stage: BatchStage, fs: Any, out: Location, items: pa.Table) -> pa.Table:
-    entries = []
+def _map_pieces_of(
+    stage: BatchStage, fs: Any, out: Location, items: pa.Table
+) -> Iterator[pa.Table]:
+    """Process and commit each piece, yielding a progress summary per batch as it is done: a slow
+    model stage shows progress before its piece is written (the ledger, not these, counts)."""
     for item in items.to_pylist():
         table = _read_rows(fs, item["path"], item["offset"], item["rows"])
         if table.num_rows != item["rows"]:
@@ -358,12 +375,31 @@ def _map_pieces_of(stage: BatchStage, fs: Any, out: Location, items: pa.Table) -
                 f"{item['offset']}, expected {item['rows']} (changed since its stage wrote it?)"
             )
         step = item["step"]
-        parts = [_apply_stage(stage, table.slice(o, step)) for o in range(0, table.num_rows, step)]
+        parts = []
+        for o in range(0, table.num_rows, step):
+            parts.append(_apply_stage(stage, table.slice(o, step)))
+            if o + step < table.num_rows:  # the piece's last batch is reported once written
+                yield _batch_summary(item["src"], parts[-1])
         out_table = (
             pa.concat_tables(parts, promote_options="default") if len(parts) > 1 else parts[0]
         )
-        entries.append(commit_piece(out, item["src"], out_table, piece=_piece_name(item["offset"])))
-    return _summary(entries)
+        commit_piece(out, item["src"], out_table, piece=_piece_name(item["offset"]))
+        yield _batch_summary(item["src"], parts[-1])
+
+
+def _batch_summary(src: str, part: pa.Table) -> pa.Table:
+    marks = part.column(REJECT_COLUMN) if REJECT_COLUMN in part.column_names else None
+    rejected = 0 if marks is None else part.num_rows - marks.null_count
+    return _summary(
+        [
+            {
+                "src": src,
+                "rows_in": part.num_rows,
+                "kept": part.num_rows - rejected,
+                "rejected": rejected,
+            }
+        ]
+    )
 
 
 class _MapActor:
@@ -383,20 +419,20 @@ class _MapActor:
             self.failed = exc
 
     @_compact_errors
-    def __call__(self, items: pa.Table) -> pa.Table:
+    def __call__(self, items: pa.Table) -> Iterator[pa.Table]:
         if self.failed is not None:
             raise self.failed
-        return _map_pieces_of(self.stage, self.fs, self.out, items)
+        yield from _map_pieces_of(self.stage, self.fs, self.out, items)
 
 
 @_compact_errors
-def _map_task(items: pa.Table, stage: BatchStage, fs: Any, out: Location) -> pa.Table:
+def _map_task(items: pa.Table, stage: BatchStage, fs: Any, out: Location) -> Iterator[pa.Table]:
     # Each task gets a fresh copy of the stage; set it up once per worker process and reuse it.
     key = (type(stage).__module__, type(stage).__qualname__, stage.params_hash)
     if key not in _SETUP_DONE:
         stage.setup()
         _SETUP_DONE[key] = stage
-    return _map_pieces_of(_SETUP_DONE[key], fs, out, items)
+    yield from _map_pieces_of(_SETUP_DONE[key], fs, out, items)
 
 
 @_compact_errors
