@@ -16,6 +16,11 @@ def encode(img: Image.Image, fmt: str = "PNG", **save: object) -> bytes:
     return buf.getvalue()
 
 
+def png(shade: int) -> bytes:
+    """A 3x2 PNG whose red level is `shade`: a distinct small image per number."""
+    return encode(Image.new("RGB", (3, 2), (shade, 0, 0)))
+
+
 def noise(width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))

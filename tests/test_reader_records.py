@@ -11,8 +11,8 @@ import tarfile
 
 import pyarrow as pa
 import pytest
+from crafted_images import png
 from outputs import rejected_reasons, table
-from PIL import Image
 
 from pipelines.runner import Pipeline, Runner
 from stages.export_check import ExportCheck
@@ -20,12 +20,6 @@ from stages.readers import CocoReader, ImageFolderReader, Img2DatasetReader, Lla
 from stages.schema import REJECT_COLUMN, conform
 
 LONE = "\ud800"  # valid in JSON ("\\ud800"), not encodable as UTF-8
-
-
-def png(shade: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (3, 2), (shade, 0, 0)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def read_all(reader) -> pa.Table:

@@ -4,7 +4,6 @@ asked. Every file is written here, so the counts and values expected come from t
 
 from __future__ import annotations
 
-import io
 import logging
 import pickle
 from pathlib import Path
@@ -12,16 +11,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from crafted_images import png
 
 from stages.readers import InputError, LlavaJsonReader, ParquetReader
 from stages.schema import IMAGE_TYPE, REJECT_COLUMN, conform
-
-
-def png(shade: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (3, 2), (shade, 0, 0)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def read_all(reader) -> pa.Table:
