@@ -34,11 +34,11 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.runner import Pipeline, Runner, ensure_ray  # noqa: E402
-from stages.balance import Balance, balance_targets  # noqa: E402
-from stages.base import GlobalContext, GlobalStage, reject  # noqa: E402
-from stages.schema import conform  # noqa: E402
-from stages.select import uniform_key  # noqa: E402
+from warren.pipelines.runner import Pipeline, Runner, ensure_ray  # noqa: E402
+from warren.stages.balance import Balance, balance_targets  # noqa: E402
+from warren.stages.base import GlobalContext, GlobalStage, reject  # noqa: E402
+from warren.stages.schema import conform  # noqa: E402
+from warren.stages.select import uniform_key  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(5000)]
 

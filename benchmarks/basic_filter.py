@@ -36,10 +36,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.basic_filter import pipeline as basic_filter  # noqa: E402
-from pipelines.recipe import DEMO_DATA  # noqa: E402
-from pipelines.runner import Pipeline, Runner, ensure_ray  # noqa: E402
-from stages.schema import conform  # noqa: E402
+from warren.pipelines.basic_filter import pipeline as basic_filter  # noqa: E402
+from warren.pipelines.recipe import DEMO_DATA  # noqa: E402
+from warren.pipelines.runner import Pipeline, Runner, ensure_ray  # noqa: E402
+from warren.stages.schema import conform  # noqa: E402
 
 SUFFIXES = ["", " photo", " image", ", high quality", " (illustration)"]
 SHARD_ROWS = 5000

@@ -27,8 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.cluster import train_kmeans  # noqa: E402
-from stages.semdedup import components_cluster, semdedup_cluster  # noqa: E402
+from warren.stages.cluster import train_kmeans  # noqa: E402
+from warren.stages.semdedup import components_cluster, semdedup_cluster  # noqa: E402
 
 
 def peak_rss_gib() -> float:
@@ -162,9 +162,8 @@ def run_through_ray(emb, labels, cos, ids, args, floor_s: float) -> None:
     """The semdedup stage on a local Ray: Arrow blocks in, groupby cluster, one task a cluster."""
     import pyarrow as pa
     import ray
-
-    from stages.base import GlobalContext
-    from stages.semdedup import SemDedup
+    from warren.stages.base import GlobalContext
+    from warren.stages.semdedup import SemDedup
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     from ray.data import DataContext

@@ -84,9 +84,9 @@ def serve(n: int, ready: mp.Queue, stop: mp.Event) -> None:
 
 def run_ingest(urls: str, out: str, threads: int, rows_per_shard: int) -> tuple[float, float, int]:
     """(ingest seconds, conversion seconds, kept rows) for one thread count."""
-    from pipelines.runner import Pipeline, Runner
-    from stages.readers.download import DownloadReader
-    from stages.shards import Location
+    from warren.pipelines.runner import Pipeline, Runner
+    from warren.stages.readers.download import DownloadReader
+    from warren.stages.shards import Location
 
     reader = DownloadReader(urls, thread_count=threads, rows_per_shard=rows_per_shard)
     reader.bind_output(Location.of(out))
@@ -128,8 +128,7 @@ def main() -> None:
 
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from pipelines.runner import ensure_ray
+    from warren.pipelines.runner import ensure_ray
 
     ctx = mp.get_context("spawn")
     ready, stop = ctx.Queue(), ctx.Event()

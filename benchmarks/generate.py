@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from stages.llm_client import ChatRequest, ClientConfig, run_requests, summarize  # noqa: E402
+from warren.stages.llm_client import ChatRequest, ClientConfig, run_requests, summarize  # noqa: E402
 
 
 def serve(

@@ -46,10 +46,10 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.recipe import DEMO_DATA  # noqa: E402
-from pipelines.runner import Pipeline, Runner, ensure_ray  # noqa: E402
-from stages.perplexity import Perplexity  # noqa: E402
-from stages.schema import conform  # noqa: E402
+from warren.pipelines.recipe import DEMO_DATA  # noqa: E402
+from warren.pipelines.runner import Pipeline, Runner, ensure_ray  # noqa: E402
+from warren.stages.perplexity import Perplexity  # noqa: E402
+from warren.stages.schema import conform  # noqa: E402
 
 FIXED_ROWS = 32  # a run this small costs what any run costs before its first batch
 

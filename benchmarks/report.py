@@ -32,8 +32,8 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.base import reason_key  # noqa: E402
-from stages.schema import IMAGE_TYPE  # noqa: E402
+from warren.stages.base import reason_key  # noqa: E402
+from warren.stages.schema import IMAGE_TYPE  # noqa: E402
 
 ROWS_PER_FILE = 65_536
 IMAGE_EVERY = 300  # --image-every 1 gives every row an image (the HTML size of a real run)
@@ -235,7 +235,7 @@ def main() -> int:
             print(f"synthesised {args.rows:,} rows in {time.perf_counter() - t0:.1f} s: {out}")
         t0 = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "pipelines.cli", "report", str(out)], check=True, cwd=ROOT
+            [sys.executable, "-m", "warren.pipelines.cli", "report", str(out)], check=True, cwd=ROOT
         )
         seconds = time.perf_counter() - t0
         size = (out / "report.html").stat().st_size

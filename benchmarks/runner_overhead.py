@@ -33,11 +33,11 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.runner import Pipeline, Runner  # noqa: E402
-from stages.base import BatchStage, param, reject  # noqa: E402
-from stages.ledger import split_rejected  # noqa: E402
-from stages.schema import IMAGE_TYPE, conform  # noqa: E402
-from stages.shards import Location, write_table_atomic  # noqa: E402
+from warren.pipelines.runner import Pipeline, Runner  # noqa: E402
+from warren.stages.base import BatchStage, param, reject  # noqa: E402
+from warren.stages.ledger import split_rejected  # noqa: E402
+from warren.stages.schema import IMAGE_TYPE, conform  # noqa: E402
+from warren.stages.shards import Location, write_table_atomic  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,11 +37,10 @@ from transformers import (  # noqa: E402
     TrainerCallback,
     TrainingArguments,
 )
-
-from trainers.data import collate, iter_rows, plan_units  # noqa: E402
-from trainers.llava import TrainConfig, train  # noqa: E402
-from trainers.model import build_llava, load_llava  # noqa: E402
-from trainers.templates import ConversationEncoder  # noqa: E402
+from warren.trainers.data import collate, iter_rows, plan_units  # noqa: E402
+from warren.trainers.llava import TrainConfig, train  # noqa: E402
+from warren.trainers.model import build_llava, load_llava  # noqa: E402
+from warren.trainers.templates import ConversationEncoder  # noqa: E402
 
 
 def build_models(root: Path, hidden: int) -> Path:

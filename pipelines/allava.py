@@ -20,15 +20,11 @@ requests per image). Responses are cached under --allava_generate.cache_dir.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo importable, locally and in a Ray job
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipelines.recipe import main
-from pipelines.runner import Pipeline
-from stages.generate import AllavaGenerate
-from stages.image_check import ImageCheck
+from warren.pipelines.recipe import main
+from warren.pipelines.runner import Pipeline
+from warren.stages.generate import AllavaGenerate
+from warren.stages.image_check import ImageCheck
 
 
 def pipeline() -> Pipeline:

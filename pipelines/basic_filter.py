@@ -27,22 +27,18 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make the repo importable, locally and in a Ray job
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipelines.recipe import main
-from pipelines.runner import Pipeline
-from stages.base import Stage
-from stages.caption_filter import CaptionFilter
-from stages.exact_dedup import ExactDedup
-from stages.image_check import ImageCheck
-from stages.image_filter import ImageFilter
-from stages.language import Language
-from stages.nsfw import Nsfw
-from stages.phash_dedup import PhashDedup
+from warren.pipelines.recipe import main
+from warren.pipelines.runner import Pipeline
+from warren.stages.base import Stage
+from warren.stages.caption_filter import CaptionFilter
+from warren.stages.exact_dedup import ExactDedup
+from warren.stages.image_check import ImageCheck
+from warren.stages.image_filter import ImageFilter
+from warren.stages.language import Language
+from warren.stages.nsfw import Nsfw
+from warren.stages.phash_dedup import PhashDedup
 
 DEMO_PARAMS: dict[str, dict[str, Any]] = {
     "image_filter": {"min_width": 64, "min_height": 64},

@@ -19,7 +19,7 @@ import pkgutil
 import sys
 from collections.abc import Sequence
 
-import pipelines
+import warren.pipelines as pipelines
 
 # mixture.py takes a spec, not a fixed pipeline: `warren mixture SPEC.yaml` runs it; report.py
 # and explain.py read a run's output.
@@ -37,7 +37,7 @@ def recipe_names() -> list[str]:
 def load_recipe(name: str):
     if name not in recipe_names():
         raise SystemExit(f"warren: unknown recipe {name!r}; known: {', '.join(recipe_names())}")
-    return importlib.import_module(f"pipelines.{name}")
+    return importlib.import_module(f"warren.pipelines.{name}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="build a mixture from a spec; flags as pipelines/mixture.py (see its --help)",
     )
     mix.add_argument("spec")
-    from stages.exports import EXPORTERS
+    from warren.stages.exports import EXPORTERS
 
     exp = sub.add_parser(
         "export",
@@ -93,22 +93,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest and args.command not in ("run", "mixture"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "mixture":
-        from pipelines.mixture import main as mixture_main
+        from warren.pipelines.mixture import main as mixture_main
 
         return mixture_main([args.spec, *rest])
     if args.command == "export":
         return export_main(args)
     if args.command == "report":
-        from pipelines.report import main as report_main
+        from warren.pipelines.report import main as report_main
 
         seed = ["--seed", str(args.seed)]
         return report_main([args.output, *seed, *(["--to", args.dest] if args.dest else [])])
     if args.command == "explain":
-        from pipelines.explain import main as explain_main
+        from warren.pipelines.explain import main as explain_main
 
         return explain_main([args.output, args.id])
     module = load_recipe(args.recipe)
-    from pipelines.recipe import main as recipe_main
+    from warren.pipelines.recipe import main as recipe_main
 
     if args.command == "describe":
         return recipe_main(module.pipeline(), ["--describe"])
@@ -118,8 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def export_main(args: argparse.Namespace) -> int:
     """`warren export`: exit 0 when rows were written (the rows not written, if any, are listed
     with their reasons), 2 when the export failed or would have written no row."""
-    from stages.exports import ExportError, export
-    from stages.exports.caption import unescape
+    from warren.stages.exports import ExportError, export
+    from warren.stages.exports.caption import unescape
 
     options: dict[str, str] = {}
     if args.name is not None:

@@ -18,19 +18,15 @@ its mark after the CLIP-score ranks are taken), so the result is their exact int
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo importable, locally and in a Ray job
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipelines.recipe import DEMO_CLIP, main
-from pipelines.runner import Pipeline
-from stages.caption_check import CaptionCheck
-from stages.clip_score import ClipScore
-from stages.embed import Embed
-from stages.image_based import ImageBased
-from stages.image_check import ImageCheck
-from stages.require import Require
+from warren.pipelines.recipe import DEMO_CLIP, main
+from warren.pipelines.runner import Pipeline
+from warren.stages.caption_check import CaptionCheck
+from warren.stages.clip_score import ClipScore
+from warren.stages.embed import Embed
+from warren.stages.image_based import ImageBased
+from warren.stages.image_check import ImageCheck
+from warren.stages.require import Require
 
 
 def pipeline() -> Pipeline:

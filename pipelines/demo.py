@@ -11,16 +11,12 @@ every exact duplicate.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo importable, locally and in a Ray job
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipelines.recipe import main
-from pipelines.runner import Pipeline
-from stages.caption_check import CaptionCheck
-from stages.exact_dedup import ExactDedup
-from stages.image_check import ImageCheck
+from warren.pipelines.recipe import main
+from warren.pipelines.runner import Pipeline
+from warren.stages.caption_check import CaptionCheck
+from warren.stages.exact_dedup import ExactDedup
+from warren.stages.image_check import ImageCheck
 
 
 def pipeline() -> Pipeline:

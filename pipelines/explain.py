@@ -18,11 +18,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from pipelines.report import StageOutput, duplicate_of, rank_window, read_stages
-from stages.base import reason_key
-from stages.schema import REASON_COLUMN
-from stages.shards import Location
+from warren.pipelines.report import StageOutput, duplicate_of, rank_window, read_stages
+from warren.stages.base import reason_key
+from warren.stages.schema import REASON_COLUMN
+from warren.stages.shards import Location
 
 # What ingest shows of a row: where it came from and what it says.
 INGEST_COLUMNS = ("source", "caption")

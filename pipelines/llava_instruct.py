@@ -23,14 +23,10 @@ larger budget after a budget stop, pays only for what was never answered.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo importable, locally and in a Ray job
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipelines.recipe import main
-from pipelines.runner import Pipeline
-from stages.generate import LlavaGenerate
+from warren.pipelines.recipe import main
+from warren.pipelines.runner import Pipeline
+from warren.stages.generate import LlavaGenerate
 
 
 def pipeline() -> Pipeline:

@@ -31,25 +31,20 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make the repo importable, locally and in a Ray job
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import pyarrow.parquet as pq
-
-from pipelines.recipe import main as recipe_main
-from pipelines.runner import MANIFEST, Pipeline
-from stages.balance import Balance
-from stages.base import Stage
-from stages.export_check import ExportCheck
-from stages.exports.caption import CaptionTemplate, unescape
-from stages.mixture_spec import MixtureSpec, SpecError, load_spec
-from stages.readers.mixture import READER
-from stages.shards import Location
-from stages.short_answer import ShortAnswer
-from stages.source_filter import SourceFilter
+from warren.pipelines.recipe import main as recipe_main
+from warren.pipelines.runner import MANIFEST, Pipeline
+from warren.stages.balance import Balance
+from warren.stages.base import Stage
+from warren.stages.export_check import ExportCheck
+from warren.stages.exports.caption import CaptionTemplate, unescape
+from warren.stages.mixture_spec import MixtureSpec, SpecError, load_spec
+from warren.stages.readers.mixture import READER
+from warren.stages.shards import Location
+from warren.stages.short_answer import ShortAnswer
+from warren.stages.source_filter import SourceFilter
 
 BALANCE_KEYS_FROM_SOURCES = ("source_caps", "source_weights")
 
@@ -234,8 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--quiet" not in rest:
         print(format_summary(summary), flush=True)
     if export:
-        from stages.exports import ExportError
-        from stages.exports import export as write_export
+        from warren.stages.exports import ExportError
+        from warren.stages.exports import export as write_export
 
         options = {k: v for k, v in export.items() if k not in ("format", "to", "overwrite")}
         try:

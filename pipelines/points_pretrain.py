@@ -27,19 +27,15 @@ vision, so its captions do not describe the images), SmolLM2 for CapFusion and p
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo importable, locally and in a Ray job
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipelines.recipe import ALL_ROWS, DEMO_RECAPTION, DEMO_SUBSAMPLE, main
-from pipelines.runner import Pipeline
-from stages.capfusion import CapFusion
-from stages.caption_check import CaptionCheck
-from stages.image_check import ImageCheck
-from stages.perplexity import Perplexity, PplFilter
-from stages.recaption import Recaption
-from stages.select import Sample
+from warren.pipelines.recipe import ALL_ROWS, DEMO_RECAPTION, DEMO_SUBSAMPLE, main
+from warren.pipelines.runner import Pipeline
+from warren.stages.capfusion import CapFusion
+from warren.stages.caption_check import CaptionCheck
+from warren.stages.image_check import ImageCheck
+from warren.stages.perplexity import Perplexity, PplFilter
+from warren.stages.recaption import Recaption
+from warren.stages.select import Sample
 
 
 def pipeline() -> Pipeline:

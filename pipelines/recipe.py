@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipelines.runner import Pipeline, PipelineError, Runner, one_line
-from stages.base import Stage
-from stages.readers.base import InputError
-from stages.schema import SchemaError
+from warren.pipelines.runner import Pipeline, PipelineError, Runner, one_line
+from warren.stages.base import Stage
+from warren.stages.readers.base import InputError
+from warren.stages.schema import SchemaError
 
 DEMO_DATA = str(Path(__file__).resolve().parent / "demo_data" / "demo.parquet")
 # The demo CLIP, trained on the demo pool (pipelines/demo_data/train_demo_clip.py): offline default.
@@ -202,7 +202,7 @@ def _with_demo_models(stages: list[Stage]) -> list[Stage]:
     out = []
     for stage in stages:
         if getattr(stage.params, "model", None) == DEMO_VLM:
-            from pipelines.demo_data.demo_vlm import ensure_demo_vlm
+            from warren.pipelines.demo_data.demo_vlm import ensure_demo_vlm
 
             stage = type(stage)(stage.params, stage_name=stage.name, model=ensure_demo_vlm())
         out.append(stage)
@@ -216,7 +216,7 @@ def main(
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--basic-filter" in argv:
         # Before the parser is built: the filter's stages bring their own --<stage>.<param> flags.
-        from pipelines.basic_filter import with_basic_filter
+        from warren.pipelines.basic_filter import with_basic_filter
 
         pipeline = with_basic_filter(pipeline)
     parser = build_parser(pipeline, default_output or f"warren-out/{pipeline.name}")
@@ -265,8 +265,8 @@ def _log_traceback(output: str, exc: BaseException) -> str | None:
     """Write the traceback to OUTPUT/logs/run.log; its path, or None when it cannot be written."""
     import traceback
 
-    from pipelines.runner import LOGS_DIR
-    from stages.shards import Location
+    from warren.pipelines.runner import LOGS_DIR
+    from warren.stages.shards import Location
 
     try:
         log = Location.of(output).join(LOGS_DIR, "run.log")
@@ -281,7 +281,7 @@ def _write_report(output: str, verbose: bool) -> None:
     """The run's HTML report; the data is what the run is for, so a report that cannot be
     written is a warning, never a failed run."""
     try:
-        from pipelines.report import write_report
+        from warren.pipelines.report import write_report
 
         print(f"report: {write_report(output)}", flush=True)
     except Exception as exc:  # matplotlib missing, a full disk, a bug in the report: warn only

@@ -38,12 +38,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from pipelines.runner import MANIFEST
-from stages.base import reason_key
-from stages.ledger import REJECTED_DIR
-from stages.schema import REASON_COLUMN
-from stages.shards import Location
+from warren.pipelines.runner import MANIFEST
+from warren.stages.base import reason_key
+from warren.stages.ledger import REJECTED_DIR
+from warren.stages.schema import REASON_COLUMN
+from warren.stages.shards import Location
 
 REPORT_FILE = "report.html"
 KEPT_SAMPLES = 12  # thumbnails of kept rows per stage
@@ -544,7 +543,7 @@ def _read_rows(stage: StageOutput, path: str, rows: list[int], columns: list[str
 def thumbnail(images: list[dict] | None) -> tuple[str | None, str]:
     """(JPEG data URI of the first image at THUMB_PX, '') or (None, why not)."""
 
-    from stages.images import ImageTooLargeError, decode_image
+    from warren.stages.images import ImageTooLargeError, decode_image
 
     if not images:
         return None, "no image"

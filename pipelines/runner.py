@@ -42,9 +42,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
-
-from stages import unique_ids
-from stages.base import (
+from warren.stages import unique_ids
+from warren.stages.base import (
     POSITION_COLUMN,
     BatchStage,
     GlobalContext,
@@ -52,7 +51,7 @@ from stages.base import (
     Stage,
     stable_hash,
 )
-from stages.ledger import (
+from warren.stages.ledger import (
     PROGRESS_DIR,
     REJECTED_DIR,
     commit_piece,
@@ -61,9 +60,9 @@ from stages.ledger import (
     prune_incomplete,
     read_ledger,
 )
-from stages.readers.base import Reader, ReadUnit
-from stages.schema import REJECT_COLUMN, conform
-from stages.shards import TMP_PREFIX, Location, LockError, OutputLock, write_table_atomic
+from warren.stages.readers.base import Reader, ReadUnit
+from warren.stages.schema import REJECT_COLUMN, conform
+from warren.stages.shards import TMP_PREFIX, Location, LockError, OutputLock, write_table_atomic
 
 MANIFEST = "_manifest.json"
 LOGS_DIR = "logs"
@@ -235,10 +234,10 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         kwargs["address"] = "local"
         kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
         kwargs["include_dashboard"] = False
-        # Workers must import the recipe's stages the way the driver does.
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
+        # Workers import warren as installed; a PYTHONPATH the driver was given (a user's own
+        # stages) reaches them too.
+        if os.environ.get("PYTHONPATH"):
+            kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}}
     ray.init(**kwargs)
 
 
@@ -635,7 +634,7 @@ class Runner:
     ) -> None:
         self.pipeline = pipeline
         self.output = Location.of(output_uri)
-        from stages.readers import get_reader
+        from warren.stages.readers import get_reader
 
         self.reader = reader or get_reader(input_format, input_uri, **(reader_options or {}))
         # A reader with a cache of its own (download) keeps it under the run's output.
@@ -713,7 +712,7 @@ class Runner:
     def _check_demo_models(self) -> None:
         """A demo model (its directory holds a demo marker) only runs on the data it was trained
         on, unless the user says otherwise: on anything else its scores would look real."""
-        from stages.models import demo_model_marker
+        from warren.stages.models import demo_model_marker
 
         for stage in self.pipeline.stages:
             for f in dataclasses.fields(stage.params):
@@ -1240,7 +1239,7 @@ def _is_training_data(reader: Reader, trained_on: dict | None) -> bool:
     (the bundled file, wherever it was copied); large inputs are never hashed."""
     import hashlib
 
-    from stages.shards import list_files
+    from warren.stages.shards import list_files
 
     if not trained_on:
         return False

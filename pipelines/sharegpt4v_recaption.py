@@ -25,16 +25,12 @@ show the machinery, not the quality. Give a real model for real captions.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo importable, locally and in a Ray job
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipelines.recipe import ALL_ROWS, DEMO_RECAPTION, DEMO_SUBSAMPLE, main
-from pipelines.runner import Pipeline
-from stages.image_check import ImageCheck
-from stages.recaption import Recaption
-from stages.select import Sample
+from warren.pipelines.recipe import ALL_ROWS, DEMO_RECAPTION, DEMO_SUBSAMPLE, main
+from warren.pipelines.runner import Pipeline
+from warren.stages.image_check import ImageCheck
+from warren.stages.recaption import Recaption
+from warren.stages.select import Sample
 
 
 def pipeline() -> Pipeline:

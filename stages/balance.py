@@ -89,11 +89,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from stages.base import GlobalContext, GlobalStage, param, reject, stable_hash
-from stages.schema import IMAGE_MARKER
-from stages.select import uniform_key
-from stages.shards import Location
+from warren.stages.base import GlobalContext, GlobalStage, param, reject, stable_hash
+from warren.stages.schema import IMAGE_MARKER
+from warren.stages.select import uniform_key
+from warren.stages.shards import Location
 
 RULE = "balance"
 NULL_NAME = "<null>"

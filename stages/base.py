@@ -26,8 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from stages.schema import REJECT_COLUMN
+from warren.stages.schema import REJECT_COLUMN
 
 #: The input position of each row of a global stage's input (int64, set by the runner). A global
 #: stage returns it with every other column; the runner writes the output in input order by it,

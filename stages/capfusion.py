@@ -41,10 +41,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-
-from prompts import Prompt, load_prompt
-from stages.base import param, put_columns, reject
-from stages.generate import (
+from warren.prompts import Prompt, load_prompt
+from warren.stages.base import param, put_columns, reject
+from warren.stages.generate import (
     _RAW_LIMIT,
     BadReply,
     ModelOrEndpointParams,
@@ -55,8 +54,8 @@ from stages.generate import (
     generate_each,
     prompt_ref,
 )
-from stages.llm_client import ChatRequest
-from stages.lm import SMOLLM2
+from warren.stages.llm_client import ChatRequest
+from warren.stages.lm import SMOLLM2
 
 FUSION_USAGE: dict[str, pa.DataType] = {
     "fusion_prompt_tokens": pa.int64(),
@@ -127,7 +126,7 @@ class CapFusion(_ModelOrEndpointStage):
     def setup(self) -> None:
         super().setup()  # the watchdog
         if self.params.backend == "transformers":
-            from stages.lm import load_lm
+            from warren.stages.lm import load_lm
 
             self._lm = load_lm(self.params.model, dtype=self.params.dtype, flag="--capfusion.model")
 
@@ -226,7 +225,7 @@ class CapFusion(_ModelOrEndpointStage):
         rows: list[int],
         longest: list[int],
     ) -> list[tuple[str | None, str | None, BadReply | None]]:
-        from stages.lm import generate_chat
+        from warren.stages.lm import generate_chat
 
         if self._lm is None:
             self.setup()

@@ -13,8 +13,7 @@ import dataclasses
 
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from stages.base import BatchStage, param, reject
+from warren.stages.base import BatchStage, param, reject
 
 RULE = "caption_check"
 

@@ -57,8 +57,7 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from stages.base import BatchStage, beyond, param, put_columns, reject
+from warren.stages.base import BatchStage, beyond, param, put_columns, reject
 
 RULE = "caption_filter"
 _NULL_INT = pa.scalar(None, pa.int32())

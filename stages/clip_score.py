@@ -20,10 +20,9 @@ import dataclasses
 
 import numpy as np
 import pyarrow as pa
-
-from stages.base import GlobalContext, GlobalStage, param, put_column, reject
-from stages.cluster import embeddings_of
-from stages.select import find_cutoffs, mark_outside
+from warren.stages.base import GlobalContext, GlobalStage, param, put_column, reject
+from warren.stages.cluster import embeddings_of
+from warren.stages.select import find_cutoffs, mark_outside
 
 
 @dataclasses.dataclass(frozen=True)

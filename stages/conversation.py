@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from stages.schema import IMAGE_MARKER
+from warren.stages.schema import IMAGE_MARKER
 
 HUMAN, GPT, SYSTEM = "human", "gpt", "system"
 ROLES = (HUMAN, GPT, SYSTEM)

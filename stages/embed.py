@@ -28,10 +28,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, UnidentifiedImageError
-
-from stages.base import BatchStage, param, put_column, reject
-from stages.images import decode_image
-from stages.schema import embedding_type
+from warren.stages.base import BatchStage, param, put_column, reject
+from warren.stages.images import decode_image
+from warren.stages.schema import embedding_type
 
 RULE = "embed"
 MODEL_COLUMN = "emb_model"
@@ -77,7 +76,7 @@ class Embed(BatchStage):
             )
 
     def setup(self) -> None:
-        from stages.models import load_clip
+        from warren.stages.models import load_clip
 
         self.model = load_clip(
             self.params.model, batch_size=self.params.model_batch_size, flag=f"--{self.name}.model"

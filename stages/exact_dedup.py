@@ -62,10 +62,9 @@ import unicodedata
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from stages.base import GlobalContext, GlobalStage, param, put_column, reject
-from stages.images import decode_image
-from stages.shuffle import map_groups
+from warren.stages.base import GlobalContext, GlobalStage, param, put_column, reject
+from warren.stages.images import decode_image
+from warren.stages.shuffle import map_groups
 
 KEY_COLUMN = "_exact_key"
 IMAGE_HASH_COLUMN = "image_sha256"

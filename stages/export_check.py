@@ -39,13 +39,12 @@ import dataclasses
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from stages import conversation
-from stages.base import BatchStage, param, reject
-from stages.image_check import RULE as IMAGE_CHECK_RULE
-from stages.image_check import ImageCheck, pil_limits, with_index
-from stages.images import DEFAULT_MAX_PIXELS
-from stages.readers.llava_json import safe_relative_path
+from warren.stages import conversation
+from warren.stages.base import BatchStage, param, reject
+from warren.stages.image_check import RULE as IMAGE_CHECK_RULE
+from warren.stages.image_check import ImageCheck, pil_limits, with_index
+from warren.stages.images import DEFAULT_MAX_PIXELS
+from warren.stages.readers.llava_json import safe_relative_path
 
 RULE = "export_check"
 

@@ -58,12 +58,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-
-from prompts import Prompt, PromptError, image_mime, load_prompt
-from stages import watchdog
-from stages.base import BatchStage, param, params_to_dict, put_columns, reject, stable_hash
-from stages.images import decode_error_words, endpoint_image_bytes
-from stages.llm_client import (
+from warren.prompts import Prompt, PromptError, image_mime, load_prompt
+from warren.stages import watchdog
+from warren.stages.base import BatchStage, param, params_to_dict, put_columns, reject, stable_hash
+from warren.stages.images import decode_error_words, endpoint_image_bytes
+from warren.stages.llm_client import (
     BUDGET_STOP,
     ChatRequest,
     ClientConfig,
@@ -72,7 +71,7 @@ from stages.llm_client import (
     run_requests,
     summarize,
 )
-from stages.schema import IMAGE_MARKER, KNOWN_TYPES
+from warren.stages.schema import IMAGE_MARKER, KNOWN_TYPES
 
 LLAVA_TYPES = ("conversation", "detail", "complex_reasoning")
 DEFAULT_MIX = "conversation=0.5,detail=0.25,complex_reasoning=0.25"

@@ -28,10 +28,9 @@ import dataclasses
 
 import numpy as np
 import pyarrow as pa
-
-from stages.base import GlobalContext, GlobalStage, param, put_column, reject
-from stages.cluster import embeddings_of, gather_sample, kmeans_task, nearest_centroids
-from stages.shards import Location
+from warren.stages.base import GlobalContext, GlobalStage, param, put_column, reject
+from warren.stages.cluster import embeddings_of, gather_sample, kmeans_task, nearest_centroids
+from warren.stages.shards import Location
 
 MIN_ROWS_PER_CLUSTER = 40
 

@@ -37,9 +37,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, UnidentifiedImageError
-
-from stages.base import BatchStage, param, put_column, reject
-from stages.images import (
+from warren.stages.base import BatchStage, param, put_column, reject
+from warren.stages.images import (
     DEFAULT_MAX_PIXELS,
     ImageTooLargeError,
     bomb_limits,
@@ -47,7 +46,7 @@ from stages.images import (
     openable_formats,
     size_problem,
 )
-from stages.images import (
+from warren.stages.images import (
     EXCLUDED_FORMATS as EXCLUDED_FORMATS,  # re-exported: image_filter and others import it here
 )
 

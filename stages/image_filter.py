@@ -68,10 +68,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageFile, UnidentifiedImageError
-
-from stages.base import BatchStage, beyond, param, put_columns, reject
-from stages.image_check import with_index
-from stages.images import (
+from warren.stages.base import BatchStage, beyond, param, put_columns, reject
+from warren.stages.image_check import with_index
+from warren.stages.images import (
     DEFAULT_MAX_PIXELS,
     ImageTooLargeError,
     decode_image,

@@ -35,9 +35,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from stages.base import BatchStage, beyond, param, put_columns, reject
-from stages.schema import IMAGE_MARKER
+from warren.stages.base import BatchStage, beyond, param, put_columns, reject
+from warren.stages.schema import IMAGE_MARKER
 
 RULE = "language"
 # Turn roles whose text is not the sample's own (a system prompt is the same on every row).

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-
-from stages.base import reason_key
-from stages.schema import REASON_COLUMN, REJECT_COLUMN, order_columns
-from stages.shards import Location, remove_temporaries, write_table_atomic
+from warren.stages.base import reason_key
+from warren.stages.schema import REASON_COLUMN, REJECT_COLUMN, order_columns
+from warren.stages.shards import Location, remove_temporaries, write_table_atomic
 
 PROGRESS_DIR = "_progress"
 REJECTED_DIR = "rejected"

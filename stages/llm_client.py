@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stages import watchdog
+from warren.stages import watchdog
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from stages.models import _from_hub, default_device, not_found
+from warren.stages.models import _from_hub, default_device, not_found
 
 log = logging.getLogger(__name__)
 

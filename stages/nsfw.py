@@ -58,10 +58,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from stages.base import BatchStage, param, put_column, reject
-from stages.image_check import ImageCheck, pil_limits, with_index
-from stages.images import DEFAULT_MAX_PIXELS, ImageTooLargeError, decode_image
+from warren.stages.base import BatchStage, param, put_column, reject
+from warren.stages.image_check import ImageCheck, pil_limits, with_index
+from warren.stages.images import DEFAULT_MAX_PIXELS, ImageTooLargeError, decode_image
 
 RULE = "nsfw"
 SCORE_COLUMN = "nsfw_score"
@@ -284,7 +283,7 @@ class Nsfw(BatchStage):
 def model_path(spec: str, flag: str = "--nsfw.model") -> Path:
     """The ONNX file a model spec names: the package's bundled file for `open_nsfw`, else the
     path itself. Raises ModelNotFoundError (naming `flag`) when there is no such file."""
-    from stages.models import ModelNotFoundError
+    from warren.stages.models import ModelNotFoundError
 
     spec = spec.strip()
     if spec == BUNDLED:
@@ -352,6 +351,6 @@ def _onnxruntime_has_cuda() -> bool:
 def _gpu_present() -> bool:
     """A GPU this worker may use, decided as every model stage decides (stages.models); only asked
     when onnxruntime can use CUDA, so CPU builds never import torch."""
-    from stages.models import default_device
+    from warren.stages.models import default_device
 
     return default_device() == "cuda"

@@ -69,9 +69,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from stages.base import BatchStage, GlobalContext, GlobalStage, param, put_column, reject
-from stages.select import find_cutoffs, mark_outside
+from warren.stages.base import BatchStage, GlobalContext, GlobalStage, param, put_column, reject
+from warren.stages.select import find_cutoffs, mark_outside
 
 RULE = "perplexity"
 PPL_COLUMN = "ppl"
@@ -285,7 +284,7 @@ class Perplexity(BatchStage):
             )
 
     def setup(self) -> None:
-        from stages.lm import load_lm
+        from warren.stages.lm import load_lm
 
         p = self.params
         self.lm = load_lm(p.model, dtype=p.dtype, flag=f"--{self.name}.model")

@@ -70,11 +70,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from stages.base import GlobalContext, GlobalStage, param, put_columns, reject
-from stages.images import decode_image
-from stages.semdedup import union_pairs
-from stages.shuffle import map_groups
+from warren.stages.base import GlobalContext, GlobalStage, param, put_columns, reject
+from warren.stages.images import decode_image
+from warren.stages.semdedup import union_pairs
+from warren.stages.shuffle import map_groups
 
 RULE = "phash_dedup"
 HASH_COLUMN = "phash"

@@ -46,10 +46,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-
-from prompts import Prompt, PromptError, image_mime, load_prompt
-from stages.base import param, put_columns, reject
-from stages.generate import (
+from warren.prompts import Prompt, PromptError, image_mime, load_prompt
+from warren.stages.base import param, put_columns, reject
+from warren.stages.generate import (
     _RAW_LIMIT,
     USAGE_TYPES,
     BadReply,
@@ -61,9 +60,9 @@ from stages.generate import (
     generate_each,
     prompt_ref,
 )
-from stages.images import decode_error_words, endpoint_image_bytes
-from stages.llm_client import ChatRequest
-from stages.schema import IMAGE_MARKER
+from warren.stages.images import decode_error_words, endpoint_image_bytes
+from warren.stages.llm_client import ChatRequest
+from warren.stages.schema import IMAGE_MARKER
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ShareCaptioner's generation settings (ShareGPT4V's release).
@@ -130,8 +129,7 @@ def decode_image(value: Any) -> Any:
     (`stages.images.decode_image`: orientation, transparency on white, first frame); ValueError
     saying why not."""
     from PIL import Image
-
-    from stages.images import decode_image as decode
+    from warren.stages.images import decode_image as decode
 
     data = (value or {}).get("bytes")
     if not data:
@@ -187,7 +185,7 @@ class Recaption(_ModelOrEndpointStage):
     def setup(self) -> None:
         super().setup()  # the watchdog
         if self.params.backend == "transformers":
-            from stages.lm import load_vlm
+            from warren.stages.lm import load_vlm
 
             self._vlm = load_vlm(self.params.model, dtype=self.params.dtype)
 
@@ -304,8 +302,7 @@ class Recaption(_ModelOrEndpointStage):
         self, prompt: Prompt, images: Sequence[Any]
     ) -> list[tuple[str | None, str | None, int, int, BadReply | None]]:
         import torch
-
-        from stages.lm import decode_replies, generate_kwargs, stop_token_ids
+        from warren.stages.lm import decode_replies, generate_kwargs, stop_token_ids
 
         vlm = self._vlm
         assert vlm is not None

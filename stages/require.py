@@ -17,8 +17,7 @@ import dataclasses
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from stages.base import BatchStage, param, reject
+from warren.stages.base import BatchStage, param, reject
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,9 +46,8 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from stages.base import GlobalContext, GlobalStage, param, put_column, reject
-from stages.shuffle import map_groups
+from warren.stages.base import GlobalContext, GlobalStage, param, put_column, reject
+from warren.stages.shuffle import map_groups
 
 RULES = ("semdedup", "components")
 KEEP_CHOICES: dict[str, tuple[str, ...]] = {

@@ -19,9 +19,8 @@ from __future__ import annotations
 import dataclasses
 
 import pyarrow as pa
-
-from stages.base import BatchStage, param, put_column
-from stages.schema import KNOWN_TYPES
+from warren.stages.base import BatchStage, param, put_column
+from warren.stages.schema import KNOWN_TYPES
 
 LLAVA_SHORT_ANSWER = "Answer the question using a single word or phrase."
 

@@ -22,8 +22,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from stages.base import BatchStage, param, reject
+from warren.stages.base import BatchStage, param, reject
 
 ALL_SOURCES = "*"
 VIRTUAL = {"n_images": "images", "n_turns": "conversations"}

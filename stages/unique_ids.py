@@ -30,11 +30,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-
-from stages.base import reject
-from stages.ledger import REJECTED_DIR, commit_piece, mark_source_done
-from stages.schema import REASON_COLUMN, REJECT_COLUMN
-from stages.shards import Location, list_shards, write_table_atomic
+from warren.stages.base import reject
+from warren.stages.ledger import REJECTED_DIR, commit_piece, mark_source_done
+from warren.stages.schema import REASON_COLUMN, REJECT_COLUMN
+from warren.stages.shards import Location, list_shards, write_table_atomic
 
 RECORD_COLUMN = "_record"
 ORIGINAL_ID_COLUMN = "original_id"
@@ -205,8 +204,7 @@ def decide(
     """Write the decisions for the kept raw files `files` ((path, unit index) in input order)
     under `out/_ids/`; returns how many rows are repeated ids. Resumes: done once, kept."""
     import ray
-
-    from stages.shuffle import map_groups
+    from warren.stages.shuffle import map_groups
 
     ids_dir = out.join(IDS_DIR)
     done = ids_dir.join(IDS_DONE)

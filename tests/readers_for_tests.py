@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from stages.readers.parquet import ParquetReader
+from warren.stages.readers.parquet import ParquetReader
 
 
 class SlowParquetReader(ParquetReader):

@@ -8,8 +8,7 @@ import json
 import socket
 
 import pyarrow as pa
-
-from stages.base import BatchStage, GlobalContext, GlobalStage, param
+from warren.stages.base import BatchStage, GlobalContext, GlobalStage, param
 
 
 @dataclasses.dataclass(frozen=True)

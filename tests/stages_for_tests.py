@@ -8,8 +8,7 @@ import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from stages.base import BatchStage, GlobalContext, GlobalStage, param, reject
+from warren.stages.base import BatchStage, GlobalContext, GlobalStage, param, reject
 
 
 @dataclasses.dataclass(frozen=True)

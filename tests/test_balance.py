@@ -10,14 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+import warren.stages.balance as balance_mod
 from outputs import rejected_reasons, table
-
-import stages.balance as balance_mod
-from pipelines.runner import Pipeline, Runner
-from stages.balance import Balance, balance_targets, tempered_targets
-from stages.base import GlobalContext
-from stages.schema import rows_to_table
-from stages.select import uniform_key
+from warren.pipelines.runner import Pipeline, Runner
+from warren.stages.balance import Balance, balance_targets, tempered_targets
+from warren.stages.base import GlobalContext
+from warren.stages.schema import rows_to_table
+from warren.stages.select import uniform_key
 
 SIZES = {"a": 5, "b": 40, "c": 200}
 

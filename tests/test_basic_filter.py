@@ -12,10 +12,9 @@ import pytest
 from outputs import rejected_reasons, table
 from PIL import Image
 from skimage import data as skdata
-
-from pipelines import basic_filter, bunny_pretrain
-from pipelines.recipe import main
-from stages.schema import rows_to_table
+from warren.pipelines import basic_filter, bunny_pretrain
+from warren.pipelines.recipe import main
+from warren.stages.schema import rows_to_table
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins"]
 

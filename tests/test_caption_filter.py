@@ -15,17 +15,16 @@ import pyarrow.parquet as pq
 import pytest
 from outputs import rejected_reasons, table
 from PIL import Image
-
-from pipelines.runner import Pipeline, Runner
-from stages.caption_filter import (
+from warren.pipelines.runner import Pipeline, Runner
+from warren.stages.caption_filter import (
     DEFAULT_BOILERPLATE,
     CaptionFilter,
     char_rep_ratio,
     word_rep_ratio,
 )
-from stages.image_filter import ImageFilter
-from stages.language import Language
-from stages.schema import REJECT_COLUMN, image_value, rows_to_table
+from warren.stages.image_filter import ImageFilter
+from warren.stages.language import Language
+from warren.stages.schema import REJECT_COLUMN, image_value, rows_to_table
 
 # ---------------------------------------------------------------------------------------------
 # helpers

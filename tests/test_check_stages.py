@@ -10,11 +10,10 @@ import pyarrow as pa
 import pytest
 from crafted_images import encode, noise, png_chunk
 from PIL import Image, ImageFile
-
-from stages.base import reason_key
-from stages.caption_check import CaptionCheck
-from stages.image_check import ImageCheck
-from stages.schema import REJECT_COLUMN, image_value, rows_to_table, validate
+from warren.stages.base import reason_key
+from warren.stages.caption_check import CaptionCheck
+from warren.stages.image_check import ImageCheck
+from warren.stages.schema import REJECT_COLUMN, image_value, rows_to_table, validate
 
 # ---------------------------------------------------------------------------------------------
 # inputs

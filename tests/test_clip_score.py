@@ -6,9 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import ray
-
-from stages.base import GlobalContext
-from stages.clip_score import ClipScore
+from warren.stages.base import GlobalContext
+from warren.stages.clip_score import ClipScore
 
 
 def _emb_col(x: np.ndarray, missing: set[int]) -> pa.Array:

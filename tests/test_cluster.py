@@ -6,10 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import ray
-
-from stages.base import GlobalContext
-from stages.cluster import Cluster, assign, train_kmeans
-from stages.schema import conform, embedding_type
+from warren.stages.base import GlobalContext
+from warren.stages.cluster import Cluster, assign, train_kmeans
+from warren.stages.schema import conform, embedding_type
 
 
 def _table(emb: np.ndarray | None, n: int, missing: tuple[int, ...] = ()) -> pa.Table:
@@ -109,7 +108,7 @@ def test_a_rows_cluster_and_cosine_are_the_same_bits_in_any_batch():
 
 
 def test_the_training_sample_does_not_depend_on_block_order_or_boundaries(ray_session):
-    from stages.cluster import gather_sample
+    from warren.stages.cluster import gather_sample
 
     x, _ = _blobs(3, 100, 16, seed=4)
     table = _table(x, len(x))

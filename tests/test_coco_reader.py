@@ -13,10 +13,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 from PIL import Image
-
-from stages.readers import CocoReader, InputError, detect_format, get_reader
-from stages.readers.coco import BOX_TYPE
-from stages.schema import REJECT_COLUMN, conform
+from warren.stages.readers import CocoReader, InputError, detect_format, get_reader
+from warren.stages.readers.coco import BOX_TYPE
+from warren.stages.schema import REJECT_COLUMN, conform
 
 
 def jpeg(width: int, height: int) -> bytes:

@@ -17,10 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-
-from stages.export_check import ExportCheck
-from stages.readers import LlavaJsonReader, ParquetReader
-from stages.schema import EDITS_COLUMN, REJECT_COLUMN
+from warren.stages.export_check import ExportCheck
+from warren.stages.readers import LlavaJsonReader, ParquetReader
+from warren.stages.schema import EDITS_COLUMN, REJECT_COLUMN
 
 
 def png(color: tuple[int, int, int]) -> bytes:

@@ -16,8 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-
-from stages.schema import CORE_FIELDS, validate
+from warren.stages.schema import CORE_FIELDS, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = ROOT / "pipelines" / "demo_data"

@@ -8,10 +8,9 @@ from pathlib import Path
 import outputs
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from pipelines import demo
-from pipelines.recipe import DEMO_DATA
-from pipelines.recipe import main as recipe_main
+from warren.pipelines import demo
+from warren.pipelines.recipe import DEMO_DATA
+from warren.pipelines.recipe import main as recipe_main
 
 
 def _rows(folder: Path) -> list[dict]:

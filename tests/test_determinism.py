@@ -19,8 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from pipelines.recipe import DEMO_CLIP, DEMO_DATA
+from warren.pipelines.recipe import DEMO_CLIP, DEMO_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "pipelines" / "bunny_pretrain.py"
@@ -166,9 +165,8 @@ def test_a_global_stage_writes_the_same_shards_in_input_order_however_its_rows_m
     ray_session, tmp_path
 ):
     from stages_for_tests import CaptionLength, ScrambleRows
-
-    from pipelines.runner import GLOBAL_ROWS_PER_PART, Pipeline, Runner
-    from stages.schema import rows_to_table
+    from warren.pipelines.runner import GLOBAL_ROWS_PER_PART, Pipeline, Runner
+    from warren.stages.schema import rows_to_table
 
     pool = tmp_path / "pool"
     pool.mkdir()
@@ -203,7 +201,7 @@ def test_global_pieces_cut_the_files_at_fixed_positions_as_a_scan_of_every_file_
     import json
     import random
 
-    from pipelines import runner
+    from warren.pipelines import runner
 
     step = runner.GLOBAL_ROWS_PER_PART
 
@@ -235,9 +233,8 @@ def test_a_map_stage_sees_its_batches_cut_from_each_shard_and_writes_a_file_per_
     ray_session, tmp_path
 ):
     from stages_for_tests import BatchProbe
-
-    from pipelines.runner import MAP_ROWS_PER_READ, Pipeline, Runner
-    from stages.schema import rows_to_table
+    from warren.pipelines.runner import MAP_ROWS_PER_READ, Pipeline, Runner
+    from warren.stages.schema import rows_to_table
 
     pool = tmp_path / "pool"
     pool.mkdir()

@@ -20,16 +20,15 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-
-from stages.readers import READERS, detect_format, get_reader
-from stages.readers.base import InputError
-from stages.readers.download import (
+from warren.stages.readers import READERS, detect_format, get_reader
+from warren.stages.readers.base import InputError
+from warren.stages.readers.download import (
     DownloadReader,
     error_types,
     shard_complete,
 )
-from stages.schema import REJECT_COLUMN, content_id
-from stages.shards import Location
+from warren.stages.schema import REJECT_COLUMN, content_id
+from warren.stages.shards import Location
 
 TIMEOUT_S = 1
 SLOW_S = 2.5
@@ -325,7 +324,7 @@ def _unit_folders(downloads: Path) -> list[Path]:
 
 
 def test_rerun_after_deleting_one_shard_refetches_that_shard_alone(ray_session, server, tmp_path):
-    from pipelines.runner import Pipeline, Runner
+    from warren.pipelines.runner import Pipeline, Runner
 
     paths = [*GOOD, "/bad/missing.jpg", "/bad/page.jpg"]
     pq.write_table(_url_table(server, paths), tmp_path / "urls.parquet")
@@ -375,7 +374,7 @@ def test_rerun_after_deleting_one_shard_refetches_that_shard_alone(ray_session, 
 def test_recipes_download_a_url_table_first(ray_session, server, tmp_path, recipe):
     import importlib
 
-    from pipelines.recipe import DEMO_CLIP, main
+    from warren.pipelines.recipe import DEMO_CLIP, main
 
     module = importlib.import_module(f"pipelines.{recipe}")
     pq.write_table(_url_table(server, GOOD + ["/bad/missing.jpg"]), tmp_path / "urls.parquet")

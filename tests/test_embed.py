@@ -13,10 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
-from stages.embed import Embed
-from stages.models import ModelNotFoundError, load_clip, register_open_clip_config
-from stages.schema import embedding_type, rows_to_table
+from warren.stages.embed import Embed
+from warren.stages.models import ModelNotFoundError, load_clip, register_open_clip_config
+from warren.stages.schema import embedding_type, rows_to_table
 
 ARCH = "warren-test-tiny"
 DIM = 16

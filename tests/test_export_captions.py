@@ -19,11 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from test_exports import encode, img, import_rows, turns, write_stage
-
-from pipelines.cli import main as cli_main
-from stages.exports import ExportError, export
-from stages.exports.base import StageFolder
-from stages.schema import IMAGE_TYPE, TURN_TYPE
+from warren.pipelines.cli import main as cli_main
+from warren.stages.exports import ExportError, export
+from warren.stages.exports.base import StageFolder
+from warren.stages.schema import IMAGE_TYPE, TURN_TYPE
 
 FORMATS = ("llava", "sharegpt", "hf")
 # LLaVA (Liu et al. 2023), Table 8, "instructions for brief image description": the human turns of

@@ -22,13 +22,12 @@ import pyarrow.parquet as pq
 import pytest
 from outputs import rejected_reasons, table
 from PIL import Image
-
-from pipelines.cli import main as cli_main
-from pipelines.runner import Pipeline, Runner
-from stages.export_check import ExportCheck
-from stages.exports import ExportError, export
-from stages.readers import detect_format, get_reader
-from stages.schema import IMAGE_TYPE, REJECT_COLUMN, rows_to_table
+from warren.pipelines.cli import main as cli_main
+from warren.pipelines.runner import Pipeline, Runner
+from warren.stages.export_check import ExportCheck
+from warren.stages.exports import ExportError, export
+from warren.stages.readers import detect_format, get_reader
+from warren.stages.schema import IMAGE_TYPE, REJECT_COLUMN, rows_to_table
 
 FORMATS = ("llava", "sharegpt", "hf")
 FIELDS = ("id", "images", "conversations", "source", "caption", "url", "license")

@@ -16,11 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from fake_chat_server import FakeChatServer, Reply, ScriptedChatServer, text_of
 from PIL import Image
-
-from pipelines import allava, llava_instruct
-from pipelines.recipe import main as recipe_main
-from prompts import load_prompt
-from stages.generate import (
+from warren.pipelines import allava, llava_instruct
+from warren.pipelines.recipe import main as recipe_main
+from warren.prompts import load_prompt
+from warren.stages.generate import (
     DETAIL_QUESTIONS,
     AllavaGenerate,
     BadReply,
@@ -30,8 +29,8 @@ from stages.generate import (
     parse_llava_reply,
     parse_mix,
 )
-from stages.llm_client import estimate_prompt_tokens
-from stages.schema import REJECT_COLUMN, rows_to_table
+from warren.stages.llm_client import estimate_prompt_tokens
+from warren.stages.schema import REJECT_COLUMN, rows_to_table
 
 SECRET = "sk-warren-gen-test-93b1c0de5a7f"
 KEY_ENV = "WARREN_TEST_GEN_KEY"

@@ -7,10 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-
-from stages.base import GlobalContext
-from stages.image_based import ImageBased, chosen_clusters
-from stages.require import Require
+from warren.stages.base import GlobalContext
+from warren.stages.image_based import ImageBased, chosen_clusters
+from warren.stages.require import Require
 
 DIM = 24
 BLOBS = 6

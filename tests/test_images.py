@@ -15,18 +15,17 @@ import imagehash
 import numpy as np
 import pyarrow as pa
 import pytest
+import warren.stages.images as images_module
 from crafted_images import encode, png_chunk
 from PIL import Image, ImageFile
-
-import stages.images as images_module
-from stages.embed import Embed
-from stages.exact_dedup import pixel_hash, pixel_record
-from stages.image_check import ImageCheck
-from stages.image_filter import BLANK_SIDE, ImageFilter
-from stages.images import ImageTooLargeError, decode_image
-from stages.models import register_open_clip_config
-from stages.phash_dedup import hash_batch, int64_to_hex
-from stages.schema import REJECT_COLUMN, rows_to_table
+from warren.stages.embed import Embed
+from warren.stages.exact_dedup import pixel_hash, pixel_record
+from warren.stages.image_check import ImageCheck
+from warren.stages.image_filter import BLANK_SIDE, ImageFilter
+from warren.stages.images import ImageTooLargeError, decode_image
+from warren.stages.models import register_open_clip_config
+from warren.stages.phash_dedup import hash_batch, int64_to_hex
+from warren.stages.schema import REJECT_COLUMN, rows_to_table
 
 W, H = 48, 32
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
@@ -335,11 +334,11 @@ def test_every_consumer_sees_the_pixels_decode_image_gives(kind, monkeypatch):
     seen: dict[str, Image.Image] = {}
 
     # embed
-    from stages.embed import _decode as embed_decode
+    from warren.stages.embed import _decode as embed_decode
 
     seen["embed"] = embed_decode(pa.py_buffer(data))[0]
     # phash_dedup: the image handed to imagehash
-    import stages.phash_dedup as phash
+    import warren.stages.phash_dedup as phash
 
     captured = []
     monkeypatch.setattr(
@@ -358,13 +357,13 @@ def test_every_consumer_sees_the_pixels_decode_image_gives(kind, monkeypatch):
         expected.tobytes()
     )
     # nsfw: the image handed to the model's preprocessing
-    from stages.nsfw import Nsfw
+    from warren.stages.nsfw import Nsfw
 
     stage = Nsfw()
     stage._preprocess = lambda img: seen.setdefault("nsfw", img) and np.zeros((224, 224, 3))
     stage._prepare(pa.py_buffer(data))
     # image_filter: the picture blank_share measures
-    import stages.image_filter as image_filter
+    import warren.stages.image_filter as image_filter
 
     monkeypatch.setattr(
         image_filter, "blank_share", lambda img, tol: seen.setdefault("image_filter", img) and 0.0
@@ -374,8 +373,8 @@ def test_every_consumer_sees_the_pixels_decode_image_gives(kind, monkeypatch):
             pa.py_buffer(data)
         )
     # recaption (local backend) and the trainers' loader
-    from stages.recaption import decode_image as recaption_decode
-    from trainers.data import _decode as trainer_decode
+    from warren.stages.recaption import decode_image as recaption_decode
+    from warren.trainers.data import _decode as trainer_decode
 
     seen["recaption"] = recaption_decode({"bytes": data})
     seen["trainers"] = trainer_decode(data)
@@ -388,7 +387,7 @@ def test_every_consumer_sees_the_pixels_decode_image_gives(kind, monkeypatch):
 
 
 def test_report_thumbnails_show_the_composited_picture(shapes):
-    from pipelines.report import thumbnail
+    from warren.pipelines.report import thumbnail
 
     uri, note = thumbnail([{"bytes": shapes["horizontal"], "path": None}])
     assert note == ""
@@ -431,7 +430,7 @@ def test_a_105_megapixel_photograph_is_kept_by_image_check_and_image_filter(
 
 
 def test_endpoint_bytes_are_the_file_when_it_shows_the_picture_and_png_otherwise():
-    from stages.images import endpoint_image_bytes
+    from warren.stages.images import endpoint_image_bytes
 
     plain = encode(Image.new("RGB", (8, 8), RED), "JPEG")
     assert endpoint_image_bytes(plain) is plain  # request hashes and cached answers unchanged
@@ -442,7 +441,7 @@ def test_endpoint_bytes_are_the_file_when_it_shows_the_picture_and_png_otherwise
 
 
 def test_recaption_sends_the_endpoint_the_composited_picture(monkeypatch, shapes):
-    from stages.recaption import Recaption
+    from warren.stages.recaption import Recaption
 
     sent = []
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from stages.base import reject
-from stages.exact_dedup import KEY_COLUMN, content_key, resolve_group
-from stages.ledger import commit_piece, complete_sources, prune_incomplete, read_ledger
-from stages.schema import rows_to_table
-from stages.shards import Location
+from warren.stages.base import reject
+from warren.stages.exact_dedup import KEY_COLUMN, content_key, resolve_group
+from warren.stages.ledger import commit_piece, complete_sources, prune_incomplete, read_ledger
+from warren.stages.schema import rows_to_table
+from warren.stages.shards import Location
 
 
 def _table(ids: list[str]) -> pa.Table:

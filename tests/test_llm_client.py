@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 from fake_chat_server import FakeChatServer
-
-from stages.llm_client import (
+from warren.stages.llm_client import (
     BUDGET_STOP,
     ChatRequest,
     ClientConfig,
@@ -188,7 +187,7 @@ def test_cancelled_run_keeps_finished_responses_and_rerun_requests_only_the_miss
 def test_api_key_never_appears_in_results_summaries_errors_or_logs(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="stages.llm_client")
+    caplog.set_level(logging.DEBUG, logger="warren.stages.llm_client")
     script = {"boom": ["500", "500"], "denied": ["401"]}
     with FakeChatServer(script=script) as server:
         config = config_for(server, tmp_path, max_attempts=2)

@@ -15,13 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 from outputs import rejected_reasons, table
 from PIL import Image
-
-from pipelines import mixture
-from stages.mixture_spec import SpecError, infer_tasks, parse_spec
-from stages.schema import rows_to_table
-from stages.select import uniform_key
-from stages.short_answer import LLAVA_SHORT_ANSWER
-from stages.source_filter import SourceFilter
+from warren.pipelines import mixture
+from warren.stages.mixture_spec import SpecError, infer_tasks, parse_spec
+from warren.stages.schema import rows_to_table
+from warren.stages.select import uniform_key
+from warren.stages.short_answer import LLAVA_SHORT_ANSWER
+from warren.stages.source_filter import SourceFilter
 
 SEED = 3
 

@@ -14,11 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from outputs import rejected_reasons, table
 from PIL import Image
-
-from pipelines.runner import Pipeline, Runner
-from stages.models import ModelNotFoundError
-from stages.nsfw import SCORE_COLUMN, Nsfw, session_threads
-from stages.schema import REJECT_COLUMN, rows_to_table
+from warren.pipelines.runner import Pipeline, Runner
+from warren.stages.models import ModelNotFoundError
+from warren.stages.nsfw import SCORE_COLUMN, Nsfw, session_threads
+from warren.stages.schema import REJECT_COLUMN, rows_to_table
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
 

@@ -14,15 +14,14 @@ import pytest
 from stages_for_failures import StealLock
 from stages_for_tests import CaptionLength
 from test_runner import make_pool
-
-from pipelines.runner import Pipeline, PipelineError, Runner
+from warren.pipelines.runner import Pipeline, PipelineError, Runner
 
 ROOT = Path(__file__).resolve().parents[1]
 
 RUN_SCRIPT = """
 import sys, time
-from pipelines.recipe import main
-from pipelines.runner import Pipeline
+from warren.pipelines.recipe import main
+from warren.pipelines.runner import Pipeline
 from stages_for_tests import CaptionLength
 start = time.monotonic()
 rc = main(Pipeline("t", [CaptionLength(max_chars=30)]),
@@ -142,7 +141,7 @@ def test_a_run_whose_lock_was_taken_writes_no_manifest_and_no_run_json(ray_sessi
 
 
 def test_an_empty_lock_file_left_by_a_crash_between_create_and_write_is_taken_over(tmp_path):
-    from stages.shards import Location, OutputLock
+    from warren.stages.shards import Location, OutputLock
 
     out = tmp_path / "out"
     out.mkdir()
@@ -158,7 +157,7 @@ def test_an_empty_lock_file_left_by_a_crash_between_create_and_write_is_taken_ov
 
 
 def test_two_runs_taking_over_one_stale_lock_never_both_hold_it(tmp_path):
-    from stages.shards import Location, LockError, OutputLock
+    from warren.stages.shards import Location, LockError, OutputLock
 
     out = tmp_path / "out"
     dead = _dead_pid()

@@ -19,11 +19,10 @@ from outputs import rejected_reasons, table
 from tiny_models import llm_config, word_level_tokenizer
 from tokenizers import processors
 from transformers import LlamaForCausalLM
-
-from pipelines.runner import Pipeline, Runner
-from stages.base import GlobalContext
-from stages.perplexity import Perplexity, PplFilter, token_windows
-from stages.schema import rows_to_table
+from warren.pipelines.runner import Pipeline, Runner
+from warren.stages.base import GlobalContext
+from warren.stages.perplexity import Perplexity, PplFilter, token_windows
+from warren.stages.schema import rows_to_table
 
 WORDS = (
     "a the dog cat bird runs sits flies over under near red green blue small big old young "

@@ -24,9 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageEnhance
-
-from stages.base import GlobalContext
-from stages.exact_dedup import (
+from warren.stages.base import GlobalContext
+from warren.stages.exact_dedup import (
     CAPTION_HASH_COLUMN,
     IMAGE_HASH_COLUMN,
     KEY_COLUMN,
@@ -36,7 +35,7 @@ from stages.exact_dedup import (
     resolve_group,
     resolve_partition,
 )
-from stages.phash_dedup import (
+from warren.stages.phash_dedup import (
     DISTANCE_COLUMN,
     GROUP_SIZE_COLUMN,
     HASH_COLUMN,
@@ -49,7 +48,7 @@ from stages.phash_dedup import (
     int64_to_hex,
     popcount,
 )
-from stages.schema import REJECT_COLUMN, rows_to_table
+from warren.stages.schema import REJECT_COLUMN, rows_to_table
 
 COPIES = ("orig", "half", "three_quarter", "jpeg60", "jpeg90", "bright")
 PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "coins", "horse", "clock", "text")
@@ -391,7 +390,7 @@ def test_ray_run_equals_brute_force_across_blocks(ray_session, planted):
 def test_a_runner_pipeline_of_pixel_and_phash_dedup_accounts_for_every_row(
     ray_session, planted, tmp_path
 ):
-    from pipelines.runner import Pipeline, Runner
+    from warren.pipelines.runner import Pipeline, Runner
 
     rows = [dict(r) for r in planted]
     # a lossless re-encode of an original: the same pixels, other bytes
@@ -562,8 +561,7 @@ def test_resolving_a_whole_partition_equals_resolving_each_group():
     the per-group rule: random keys with groups of 1-4 rows and null keys, in key order."""
     import numpy as np
     import pyarrow as pa
-
-    from stages.shuffle import group_bounds
+    from warren.stages.shuffle import group_bounds
 
     rng = np.random.default_rng(4)
     keys = [None if k < 0 else f"k{k:03d}" for k in rng.integers(-5, 60, 200).tolist()]

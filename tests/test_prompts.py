@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-
-from prompts import PROMPTS_DIR, PromptError, image_mime, list_prompts, load_prompt
+from warren.prompts import PROMPTS_DIR, PromptError, image_mime, list_prompts, load_prompt
 
 SHIPPED = ("conversation", "detail", "complex_reasoning")
 SHIPPED_VISION = ("allava_caption", "allava_question", "allava_answer", "detailed_caption")

@@ -216,8 +216,8 @@ def test_readme_commands_submit_the_demo_recipe_on_a_fresh_head(state: str, tmp_
         assert run["stages"], run
         for stage in run["stages"]:
             assert stage["rows_in"] == stage["kept"] + stage["rejected"], stage
-        from pipelines.demo import pipeline
-        from pipelines.runner import format_funnel
+        from warren.pipelines.demo import pipeline
+        from warren.pipelines.runner import format_funnel
 
         assert {s.name for s in pipeline().stages} <= {s.get("name") for s in run["stages"]}
         # The funnel table the job's driver printed (streamed by `ray job submit`) is run.json's.

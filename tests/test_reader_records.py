@@ -13,11 +13,10 @@ import pyarrow as pa
 import pytest
 from crafted_images import png
 from outputs import rejected_reasons, table
-
-from pipelines.runner import Pipeline, Runner
-from stages.export_check import ExportCheck
-from stages.readers import CocoReader, ImageFolderReader, Img2DatasetReader, LlavaJsonReader
-from stages.schema import REJECT_COLUMN, conform
+from warren.pipelines.runner import Pipeline, Runner
+from warren.stages.export_check import ExportCheck
+from warren.stages.readers import CocoReader, ImageFolderReader, Img2DatasetReader, LlavaJsonReader
+from warren.stages.schema import REJECT_COLUMN, conform
 
 LONE = "\ud800"  # valid in JSON ("\\ud800"), not encodable as UTF-8
 

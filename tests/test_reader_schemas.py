@@ -12,9 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from crafted_images import png
-
-from stages.readers import InputError, LlavaJsonReader, ParquetReader
-from stages.schema import IMAGE_TYPE, REJECT_COLUMN, conform
+from warren.stages.readers import InputError, LlavaJsonReader, ParquetReader
+from warren.stages.schema import IMAGE_TYPE, REJECT_COLUMN, conform
 
 
 def read_all(reader) -> pa.Table:
@@ -51,7 +50,7 @@ def test_a_file_with_image_and_text_columns_beside_canonical_files_is_mapped_and
         tmp_path / "c.parquet",
     )
     reader = ParquetReader(str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="stages.readers.parquet"):
+    with caplog.at_level(logging.WARNING, logger="warren.stages.readers.parquet"):
         table = read_all(reader)
     assert table.num_rows == 6
     assert table.column(REJECT_COLUMN).null_count == 6

@@ -15,8 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-
-from stages.readers import (
+from warren.stages.readers import (
     READERS,
     HFDatasetsReader,
     ImageFolderReader,
@@ -27,7 +26,7 @@ from stages.readers import (
     detect_format,
     get_reader,
 )
-from stages.schema import IMAGE_TYPE, REJECT_COLUMN, conform, content_id
+from warren.stages.schema import IMAGE_TYPE, REJECT_COLUMN, conform, content_id
 
 # ----------------------------------------------------------------------------------------------
 # helpers
@@ -628,8 +627,7 @@ def test_canonical_rows_load_in_hf_datasets_as_images(llava_data, tmp_path: Path
 def test_parquet_files_with_differing_extra_columns_read_into_one_schema(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from stages.readers import get_reader
+    from warren.stages.readers import get_reader
 
     pool = tmp_path / "pool"
     pool.mkdir()

@@ -19,12 +19,11 @@ from fake_chat_server import Reply, ScriptedChatServer, text_of
 from PIL import Image
 from tiny_models import llm_config, word_level_tokenizer
 from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPVisionConfig
-
-from prompts import load_prompt
-from stages.capfusion import CapFusion, unquote
-from stages.recaption import Recaption, decoding, vlm_prompt
-from stages.schema import REJECT_COLUMN, rows_to_table
-from trainers.model import build_llava
+from warren.prompts import load_prompt
+from warren.stages.capfusion import CapFusion, unquote
+from warren.stages.recaption import Recaption, decoding, vlm_prompt
+from warren.stages.schema import REJECT_COLUMN, rows_to_table
+from warren.trainers.model import build_llava
 
 KEY_ENV = "WARREN_TEST_RECAPTION_KEY"
 os.environ[KEY_ENV] = "sk-recaption-test"
@@ -383,9 +382,8 @@ def test_points_recipe_recaptions_fuses_scores_and_keeps_the_lowest_perplexity(
 ) -> None:
     import outputs
     import pyarrow.parquet as pq
-
-    from pipelines import points_pretrain
-    from pipelines.recipe import main as recipe_main
+    from warren.pipelines import points_pretrain
+    from warren.pipelines.recipe import main as recipe_main
 
     webs = ["Golden Gate bridge", "my dog Rex", "scramble", "Lake Geneva", "robin", "x"]
     rows = [
@@ -437,9 +435,8 @@ def test_points_recipe_recaptions_fuses_scores_and_keeps_the_lowest_perplexity(
 def test_sharegpt4v_recipe_runs_offline_with_the_demo_vlm(ray_session, tmp_path: Path) -> None:
     import outputs
     import pyarrow.parquet as pq
-
-    from pipelines import sharegpt4v_recaption
-    from pipelines.recipe import main as recipe_main
+    from warren.pipelines import sharegpt4v_recaption
+    from warren.pipelines.recipe import main as recipe_main
 
     source = tmp_path / "pool.parquet"
     rows = [image_row(f"r{i}", png(i), caption=f"web caption {i}") for i in range(2)]

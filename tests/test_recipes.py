@@ -15,11 +15,10 @@ import outputs
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from pipelines import bunny_pretrain, datacomp_filter, semdedup
-from pipelines.cli import recipe_names
-from pipelines.recipe import DEMO_CLIP, DEMO_DATA
-from pipelines.recipe import main as recipe_main
+from warren.pipelines import bunny_pretrain, datacomp_filter, semdedup
+from warren.pipelines.cli import recipe_names
+from warren.pipelines.recipe import DEMO_CLIP, DEMO_DATA
+from warren.pipelines.recipe import main as recipe_main
 
 
 def _table(folder: Path, rejected: bool = False) -> pa.Table:

@@ -18,18 +18,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-
-from pipelines import demo
-from pipelines.cli import main as cli_main
-from pipelines.recipe import main as recipe_main
-from pipelines.report import (
+from warren.pipelines import demo
+from warren.pipelines.cli import main as cli_main
+from warren.pipelines.recipe import main as recipe_main
+from warren.pipelines.report import (
     KEPT_COLOUR,
     RankWindow,
     duplicate_of,
     read_stages,
     write_report,
 )
-from pipelines.report import window_values as report_window_values
+from warren.pipelines.report import window_values as report_window_values
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -182,10 +181,10 @@ def test_report_galleries_are_a_seeded_sample(demo_run, tmp_path):
 
 
 def test_thumbnails_stop_at_the_page_budget(demo_run, tmp_path, monkeypatch):
-    import pipelines.report
+    import warren.pipelines.report as report_module
 
     out, _ = demo_run
-    monkeypatch.setattr(pipelines.report, "THUMBNAIL_BUDGET", 40_000)
+    monkeypatch.setattr(report_module, "THUMBNAIL_BUDGET", 40_000)
     html = Path(write_report(out, str(tmp_path / "small.html"))).read_text()
     thumbs = re.findall(r'src="(data:image/jpeg;base64,[^"]+)"', html)
     assert thumbs and sum(map(len, thumbs)) <= 40_000
@@ -292,12 +291,12 @@ def test_no_report_flag_skips_the_report_and_a_failing_report_only_warns(
     assert recipe_main(demo.pipeline(), ["--output", str(out), "--quiet", "--no-report"]) == 0
     assert not report.exists() and "report:" not in capsys.readouterr().out
 
-    import pipelines.report
+    import warren.pipelines.report as report_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(pipelines.report, "write_report", broken)
+    monkeypatch.setattr(report_module, "write_report", broken)
     assert recipe_main(demo.pipeline(), ["--output", str(out), "--quiet"]) == 0
     captured = capsys.readouterr()
     assert "report could not be written" in captured.err and "disk full" in captured.err
@@ -433,7 +432,7 @@ def test_a_thumbnail_never_decodes_a_huge_png_on_the_driver():
     import struct
     import zlib
 
-    from pipelines.report import thumbnail
+    from warren.pipelines.report import thumbnail
 
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))

@@ -15,10 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from stages_for_tests import CaptionLength, DropsRows, ModuloModel
-
-from pipelines.runner import Pipeline, PipelineError, Runner
-from stages.exact_dedup import ExactDedup
-from stages.schema import rows_to_table
+from warren.pipelines.runner import Pipeline, PipelineError, Runner
+from warren.stages.exact_dedup import ExactDedup
+from warren.stages.schema import rows_to_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,7 +120,7 @@ def test_every_stage_accounts_for_every_row_and_rejects_carry_reasons(ray_sessio
 def test_summed_columns_are_totalled_over_kept_and_rejected_rows_into_manifest_and_run_json(
     ray_session, tmp_path, capsys
 ):
-    from pipelines.runner import format_funnel
+    from warren.pipelines.runner import format_funnel
 
     rows = make_pool(tmp_path / "pool")
     run(tmp_path / "pool", tmp_path / "out", pipeline(max_chars=20))
@@ -215,8 +214,8 @@ def test_a_stage_that_loses_rows_fails_naming_the_stage(ray_session, tmp_path):
 
 KILL_SCRIPT = """
 import sys
-from pipelines.runner import Pipeline, Runner
-from stages.exact_dedup import ExactDedup
+from warren.pipelines.runner import Pipeline, Runner
+from warren.stages.exact_dedup import ExactDedup
 from stages_for_tests import CaptionLength
 pool, out = sys.argv[1], sys.argv[2]
 pipe = Pipeline("t", [CaptionLength(max_chars=30), ExactDedup()])
@@ -310,7 +309,7 @@ def test_input_and_output_given_as_filesystem_uris_run_and_cache_like_local_path
 
 ONE_CPU_SCRIPT = """
 import sys
-from pipelines.runner import Pipeline, Runner
+from warren.pipelines.runner import Pipeline, Runner
 from stages_for_tests import ModuloModel
 Runner(Pipeline("t", [ModuloModel(modulo=3)]), sys.argv[1], sys.argv[2], input_format="parquet",
        progress=False, num_cpus=1).run()

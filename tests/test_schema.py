@@ -9,8 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-
-from stages.schema import SchemaError, conform, embedding_type, rows_to_table, validate
+from warren.stages.schema import SchemaError, conform, embedding_type, rows_to_table, validate
 
 
 def _jpeg(w: int, h: int) -> bytes:

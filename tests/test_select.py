@@ -6,10 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import ray
-
-import stages.select as select_mod
-from stages.base import GlobalContext
-from stages.select import RankWindow, Sample, uniform_key
+import warren.stages.select as select_mod
+from warren.stages.base import GlobalContext
+from warren.stages.select import RankWindow, Sample, uniform_key
 
 
 def _dataset(scores: list[float | None], blocks: int = 4):

@@ -10,11 +10,10 @@ import math
 import numpy as np
 import pyarrow as pa
 import pytest
-
-import stages.semdedup as semdedup_module
-from stages.base import GlobalContext
-from stages.schema import REJECT_COLUMN
-from stages.semdedup import (
+import warren.stages.semdedup as semdedup_module
+from warren.stages.base import GlobalContext
+from warren.stages.schema import REJECT_COLUMN
+from warren.stages.semdedup import (
     SemDedup,
     SemDedupParams,
     components_cluster,

@@ -9,8 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import ray
-
-from stages.shuffle import group_bounds, map_groups
+from warren.stages.shuffle import group_bounds, map_groups
 
 
 def _describe_group(group: pa.Table, tag: str) -> pa.Table:

@@ -19,9 +19,8 @@ import torch
 from PIL import Image
 from tiny_models import word_level_tokenizer
 from transformers import CLIPImageProcessor, PreTrainedTokenizerFast
-
-from stages.schema import rows_to_table
-from trainers.data import (
+from warren.stages.schema import rows_to_table
+from warren.trainers.data import (
     BAD_IMAGE,
     MALFORMED,
     MISSING_IMAGE,
@@ -36,7 +35,7 @@ from trainers.data import (
     iter_rows,
     plan_units,
 )
-from trainers.templates import IGNORE_INDEX, VICUNA_V1_SYSTEM, ConversationEncoder
+from warren.trainers.templates import IGNORE_INDEX, VICUNA_V1_SYSTEM, ConversationEncoder
 
 COLORS = {
     "red": (220, 30, 30),

@@ -16,9 +16,8 @@ from transformers import (
     LlamaForCausalLM,
     LlavaForConditionalGeneration,
 )
-
-from trainers.model import ModelNotFoundError, build_llava, load_llava
-from trainers.templates import ConversationEncoder
+from warren.trainers.model import ModelNotFoundError, build_llava, load_llava
+from warren.trainers.templates import ConversationEncoder
 
 CAPTION_ROW = {
     "id": "c1",

@@ -23,10 +23,9 @@ from transformers import (
     LlamaForCausalLM,
     LlavaForConditionalGeneration,
 )
-
-from trainers.data import assign_units, iter_rows, plan_units
-from trainers.llava import TrainConfig, train
-from trainers.model import build_llava
+from warren.trainers.data import assign_units, iter_rows, plan_units
+from warren.trainers.llava import TrainConfig, train
+from warren.trainers.model import build_llava
 
 BATCH_SIZE, GRAD_ACCUM, WORLD = 4, 2, 2
 BAD_ROW = "row-0048"

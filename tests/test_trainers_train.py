@@ -29,11 +29,10 @@ from transformers import (
     LlamaForCausalLM,
     LlavaForConditionalGeneration,
 )
-
-from trainers.data import DataProblemError
-from trainers.llava import PROJECTOR_FILE, TrainConfig, build_parser, main, resolve, train
-from trainers.model import build_llava
-from trainers.templates import VICUNA_V1_SYSTEM
+from warren.trainers.data import DataProblemError
+from warren.trainers.llava import PROJECTOR_FILE, TrainConfig, build_parser, main, resolve, train
+from warren.trainers.model import build_llava
+from warren.trainers.templates import VICUNA_V1_SYSTEM
 
 PROJECTOR_NAMES = {
     f"model.multi_modal_projector.linear_{k}.{p}" for k in (1, 2) for p in ("weight", "bias")

@@ -14,9 +14,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from stages_for_tests import CaptionLength
-
-from pipelines.runner import Pipeline, Runner
-from stages.schema import rows_to_table
+from warren.pipelines.runner import Pipeline, Runner
+from warren.stages.schema import rows_to_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,7 +144,7 @@ def test_on_request_a_repeated_id_gets_a_recorded_suffix_and_never_collides(ray_
 
 KILL_SCRIPT = """
 import sys
-from pipelines.runner import Pipeline, Runner
+from warren.pipelines.runner import Pipeline, Runner
 from readers_for_tests import SlowParquetReader
 from stages_for_tests import CaptionLength
 pool, out = sys.argv[1], sys.argv[2]

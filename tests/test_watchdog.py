@@ -10,9 +10,8 @@ from pathlib import Path
 import psutil
 import pytest
 from fake_chat_server import FakeChatServer
-
-from stages import watchdog
-from stages.llm_client import ChatRequest, ClientConfig, run_requests_async
+from warren.stages import watchdog
+from warren.stages.llm_client import ChatRequest, ClientConfig, run_requests_async
 
 
 def _driver(pid: int, started: float | None) -> watchdog._Driver:

@@ -55,11 +55,15 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-
-from stages.images import DEFAULT_MAX_PIXELS, bomb_limits, decode_image, size_problem
-from stages.schema import KNOWN_TYPES
-from stages.shards import Location, list_shards
-from trainers.templates import IGNORE_INDEX, NO_LOSS_TOKENS, ConversationEncoder, TemplateError
+from warren.stages.images import DEFAULT_MAX_PIXELS, bomb_limits, decode_image, size_problem
+from warren.stages.schema import KNOWN_TYPES
+from warren.stages.shards import Location, list_shards
+from warren.trainers.templates import (
+    IGNORE_INDEX,
+    NO_LOSS_TOKENS,
+    ConversationEncoder,
+    TemplateError,
+)
 
 log = logging.getLogger("warren.trainers.data")
 

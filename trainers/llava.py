@@ -1,9 +1,9 @@
 """llava: train a LLaVA model on warren shards, in LLaVA-1.5's two stages.
 
 ```
-python -m trainers.llava --stage align --data OUT/08-sample \\
+python -m warren.trainers.llava --stage align --data OUT/08-sample \\
     --vision openai/clip-vit-large-patch14-336 --llm lmsys/vicuna-7b-v1.5 --output runs/align
-python -m trainers.llava --stage instruct --data OUT/instruct --from-checkpoint runs/align \\
+python -m warren.trainers.llava --stage instruct --data OUT/instruct --from-checkpoint runs/align \\
     --output runs/instruct [--lora]
 ```
 
@@ -70,8 +70,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-
-from trainers.data import (
+from warren.trainers.data import (
     Batch,
     DataStats,
     LlavaStream,
@@ -81,8 +80,8 @@ from trainers.data import (
     plan_units,
     rank_rows,
 )
-from trainers.model import LlavaParts, _num_image_tokens, build_llava, load_llava
-from trainers.templates import TEMPLATES, ConversationEncoder
+from warren.trainers.model import LlavaParts, _num_image_tokens, build_llava, load_llava
+from warren.trainers.templates import TEMPLATES, ConversationEncoder
 
 log = logging.getLogger("warren.trainers.llava")
 
@@ -231,7 +230,7 @@ class TrainConfig:
 def build_parser() -> argparse.ArgumentParser:
     """The flags of TrainConfig, one per field, with its default and help."""
     parser = argparse.ArgumentParser(
-        prog="python -m trainers.llava",
+        prog="python -m warren.trainers.llava",
         description="Train a LLaVA model on warren shards: align (projector) or instruct.",
     )
     hints = typing.get_type_hints(TrainConfig)
@@ -266,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run `python -m trainers.llava` with `argv`; print and return the summary."""
+    """Run `python -m warren.trainers.llava` with `argv`; print and return the summary."""
     config = TrainConfig(**vars(build_parser().parse_args(argv)))
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -607,7 +606,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     plan_units(c.data)  # footers only: bad data paths fail before a model loads
     resume_from = _prepare_output(Path(c.output), c)
     if c.workers > 0:
-        from trainers.ray_train import train_on_ray
+        from warren.trainers.ray_train import train_on_ray
 
         return train_on_ray(c, resume_from)
     return run_loop(c, resume_from, Ranks())

@@ -47,8 +47,7 @@ from transformers import (
     SiglipVisionModel,
 )
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
-
-from stages.schema import IMAGE_MARKER
+from warren.stages.schema import IMAGE_MARKER
 
 
 @dataclass(frozen=True)

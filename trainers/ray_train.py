@@ -1,6 +1,6 @@
 """ray_train: run trainers.llava's training loop on N processes through Ray Train.
 
-`python -m trainers.llava ... --workers N` (or `train(TrainConfig(..., workers=N))`) hands the run
+`python -m warren.trainers.llava ... --workers N` (or `train(TrainConfig(..., workers=N))`) hands the run
 to a `ray.train.torch.TorchTrainer` with N workers. Each worker is one process with one device
 (a GPU with `--use-gpu`, which is the default when the Ray cluster has GPUs; else the CPU, over
 gloo), which runs `trainers.llava.run_loop` as rank `ray.train.get_context().get_world_rank()`:
@@ -32,8 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from trainers.llava import CHECKPOINTS, Ranks, TrainConfig, run_loop
+from warren.trainers.llava import CHECKPOINTS, Ranks, TrainConfig, run_loop
 
 log = logging.getLogger("warren.trainers.ray_train")
 
@@ -132,14 +131,10 @@ def _ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         return
-    root = str(Path(__file__).resolve().parents[1])
-    paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    # "local": a fresh Ray, never one that `ray start` left on this machine.
-    ray.init(
-        address="local",
-        include_dashboard=False,
-        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}},
-    )
+    # "local": a fresh Ray, never one that `ray start` left on this machine. Workers import
+    # warren as installed; a PYTHONPATH the driver was given reaches them too.
+    env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
+    ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env})
 
 
 def _user_error(exc: BaseException) -> BaseException | None:

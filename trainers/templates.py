@@ -48,7 +48,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from stages.schema import IMAGE_MARKER
+from warren.stages.schema import IMAGE_MARKER
 
 IGNORE_INDEX = -100
 TEMPLATES = ("plain", "vicuna_v1", "chat_template")

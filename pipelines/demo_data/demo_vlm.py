@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.lm import SMOLLM2, build_once, cache_root, resolve
+from warren.stages.lm import SMOLLM2, build_once, cache_root, resolve
 
 VERSION = 1
 SEED = 0
@@ -45,8 +45,7 @@ def ensure_demo_vlm() -> str:
     def build(folder: Path) -> None:
         import torch
         from transformers import CLIPVisionConfig
-
-        from trainers.model import build_llava
+        from warren.trainers.model import build_llava
 
         smollm2_dir, _ = resolve(SMOLLM2, flag="--recaption.model")
         tower = CLIPVisionConfig(

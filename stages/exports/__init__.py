@@ -29,8 +29,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from stages.exports import hf, llava, sharegpt
-from stages.exports.base import ExportError, ExportReport, StageFolder
+from warren.stages.exports import hf, llava, sharegpt
+from warren.stages.exports.base import ExportError, ExportReport, StageFolder
 
 EXPORTERS: dict[str, Callable[..., ExportReport]] = {
     llava.FORMAT: llava.export,

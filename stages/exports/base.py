@@ -21,8 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-
-from stages.shards import TMP_PREFIX, Location
+from warren.stages.shards import TMP_PREFIX, Location
 
 # The runner's file names (pipelines.runner); stages do not import pipelines.
 MANIFEST = "_manifest.json"

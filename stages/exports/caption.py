@@ -31,9 +31,9 @@ import dataclasses
 import hashlib
 import re
 
-from stages.conversation import CAPTION_WITHOUT_IMAGE, MARKER_IN_CAPTION
-from stages.exports.base import ExportError, SkipRow
-from stages.schema import IMAGE_MARKER
+from warren.stages.conversation import CAPTION_WITHOUT_IMAGE, MARKER_IN_CAPTION
+from warren.stages.exports.base import ExportError, SkipRow
+from warren.stages.schema import IMAGE_MARKER
 
 INSTRUCTION = "{instruction}"
 DEFAULT_TEMPLATE = IMAGE_MARKER + "\n" + INSTRUCTION

@@ -37,7 +37,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from stages.exports.base import (
+from warren.stages.exports.base import (
     ExportError,
     ExportReport,
     Skipped,
@@ -46,9 +46,9 @@ from stages.exports.base import (
     StageFolder,
     check_options,
 )
-from stages.exports.caption import CaptionTemplate, template_from, turns_of
-from stages.readers.columns import ROLE_TO_FROM
-from stages.schema import IMAGE_MARKER
+from warren.stages.exports.caption import CaptionTemplate, template_from, turns_of
+from warren.stages.readers.columns import ROLE_TO_FROM
+from warren.stages.schema import IMAGE_MARKER
 
 FORMAT = "hf"
 OPTIONS: tuple[str, ...] = ("caption_template",)

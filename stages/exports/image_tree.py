@@ -32,8 +32,7 @@ import re
 from collections.abc import Callable
 
 from PIL import Image
-
-from stages.exports.base import (
+from warren.stages.exports.base import (
     ExportError,
     ExportReport,
     JsonListWriter,
@@ -43,9 +42,9 @@ from stages.exports.base import (
     StageFolder,
     write_json,
 )
-from stages.exports.caption import CaptionTemplate, turns_of
-from stages.readers.llava_json import safe_relative_path
-from stages.shards import Location
+from warren.stages.exports.caption import CaptionTemplate, turns_of
+from warren.stages.readers.llava_json import safe_relative_path
+from warren.stages.shards import Location
 
 # Names a reader of the export folder looks at: warren's JSON files and the files that make
 # `detect_format` take a folder for a `datasets` save_to_disk folder.

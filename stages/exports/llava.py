@@ -25,9 +25,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from stages.exports.base import ExportReport, StageFolder, check_options
-from stages.exports.caption import template_from
-from stages.exports.image_tree import export_with_image_tree
+from warren.stages.exports.base import ExportReport, StageFolder, check_options
+from warren.stages.exports.caption import template_from
+from warren.stages.exports.image_tree import export_with_image_tree
 
 FORMAT = "llava"
 FILE_NAME = "llava.json"

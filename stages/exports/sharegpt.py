@@ -28,12 +28,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from stages.exports.base import ExportError, ExportReport, StageFolder, check_options
-from stages.exports.caption import template_from
-from stages.exports.image_tree import export_with_image_tree
-from stages.exports.llava import extra_fields
-from stages.readers.columns import ROLE_TO_FROM
-from stages.shards import Location
+from warren.stages.exports.base import ExportError, ExportReport, StageFolder, check_options
+from warren.stages.exports.caption import template_from
+from warren.stages.exports.image_tree import export_with_image_tree
+from warren.stages.exports.llava import extra_fields
+from warren.stages.readers.columns import ROLE_TO_FROM
+from warren.stages.shards import Location
 
 FORMAT = "sharegpt"
 FILE_NAME = "data.json"

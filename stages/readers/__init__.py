@@ -13,18 +13,17 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow.fs as pafs
-
-from stages.readers.base import InputError, Reader, ReadUnit
-from stages.readers.coco import CocoReader, is_captions_file
-from stages.readers.columns import open_parquet_schema
-from stages.readers.download import TABLE_KINDS, DownloadReader, is_url_table
-from stages.readers.hf_datasets import HFDatasetsReader
-from stages.readers.image_folder import IMAGE_SUFFIXES, ImageFolderReader
-from stages.readers.img2dataset import Img2DatasetReader
-from stages.readers.llava_json import LlavaJsonReader, llama_factory_entries
-from stages.readers.mixture import MixtureReader
-from stages.readers.parquet import ParquetReader
-from stages.shards import Location, list_files
+from warren.stages.readers.base import InputError, Reader, ReadUnit
+from warren.stages.readers.coco import CocoReader, is_captions_file
+from warren.stages.readers.columns import open_parquet_schema
+from warren.stages.readers.download import TABLE_KINDS, DownloadReader, is_url_table
+from warren.stages.readers.hf_datasets import HFDatasetsReader
+from warren.stages.readers.image_folder import IMAGE_SUFFIXES, ImageFolderReader
+from warren.stages.readers.img2dataset import Img2DatasetReader
+from warren.stages.readers.llava_json import LlavaJsonReader, llama_factory_entries
+from warren.stages.readers.mixture import MixtureReader
+from warren.stages.readers.parquet import ParquetReader
+from warren.stages.shards import Location, list_files
 
 READERS: dict[str, type[Reader]] = {
     cls.format: cls

@@ -19,9 +19,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import pyarrow as pa
-
-from stages.base import stable_hash
-from stages.shards import Location, list_files
+from warren.stages.base import stable_hash
+from warren.stages.shards import Location, list_files
 
 
 class InputError(ValueError):

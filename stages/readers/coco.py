@@ -43,13 +43,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
-
-from stages.base import stable_hash
-from stages.readers.base import InputError, Reader, ReadUnit, positive_int_option
-from stages.readers.columns import file_uri, finish, list_input_files, table_from_rows
-from stages.readers.llava_json import safe_relative_path
-from stages.schema import REJECT_COLUMN
-from stages.shards import Location
+from warren.stages.base import stable_hash
+from warren.stages.readers.base import InputError, Reader, ReadUnit, positive_int_option
+from warren.stages.readers.columns import file_uri, finish, list_input_files, table_from_rows
+from warren.stages.readers.llava_json import safe_relative_path
+from warren.stages.schema import REJECT_COLUMN
+from warren.stages.shards import Location
 
 READER = "coco"
 DEFAULT_CHUNK_SIZE = 1000

@@ -18,16 +18,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-
-from stages.readers.base import InputError
-from stages.readers.records import (
+from warren.stages.readers.base import InputError
+from warren.stages.readers.records import (
     apply_conversation_rules,
     describe_error,
     first_bad_text,
     reject_invalid_utf8,
     replace_bad_text,
 )
-from stages.schema import (
+from warren.stages.schema import (
     CORE_FIELDS,
     EMBEDDING_COLUMNS,
     IMAGE_MARKER,
@@ -39,7 +38,7 @@ from stages.schema import (
     conform,
     content_id,
 )
-from stages.shards import Location, list_files
+from warren.stages.shards import Location, list_files
 
 IMAGES_LIST_TYPE = pa.list_(IMAGE_TYPE)
 TURNS_LIST_TYPE = pa.list_(TURN_TYPE)

@@ -87,13 +87,17 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
-
-from stages.base import stable_hash
-from stages.readers.base import InputError, Reader, ReadUnit, positive_int_option
-from stages.readers.columns import file_uri, is_binary_like, list_input_files, looks_like_images
-from stages.readers.img2dataset import Img2DatasetReader
-from stages.schema import content_id
-from stages.shards import Location
+from warren.stages.base import stable_hash
+from warren.stages.readers.base import InputError, Reader, ReadUnit, positive_int_option
+from warren.stages.readers.columns import (
+    file_uri,
+    is_binary_like,
+    list_input_files,
+    looks_like_images,
+)
+from warren.stages.readers.img2dataset import Img2DatasetReader
+from warren.stages.schema import content_id
+from warren.stages.shards import Location
 
 TABLE_KINDS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}
 URL_COLUMNS = ("url", "URL")

@@ -26,15 +26,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
-
-from stages.readers.base import InputError, Reader, ReadUnit
-from stages.readers.columns import (
+from warren.stages.readers.base import InputError, Reader, ReadUnit
+from warren.stages.readers.columns import (
     ColumnMapping,
     file_uri,
     finish,
     relative_key,
 )
-from stages.shards import Location, list_files
+from warren.stages.shards import Location, list_files
 
 READER = "hf_datasets"
 _SEQUENCE_TYPES = ("Sequence", "List", "LargeList")

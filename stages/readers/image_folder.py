@@ -30,11 +30,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
-
-from stages.base import stable_hash
-from stages.readers.base import InputError, Reader, ReadUnit, positive_int_option
-from stages.readers.columns import finish, list_input_files, table_from_rows
-from stages.schema import KNOWN_TYPES, REJECT_COLUMN
+from warren.stages.base import stable_hash
+from warren.stages.readers.base import InputError, Reader, ReadUnit, positive_int_option
+from warren.stages.readers.columns import finish, list_input_files, table_from_rows
+from warren.stages.schema import KNOWN_TYPES, REJECT_COLUMN
 
 READER = "image_folder"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")

@@ -34,9 +34,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from stages.readers.base import InputError, Reader, ReadUnit
-from stages.readers.columns import (
+from warren.stages.readers.base import InputError, Reader, ReadUnit
+from warren.stages.readers.columns import (
     ColumnMapping,
     empty_images,
     file_uri,
@@ -47,7 +46,7 @@ from stages.readers.columns import (
     relative_key,
     table_from_rows,
 )
-from stages.schema import REJECT_COLUMN, content_id
+from warren.stages.schema import REJECT_COLUMN, content_id
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff", "tif")
 PARQUET_IMAGE_COLUMNS = ("jpg", "png", "webp", "jpeg")

@@ -56,9 +56,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
-
-from stages.readers.base import InputError, Reader, ReadUnit
-from stages.readers.columns import (
+from warren.stages.readers.base import InputError, Reader, ReadUnit
+from warren.stages.readers.columns import (
     ROLE_TO_FROM,
     file_uri,
     finish,
@@ -67,9 +66,9 @@ from stages.readers.columns import (
     row_content_id,
     table_from_rows,
 )
-from stages.readers.records import first_bad_text, replace_bad_text
-from stages.schema import REJECT_COLUMN, content_id
-from stages.shards import Location, list_files
+from warren.stages.readers.records import first_bad_text, replace_bad_text
+from warren.stages.schema import REJECT_COLUMN, content_id
+from warren.stages.shards import Location, list_files
 
 READER = "llava_json"
 DATASET_INFO = "dataset_info.json"

@@ -26,12 +26,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from stages.base import stable_hash
-from stages.mixture_spec import MixtureSpec, SourceSpec, infer_tasks, load_spec
-from stages.readers.base import InputError, Reader, ReadUnit
-from stages.schema import CORE_FIELDS, EDITS_COLUMN, KNOWN_TYPES, REJECT_COLUMN, conform
-from stages.shards import Location
+from warren.stages.base import stable_hash
+from warren.stages.mixture_spec import MixtureSpec, SourceSpec, infer_tasks, load_spec
+from warren.stages.readers.base import InputError, Reader, ReadUnit
+from warren.stages.schema import CORE_FIELDS, EDITS_COLUMN, KNOWN_TYPES, REJECT_COLUMN, conform
+from warren.stages.shards import Location
 
 READER = "mixture"
 MIXTURE_COLUMNS = [f.name for f in CORE_FIELDS] + ["task", EDITS_COLUMN]
@@ -70,7 +69,7 @@ class MixtureReader(Reader):
         }
 
     def _source_readers(self, source: SourceSpec) -> list[Reader]:
-        from stages.readers import get_reader
+        from warren.stages.readers import get_reader
 
         where = f"{READER}: source {source.name}"
         loc = Location.of(source.path)

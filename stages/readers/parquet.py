@@ -46,9 +46,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from stages.readers.base import InputError, Reader, ReadUnit
-from stages.readers.columns import (
+from warren.stages.readers.base import InputError, Reader, ReadUnit
+from warren.stages.readers.columns import (
     ColumnMapping,
     file_uri,
     finish,
@@ -56,7 +55,7 @@ from stages.readers.columns import (
     open_parquet_schema,
     relative_key,
 )
-from stages.schema import EDITS_COLUMN, REJECT_COLUMN, content_id
+from warren.stages.schema import EDITS_COLUMN, REJECT_COLUMN, content_id
 
 log = logging.getLogger(__name__)
 

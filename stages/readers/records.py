@@ -14,9 +14,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from stages import conversation
-from stages.schema import EDITS_COLUMN, REJECT_COLUMN, TURN_TYPE
+from warren.stages import conversation
+from warren.stages.schema import EDITS_COLUMN, REJECT_COLUMN, TURN_TYPE
 
 TURNS_LIST_TYPE = pa.list_(TURN_TYPE)
 EDITS_TYPE = pa.list_(pa.string())
