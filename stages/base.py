@@ -21,12 +21,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from warren.stages.schema import REJECT_COLUMN
+from warren.stages.schema import REJECT_COLUMN, column_type
 
 #: The input position of each row of a global stage's input (int64, set by the runner). A global
 #: stage returns it with every other column; the runner writes the output in input order by it,
@@ -39,13 +40,92 @@ class NoParams:
     """A stage without parameters."""
 
 
-def param(default: Any, help: str, **kwargs: Any) -> Any:
-    """A stage parameter: its default and its documentation, declared in one place."""
+#: The kinds of threshold a parameter can be (its `threshold` metadata): an absolute bound on a
+#: column's value, or one end of a window of ranks (fractions of the rows, rank 0 = the first row in
+#: the stage's order).
+THRESHOLD_KINDS = ("min", "max", "rank_lo", "rank_hi")
+
+
+def param(
+    default: Any,
+    help: str,
+    *,
+    threshold: str | None = None,
+    column: str | None = None,
+    off: Any = None,
+    **kwargs: Any,
+) -> Any:
+    """A stage parameter: its default and its documentation, declared in one place.
+
+    A parameter that is a threshold says so: `threshold` is its kind (THRESHOLD_KINDS), `column`
+    the column it acts on, `off` a value that turns it off (no line is drawn for it). The report
+    draws thresholds from this metadata (through `Stage.thresholds`, saved in the manifest).
+    """
+    metadata: dict[str, Any] = {"help": help}
+    if threshold is not None:
+        if threshold not in THRESHOLD_KINDS:
+            raise ValueError(f"threshold must be one of {THRESHOLD_KINDS}, got {threshold!r}")
+        metadata.update(threshold=threshold, column=column, off=off)
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(
-            default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs
+            default_factory=lambda: type(default)(default), metadata=metadata, **kwargs
         )
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Threshold:
+    """One threshold a stage applies: parameter `param` of kind `kind` on `column` at `value`.
+
+    Rank windows (`rank_lo`, `rank_hi`) keep ranks [lo, hi) of the column, rank 0 the highest
+    value when `descending`."""
+
+    param: str
+    kind: str
+    column: str
+    value: float
+    descending: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    """What each worker of a stage asks Ray for. A class declares its defaults as a class
+    attribute; every instance holds its own copy (set per stage from the command line:
+    `--embed.num_gpus 0.5 --embed.concurrency 8 --embed.batch_size 256`)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    #: Rows per call of `process` (batch stages); None lets the runner choose.
+    batch_size: int | None = None
+    #: Actor-pool size bounds (min, max) (batch stages with a model); None: sized to the cluster.
+    concurrency: tuple[int, int] | None = None
+
+    def replace(self, **changes: Any) -> Resources:
+        """A copy with `changes`, checked: names are resources, values make sense."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(
+                f"unknown resource {unknown[0]!r}; known: num_cpus, num_gpus, batch_size, "
+                "concurrency"
+            )
+        values = {**dataclasses.asdict(self), **changes}
+        if isinstance(values["concurrency"], int):
+            values["concurrency"] = (values["concurrency"], values["concurrency"])
+        elif values["concurrency"] is not None:
+            values["concurrency"] = tuple(int(v) for v in values["concurrency"])
+        resources = Resources(**values)
+        resources.check()
+        return resources
+
+    def check(self) -> None:
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ValueError(f"num_cpus and num_gpus must be >= 0, got {self}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.concurrency is not None:
+            lo, hi = self.concurrency
+            if not 1 <= lo <= hi:
+                raise ValueError(f"concurrency must be 1 <= min <= max, got {self.concurrency}")
 
 
 def params_to_dict(params: Any) -> dict[str, Any]:
@@ -64,15 +144,24 @@ class Stage:
     name: ClassVar[str] = ""
     version: ClassVar[str] = "1"
     Params: ClassVar[type] = NoParams
-    #: Resources asked of Ray for each worker of this stage.
-    num_cpus: ClassVar[float] = 1.0
-    num_gpus: ClassVar[float] = 0.0
+    #: The default resources of each worker; an instance's own are `self.resources`.
+    resources: Resources = Resources()
+    #: Columns the stage reads that not every row has from ingest (the core columns of
+    #: schema.CORE_FIELDS always exist): an earlier stage, or the input, must add them.
+    requires: ClassVar[tuple[str, ...]] = ()
+    #: Columns the stage adds to every row; their types come from the schema module.
+    adds: ClassVar[tuple[str, ...]] = ()
     #: Numeric columns the runner sums over the stage's kept and rejected rows into its manifest,
     #: run.json and the funnel (e.g. tokens an LLM stage spent).
     summed_columns: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
-        self, params: Any = None, *, stage_name: str | None = None, **overrides: Any
+        self,
+        params: Any = None,
+        *,
+        stage_name: str | None = None,
+        resources: Mapping[str, Any] | None = None,
+        **overrides: Any,
     ) -> None:
         # A pipeline may use one stage class twice (two rank windows); each instance then gets its
         # own name, which names its folder and its command-line flags.
@@ -88,9 +177,60 @@ class Stage:
             params = dataclasses.replace(params, **overrides)
         self.params = params
         self.check_params()
+        # The instance's own copy: the class default, then what the parameters imply, then what
+        # the user asked for. Resources are not in the cache key (they change no output).
+        self.resources = self.default_resources().replace(**dict(resources or {}))
 
     def check_params(self) -> None:
         """Raise ValueError for parameter values that can never work (checked before any run)."""
+
+    def default_resources(self) -> Resources:
+        """The resources this instance needs before the user's overrides: the class default,
+        which a stage whose needs depend on its parameters (a backend, a device) adapts."""
+        return type(self).resources
+
+    @property
+    def num_cpus(self) -> float:
+        return self.resources.num_cpus
+
+    @property
+    def num_gpus(self) -> float:
+        return self.resources.num_gpus
+
+    @property
+    def batch_size(self) -> int | None:
+        return self.resources.batch_size
+
+    @property
+    def concurrency(self) -> tuple[int, int] | None:
+        return self.resources.concurrency
+
+    def required_columns(self) -> tuple[str, ...]:
+        """Columns this instance reads beyond the core ones (may depend on its parameters)."""
+        return tuple(self.requires)
+
+    def added_columns(self) -> dict[str, Any]:
+        """Columns this instance adds, with their Arrow types from the schema module (an
+        embedding's width depends on the model: its type is then the string
+        "fixed_size_list<halffloat>[model width]")."""
+        return {name: column_type(name) for name in self.adds}
+
+    def thresholds(self) -> list[Threshold]:
+        """The thresholds this instance applies, from its parameters' `threshold` metadata; a
+        stage whose column depends on its parameters (a rank window's `column`) overrides it."""
+        out = []
+        for field in dataclasses.fields(self.params):
+            kind = field.metadata.get("threshold")
+            value = getattr(self.params, field.name)
+            if kind is None or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if field.metadata.get("off") is not None and value == field.metadata["off"]:
+                continue
+            column = field.metadata.get("column") or getattr(self.params, "column", None)
+            if column:
+                descending = bool(getattr(self.params, "descending", True))
+                out.append(Threshold(field.name, kind, column, float(value), descending))
+        return out
 
     @property
     def params_hash(self) -> str:
@@ -102,7 +242,10 @@ class Stage:
             "version": self.version,
             "kind": "batch" if isinstance(self, BatchStage) else "global",
             "params": params_to_dict(self.params),
-            "resources": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "resources": dataclasses.asdict(self.resources),
+            "requires": list(self.required_columns()),
+            "adds": {k: str(v) for k, v in self.added_columns().items()},
+            "thresholds": [dataclasses.asdict(t) for t in self.thresholds()],
         }
 
     def __repr__(self) -> str:
@@ -112,12 +255,8 @@ class Stage:
 class BatchStage(Stage):
     """Rows in, same rows out, one Arrow batch at a time."""
 
-    #: Rows per call of `process`; None lets Ray pass whole blocks.
-    batch_size: ClassVar[int | None] = None
     #: True for stages that load a model in `setup()`: they run as an actor pool.
     uses_model: ClassVar[bool] = False
-    #: Actor-pool size bounds (min, max); None: sized to the cluster by the runner.
-    concurrency: ClassVar[tuple[int, int] | None] = None
 
     def setup(self) -> None:
         """Load models and other per-worker state. Called once per worker before any batch."""

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from warren.prompts import Prompt, load_prompt
-from warren.stages.base import param, put_columns, reject
+from warren.stages.base import Resources, param, put_columns, reject
 from warren.stages.generate import (
     _RAW_LIMIT,
     BadReply,
@@ -99,7 +99,7 @@ class CapFusion(_ModelOrEndpointStage):
     name = "capfusion"
     version = "1"
     Params = CapFusionParams
-    batch_size = 32
+    resources = Resources(batch_size=32)
     summed_columns = tuple(FUSION_USAGE)
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:

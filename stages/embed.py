@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, UnidentifiedImageError
-from warren.stages.base import BatchStage, param, put_column, reject
+from warren.stages.base import BatchStage, Resources, param, put_column, reject
 from warren.stages.images import decode_image
 from warren.stages.schema import embedding_type
 
@@ -60,9 +60,7 @@ class Embed(BatchStage):
     version = "2"
     Params = EmbedParams
     uses_model = True
-    num_cpus = 1.0
-    num_gpus = 1.0
-    batch_size = 256
+    resources = Resources(num_cpus=1.0, num_gpus=1.0, batch_size=256)
 
     def check_params(self) -> None:
         p = self.params

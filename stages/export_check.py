@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from warren.stages import conversation
-from warren.stages.base import BatchStage, param, reject
+from warren.stages.base import BatchStage, Resources, param, reject
 from warren.stages.image_check import RULE as IMAGE_CHECK_RULE
 from warren.stages.image_check import ImageCheck, pil_limits, with_index
 from warren.stages.images import DEFAULT_MAX_PIXELS
@@ -73,7 +73,7 @@ class ExportCheck(BatchStage):
     version = "2"
     Params = ExportCheckParams
     # Decoding dominates, as in image_check: modest batches bound a worker's memory.
-    batch_size = 256
+    resources = Resources(batch_size=256)
 
     def check_params(self) -> None:
         if self.params.max_pixels < 1:

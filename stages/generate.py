@@ -60,7 +60,15 @@ import numpy as np
 import pyarrow as pa
 from warren.prompts import Prompt, PromptError, image_mime, load_prompt
 from warren.stages import watchdog
-from warren.stages.base import BatchStage, param, params_to_dict, put_columns, reject, stable_hash
+from warren.stages.base import (
+    BatchStage,
+    Resources,
+    param,
+    params_to_dict,
+    put_columns,
+    reject,
+    stable_hash,
+)
 from warren.stages.images import decode_error_words, endpoint_image_bytes
 from warren.stages.llm_client import (
     BUDGET_STOP,
@@ -295,9 +303,9 @@ class _GenerateStage(BatchStage):
     """What both generators share: client config, budget across batches, output columns."""
 
     uses_model = True  # an actor: one per stage, holding the budget spent so far
-    concurrency = (1, 1)
+    # waits on the network; leaves CPU for reading and writing shards
+    resources = Resources(concurrency=(1, 1), num_cpus=0.5)
     summed_columns = ("gen_prompt_tokens", "gen_completion_tokens", "gen_cache_hits")
-    num_cpus = 0.5  # waits on the network; leaves CPU for reading and writing shards
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
@@ -430,12 +438,10 @@ class _ModelOrEndpointStage(_GenerateStage):
     actor (a GPU each when the cluster has them; the runner gives none on a CPU-only cluster), or
     `endpoint`, one network-bound actor sending requests through the machinery above."""
 
-    def __init__(self, params: Any = None, **kwargs: Any) -> None:
-        super().__init__(params, **kwargs)
+    def default_resources(self) -> Resources:
         if self.params.backend == "transformers":
-            self.concurrency = None
-            self.num_cpus = 1.0
-            self.num_gpus = 1.0
+            return type(self).resources.replace(concurrency=None, num_cpus=1.0, num_gpus=1.0)
+        return type(self).resources
 
     def check_params(self) -> None:
         if self.params.backend not in MODEL_BACKENDS:
@@ -492,7 +498,7 @@ class LlavaGenerate(_GenerateStage):
     name = "llava_generate"
     version = "1"
     Params = LlavaGenerateParams
-    batch_size = 64
+    resources = Resources(batch_size=64)
 
     def prompts(self) -> dict[str, Prompt]:
         p = self.params
@@ -567,7 +573,8 @@ class AllavaGenerate(_GenerateStage):
     name = "allava_generate"
     version = "2"  # 2: the model sees decode_image's picture (transparency composited)
     Params = AllavaGenerateParams
-    batch_size = 16  # each request carries an image
+    # each request carries an image
+    resources = Resources(batch_size=16)
 
     def prompts(self) -> dict[str, Prompt]:
         p = self.params

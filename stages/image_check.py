@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, UnidentifiedImageError
-from warren.stages.base import BatchStage, param, put_column, reject
+from warren.stages.base import BatchStage, Resources, param, put_column, reject
 from warren.stages.images import (
     DEFAULT_MAX_PIXELS,
     ImageTooLargeError,
@@ -118,7 +118,7 @@ class ImageCheck(BatchStage):
     version = "2"
     Params = ImageCheckParams
     # Decoding dominates; modest batches keep a worker's memory bounded by a few hundred images.
-    batch_size = 256
+    resources = Resources(batch_size=256)
 
     def check_params(self) -> None:
         p = self.params

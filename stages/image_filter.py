@@ -68,7 +68,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageFile, UnidentifiedImageError
-from warren.stages.base import BatchStage, beyond, param, put_columns, reject
+from warren.stages.base import BatchStage, Resources, beyond, param, put_columns, reject
 from warren.stages.image_check import with_index
 from warren.stages.images import (
     DEFAULT_MAX_PIXELS,
@@ -159,7 +159,7 @@ class ImageFilter(BatchStage):
     Params = ImageFilterParams
     # Images are inspected one at a time (headers, then one reduced decode), so the batch size only
     # bounds the encoded bytes a worker holds; image_check's 256 keeps the two alike.
-    batch_size = 256
+    resources = Resources(batch_size=256)
 
     def check_params(self) -> None:
         p = self.params

@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from warren.stages.base import BatchStage, param, put_column, reject
+from warren.stages.base import BatchStage, Resources, param, put_column, reject
 from warren.stages.image_check import ImageCheck, pil_limits, with_index
 from warren.stages.images import DEFAULT_MAX_PIXELS, ImageTooLargeError, decode_image
 
@@ -109,20 +109,21 @@ class Nsfw(BatchStage):
     version = "2"
     Params = NsfwParams
     uses_model = True
-    num_cpus = 1.0
     # The model is small (about 6M parameters, 24 MB): a quarter GPU per actor, as NeMo Curator's
-    # NSFW stage asks. Only the onnxruntime-gpu build can use one (see __init__).
-    num_gpus = 0.25
+    # NSFW stage asks. Only the onnxruntime-gpu build can use one (see default_resources).
     # Decoding dominates on CPU; a few hundred rows keep a worker's memory bounded.
-    batch_size = 256
+    resources = Resources(num_cpus=1.0, num_gpus=0.25, batch_size=256)
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
         self._session: Any = None
+
+    def default_resources(self) -> Resources:
         if not _onnxruntime_has_cuda():
             # The CPU build of onnxruntime never touches a GPU: asking Ray for one would only idle
             # it and cap the pool at four actors per GPU.
-            self.num_gpus = 0.0
+            return type(self).resources.replace(num_gpus=0.0)
+        return type(self).resources
 
     def check_params(self) -> None:
         p = self.params

@@ -69,7 +69,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from warren.stages.base import BatchStage, GlobalContext, GlobalStage, param, put_column, reject
+from warren.stages.base import (
+    BatchStage,
+    GlobalContext,
+    GlobalStage,
+    Resources,
+    param,
+    put_column,
+    reject,
+)
 from warren.stages.select import find_cutoffs, mark_outside
 
 RULE = "perplexity"
@@ -252,11 +260,9 @@ class Perplexity(BatchStage):
     version = "1"
     Params = PerplexityParams
     uses_model = True
-    num_cpus = 1.0
-    num_gpus = 1.0
     # Texts are small, and a big Ray batch gives the length sort more texts to pack: 1024 texts
     # pad about 5% over their real tokens, 256 texts about 25% (demo-like captions).
-    batch_size = 1024
+    resources = Resources(num_cpus=1.0, num_gpus=1.0, batch_size=1024)
     summed_columns = (TOKENS_COLUMN,)
 
     def check_params(self) -> None:

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from warren.prompts import Prompt, PromptError, image_mime, load_prompt
-from warren.stages.base import param, put_columns, reject
+from warren.stages.base import Resources, param, put_columns, reject
 from warren.stages.generate import (
     _RAW_LIMIT,
     USAGE_TYPES,
@@ -147,7 +147,7 @@ class Recaption(_ModelOrEndpointStage):
     # 2: the local backend sees images through stages.images (composited, oriented).
     version = "2"
     Params = RecaptionParams
-    batch_size = 32
+    resources = Resources(batch_size=32)
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)

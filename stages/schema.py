@@ -100,6 +100,21 @@ def embedding_type(dim: int) -> pa.DataType:
     return pa.list_(pa.float16(), dim)
 
 
+#: The declared type of an embedding column, whose width depends on the model.
+EMBEDDING_DECLARED = "fixed_size_list<halffloat>[model width]"
+
+
+def column_type(name: str) -> pa.DataType | str:
+    """The type a stage declares for a column it adds: from KNOWN_TYPES, or EMBEDDING_DECLARED
+    for an embedding. A name the schema does not know is an error, so every added column is
+    written down here once."""
+    if name in EMBEDDING_COLUMNS:
+        return EMBEDDING_DECLARED
+    if name not in KNOWN_TYPES:
+        raise KeyError(f"column {name!r} is not in warren.stages.schema (SIGNAL_FIELDS)")
+    return KNOWN_TYPES[name]
+
+
 def is_embedding_type(t: pa.DataType) -> bool:
     return pa.types.is_fixed_size_list(t) and pa.types.is_float16(t.value_type)
 

@@ -8,7 +8,7 @@ import json
 import socket
 
 import pyarrow as pa
-from warren.stages.base import BatchStage, GlobalContext, GlobalStage, param
+from warren.stages.base import BatchStage, GlobalContext, GlobalStage, Resources, param
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +23,7 @@ class StealLock(BatchStage):
     name = "steal_lock"
     version = "1"
     Params = StealLockParams
-    batch_size = 1000
+    resources = Resources(batch_size=1000)
 
     def process(self, batch: pa.Table) -> pa.Table:
         if self.params.steal:

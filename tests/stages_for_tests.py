@@ -8,7 +8,7 @@ import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from warren.stages.base import BatchStage, GlobalContext, GlobalStage, param, reject
+from warren.stages.base import BatchStage, GlobalContext, GlobalStage, Resources, param, reject
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +22,7 @@ class CaptionLength(BatchStage):
     name = "caption_length"
     version = "1"
     Params = CaptionLengthParams
-    batch_size = 10
+    resources = Resources(batch_size=10)
     summed_columns = ("caption_len",)
 
     def process(self, batch: pa.Table) -> pa.Table:
@@ -48,8 +48,7 @@ class ModuloModel(BatchStage):
     version = "1"
     Params = ModuloParams
     uses_model = True
-    num_cpus = 0.5
-    batch_size = 16
+    resources = Resources(num_cpus=0.5, batch_size=16)
 
     def setup(self) -> None:
         self.setup_pid = os.getpid()
@@ -97,7 +96,7 @@ class BatchProbe(BatchStage):
 
     name = "batch_probe"
     version = "1"
-    batch_size = 7
+    resources = Resources(batch_size=7)
 
     def process(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
