@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
+from worker_env import worker_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -24,9 +24,7 @@ def ray_session():
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
-            runtime_env={
-                "env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-            },
+            runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath()}},
         )
     from ray.data import DataContext
 

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from warren.pipelines.recipe import DEMO_CLIP, DEMO_DATA
+from worker_env import worker_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "pipelines" / "bunny_pretrain.py"
@@ -41,7 +42,7 @@ FLAGS = [
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=worker_pythonpath())
     env.pop("RAY_ADDRESS", None)
     return env
 

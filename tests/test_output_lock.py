@@ -15,6 +15,7 @@ from stages_for_failures import StealLock
 from stages_for_tests import CaptionLength
 from test_runner import make_pool
 from warren.pipelines.runner import Pipeline, PipelineError, Runner
+from worker_env import worker_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +34,7 @@ sys.exit(rc)
 
 
 def _env() -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    env = dict(os.environ, PYTHONPATH=worker_pythonpath())
     env.pop("RAY_ADDRESS", None)
     return env
 

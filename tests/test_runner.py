@@ -18,6 +18,7 @@ from stages_for_tests import CaptionLength, DropsRows, ModuloModel
 from warren.pipelines.runner import Pipeline, PipelineError, Runner
 from warren.stages.exact_dedup import ExactDedup
 from warren.stages.schema import rows_to_table
+from worker_env import worker_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -228,7 +229,7 @@ def test_rerun_after_kill_9_in_a_map_stage_loses_and_duplicates_nothing(ray_sess
     script = tmp_path / "run.py"
     script.write_text(KILL_SCRIPT)
     env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), RAY_ADDRESS=""
+        os.environ, PYTHONPATH=worker_pythonpath(), RAY_ADDRESS=""
     )
     env.pop("RAY_ADDRESS")
     out = tmp_path / "out"
@@ -320,7 +321,7 @@ def test_a_model_stage_on_a_one_cpu_ray_does_not_starve_its_reads(tmp_path):
     rows = make_pool(tmp_path / "pool", n=60, shards=3)
     script = tmp_path / "one_cpu.py"
     script.write_text(ONE_CPU_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    env = dict(os.environ, PYTHONPATH=worker_pythonpath())
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "pool"), str(tmp_path / "out")],

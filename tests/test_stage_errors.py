@@ -15,6 +15,7 @@ from test_runner import make_pool
 from warren.pipelines.recipe import DEMO_CLIP, DEMO_DATA, main
 from warren.pipelines.runner import Pipeline, PipelineError, Runner
 from warren.stages.embed import Embed
+from worker_env import worker_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +24,7 @@ def test_a_model_that_cannot_be_loaded_is_one_short_error_and_the_traceback_is_i
     make_pool(tmp_path / "pool", n=20, shards=2)
     missing = tmp_path / "no-such-model"
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=worker_pythonpath(), HF_HUB_OFFLINE="1")
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
         [

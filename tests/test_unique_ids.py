@@ -16,6 +16,7 @@ import pytest
 from stages_for_tests import CaptionLength
 from warren.pipelines.runner import Pipeline, Runner
 from warren.stages.schema import rows_to_table
+from worker_env import worker_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,7 +161,7 @@ def test_ingest_killed_half_way_resumes_to_the_same_unique_ids(ray_session, tmp_
     rows = write_pool(tmp_path / "pool", files)
     script = tmp_path / "run.py"
     script.write_text(KILL_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    env = dict(os.environ, PYTHONPATH=worker_pythonpath())
     env.pop("RAY_ADDRESS", None)
     out = tmp_path / "out"
     args = [sys.executable, str(script), str(tmp_path / "pool"), str(out)]
