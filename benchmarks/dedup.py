@@ -162,6 +162,7 @@ def run_through_ray(emb, labels, cos, ids, args, floor_s: float) -> None:
     """The semdedup stage on a local Ray: Arrow blocks in, groupby cluster, one task a cluster."""
     import pyarrow as pa
     import ray
+
     from warren.stages.base import GlobalContext
     from warren.stages.semdedup import SemDedup
 

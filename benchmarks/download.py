@@ -128,6 +128,7 @@ def main() -> None:
 
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     from warren.pipelines.runner import ensure_ray
 
     ctx = mp.get_context("spawn")

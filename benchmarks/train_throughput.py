@@ -37,6 +37,7 @@ from transformers import (  # noqa: E402
     TrainerCallback,
     TrainingArguments,
 )
+
 from warren.trainers.data import collate, iter_rows, plan_units  # noqa: E402
 from warren.trainers.llava import TrainConfig, train  # noqa: E402
 from warren.trainers.model import build_llava, load_llava  # noqa: E402

@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from warren.pipelines.report import StageOutput, duplicate_of, rank_window, read_stages
 from warren.stages.base import reason_key
 from warren.stages.schema import REASON_COLUMN

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pyarrow.parquet as pq
+
 from warren.pipelines.recipe import main as recipe_main
 from warren.pipelines.runner import MANIFEST, Pipeline
 from warren.stages.balance import Balance

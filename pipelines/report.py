@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from warren.pipelines.runner import MANIFEST
 from warren.stages.base import reason_key
 from warren.stages.ledger import REJECTED_DIR

@@ -42,6 +42,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
+
 from warren.stages import unique_ids
 from warren.stages.base import (
     POSITION_COLUMN,

@@ -89,6 +89,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from warren.stages.base import GlobalContext, GlobalStage, param, reject, stable_hash
 from warren.stages.schema import IMAGE_MARKER
 from warren.stages.select import uniform_key

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from warren.stages.schema import REJECT_COLUMN, column_type
 
 #: The input position of each row of a global stage's input (int64, set by the runner). A global

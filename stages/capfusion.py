@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
 from warren.prompts import Prompt, load_prompt
 from warren.stages.base import Resources, param, put_columns, reject
 from warren.stages.generate import (

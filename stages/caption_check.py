@@ -13,6 +13,7 @@ import dataclasses
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from warren.stages.base import BatchStage, param, reject
 
 RULE = "caption_check"

@@ -57,6 +57,7 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from warren.stages.base import BatchStage, beyond, param, put_columns, reject
 
 RULE = "caption_filter"

@@ -20,6 +20,7 @@ import dataclasses
 
 import numpy as np
 import pyarrow as pa
+
 from warren.stages.base import GlobalContext, GlobalStage, param, put_column, reject
 from warren.stages.cluster import embeddings_of
 from warren.stages.select import find_cutoffs, mark_outside

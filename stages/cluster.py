@@ -21,6 +21,7 @@ import dataclasses
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from warren.stages.base import GlobalContext, GlobalStage, param, put_column, reject
 
 #: Rows x clusters similarities computed at once when assigning (float64: 8 bytes each).

@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, UnidentifiedImageError
+
 from warren.stages.base import BatchStage, Resources, param, put_column, reject
 from warren.stages.images import decode_image
 from warren.stages.schema import embedding_type

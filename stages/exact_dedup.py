@@ -62,6 +62,7 @@ import unicodedata
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from warren.stages.base import GlobalContext, GlobalStage, param, put_column, reject
 from warren.stages.images import decode_image
 from warren.stages.shuffle import map_groups

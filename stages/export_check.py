@@ -39,6 +39,7 @@ import dataclasses
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from warren.stages import conversation
 from warren.stages.base import BatchStage, Resources, param, reject
 from warren.stages.image_check import RULE as IMAGE_CHECK_RULE

@@ -58,6 +58,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
 from warren.prompts import Prompt, PromptError, image_mime, load_prompt
 from warren.stages import watchdog
 from warren.stages.base import (

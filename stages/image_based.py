@@ -28,6 +28,7 @@ import dataclasses
 
 import numpy as np
 import pyarrow as pa
+
 from warren.stages.base import GlobalContext, GlobalStage, param, put_column, reject
 from warren.stages.cluster import embeddings_of, gather_sample, kmeans_task, nearest_centroids
 from warren.stages.shards import Location

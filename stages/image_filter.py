@@ -68,6 +68,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageFile, UnidentifiedImageError
+
 from warren.stages.base import BatchStage, Resources, beyond, param, put_columns, reject
 from warren.stages.image_check import with_index
 from warren.stages.images import (

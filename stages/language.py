@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from warren.stages.base import BatchStage, beyond, param, put_columns, reject
 from warren.stages.schema import IMAGE_MARKER
 

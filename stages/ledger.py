@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+
 from warren.stages.base import reason_key
+from warren.stages.run_layout import REJECTED_DIR
 from warren.stages.schema import REASON_COLUMN, REJECT_COLUMN, order_columns
 from warren.stages.shards import Location, remove_temporaries, write_table_atomic
 
 PROGRESS_DIR = "_progress"
-REJECTED_DIR = "rejected"
 
 
 def source_tag(src: str) -> str:

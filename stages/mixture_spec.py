@@ -47,6 +47,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
+
 from warren.stages.shards import Location
 
 SOURCE_KEYS = ("path", "format", "options", "task", "filter", "cap", "weight", "short_answer")

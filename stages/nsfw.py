@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from warren.stages.base import BatchStage, Resources, param, put_column, reject
 from warren.stages.image_check import ImageCheck, pil_limits, with_index
 from warren.stages.images import DEFAULT_MAX_PIXELS, ImageTooLargeError, decode_image

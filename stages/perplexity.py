@@ -69,6 +69,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from warren.stages.base import (
     BatchStage,
     GlobalContext,

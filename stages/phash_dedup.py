@@ -70,6 +70,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from warren.stages.base import GlobalContext, GlobalStage, param, put_columns, reject
 from warren.stages.images import decode_image
 from warren.stages.semdedup import union_pairs

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
 from warren.prompts import Prompt, PromptError, image_mime, load_prompt
 from warren.stages.base import Resources, param, put_columns, reject
 from warren.stages.generate import (
@@ -129,6 +130,7 @@ def decode_image(value: Any) -> Any:
     (`stages.images.decode_image`: orientation, transparency on white, first frame); ValueError
     saying why not."""
     from PIL import Image
+
     from warren.stages.images import decode_image as decode
 
     data = (value or {}).get("bytes")
@@ -302,6 +304,7 @@ class Recaption(_ModelOrEndpointStage):
         self, prompt: Prompt, images: Sequence[Any]
     ) -> list[tuple[str | None, str | None, int, int, BadReply | None]]:
         import torch
+
         from warren.stages.lm import decode_replies, generate_kwargs, stop_token_ids
 
         vlm = self._vlm

@@ -17,6 +17,7 @@ import dataclasses
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from warren.stages.base import BatchStage, param, reject
 
 

@@ -26,6 +26,7 @@ import math
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from warren.stages.base import GlobalContext, GlobalStage, param, reject
 
 SAMPLE_ROWS = 20_000  # keys gathered to bracket each cut-off

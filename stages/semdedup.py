@@ -46,6 +46,7 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from warren.stages.base import GlobalContext, GlobalStage, param, put_column, reject
 from warren.stages.shuffle import map_groups
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 
 import pyarrow as pa
+
 from warren.stages.base import BatchStage, param, put_column
 from warren.stages.schema import KNOWN_TYPES
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from warren.stages.base import POSITION_COLUMN
 
 ROWS_PER_SPLIT_TASK = 200_000

@@ -22,6 +22,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from warren.stages.base import BatchStage, param, reject
 
 ALL_SOURCES = "*"

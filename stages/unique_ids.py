@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+
 from warren.stages.base import reject
 from warren.stages.ledger import REJECTED_DIR, commit_piece, mark_source_done
 from warren.stages.schema import REASON_COLUMN, REJECT_COLUMN
@@ -204,6 +205,7 @@ def decide(
     """Write the decisions for the kept raw files `files` ((path, unit index) in input order)
     under `out/_ids/`; returns how many rows are repeated ids. Resumes: done once, kept."""
     import ray
+
     from warren.stages.shuffle import map_groups
 
     ids_dir = out.join(IDS_DIR)

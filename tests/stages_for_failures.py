@@ -8,6 +8,7 @@ import json
 import socket
 
 import pyarrow as pa
+
 from warren.stages.base import BatchStage, GlobalContext, GlobalStage, Resources, param
 
 

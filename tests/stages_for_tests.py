@@ -8,6 +8,7 @@ import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from warren.stages.base import BatchStage, GlobalContext, GlobalStage, Resources, param, reject
 
 

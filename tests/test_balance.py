@@ -10,8 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-import warren.stages.balance as balance_mod
 from outputs import rejected_reasons, table
+
+import warren.stages.balance as balance_mod
 from warren.pipelines.runner import Pipeline, Runner
 from warren.stages.balance import Balance, balance_targets, tempered_targets
 from warren.stages.base import GlobalContext

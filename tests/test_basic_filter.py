@@ -12,6 +12,7 @@ import pytest
 from outputs import rejected_reasons, table
 from PIL import Image
 from skimage import data as skdata
+
 from warren.pipelines import basic_filter, bunny_pretrain
 from warren.pipelines.recipe import main
 from warren.stages.schema import rows_to_table

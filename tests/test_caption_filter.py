@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from outputs import rejected_reasons, table
 from PIL import Image
+
 from warren.pipelines.runner import Pipeline, Runner
 from warren.stages.caption_filter import (
     DEFAULT_BOILERPLATE,

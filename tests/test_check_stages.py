@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 from crafted_images import encode, noise, png_chunk
 from PIL import Image, ImageFile
+
 from warren.stages.base import reason_key
 from warren.stages.caption_check import CaptionCheck
 from warren.stages.image_check import ImageCheck

@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import ray
+
 from warren.stages.base import GlobalContext
 from warren.stages.clip_score import ClipScore
 

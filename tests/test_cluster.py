@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import ray
+
 from warren.stages.base import GlobalContext
 from warren.stages.cluster import Cluster, assign, train_kmeans
 from warren.stages.schema import conform, embedding_type

@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 from PIL import Image
+
 from warren.stages.readers import CocoReader, InputError, detect_format, get_reader
 from warren.stages.readers.coco import BOX_TYPE
 from warren.stages.schema import REJECT_COLUMN, conform

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+
 from warren.stages.export_check import ExportCheck
 from warren.stages.readers import LlavaJsonReader, ParquetReader
 from warren.stages.schema import EDITS_COLUMN, REJECT_COLUMN

@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+
 from warren.stages.schema import CORE_FIELDS, validate
 
 ROOT = Path(__file__).resolve().parents[1]

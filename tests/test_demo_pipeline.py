@@ -8,6 +8,7 @@ from pathlib import Path
 import outputs
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from warren.pipelines import demo
 from warren.pipelines.recipe import DEMO_DATA
 from warren.pipelines.recipe import main as recipe_main

@@ -19,8 +19,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from warren.pipelines.recipe import DEMO_CLIP, DEMO_DATA
 from worker_env import worker_pythonpath
+
+from warren.pipelines.recipe import DEMO_CLIP, DEMO_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "pipelines" / "bunny_pretrain.py"
@@ -166,6 +167,7 @@ def test_a_global_stage_writes_the_same_shards_in_input_order_however_its_rows_m
     ray_session, tmp_path
 ):
     from stages_for_tests import CaptionLength, ScrambleRows
+
     from warren.pipelines.runner import GLOBAL_ROWS_PER_PART, Pipeline, Runner
     from warren.stages.schema import rows_to_table
 
@@ -234,6 +236,7 @@ def test_a_map_stage_sees_its_batches_cut_from_each_shard_and_writes_a_file_per_
     ray_session, tmp_path
 ):
     from stages_for_tests import BatchProbe
+
     from warren.pipelines.runner import MAP_ROWS_PER_READ, Pipeline, Runner
     from warren.stages.schema import rows_to_table
 

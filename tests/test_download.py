@@ -20,6 +20,7 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+
 from warren.stages.readers import READERS, detect_format, get_reader
 from warren.stages.readers.base import InputError
 from warren.stages.readers.download import (

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
 from warren.stages.embed import Embed
 from warren.stages.models import ModelNotFoundError, load_clip, register_open_clip_config
 from warren.stages.schema import embedding_type, rows_to_table

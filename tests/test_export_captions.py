@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from test_exports import encode, img, import_rows, turns, write_stage
+
 from warren.pipelines.cli import main as cli_main
 from warren.stages.exports import ExportError, export
 from warren.stages.exports.base import StageFolder

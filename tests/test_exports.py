@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 from outputs import rejected_reasons, table
 from PIL import Image
+
 from warren.pipelines.cli import main as cli_main
 from warren.pipelines.runner import Pipeline, Runner
 from warren.stages.export_check import ExportCheck

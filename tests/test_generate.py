@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from fake_chat_server import FakeChatServer, Reply, ScriptedChatServer, text_of
 from PIL import Image
+
 from warren.pipelines import allava, llava_instruct
 from warren.pipelines.recipe import main as recipe_main
 from warren.prompts import load_prompt

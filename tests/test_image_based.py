@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+
 from warren.stages.base import GlobalContext
 from warren.stages.image_based import ImageBased, chosen_clusters
 from warren.stages.require import Require

@@ -13,6 +13,7 @@ import pytest
 import skimage.data
 from crafted_images import encode, noise, png_chunk
 from PIL import Image, ImageDraw, ImageFile
+
 from warren.stages.image_check import ImageCheck
 from warren.stages.image_filter import ImageFilter
 from warren.stages.schema import REJECT_COLUMN, image_value, rows_to_table

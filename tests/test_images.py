@@ -15,9 +15,10 @@ import imagehash
 import numpy as np
 import pyarrow as pa
 import pytest
-import warren.stages.images as images_module
 from crafted_images import encode, png_chunk
 from PIL import Image, ImageFile
+
+import warren.stages.images as images_module
 from warren.stages.embed import Embed
 from warren.stages.exact_dedup import pixel_hash, pixel_record
 from warren.stages.image_check import ImageCheck

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from warren.stages.base import reject
 from warren.stages.exact_dedup import KEY_COLUMN, content_key, resolve_group
 from warren.stages.ledger import commit_piece, complete_sources, prune_incomplete, read_ledger

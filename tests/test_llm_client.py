@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from fake_chat_server import FakeChatServer
+
 from warren.stages.llm_client import (
     BUDGET_STOP,
     ChatRequest,

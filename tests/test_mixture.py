@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from outputs import rejected_reasons, table
 from PIL import Image
+
 from warren.pipelines import mixture
 from warren.stages.mixture_spec import SpecError, infer_tasks, parse_spec
 from warren.stages.schema import rows_to_table

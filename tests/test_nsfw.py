@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from outputs import rejected_reasons, table
 from PIL import Image
+
 from warren.pipelines.runner import Pipeline, Runner
 from warren.stages.models import ModelNotFoundError
 from warren.stages.nsfw import SCORE_COLUMN, Nsfw, session_threads

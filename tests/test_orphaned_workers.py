@@ -22,6 +22,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 from fake_chat_server import FakeChatServer
+
 from warren.stages.schema import rows_to_table
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,9 @@ import pytest
 from stages_for_failures import StealLock
 from stages_for_tests import CaptionLength
 from test_runner import make_pool
-from warren.pipelines.runner import Pipeline, PipelineError, Runner
 from worker_env import worker_pythonpath
+
+from warren.pipelines.runner import Pipeline, PipelineError, Runner
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,6 +19,7 @@ from outputs import rejected_reasons, table
 from tiny_models import llm_config, word_level_tokenizer
 from tokenizers import processors
 from transformers import LlamaForCausalLM
+
 from warren.pipelines.runner import Pipeline, Runner
 from warren.stages.base import GlobalContext
 from warren.stages.perplexity import Perplexity, PplFilter, token_windows

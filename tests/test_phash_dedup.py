@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageEnhance
+
 from warren.stages.base import GlobalContext
 from warren.stages.exact_dedup import (
     CAPTION_HASH_COLUMN,
@@ -561,6 +562,7 @@ def test_resolving_a_whole_partition_equals_resolving_each_group():
     the per-group rule: random keys with groups of 1-4 rows and null keys, in key order."""
     import numpy as np
     import pyarrow as pa
+
     from warren.stages.shuffle import group_bounds
 
     rng = np.random.default_rng(4)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
 from warren.prompts import PROMPTS_DIR, PromptError, image_mime, list_prompts, load_prompt
 
 SHIPPED = ("conversation", "detail", "complex_reasoning")

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pytest
 from crafted_images import png
 from outputs import rejected_reasons, table
+
 from warren.pipelines.runner import Pipeline, Runner
 from warren.stages.export_check import ExportCheck
 from warren.stages.readers import CocoReader, ImageFolderReader, Img2DatasetReader, LlavaJsonReader

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from crafted_images import png
+
 from warren.stages.readers import InputError, LlavaJsonReader, ParquetReader
 from warren.stages.schema import IMAGE_TYPE, REJECT_COLUMN, conform
 

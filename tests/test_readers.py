@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+
 from warren.stages.readers import (
     READERS,
     HFDatasetsReader,
@@ -627,6 +628,7 @@ def test_canonical_rows_load_in_hf_datasets_as_images(llava_data, tmp_path: Path
 def test_parquet_files_with_differing_extra_columns_read_into_one_schema(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     from warren.stages.readers import get_reader
 
     pool = tmp_path / "pool"

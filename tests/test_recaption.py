@@ -19,6 +19,7 @@ from fake_chat_server import Reply, ScriptedChatServer, text_of
 from PIL import Image
 from tiny_models import llm_config, word_level_tokenizer
 from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPVisionConfig
+
 from warren.prompts import load_prompt
 from warren.stages.capfusion import CapFusion, unquote
 from warren.stages.recaption import Recaption, decoding, vlm_prompt
@@ -382,6 +383,7 @@ def test_points_recipe_recaptions_fuses_scores_and_keeps_the_lowest_perplexity(
 ) -> None:
     import outputs
     import pyarrow.parquet as pq
+
     from warren.pipelines import points_pretrain
     from warren.pipelines.recipe import main as recipe_main
 
@@ -435,6 +437,7 @@ def test_points_recipe_recaptions_fuses_scores_and_keeps_the_lowest_perplexity(
 def test_sharegpt4v_recipe_runs_offline_with_the_demo_vlm(ray_session, tmp_path: Path) -> None:
     import outputs
     import pyarrow.parquet as pq
+
     from warren.pipelines import sharegpt4v_recaption
     from warren.pipelines.recipe import main as recipe_main
 

@@ -15,6 +15,7 @@ import outputs
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from warren.pipelines import bunny_pretrain, datacomp_filter, semdedup
 from warren.pipelines.cli import recipe_names
 from warren.pipelines.recipe import DEMO_CLIP, DEMO_DATA

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+
 from warren.pipelines import demo
 from warren.pipelines.cli import main as cli_main
 from warren.pipelines.recipe import main as recipe_main

@@ -15,10 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from stages_for_tests import CaptionLength, DropsRows, ModuloModel
+from worker_env import worker_pythonpath
+
 from warren.pipelines.runner import Pipeline, PipelineError, Runner
 from warren.stages.exact_dedup import ExactDedup
 from warren.stages.schema import rows_to_table
-from worker_env import worker_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+
 from warren.stages.schema import SchemaError, conform, embedding_type, rows_to_table, validate
 
 

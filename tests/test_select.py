@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import ray
+
 import warren.stages.select as select_mod
 from warren.stages.base import GlobalContext
 from warren.stages.select import RankWindow, Sample, uniform_key

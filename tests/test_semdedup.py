@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pyarrow as pa
 import pytest
+
 import warren.stages.semdedup as semdedup_module
 from warren.stages.base import GlobalContext
 from warren.stages.schema import REJECT_COLUMN

@@ -4,6 +4,7 @@ the source filter, and idempotence."""
 from __future__ import annotations
 
 import pytest
+
 from warren.stages.schema import count_image_markers, rows_to_table
 from warren.stages.short_answer import LLAVA_SHORT_ANSWER, ShortAnswer
 

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import ray
+
 from warren.stages.shuffle import group_bounds, map_groups
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from stages_for_failures import FailsInRay
 from test_runner import make_pool
+from worker_env import worker_pythonpath
+
 from warren.pipelines.recipe import DEMO_CLIP, DEMO_DATA, main
 from warren.pipelines.runner import Pipeline, PipelineError, Runner
 from warren.stages.embed import Embed
-from worker_env import worker_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 

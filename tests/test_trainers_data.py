@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from tiny_models import word_level_tokenizer
 from transformers import CLIPImageProcessor, PreTrainedTokenizerFast
+
 from warren.stages.schema import rows_to_table
 from warren.trainers.data import (
     BAD_IMAGE,

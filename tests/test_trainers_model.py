@@ -16,6 +16,7 @@ from transformers import (
     LlamaForCausalLM,
     LlavaForConditionalGeneration,
 )
+
 from warren.trainers.model import ModelNotFoundError, build_llava, load_llava
 from warren.trainers.templates import ConversationEncoder
 

@@ -23,6 +23,7 @@ from transformers import (
     LlamaForCausalLM,
     LlavaForConditionalGeneration,
 )
+
 from warren.trainers.data import assign_units, iter_rows, plan_units
 from warren.trainers.llava import TrainConfig, train
 from warren.trainers.model import build_llava

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from tiny_models import word_level_tokenizer
+
 from warren.trainers.templates import (
     ANSWER_TRUNCATED,
     IGNORE_INDEX,

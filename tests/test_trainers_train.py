@@ -29,6 +29,7 @@ from transformers import (
     LlamaForCausalLM,
     LlavaForConditionalGeneration,
 )
+
 from warren.trainers.data import DataProblemError
 from warren.trainers.llava import PROJECTOR_FILE, TrainConfig, build_parser, main, resolve, train
 from warren.trainers.model import build_llava

@@ -14,9 +14,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from stages_for_tests import CaptionLength
+from worker_env import worker_pythonpath
+
 from warren.pipelines.runner import Pipeline, Runner
 from warren.stages.schema import rows_to_table
-from worker_env import worker_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 from fake_chat_server import FakeChatServer
+
 from warren.stages import watchdog
 from warren.stages.llm_client import ChatRequest, ClientConfig, run_requests_async
 

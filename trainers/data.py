@@ -55,6 +55,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
 from warren.stages.images import DEFAULT_MAX_PIXELS, bomb_limits, decode_image, size_problem
 from warren.stages.schema import KNOWN_TYPES
 from warren.stages.shards import Location, list_shards

@@ -70,6 +70,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
 from warren.trainers.data import (
     Batch,
     DataStats,

@@ -47,6 +47,7 @@ from transformers import (
     SiglipVisionModel,
 )
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
 from warren.stages.schema import IMAGE_MARKER
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from warren.trainers.llava import CHECKPOINTS, Ranks, TrainConfig, run_loop
 
 log = logging.getLogger("warren.trainers.ray_train")

@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
+
 from warren.stages.schema import content_id, image_value, rows_to_table  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "demo.parquet"

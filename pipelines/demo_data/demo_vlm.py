@@ -45,6 +45,7 @@ def ensure_demo_vlm() -> str:
     def build(folder: Path) -> None:
         import torch
         from transformers import CLIPVisionConfig
+
         from warren.trainers.model import build_llava
 
         smollm2_dir, _ = resolve(SMOLLM2, flag="--recaption.model")

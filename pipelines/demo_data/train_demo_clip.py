@@ -330,6 +330,7 @@ def evaluate(model_dir: Path, parquet: Path = HERE / "demo.parquet") -> dict:
     (c) the CLIP score (image-caption cosine) percentile of each `swapped_caption` row among the
     ordinary rows' scores (mean; low is good: the swapped caption does not fit its image)."""
     import pyarrow.parquet as pq
+
     from warren.stages.models import load_clip
 
     model = load_clip(str(model_dir), device="cpu")

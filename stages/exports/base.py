@@ -21,11 +21,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from warren.stages.run_layout import MANIFEST, LayoutError, open_stage
 from warren.stages.shards import TMP_PREFIX, Location
 
-# The runner's file names (pipelines.runner); stages do not import pipelines.
-MANIFEST = "_manifest.json"
-RUN_JSON = "run.json"
 # Canonical columns an export can carry; anything else (embeddings, scores) stays in the shards.
 EXPORT_COLUMNS = ("id", "images", "conversations", "source", "caption", "url", "license")
 BATCH_ROWS = 256
@@ -139,39 +138,13 @@ class StageFolder:
 
     @classmethod
     def open(cls, src: str) -> StageFolder:
-        loc = Location.of(src)
-        if not loc.is_dir():
-            raise ExportError(f"{loc.uri}: not a folder (expected a warren stage or output folder)")
-        if not loc.join(MANIFEST).exists() and loc.join(RUN_JSON).exists():
-            run = _read_json(loc.join(RUN_JSON))
-            final = run.get("final") if isinstance(run, dict) else None
-            if not isinstance(final, dict) or not isinstance(final.get("folder"), str):
-                raise ExportError(f"{loc.join(RUN_JSON).uri}: names no final stage folder")
-            loc = loc.join(final["folder"])
-        manifest_loc = loc.join(MANIFEST)
-        if not manifest_loc.exists():
-            raise ExportError(
-                f"{loc.uri}: no {MANIFEST} (not a completed stage folder) and no {RUN_JSON} "
-                "(not a pipeline output folder); export a stage folder such as OUTPUT/03-export_check "
-                "or the output folder of a finished run"
-            )
-        manifest = _read_json(manifest_loc)
+        """A stage folder, or a run folder's final stage (stages.run_layout), every listed
+        shard checked to exist with its manifest's size."""
         try:
-            listed = [(f["name"], int(f["rows"]), f.get("bytes")) for f in manifest["files"]]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ExportError(f"{manifest_loc.uri}: malformed file list ({exc})") from exc
-        paths = []
-        for name, _, size in listed:
-            info = loc.fs.get_file_info(loc.join(name).path)
-            if info.type != pafs.FileType.File:
-                raise ExportError(f"{loc.join(name).uri}: listed in {MANIFEST} but missing")
-            if size is not None and info.size != size:
-                raise ExportError(
-                    f"{loc.join(name).uri}: {info.size} bytes, the manifest says {size}; the file "
-                    "changed after the stage wrote it (re-run the stage)"
-                )
-            paths.append(info.path)
-        return cls(loc, tuple(paths), sum(rows for _, rows, _ in listed))
+            stage = open_stage(src)
+        except LayoutError as exc:
+            raise ExportError(str(exc)) from exc
+        return cls(stage.loc, tuple(f.path for f in stage.kept), stage.rows)
 
     def columns(self) -> list[str]:
         """Export columns the shards have (the first shard's schema; shards of a stage agree)."""
@@ -264,12 +237,6 @@ def _stats_verdict(group: pq.RowGroupMetaData, leaves: list[int], nested: bool) 
         return True
     return None
 
-
-def _read_json(loc: Location) -> Any:
-    try:
-        return loc.read_json()
-    except (ValueError, OSError) as exc:
-        raise ExportError(f"{loc.uri}: unreadable ({exc})") from exc
 
 
 class StagedFolder:

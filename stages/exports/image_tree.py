@@ -32,6 +32,7 @@ import re
 from collections.abc import Callable
 
 from PIL import Image
+
 from warren.stages.exports.base import (
     ExportError,
     ExportReport,

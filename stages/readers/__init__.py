@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow.fs as pafs
+
 from warren.stages.readers.base import InputError, Reader, ReadUnit
 from warren.stages.readers.coco import CocoReader, is_captions_file
 from warren.stages.readers.columns import open_parquet_schema

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import pyarrow as pa
+
 from warren.stages.base import stable_hash
 from warren.stages.shards import Location, list_files
 

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
 from warren.stages.readers.base import InputError
 from warren.stages.readers.records import (
     apply_conversation_rules,

@@ -87,6 +87,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
+
 from warren.stages.base import stable_hash
 from warren.stages.readers.base import InputError, Reader, ReadUnit, positive_int_option
 from warren.stages.readers.columns import (

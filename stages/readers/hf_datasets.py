@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
+
 from warren.stages.readers.base import InputError, Reader, ReadUnit
 from warren.stages.readers.columns import (
     ColumnMapping,

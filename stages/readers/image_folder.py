@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
+
 from warren.stages.base import stable_hash
 from warren.stages.readers.base import InputError, Reader, ReadUnit, positive_int_option
 from warren.stages.readers.columns import finish, list_input_files, table_from_rows

@@ -34,6 +34,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from warren.stages.readers.base import InputError, Reader, ReadUnit
 from warren.stages.readers.columns import (
     ColumnMapping,

@@ -56,6 +56,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+
 from warren.stages.readers.base import InputError, Reader, ReadUnit
 from warren.stages.readers.columns import (
     ROLE_TO_FROM,

@@ -26,9 +26,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from warren.stages.base import stable_hash
 from warren.stages.mixture_spec import MixtureSpec, SourceSpec, infer_tasks, load_spec
 from warren.stages.readers.base import InputError, Reader, ReadUnit
+from warren.stages.run_layout import LayoutError, is_warren_output, open_stage
 from warren.stages.schema import CORE_FIELDS, EDITS_COLUMN, KNOWN_TYPES, REJECT_COLUMN, conform
 from warren.stages.shards import Location
 
@@ -37,19 +39,14 @@ MIXTURE_COLUMNS = [f.name for f in CORE_FIELDS] + ["task", EDITS_COLUMN]
 
 
 def warren_output_files(loc: Location) -> list[str] | None:
-    """The kept shard URIs of an earlier warren output (a pipeline folder with `run.json`, or a
-    stage folder with `_manifest.json`), or None when `loc` is neither."""
-    run = loc.join("run.json")
-    if run.exists():
-        final = (run.read_json() or {}).get("final")
-        if not final:
-            raise InputError(f"{READER}: {run.uri} names no final stage (an unfinished run?)")
-        loc = loc.join(final["folder"])
-    manifest = loc.join("_manifest.json")
-    if not manifest.exists():
+    """The kept shard URIs of an earlier warren output (a run folder's final stage, or a stage
+    folder), or None when `loc` is neither."""
+    if not is_warren_output(loc):
         return None
-    files = manifest.read_json().get("files", [])
-    return [loc.join(f["name"]).uri for f in files]
+    try:
+        return open_stage(loc).uris()
+    except LayoutError as exc:
+        raise InputError(f"{READER}: {exc}") from exc
 
 
 class MixtureReader(Reader):

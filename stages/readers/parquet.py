@@ -46,6 +46,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from warren.stages.readers.base import InputError, Reader, ReadUnit
 from warren.stages.readers.columns import (
     ColumnMapping,

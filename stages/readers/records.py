@@ -14,6 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from warren.stages import conversation
 from warren.stages.schema import EDITS_COLUMN, REJECT_COLUMN, TURN_TYPE
 
