@@ -74,6 +74,11 @@ SIGNAL_FIELDS: list[pa.Field] = [
     # every automatic edit a reader made to a row, one line each ("role 'user' -> 'human' (turn
     # 1)", "inserted <image> in turn 1"); null when none (stages.conversation)
     pa.field("edits", pa.list_(pa.string())),
+    # provenance of a removal, as data (the report and `warren explain` read these, never the
+    # reason text): the id of the kept row a rejected duplicate was removed in favour of, and how
+    # alike the two are (cosine for embedding dedup, 1.0 for exact copies, 1 - bits/64 for pHash)
+    pa.field("duplicate_of", pa.string()),
+    pa.field("similarity", pa.float32()),
 ]
 EMBEDDING_COLUMNS = ("image_emb", "text_emb")
 
@@ -104,12 +109,25 @@ def embedding_type(dim: int) -> pa.DataType:
 EMBEDDING_DECLARED = "fixed_size_list<halffloat>[model width]"
 
 
+#: A window stage writes each row's rank by the column it ranks as `<column>_rank` (int64, 0 =
+#: the first row in the stage's order), kept and rejected rows alike.
+RANK_SUFFIX = "_rank"
+RANK_TYPE = pa.int64()
+
+
+def rank_column(column: str) -> str:
+    """The column a window stage writes the ranks of `column` to."""
+    return column + RANK_SUFFIX
+
+
 def column_type(name: str) -> pa.DataType | str:
     """The type a stage declares for a column it adds: from KNOWN_TYPES, or EMBEDDING_DECLARED
     for an embedding. A name the schema does not know is an error, so every added column is
     written down here once."""
     if name in EMBEDDING_COLUMNS:
         return EMBEDDING_DECLARED
+    if name.endswith(RANK_SUFFIX) and name[: -len(RANK_SUFFIX)] in KNOWN_TYPES:
+        return RANK_TYPE
     if name not in KNOWN_TYPES:
         raise KeyError(f"column {name!r} is not in warren.stages.schema (SIGNAL_FIELDS)")
     return KNOWN_TYPES[name]
