@@ -2,9 +2,12 @@
 
 `warren explain OUTPUT ID` looks the id up stage by stage in a run's output folder (kept shards,
 then `rejected/`, reading only `id`, `reason` and the columns the stage added, with a pyarrow
-filter on `id`), and prints each stage it passed with the values that stage wrote, the stage
-and reason that removed it, and, for a duplicate, the id of the copy that was kept and where that
-copy ended. Stages after the removal are listed as "not in the input of this stage".
+filter on `id`), and prints each stage it passed with the values that stage wrote (a window
+stage's rank among them), the stage and reason that removed it, and, for a duplicate, its
+`duplicate_of` and `similarity` columns and where the kept copy ended. Provenance is read from
+those columns, never from the reason text: an output written before they existed shows no
+"duplicate of" line. Stages after the removal are listed as "not in the input of this stage".
+The run is read through the report's `read_stages` (`warren.stages.run_layout.open_run`).
 
 Exit code 0 when the row was found, 1 when no stage ever saw the id, 2 when OUTPUT is not a run.
 """
@@ -19,9 +22,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from warren.pipelines.report import StageOutput, duplicate_of, rank_window, read_stages
+from warren.pipelines.report.stage_view import PROVENANCE_COLUMNS, StageView, read_stages
 from warren.stages.base import reason_key
-from warren.stages.schema import REASON_COLUMN
+from warren.stages.run_layout import ShardFile
+from warren.stages.schema import REASON_COLUMN, rank_column
 from warren.stages.shards import Location
 
 # What ingest shows of a row: where it came from and what it says.
@@ -54,13 +58,15 @@ class Journey:
         return next((s for s in self.steps if s.status == "removed"), None)
 
 
-def _shown_columns(stage: StageOutput) -> list[str]:
-    """Scalar columns worth printing: the ones the stage added and the one it ranks by (ingest:
-    source and caption)."""
+def _shown_columns(stage: StageView) -> list[str]:
+    """Scalar columns worth printing: the ones the stage added, the ones it ranks by and their
+    ranks, and the provenance columns (ingest: source and caption)."""
     names = list(INGEST_COLUMNS if stage.index == 0 else stage.added)
-    window = rank_window(stage)
-    if window and window.column not in names:
-        names.append(window.column)
+    for window in stage.windows():
+        names += [window.column, rank_column(window.column)]
+    # An earlier dedup stage may have added them: a later one's rows carry them on.
+    names += PROVENANCE_COLUMNS
+    names = list(dict.fromkeys(names))
     out = []
     for c in names:
         t = stage.schema.get(c)
@@ -76,10 +82,10 @@ def _shown_columns(stage: StageOutput) -> list[str]:
 
 
 def _find(
-    stage: StageOutput, files: Sequence[tuple[str, int]], row_id: str, columns: list[str]
+    stage: StageView, files: Sequence[ShardFile], row_id: str, columns: list[str]
 ) -> dict | None:
-    for path, _ in files:
-        with stage.loc.fs.open_input_file(path) as f:
+    for shard in files:
+        with stage.loc.fs.open_input_file(shard.path) as f:
             pf = pq.ParquetFile(f)
             present = ["id"] + [c for c in columns if c in pf.schema_arrow.names and c != "id"]
             # Row groups whose id statistics exclude the id are skipped; others read only `present`.
@@ -89,19 +95,19 @@ def _find(
     return None
 
 
-def locate(stage: StageOutput, row_id: str) -> tuple[str | None, dict]:
+def locate(stage: StageView, row_id: str) -> tuple[str | None, dict]:
     """("kept" | "rejected" | None, the row's shown values and reason) in one stage folder."""
     columns = _shown_columns(stage)
-    row = _find(stage, stage.kept_files, row_id, columns)
+    row = _find(stage, stage.kept, row_id, columns)
     if row is not None:
         return "kept", row
-    row = _find(stage, stage.rejected_files, row_id, [*columns, REASON_COLUMN])
+    row = _find(stage, stage.rejected, row_id, [*columns, REASON_COLUMN])
     if row is not None:
         return "rejected", row
     return None, {}
 
 
-def _fate(stages: Sequence[StageOutput], row_id: str, start: int) -> str:
+def _fate(stages: Sequence[StageView], row_id: str, start: int) -> str:
     """Where a row ended, looked up from stage `start` on (for the kept copy of a duplicate)."""
     for st in stages[start:]:
         where, row = locate(st, row_id)
@@ -122,6 +128,8 @@ def explain(output: str | Location, row_id: str) -> Journey:
             continue
         where, row = locate(st, row_id)
         values = {c: row[c] for c in _shown_columns(st) if c in row}
+        # Provenance is null on every row it does not concern: only a removal's is worth a word.
+        values = {c: v for c, v in values.items() if not (c in PROVENANCE_COLUMNS and v is None)}
         if where == "kept":
             steps.append(Step(st.folder, st.name, "passed", values))
         elif where == "rejected":
@@ -135,7 +143,8 @@ def explain(output: str | Location, row_id: str) -> Journey:
     journey = Journey(row_id, steps)
     removed = journey.removed_at
     if removed is not None:
-        journey.duplicate_of = duplicate_of(removed.reason)
+        kept_id = removed.values.get("duplicate_of")
+        journey.duplicate_of = str(kept_id) if kept_id is not None else None
         if journey.duplicate_of:
             at = next(i for i, s in enumerate(steps) if s is removed)
             journey.duplicate_fate = _fate(stages, journey.duplicate_of, at)

@@ -1,5 +1,5 @@
-"""The run report and `warren explain`: on a real demo run, in headless Chromium, and on a small
-hand-built output whose windows, thresholds, clusters and duplicate groups are known."""
+"""The run report: on a real demo run, in headless Chromium, and on small hand-built outputs whose
+recorded thresholds, windows, clusters and duplicate groups are known."""
 
 from __future__ import annotations
 
@@ -18,18 +18,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from report_outputs import threshold, with_provenance, write_stage
 
 from warren.pipelines import demo
 from warren.pipelines.cli import main as cli_main
 from warren.pipelines.recipe import main as recipe_main
 from warren.pipelines.report import (
     KEPT_COLOUR,
+    NOT_RECORDED,
     RankWindow,
-    duplicate_of,
     read_stages,
     write_report,
 )
 from warren.pipelines.report import window_values as report_window_values
+from warren.pipelines.report.statistics import duplicate_group_sizes
+from warren.pipelines.report.thresholds import recorded, windows
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -109,8 +112,13 @@ def _score_columns(out: Path) -> dict[str, set[str]]:
             (out / s["folder"] / "rejected").glob("*.parquet")
         )
         schema = pq.read_schema(files[0])
+        # provenance (a dedup stage's similarity) and window ranks are no scores to histogram
         numeric = {
-            f.name for f in schema if (pa.types.is_integer(f.type) or pa.types.is_floating(f.type))
+            f.name
+            for f in schema
+            if (pa.types.is_integer(f.type) or pa.types.is_floating(f.type))
+            and f.name != "similarity"
+            and not f.name.endswith("_rank")
         }
         if previous is not None:
             expected[s["folder"]] = numeric - previous
@@ -151,10 +159,27 @@ def test_report_shows_the_run_json_funnel_a_histogram_per_score_column_and_reaso
         assert page.thumbs.get(i, 0) >= 1, g
     kept = [g for g in page.galleries if g["data-gallery"] == "kept"]
     assert {g["stage"] for g in kept} == {s["folder"] for s in run["stages"]}
-    # the exact_dedup stage ran: its duplicate groups are charted
+
+
+def test_report_charts_the_demo_duplicate_groups_from_the_duplicate_of_column(demo_run, tmp_path):
+    out, _ = demo_run
+    run = with_provenance(out, tmp_path / "run")
+    # ground truth: the kept copy each exact_dedup reason names, "(of <id>)"
+    named = [
+        re.search(r"of ([^)]+)\)", r).group(1)
+        for r in outputs.rejected_reasons(run / "03-exact_dedup").values()
+    ]
+    sizes = {k: named.count(k) + 1 for k in named}
+    text = Path(write_report(run)).read_text()
+    page = _parse(run / "report.html")
     assert any(
         c["data-chart"] == "duplicates" and c["stage"] == "03-exact_dedup" for c in page.charts
     )
+    assert (
+        f"duplicate groups: {len(sizes)} kept rows with {len(named)} copies removed, "
+        f"largest group {max(sizes.values())}"
+    ) in text
+    assert NOT_RECORDED not in text
 
 
 def test_report_is_self_contained(demo_run):
@@ -182,10 +207,10 @@ def test_report_galleries_are_a_seeded_sample(demo_run, tmp_path):
 
 
 def test_thumbnails_stop_at_the_page_budget(demo_run, tmp_path, monkeypatch):
-    import warren.pipelines.report as report_module
+    import warren.pipelines.report.galleries as galleries_module
 
     out, _ = demo_run
-    monkeypatch.setattr(report_module, "THUMBNAIL_BUDGET", 40_000)
+    monkeypatch.setattr(galleries_module, "THUMBNAIL_BUDGET", 40_000)
     html = Path(write_report(out, str(tmp_path / "small.html"))).read_text()
     thumbs = re.findall(r'src="(data:image/jpeg;base64,[^"]+)"', html)
     assert thumbs and sum(map(len, thumbs)) <= 40_000
@@ -241,48 +266,6 @@ def test_report_renders_in_headless_chromium_with_charts_and_thumbnails(demo_run
     assert (np.abs(pixels - green).max(axis=2) < 12).sum() > 2000
 
 
-def test_explain_names_the_stage_rule_and_kept_copy_of_a_removed_duplicate(demo_run, capsys):
-    out, _ = demo_run
-    reasons = outputs.rejected_reasons(out / "03-exact_dedup")
-    row, reason = sorted(reasons.items())[0]
-    kept = re.search(r"of ([^)]+)\)", reason).group(1)
-    assert cli_main(["explain", str(out), row]) == 0
-    printed = capsys.readouterr().out
-    lines = printed.splitlines()
-    assert lines[0] == f"row {row!r} in {out}"
-    for folder in ("00-ingest", "01-image_check", "02-caption_check"):
-        assert any(line.split()[:2] == [folder, "passed"] for line in lines), printed
-    removed = next(line for line in lines if "REMOVED" in line)
-    assert "03-exact_dedup" in removed and "exact_dedup: duplicate" in removed and kept in removed
-    assert f"duplicate of {kept} (kept to the end (03-exact_dedup))" in printed
-    assert (
-        lines[-1]
-        == "ended: removed at 03-exact_dedup (stage exact_dedup), rule 'exact_dedup: duplicate'"
-    )
-
-
-def test_explain_shows_scores_of_a_kept_row_and_skips_stages_after_a_removal(demo_run, capsys):
-    out, _ = demo_run
-    final = outputs.table(out / "03-exact_dedup").to_pylist()[0]
-    assert cli_main(["explain", str(out), final["id"]]) == 0
-    printed = capsys.readouterr().out
-    assert f"width {final['width']}, height {final['height']}" in printed
-    assert printed.rstrip().endswith("ended: kept, in the final output 03-exact_dedup")
-
-    broken = sorted(outputs.rejected_reasons(out / "01-image_check").items())[0]
-    assert cli_main(["explain", str(out), broken[0]]) == 0
-    printed = capsys.readouterr().out
-    assert re.search(rf"01-image_check +REMOVED +{re.escape(broken[1])}", printed), printed
-    assert printed.count("not in the input of this stage") == 2
-
-
-def test_explain_an_unknown_id_is_a_clear_error_with_exit_code_1(demo_run, capsys):
-    out, _ = demo_run
-    assert cli_main(["explain", str(out), "no-such-row"]) == 1
-    err = capsys.readouterr().err
-    assert "no row with id 'no-such-row'" in err and "00-ingest" in err
-
-
 def test_no_report_flag_skips_the_report_and_a_failing_report_only_warns(
     demo_run, monkeypatch, capsys
 ):
@@ -306,55 +289,21 @@ def test_no_report_flag_skips_the_report_and_a_failing_report_only_warns(
     assert f"report: {report}" in capsys.readouterr().out and report.exists()
 
 
-# ---- a hand-built output: known windows, thresholds, clusters and duplicate groups ----------
+# ---- hand-built outputs: known thresholds, windows, clusters and duplicate groups -----------
 
 
-def _stage(
-    out: Path, index: int, name: str, params: dict, table: pa.Table, reasons: dict
-) -> pa.Table:
-    """Write a stage folder as the runner does; `reasons` maps rejected ids to their reason."""
-    folder = out / f"{index:02d}-{name}"
-    (folder / "rejected").mkdir(parents=True)
-    ids = table.column("id").to_pylist()
-    mask = pa.array([i in reasons for i in ids])
-    kept, rejected = table.filter(pc.invert(mask)), table.filter(mask)
-    rejected = rejected.append_column(
-        "reason", pa.array([reasons[i] for i in rejected.column("id").to_pylist()])
-    )
-    pq.write_table(kept, folder / "part-0.parquet")
-    files = [{"name": "part-0.parquet", "rows": kept.num_rows}]
-    rejected_files = []
-    if rejected.num_rows:
-        pq.write_table(rejected, folder / "rejected" / "part-0.parquet")
-        rejected_files = [{"name": "part-0.parquet", "rows": rejected.num_rows}]
-    keys: dict[str, int] = {}
-    for r in reasons.values():
-        keys[r.split(" (")[0]] = keys.get(r.split(" (")[0], 0) + 1
-    manifest = {
-        "stage": name,
-        "version": "1",
-        "params": params,
-        "rows_in": table.num_rows,
-        "kept": kept.num_rows,
-        "rejected": rejected.num_rows,
-        "reasons": keys,
-        "files": files,
-        "rejected_files": rejected_files,
-        "seconds": 1.0,
-        "status": "computed",
-    }
-    (folder / "_manifest.json").write_text(json.dumps(manifest))
-    return kept
+def _built(out: Path, record: bool = True) -> Path:
+    """No run.json: the report finds the stage folders by their manifests. With `record` False,
+    no manifest records thresholds (a run written before they were)."""
 
+    def rec(entries: list[dict]) -> list[dict] | None:
+        return entries if record else None
 
-@pytest.fixture()
-def built(tmp_path) -> Path:
-    """No run.json: the report finds the stage folders by their manifests."""
     rng = np.random.default_rng(0)
     n = 200
     ids = [f"r{i:03d}" for i in range(n)]
     t = pa.table({"id": ids, "caption": [f"caption {i}" for i in range(n)]})
-    t = _stage(tmp_path, 0, "ingest", {}, t, {})
+    t = write_stage(out, 0, "ingest", {}, t, {}, rec([]))
     t = t.append_column("cluster_id", pa.array(np.repeat([0, 1, 2, 3], 50), pa.int64()))
     t = t.append_column("nsfw_score", pa.array(rng.random(n), pa.float32()))
     risky = {
@@ -362,24 +311,38 @@ def built(tmp_path) -> Path:
         for i, s in zip(ids, t.column("nsfw_score").to_pylist(), strict=True)
         if s > 0.9
     }
-    t = _stage(tmp_path, 1, "nsfw", {"max_score": 0.9, "model": "x"}, t, risky)
+    nsfw = rec([threshold("max_score", "max", "nsfw_score", 0.9)])
+    t = write_stage(out, 1, "nsfw", {"max_score": 0.9, "model": "x"}, t, risky, nsfw)
     left = t.column("id").to_pylist()
-    # groups: left[0] keeps 3 copies, left[1] keeps 1
-    dups = {
-        left[2]: f"exact_dedup: duplicate (of {left[0]})",
-        left[3]: f"exact_dedup: duplicate (of {left[0]})",
-    }
-    dups[left[4]] = f"exact_dedup: duplicate (image of {left[0]})"
-    dups[left[5]] = f"exact_dedup: duplicate (of {left[1]})"
-    t = _stage(tmp_path, 2, "exact_dedup", {"key": "image"}, t, dups)
+    # groups: left[0] keeps 3 copies, left[1] keeps 1; the reasons' "(of ...)" is not read
+    of = {left[2]: left[0], left[3]: left[0], left[4]: left[0], left[5]: left[1]}
+    dups = {i: f"exact_dedup: duplicate (of {k})" for i, k in of.items()}
+    provenance = {"duplicate_of": of, "similarity": {i: 1.0 for i in of}}
+    t = write_stage(out, 2, "exact_dedup", {"key": "image"}, t, dups, rec([]), provenance)
+    t = t.drop_columns(["duplicate_of", "similarity"])
     scores = rng.normal(0.3, 0.1, t.num_rows).astype(np.float32)
     t = t.append_column("clip_score", pa.array(scores))
     order = sorted(range(t.num_rows), key=lambda i: (-scores[i], t.column("id")[i].as_py()))
+    ranks = np.empty(len(order), np.int64)
+    ranks[order] = np.arange(len(order))  # rank 0: the highest score
+    t = t.append_column("clip_score_rank", pa.array(ranks))
     m = len(order)
     outside = set(order[: round(0.4 * m)]) | set(order[round(0.6 * m) :])
     window = {t.column("id")[i].as_py(): "clip_score: outside window 40-60%" for i in outside}
-    _stage(tmp_path, 3, "clip_score", {"threshold": -1.0, "lo": 0.4, "hi": 0.6}, t, window)
-    return tmp_path
+    params = {"threshold": -1.0, "lo": 0.4, "hi": 0.6}
+    clip = rec(
+        [
+            threshold("lo", "rank_lo", "clip_score", 0.4),
+            threshold("hi", "rank_hi", "clip_score", 0.6),
+        ]
+    )
+    write_stage(out, 3, "clip_score", params, t, window, clip)
+    return out
+
+
+@pytest.fixture()
+def built(tmp_path) -> Path:
+    return _built(tmp_path)
 
 
 def test_report_of_a_built_output_draws_windows_thresholds_clusters_and_groups(built):
@@ -391,6 +354,9 @@ def test_report_of_a_built_output_draws_windows_thresholds_clusters_and_groups(b
     assert ("02-exact_dedup", "duplicates", "") in by_stage
     assert ("03-clip_score", "histogram", "clip_score") in by_stage
     assert not any(col == "cluster_id" for _, kind, col in by_stage if kind == "histogram")
+    # provenance and ranks are not scores
+    histogrammed = {col for _, kind, col in by_stage if kind == "histogram"}
+    assert not histogrammed & {"similarity", "clip_score_rank"}
     text = path.read_text()
     assert "cluster sizes (cluster_id): 4 clusters, median 50 rows" in text
     assert "duplicate groups: 2 kept rows with 4 copies removed, largest group 4" in text
@@ -399,9 +365,129 @@ def test_report_of_a_built_output_draws_windows_thresholds_clusters_and_groups(b
     lo, hi = pc.min(kept).as_py(), pc.max(kept).as_py()
     assert f"window 40-60% (highest first): clip_score {lo:.4g} to {hi:.4g}" in text
     assert "nsfw_score: nsfw; max_score 0.9" in text
+    assert NOT_RECORDED not in text
     _, stages = read_stages(built)
     assert [s.folder for s in stages] == ["00-ingest", "01-nsfw", "02-exact_dedup", "03-clip_score"]
     assert stages[1].score_columns() == ["nsfw_score"]
+
+
+def _figures(monkeypatch) -> list:
+    """Every matplotlib Figure the report draws, kept for the test to inspect."""
+    import warren.pipelines.report.charts as charts
+
+    figures: list = []
+    real = charts._svg_data_uri
+
+    def keep(fig):
+        figures.append(fig)
+        return real(fig)
+
+    monkeypatch.setattr(charts, "_svg_data_uri", keep)
+    return figures
+
+
+def _vertical_lines(fig, label: str) -> list[float]:
+    """x of each vertical line whose legend label is `label` on the figure's axes."""
+    ax = fig.axes[0]
+    return [
+        line.get_xdata()[0]
+        for line in ax.get_lines()
+        if line.get_label() == label and line.get_xdata()[0] == line.get_xdata()[1]
+    ]
+
+
+def test_a_threshold_line_is_drawn_at_the_recorded_value_also_on_an_earlier_stages_column(
+    tmp_path, monkeypatch
+):
+    n = 40
+    t = pa.table({"id": [f"r{i:02d}" for i in range(n)], "caption": ["c"] * n})
+    t = write_stage(tmp_path, 0, "ingest", {}, t, {}, [])
+    t = t.append_column("width", pa.array(np.arange(100, 100 + 10 * n, 10), pa.int32()))
+    t = write_stage(tmp_path, 1, "image_check", {}, t, {}, [])
+    # image_filter bounds image_check's width: the column is in its rows, not one it added. The
+    # value (237.5) is none of a parameter's usual values: it can only come from the manifest.
+    small = {
+        i: "image_filter: too small"
+        for i, w in zip(t["id"].to_pylist(), t["width"].to_pylist(), strict=True)
+        if w < 237.5
+    }
+    recorded_here = [
+        threshold("min_width", "min", "width", 237.5),
+        threshold("max_height", "max", "height", 900),  # no height in the rows: no chart
+    ]
+    write_stage(tmp_path, 2, "image_filter", {"min_width": 1}, t, small, recorded_here)
+    figures = _figures(monkeypatch)
+    page = _parse(Path(write_report(tmp_path)))
+    histograms = [
+        (c["stage"], c["data-column"]) for c in page.charts if c["data-chart"] == "histogram"
+    ]
+    assert histograms == [("01-image_check", "width"), ("02-image_filter", "width")]
+    drawn = [f for f in figures if f.axes[0].get_xlabel() == "width"]
+    assert len(drawn) == 2
+    assert _vertical_lines(drawn[0], "min_width 237.5") == []  # image_check recorded none
+    assert _vertical_lines(drawn[1], "min_width 237.5") == [237.5]
+    assert "width: image_filter; min_width 237.5" in (tmp_path / "report.html").read_text()
+
+
+def test_an_output_without_recorded_thresholds_draws_none_and_says_so_once(tmp_path, monkeypatch):
+    out = _built(tmp_path, record=False)
+    figures = _figures(monkeypatch)
+    text = Path(write_report(out)).read_text()
+    assert text.count(NOT_RECORDED) == 1
+    # the histograms of what the stages added are there; no line and no window on them
+    page = _parse(out / "report.html")
+    histograms = {c["data-column"] for c in page.charts if c["data-chart"] == "histogram"}
+    assert histograms == {"nsfw_score", "clip_score"}
+    assert "nsfw_score: nsfw; max_score" not in text and "(highest first)" not in text
+    for fig in figures:
+        assert not [line for line in fig.axes[0].get_lines() if "max_score" in line.get_label()]
+
+
+def test_duplicate_group_sizes_come_from_the_duplicate_of_column_of_rejected_rows(tmp_path):
+    ids = [f"r{i}" for i in range(9)]
+    t = write_stage(tmp_path, 0, "ingest", {}, pa.table({"id": ids}), {}, [])
+    # hand-worked: r0 kept with copies r3, r4, r5 (a group of 4); r1 with r6 (2); r2 with r7 (2);
+    # r8 rejected for another reason (null duplicate_of). The reasons name other ids on purpose.
+    of = {"r3": "r0", "r4": "r0", "r5": "r0", "r6": "r1", "r7": "r2"}
+    reasons = {i: "semdedup: duplicate (of zz, cos 0.9)" for i in of} | {"r8": "semdedup: empty"}
+    similarity = {"r3": 0.99, "r4": 0.95, "r5": 0.97, "r6": 0.91, "r7": 0.9}
+    columns = {"duplicate_of": of, "similarity": similarity}
+    write_stage(tmp_path, 1, "semdedup", {}, t, reasons, [], columns)
+    _, stages = read_stages(tmp_path)
+    assert sorted(duplicate_group_sizes(stages[1]).tolist()) == [2, 2, 4]
+    assert duplicate_group_sizes(stages[0]) is None
+    text = Path(write_report(tmp_path)).read_text()
+    assert "duplicate groups: 3 kept rows with 5 copies removed, largest group 4" in text
+
+
+def test_an_old_dedup_output_without_duplicate_of_has_no_group_chart(tmp_path):
+    ids = [f"r{i}" for i in range(4)]
+    t = write_stage(tmp_path, 0, "ingest", {}, pa.table({"id": ids}), {}, None)
+    reasons = {"r2": "exact_dedup: duplicate (of r0)", "r3": "exact_dedup: duplicate (of r0)"}
+    write_stage(tmp_path, 1, "exact_dedup", {}, t, reasons, None)
+    page = _parse(Path(write_report(tmp_path)))
+    assert not [c for c in page.charts if c["data-chart"] == "duplicates"]
+    assert [g["data-reason"] for g in page.galleries if g["data-gallery"] == "rejected"] == [
+        "exact_dedup: duplicate"
+    ]
+
+
+def test_recorded_windows_pair_rank_lo_and_rank_hi_per_column_open_where_one_is_absent():
+    entries = [
+        threshold("keep_lowest", "rank_hi", "ppl", 0.2, descending=False),
+        threshold("lo", "rank_lo", "clip_score", 0.4),
+        threshold("hi", "rank_hi", "clip_score", 0.6),
+        threshold("max_ppl", "max", "ppl", 300.0),
+    ]
+    assert windows(recorded({"thresholds": entries}, "m")) == [
+        RankWindow("ppl", 0.0, 0.2, descending=False),
+        RankWindow("clip_score", 0.4, 0.6, descending=True),
+    ]
+    assert recorded({}, "m") is None
+    with pytest.raises(ValueError, match="01-x/_manifest.json.*kind 'above'"):
+        recorded({"thresholds": [threshold("p", "above", "c", 1.0)]}, "01-x/_manifest.json")
+    with pytest.raises(ValueError, match="malformed thresholds entry"):
+        recorded({"thresholds": [{"param": "p", "kind": "min"}]}, "01-x/_manifest.json")
 
 
 def test_window_edges_are_the_values_at_the_window_ranks():
@@ -412,21 +498,6 @@ def test_window_edges_are_the_values_at_the_window_ranks():
     assert (lo, hi) == (40.0, 59.0)
     lo, hi = report_window_values(values, RankWindow("ppl", 0.0, 0.2, descending=False))
     assert (lo, hi) == (None, 19.0)
-
-
-@pytest.mark.parametrize(
-    ("reason", "kept"),
-    [
-        ("exact_dedup: duplicate (of abc)", "abc"),
-        ("exact_dedup: duplicate (image+caption of a.b_c)", "a.b_c"),
-        ("semdedup: duplicate (of x1, cos 0.931)", "x1"),
-        ("semdedup: duplicate (of k, cos 0.9, component of 3)", "k"),
-        ("phash_dedup: near duplicate (of 0042, distance 3)", "0042"),
-        ("clip_score: below window 40-60% (rank 87.3%, clip_score 0.1)", None),
-    ],
-)
-def test_duplicate_reasons_name_the_kept_copy(reason, kept):
-    assert duplicate_of(reason) == kept
 
 
 def test_a_thumbnail_never_decodes_a_huge_png_on_the_driver():
