@@ -6,7 +6,9 @@ Synthesises a run output folder in the runner's layout (run.json, NN-stage folde
 rejected shards and manifests) with `rows` rows through five stages that leave score columns and
 rejections behind, like a Bunny-style run: image_filter (width, height, aspect_ratio; two
 thresholds), cluster (cluster_id, cos_to_centroid), semdedup (component_size; duplicates naming the
-kept row), clip_score (a 40-60% rank window) and a centroid rank window. Every 300th row carries a
+kept row in `duplicate_of`, with their `similarity`), clip_score (a 40-60% rank window) and a
+centroid rank window (both writing `<column>_rank`); every manifest records its thresholds as the
+runner does. Every 300th row carries a
 small JPEG (a few thousand images in all); embeddings are left out, since the report never reads
 them (it reads only the columns it needs). Then runs `warren report` on it in a subprocess and
 prints seconds, HTML size and the subprocess's peak RSS. The issue's bar: under 60 s and 20 MB.
@@ -29,11 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from warren.stages.base import reason_key  # noqa: E402
-from warren.stages.schema import IMAGE_TYPE  # noqa: E402
+from warren.stages.base import reason_key
+from warren.stages.schema import IMAGE_TYPE, rank_column
 
 ROWS_PER_FILE = 65_536
 IMAGE_EVERY = 300  # --image-every 1 gives every row an image (the HTML size of a real run)
@@ -72,8 +71,10 @@ def _stage(
     reject_mask: np.ndarray,
     reasons: list[str],
     seconds: float,
+    thresholds: list[dict],
 ) -> tuple[pa.Table, dict]:
-    """Write one stage folder; return its kept rows (the next stage's input) and run.json entry."""
+    """Write one stage folder; return its kept rows (the next stage's input) and run.json entry.
+    `thresholds` is what the runner records from Stage.thresholds()."""
     folder = out / f"{index:02d}-{name}"
     kept = table.filter(pa.array(~reject_mask))
     rejected = table.filter(pa.array(reject_mask)).append_column(
@@ -90,6 +91,7 @@ def _stage(
         "version": "1",
         "kind": "global",
         "params": params,
+        "thresholds": thresholds,
         "rows_in": table.num_rows,
         "kept": kept.num_rows,
         "rejected": rejected.num_rows,
@@ -107,12 +109,30 @@ def _stage(
     return kept, entry
 
 
-def _window_mask(values: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
-    """(rejected mask, descending rank share) of a rank window, highest first."""
+def _threshold(param: str, kind: str, column: str, value: float, descending: bool = True) -> dict:
+    return {
+        "param": param,
+        "kind": kind,
+        "column": column,
+        "value": value,
+        "descending": descending,
+    }
+
+
+def _window(column: str, lo: float, hi: float) -> list[dict]:
+    """A descending rank window's recorded thresholds."""
+    return [_threshold("lo", "rank_lo", column, lo), _threshold("hi", "rank_hi", column, hi)]
+
+
+def _window_mask(
+    values: np.ndarray, lo: float, hi: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rejected mask, descending rank share, rank) of a rank window, highest first."""
     order = np.argsort(-values, kind="stable")
-    rank = np.empty(len(values))
-    rank[order] = np.arange(len(values)) / len(values)
-    return (rank < lo) | (rank >= hi), rank
+    position = np.empty(len(values), np.int64)
+    position[order] = np.arange(len(values))
+    rank = position / len(values)
+    return (rank < lo) | (rank >= hi), rank, position
 
 
 def synthesise(out: Path, rows: int, seed: int = 0, image_every: int = IMAGE_EVERY) -> None:
@@ -131,7 +151,7 @@ def synthesise(out: Path, rows: int, seed: int = 0, image_every: int = IMAGE_EVE
     )
     stages = []
     table, entry = _stage(
-        out, 0, "ingest", {"format": "parquet"}, table, np.zeros(rows, bool), [], 30.0
+        out, 0, "ingest", {"format": "parquet"}, table, np.zeros(rows, bool), [], 30.0, []
     )
     stages.append(entry)
 
@@ -154,7 +174,14 @@ def synthesise(out: Path, rows: int, seed: int = 0, image_every: int = IMAGE_EVE
         )
     ]
     params = {"min_width": 200, "min_height": 200, "max_aspect_ratio": 3.0, "max_width": 0}
-    table, entry = _stage(out, 1, "image_filter", params, table, small | wide, reasons, 120.0)
+    thresholds = [
+        _threshold("min_width", "min", "width", 200),
+        _threshold("min_height", "min", "height", 200),
+        _threshold("max_aspect_ratio", "max", "aspect_ratio", 3.0),
+    ]  # max_width 0 is off: not recorded
+    table, entry = _stage(
+        out, 1, "image_filter", params, table, small | wide, reasons, 120.0, thresholds
+    )
     stages.append(entry)
 
     n = table.num_rows
@@ -163,7 +190,7 @@ def synthesise(out: Path, rows: int, seed: int = 0, image_every: int = IMAGE_EVE
     table = table.append_column("cluster_id", pa.array(clusters.astype(np.int64)))
     table = table.append_column("cos_to_centroid", pa.array(cos))
     table, entry = _stage(
-        out, 2, "cluster", {"n_clusters": 1000}, table, np.zeros(n, bool), [], 300.0
+        out, 2, "cluster", {"n_clusters": 1000}, table, np.zeros(n, bool), [], 300.0, []
     )
     stages.append(entry)
 
@@ -175,36 +202,48 @@ def synthesise(out: Path, rows: int, seed: int = 0, image_every: int = IMAGE_EVE
     np.add.at(size, of, 1)
     size[np.flatnonzero(dup)] = size[of]
     ids_here = np.asarray(table.column("id").to_pylist(), dtype=object)
+    cos_dup = rng.uniform(0.86, 1.0, len(of))
     reasons = [
         f"semdedup: duplicate (of {ids_here[k]}, cos {c:.3f}, component of {s})"
-        for k, c, s in zip(of, rng.uniform(0.86, 1.0, len(of)), size[of], strict=True)
+        for k, c, s in zip(of, cos_dup, size[of], strict=True)
     ]
+    duplicate_of = np.full(n, None, dtype=object)
+    duplicate_of[dup] = ids_here[of]
+    similarity = np.full(n, np.nan, np.float32)
+    similarity[dup] = cos_dup
     table = table.append_column("component_size", pa.array(size))
+    table = table.append_column("duplicate_of", pa.array(duplicate_of, pa.string()))
+    table = table.append_column("similarity", pa.array(similarity, from_pandas=True))
     params = {"rule": "components", "threshold": 0.86, "eps": 0.07, "keep": "middle"}
-    table, entry = _stage(out, 3, "semdedup", params, table, dup, reasons, 600.0)
+    thresholds = [_threshold("eps", "max", "max_cos_earlier", 0.93)]  # a rule="earlier" line
+    table, entry = _stage(out, 3, "semdedup", params, table, dup, reasons, 600.0, thresholds)
     stages.append(entry)
 
     n = table.num_rows
     score = np.clip(rng.normal(0.3, 0.05, n), -1, 1).astype(np.float32)
-    mask, rank = _window_mask(score, 0.4, 0.6)
+    mask, rank, position = _window_mask(score, 0.4, 0.6)
     reasons = [
         f"clip_score: {'above' if r < 0.4 else 'below'} window 40-60% (rank {100 * r:.1f}%, "
         f"clip_score {s:.4f})"
         for r, s in zip(rank[mask], score[mask], strict=True)
     ]
     table = table.append_column("clip_score", pa.array(score))
+    table = table.append_column(rank_column("clip_score"), pa.array(position))
     params = {"threshold": -1.0, "lo": 0.4, "hi": 0.6, "image_column": "image_emb"}
-    table, entry = _stage(out, 4, "clip_score", params, table, mask, reasons, 200.0)
+    window = _window("clip_score", 0.4, 0.6)
+    table, entry = _stage(out, 4, "clip_score", params, table, mask, reasons, 200.0, window)
     stages.append(entry)
 
     cos = table.column("cos_to_centroid").to_numpy()
-    mask, rank = _window_mask(cos, 0.15, 0.35)
+    mask, rank, position = _window_mask(cos, 0.15, 0.35)
     reasons = [
         f"centroid_window: {'above' if r < 0.15 else 'below'} window 15-35% by cos_to_centroid"
         for r in rank[mask]
     ]
+    table = table.append_column(rank_column("cos_to_centroid"), pa.array(position))
     params = {"column": "cos_to_centroid", "lo": 0.15, "hi": 0.35, "descending": True}
-    table, entry = _stage(out, 5, "centroid_window", params, table, mask, reasons, 100.0)
+    window = _window("cos_to_centroid", 0.15, 0.35)
+    table, entry = _stage(out, 5, "centroid_window", params, table, mask, reasons, 100.0, window)
     stages.append(entry)
 
     run = {
@@ -235,7 +274,7 @@ def main() -> int:
             print(f"synthesised {args.rows:,} rows in {time.perf_counter() - t0:.1f} s: {out}")
         t0 = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "warren.pipelines.cli", "report", str(out)], check=True, cwd=ROOT
+            [sys.executable, "-m", "warren.pipelines.cli", "report", str(out)], check=True
         )
         seconds = time.perf_counter() - t0
         size = (out / "report.html").stat().st_size
