@@ -112,6 +112,25 @@ def test_explain_shows_a_window_stages_rank_of_a_kept_and_a_removed_row(built):
     assert removed.duplicate_of is None
 
 
+def test_explain_shows_the_rank_a_window_rewrote_on_a_column_its_input_had(tmp_path):
+    # the input already ranks clip_score (an earlier run's output): the window stage adds no
+    # column, and its rank column is still shown
+    ids = ["a", "b", "c"]
+    t = pa.table(
+        {
+            "id": ids,
+            "clip_score": pa.array([0.1, 0.3, 0.2], pa.float32()),
+            "clip_score_rank": pa.array([0, 1, 2], pa.int64()),
+        }
+    )
+    t = write_stage(tmp_path, 0, "ingest", {}, t, {}, [])
+    t = t.set_column(2, "clip_score_rank", pa.array([2, 0, 1], pa.int64()))  # by hand: b, c, a
+    window = [threshold("hi", "rank_hi", "clip_score", 2 / 3)]
+    write_stage(tmp_path, 1, "rank_window", {}, t, {"a": "rank_window: below window"}, window)
+    removed = explain(tmp_path, "a").removed_at
+    assert removed.values == {"clip_score": pytest.approx(0.1), "clip_score_rank": 2}
+
+
 def test_explain_reads_the_kept_copy_from_duplicate_of_not_from_the_reason(built):
     journey = explain(built, "r3")
     assert journey.removed_at.values == {"duplicate_of": "r1", "similarity": 0.96875}

@@ -483,6 +483,10 @@ def test_recorded_windows_pair_rank_lo_and_rank_hi_per_column_open_where_one_is_
         RankWindow("ppl", 0.0, 0.2, descending=False),
         RankWindow("clip_score", 0.4, 0.6, descending=True),
     ]
+    # a window open above: rank_lo alone keeps ranks [lo, 1)
+    assert windows([recorded({"thresholds": [threshold("lo", "rank_lo", "x", 0.9)]}, "m")[0]]) == [
+        RankWindow("x", 0.9, 1.0, descending=True)
+    ]
     assert recorded({}, "m") is None
     with pytest.raises(ValueError, match="01-x/_manifest.json.*kind 'above'"):
         recorded({"thresholds": [threshold("p", "above", "c", 1.0)]}, "01-x/_manifest.json")
