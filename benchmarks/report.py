@@ -29,11 +29,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from warren.stages.base import reason_key
+from warren.stages.schema import IMAGE_TYPE
 
-from warren.stages.base import reason_key  # noqa: E402
-from warren.stages.schema import IMAGE_TYPE  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 ROWS_PER_FILE = 65_536
 IMAGE_EVERY = 300  # --image-every 1 gives every row an image (the HTML size of a real run)
