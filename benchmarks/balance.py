@@ -23,7 +23,6 @@ import argparse
 import os
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,13 +31,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from warren.pipelines.runner import Pipeline, Runner, ensure_ray  # noqa: E402
-from warren.stages.balance import Balance, balance_targets  # noqa: E402
-from warren.stages.base import GlobalContext, GlobalStage, reject  # noqa: E402
-from warren.stages.schema import conform  # noqa: E402
-from warren.stages.select import uniform_key  # noqa: E402
+from warren.pipelines.runner import Pipeline, Runner, ensure_ray
+from warren.stages.balance import Balance, balance_targets
+from warren.stages.base import GlobalContext, GlobalStage, reject
+from warren.stages.schema import conform
+from warren.stages.select import uniform_key
 
 WORDS = [f"w{i}" for i in range(5000)]
 

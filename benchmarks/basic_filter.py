@@ -24,7 +24,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,12 +33,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from warren.pipelines.basic_filter import pipeline as basic_filter  # noqa: E402
-from warren.pipelines.recipe import DEMO_DATA  # noqa: E402
-from warren.pipelines.runner import Pipeline, Runner, ensure_ray  # noqa: E402
-from warren.stages.schema import conform  # noqa: E402
+from warren.pipelines.basic_filter import pipeline as basic_filter
+from warren.pipelines.recipe import DEMO_DATA
+from warren.pipelines.runner import Pipeline, Runner, ensure_ray
+from warren.stages.schema import conform
 
 SUFFIXES = ["", " photo", " image", ", high quality", " (illustration)"]
 SHARD_ROWS = 5000

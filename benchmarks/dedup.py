@@ -19,16 +19,12 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from warren.stages.cluster import train_kmeans  # noqa: E402
-from warren.stages.semdedup import components_cluster, semdedup_cluster  # noqa: E402
+from warren.stages.cluster import train_kmeans
+from warren.stages.semdedup import components_cluster, semdedup_cluster
 
 
 def peak_rss_gib() -> float:

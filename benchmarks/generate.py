@@ -17,24 +17,34 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import multiprocessing as mp
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+from warren.stages.llm_client import ChatRequest, ClientConfig, run_requests, summarize
 
-from warren.stages.llm_client import ChatRequest, ClientConfig, run_requests, summarize  # noqa: E402
+
+def _tests_module(name: str) -> ModuleType:
+    """A helper module of the test suite (tests/NAME.py), loaded from its file: the suite is not
+    installed, and the benchmarks do not edit sys.path."""
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "tests" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # the helpers import each other by bare name
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def serve(
     latency: float, rate_429: float, retry_after: float, urls: mp.Queue, stop: mp.Event
 ) -> None:
-    from fake_chat_server import FakeChatServer
+    FakeChatServer = _tests_module("fake_chat_server").FakeChatServer
 
     with FakeChatServer(
         latency_s=latency, rate_429=rate_429, retry_after=f"{retry_after:g}", seed=0

@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -44,12 +43,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from warren.pipelines.recipe import DEMO_DATA  # noqa: E402
-from warren.pipelines.runner import Pipeline, Runner, ensure_ray  # noqa: E402
-from warren.stages.perplexity import Perplexity  # noqa: E402
-from warren.stages.schema import conform  # noqa: E402
+from warren.pipelines.recipe import DEMO_DATA
+from warren.pipelines.runner import Pipeline, Runner, ensure_ray
+from warren.stages.perplexity import Perplexity
+from warren.stages.schema import conform
 
 FIXED_ROWS = 32  # a run this small costs what any run costs before its first batch
 

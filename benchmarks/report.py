@@ -34,6 +34,8 @@ import pyarrow.parquet as pq
 from warren.stages.base import reason_key
 from warren.stages.schema import IMAGE_TYPE, rank_column
 
+ROOT = Path(__file__).resolve().parents[1]
+
 ROWS_PER_FILE = 65_536
 IMAGE_EVERY = 300  # --image-every 1 gives every row an image (the HTML size of a real run)
 

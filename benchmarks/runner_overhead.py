@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -31,13 +30,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from warren.pipelines.runner import Pipeline, Runner  # noqa: E402
-from warren.stages.base import BatchStage, param, reject  # noqa: E402
-from warren.stages.ledger import split_rejected  # noqa: E402
-from warren.stages.schema import IMAGE_TYPE, conform  # noqa: E402
-from warren.stages.shards import Location, write_table_atomic  # noqa: E402
+from warren.pipelines.runner import Pipeline, Runner
+from warren.stages.base import BatchStage, param, reject
+from warren.stages.ledger import split_rejected
+from warren.stages.schema import IMAGE_TYPE, conform
+from warren.stages.shards import Location, write_table_atomic
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,22 +15,19 @@ training steps only (model loading excluded), and their ratio. Numbers only: it 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import logging
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from PIL import Image  # noqa: E402
-from test_trainers_data import color_row, image_processor, word_tokenizer, write_shards  # noqa: E402
-from transformers import (  # noqa: E402
+from PIL import Image
+from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
     Trainer,
@@ -38,10 +35,29 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-from warren.trainers.data import collate, iter_rows, plan_units  # noqa: E402
-from warren.trainers.llava import TrainConfig, train  # noqa: E402
-from warren.trainers.model import build_llava, load_llava  # noqa: E402
-from warren.trainers.templates import ConversationEncoder  # noqa: E402
+from warren.trainers.data import collate, iter_rows, plan_units
+from warren.trainers.llava import TrainConfig, train
+from warren.trainers.model import build_llava, load_llava
+from warren.trainers.templates import ConversationEncoder
+
+
+def _tests_module(name: str) -> ModuleType:
+    """A helper module of the test suite (tests/NAME.py), loaded from its file: the suite is not
+    installed, and the benchmarks do not edit sys.path."""
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "tests" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # the helpers import each other by bare name
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+# tiny_models first: test_trainers_data imports it by name.
+_tests_module("tiny_models")
+_data_tests = _tests_module("test_trainers_data")
+color_row, image_processor = _data_tests.color_row, _data_tests.image_processor
+word_tokenizer, write_shards = _data_tests.word_tokenizer, _data_tests.write_shards
 
 
 def build_models(root: Path, hidden: int) -> Path:

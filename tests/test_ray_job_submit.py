@@ -10,7 +10,9 @@ The test takes the bash block of the README's "On a Ray cluster" section and run
 a temporary HOME (the real ~/.ray is never touched) that is either fresh or holds the token an
 in-process `ray.init()` left there. Only what must differ on a shared test machine is substituted:
 the head's ports and temp dir (so it cannot collide with another Ray), its address, and the output
-folder. It then checks the job's run.json and funnel table, and that the head really requires a
+folder. It then checks the job's run.json and funnel table, that the job imported warren as
+installed (the README: every node needs warren installed; `--working-dir .` ships the scripts, and
+the copy of the package folders it ships is never imported), and that the head really requires a
 token (a `ray job` command without RAY_AUTH_MODE=token is refused).
 
 Teardown never runs `ray stop` (it stops every Ray on the machine, including the session's in-process
@@ -217,7 +219,12 @@ def test_readme_commands_submit_the_demo_recipe_on_a_fresh_head(state: str, tmp_
         for stage in run["stages"]:
             assert stage["rows_in"] == stage["kept"] + stage["rejected"], stage
         from warren.pipelines.demo import pipeline
+        from warren.pipelines.recipe import DEMO_DATA
         from warren.pipelines.runner import format_funnel
+
+        # The job's driver read the demo pool through the warren this interpreter imports (the
+        # install, or the checkout a PYTHONPATH names), not through the shipped working dir.
+        assert str(DEMO_DATA) in logs, logs
 
         assert {s.name for s in pipeline().stages} <= {s.get("name") for s in run["stages"]}
         # The funnel table the job's driver printed (streamed by `ray job submit`) is run.json's.

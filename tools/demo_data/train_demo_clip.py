@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the bundled demo CLIP: a tiny open_clip model fitted on CPU to Open Clip Art pairs.
 
-    python pipelines/demo_data/train_demo_clip.py [--out DIR] [--epochs N] [--seed S] [--threads T]
+    python tools/demo_data/train_demo_clip.py [--out DIR] [--epochs N] [--seed S] [--threads T]
 
 What it trains: every usable (image, caption) pair of the Debian packages ``openclipart-png`` /
 ``openclipart-svg`` (~2,400 pairs: the SVG ``dc:title``, plus its ``dc:description`` when short and
@@ -26,34 +26,27 @@ about 25 minutes, plus ~40 s to cache the decoded images (in ``--cache``) on the
 
 The output directory (default ``pipelines/demo_data/demo_clip/``) holds ``open_clip_config.json``
 (``model_cfg`` + ``preprocess_cfg``), ``open_clip_model.safetensors`` and a README.md with the
-evaluation numbers; ``stages.models.load_clip(<dir>)`` loads it. ``evaluate`` measures it on
+evaluation numbers; ``warren.stages.models.load_clip(<dir>)`` loads it. ``evaluate`` measures it on
 demo.parquet: near-duplicate vs original cosines, unrelated-pair cosines, and where the
 ``swapped_caption`` rows' CLIP scores rank among the ordinary rows'.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import io
+import os
+import pickle
+import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+# Run as a script (`python tools/demo_data/train_demo_clip.py`), Python puts this folder first on
+# sys.path, so the builder next to it imports by name.
+import build_demo_data as bdd
+import numpy as np
+from PIL import Image
 
-import argparse  # noqa: E402
-import io  # noqa: E402
-import os  # noqa: E402
-import pickle  # noqa: E402
-import time  # noqa: E402
-
-import build_demo_data as bdd  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-DEFAULT_OUT = HERE / "demo_clip"
+DEFAULT_OUT = bdd.DEMO_DATA_DIR / "demo_clip"
 DEFAULT_CACHE = Path("/tmp/warren_demo_clip_cache_v3.pkl")
 #: Longer side of the cached training images: the demo pool's own size (build_demo_data --size).
 SOURCE_SIZE = 160
@@ -323,7 +316,7 @@ def save(model, out: Path, info: dict) -> None:
 NEAR_DUP_THRESHOLD = 0.86
 
 
-def evaluate(model_dir: Path, parquet: Path = HERE / "demo.parquet") -> dict:
+def evaluate(model_dir: Path, parquet: Path = bdd.DEFAULT_OUT) -> dict:
     """Load `model_dir` with stages.models.load_clip and measure, on the demo pool:
     (a) cosine of each planted near duplicate with its original (median, share > 0.86);
     (b) cosine of unrelated ordinary image pairs (median, share > 0.86, 99th percentile);
@@ -389,7 +382,7 @@ README = """# demo_clip: a tiny demo CLIP (not for real use)
 
 A demo model trained on the demo pool's own images: an open_clip CLIP with a 4-layer ViT image
 tower ({size} x {size} input, {patch} px patches) and a 3-layer text tower, {params:.1f} M
-parameters, trained contrastively on CPU by `pipelines/demo_data/train_demo_clip.py` on every
+parameters, trained contrastively on CPU by `tools/demo_data/train_demo_clip.py` on every
 usable (image, title) pair of the Debian `openclipart-png` / `openclipart-svg` packages plus the
 demo pool's scikit-image photographs with their captions ({pairs} pairs: public domain or CC0,
 but for three photographs whose licence scikit-image does not state; see the demo pool's README).
@@ -398,20 +391,20 @@ seen the pool: it exists so the pipelines and tests can run offline with a model
 sensibly on `pipelines/demo_data/demo.parquet`. It is NOT a general image-text model; do not use
 it for real curation.
 
-Load it with `stages.models.load_clip("pipelines/demo_data/demo_clip")` (or give the directory as
+Load it with `warren.stages.models.load_clip("pipelines/demo_data/demo_clip")` (or give the directory as
 `--embed.model`); the recipes use it when `--input` is left at the demo pool.
 
 - `open_clip_config.json`: `model_cfg` (the architecture) and `preprocess_cfg` (squash to
   {size} x {size})
 - `open_clip_model.safetensors`: the weights, float16 ({mb:.1f} MB)
 
-Trained with `python pipelines/demo_data/train_demo_clip.py --epochs {epochs} --seed {seed}
+Trained with `python tools/demo_data/train_demo_clip.py --epochs {epochs} --seed {seed}
 --image-size {size} --patch-size {patch} --ii-temperature {ii_temperature} --threads 1` ({steps}
 steps, {minutes:.0f} minutes on one CPU thread). Augmentations mimic the demo pool's
 near-duplicate plants (crop, resize, JPEG re-encoding), so near duplicates embed close; an
 image-image loss between two views of each image, with every photograph in every batch, keeps
 distinct images apart. Re-measure with
-`python pipelines/demo_data/train_demo_clip.py --eval-only`.
+`python tools/demo_data/train_demo_clip.py --eval-only`.
 
 ## Evaluation on demo.parquet
 
