@@ -173,20 +173,8 @@ def describe_parser(recipe: str, shown: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def train_parser() -> argparse.ArgumentParser:
-    """The flags of `warren train`: the trainer's (warren.trainers.config), with stage `align`
-    unless --stage says otherwise; imported only when asked for (torch)."""
-    from warren.trainers.config import build_parser as trainer_parser
-
-    parser = trainer_parser(prog="warren train")
-    for action in parser._actions:
-        if action.dest == "stage":
-            action.required, action.default = False, "align"
-    return parser
-
-
 def _train(rest: list[str]) -> int:
-    return commands.train(**vars(train_parser().parse_args(rest)))
+    return commands.train(**vars(commands.train_parser().parse_args(rest)))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ resources={"embed": {"num_gpus": 0.5}}`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -300,6 +301,18 @@ def train(
     return 0
 
 
+def train_parser() -> argparse.ArgumentParser:
+    """The flags of `warren train` (pipelines/cli.py): the trainer's (warren.trainers.config), with stage `align`
+    unless --stage says otherwise; imported only when asked for (torch)."""
+    from warren.trainers.config import build_parser as trainer_parser
+
+    parser = trainer_parser(prog="warren train")
+    for action in parser._actions:
+        if action.dest == "stage":
+            action.required, action.default = False, "align"
+    return parser
+
+
 def _final_stage(path: str) -> str:
     """A run's output folder stands for its final stage folder (stages/run_layout.py), whose
     manifest lists the shards to read; any other path is passed on as it is."""
@@ -334,6 +347,7 @@ COMMANDS = {
 
 __all__ = [
     "COMMANDS",
+    "train_parser",
     "describe",
     "explain",
     "export",
