@@ -299,3 +299,20 @@ def test_a_recipe_script_is_an_alias_of_warren_run(tmp_path):
     assert bad_script.returncode == bad_front.returncode == 2
     assert "argument --image_check.num_gpus" in bad_script.stderr
     assert "argument --image_check.num_gpus" in bad_front.stderr
+
+
+def test_the_mixture_function_passes_its_flags_to_the_mixture_command(capsys, tmp_path):
+    spec = str(ROOT / "pipelines" / "mixtures" / "demo.yaml")
+    code = commands.mixture(
+        spec,
+        output=str(tmp_path),
+        describe=True,
+        params={"balance": {"total": 100}},
+        resources={"balance": {"num_cpus": 2}, "export_check": {"concurrency": (1, 4)}},
+    )
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(lines) if " balance v" in line)
+    assert "'total': 100" in lines[at + 1] and "num_cpus=2.0" in lines[at + 2]
+    at = next(i for i, line in enumerate(lines) if " export_check v" in line)
+    assert "concurrency=1,4" in lines[at + 2]
