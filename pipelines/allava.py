@@ -22,11 +22,13 @@ from __future__ import annotations
 import sys
 
 from warren.pipelines.recipe import main
+from warren.pipelines.registry import recipe
 from warren.pipelines.runner import Pipeline
 from warren.stages.generate import AllavaGenerate
 from warren.stages.image_check import ImageCheck
 
 
+@recipe("allava")
 def pipeline() -> Pipeline:
     return Pipeline(
         name="allava",

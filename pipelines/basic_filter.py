@@ -18,46 +18,21 @@ filters, NeMo Curator's NSFW filter and exact and near-exact duplicate removal, 
     python pipelines/bunny_pretrain.py --basic-filter # these steps in front of a recipe
 
 Every threshold is a flag (`--help`); every rule writes its score column, and every rejected
-row's reason names the rule and the value. On the demo pool (clip art about 160 px wide, captions
-in several languages) the image size floor is 64 px and the language rule only scores: the
-published floors would remove nearly every row of it.
+row's reason names the rule and the value. On the demo pool the image size floor is 64 px and the
+language rule only scores (pipelines/basic_filter_stages.py says why).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import sys
-from typing import Any
 
+from warren.pipelines.basic_filter_stages import DEMO_PARAMS, basic_filter_stages, with_basic_filter
 from warren.pipelines.recipe import main
+from warren.pipelines.registry import recipe
 from warren.pipelines.runner import Pipeline
-from warren.stages.base import Stage
-from warren.stages.caption_filter import CaptionFilter
-from warren.stages.exact_dedup import ExactDedup
-from warren.stages.image_check import ImageCheck
-from warren.stages.image_filter import ImageFilter
-from warren.stages.language import Language
-from warren.stages.nsfw import Nsfw
-from warren.stages.phash_dedup import PhashDedup
-
-DEMO_PARAMS: dict[str, dict[str, Any]] = {
-    "image_filter": {"min_width": 64, "min_height": 64},
-    "language": {"languages": ""},
-}
 
 
-def basic_filter_stages() -> list[Stage]:
-    return [
-        ImageCheck(),
-        ImageFilter(),
-        CaptionFilter(),
-        Language(),
-        Nsfw(),
-        ExactDedup(key="pixels"),
-        PhashDedup(),
-    ]
-
-
+@recipe("basic_filter")
 def pipeline() -> Pipeline:
     return Pipeline(
         name="basic_filter",
@@ -68,20 +43,7 @@ def pipeline() -> Pipeline:
     )
 
 
-def with_basic_filter(recipe: Pipeline) -> Pipeline:
-    """`recipe` with the basic filter's stages in front; a recipe stage of the same name as one
-    of them (its own `image_check`) is left out, since the filter already ran it."""
-    front = basic_filter_stages()
-    names = {s.name for s in front}
-    rest = [s for s in recipe.stages if s.name not in names]
-    kept = {s.name for s in rest}
-    demo = {k: v for k, v in recipe.demo_params.items() if k in kept}
-    return dataclasses.replace(
-        recipe,
-        stages=front + rest,
-        description=f"basic filter, then {recipe.description}".strip(", "),
-        demo_params={**demo, **DEMO_PARAMS},
-    )
+__all__ = ["DEMO_PARAMS", "basic_filter_stages", "pipeline", "with_basic_filter"]
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import sys
 
 from warren.pipelines.recipe import DEMO_CLIP, main
+from warren.pipelines.registry import recipe
 from warren.pipelines.runner import Pipeline
 from warren.stages.caption_check import CaptionCheck
 from warren.stages.clip_score import ClipScore
@@ -29,6 +30,7 @@ from warren.stages.select import RankWindow, Sample
 from warren.stages.semdedup import SemDedup
 
 
+@recipe("bunny_pretrain")
 def pipeline() -> Pipeline:
     return Pipeline(
         name="bunny_pretrain",

@@ -1,138 +1,180 @@
-"""`warren`: run a recipe by name, list recipes, describe one.
+"""`warren`: the one front door. Each command is a function of warren.pipelines.commands, and its
+flags are that function's parameters (tests/test_cli.py checks they are the same set).
 
-warren recipes
-warren run demo --output out/demo            # same flags as python pipelines/demo.py
-warren describe demo
-warren mixture pipelines/mixtures/demo.yaml   # same flags as python pipelines/mixture.py
-warren export OUT/03-export_check --format llava --to exports/llava [--overwrite]
-warren export OUT --format sharegpt --to exports/lf --name my_data   # OUT: its final stage
-warren export OUT --format llava --to exports/pt --caption-template "<image>"  # caption rows
-warren report OUT [--to report.html] [--seed 0]   # the run's HTML report (OUT/report.html)
-warren explain OUT ID                          # one row's journey: stages, scores, its removal
+warren recipes                                   # the registered recipes
+warren run bunny_pretrain --output out/bunny     # the flags of python pipelines/bunny_pretrain.py
+warren run bunny_pretrain --embed.num_gpus 0.5 --embed.concurrency 8 --embed.batch_size 256
+warren describe bunny_pretrain                   # stages, parameters, resources, columns; no Ray
+warren train --data out/bunny --output runs/align --vision V --llm L   # a run's final stage
+warren mixture pipelines/mixtures/demo.yaml      # flags as pipelines/mixture.py
+warren report OUT [--to report.html] [--seed 0]  # the run's HTML report (OUT/report.html)
+warren explain OUT ID                            # one row's journey: stages, scores, its removal
+warren export OUT --format llava --to exports/llava [--overwrite] [--name N]
+              [--caption-template "<image>"]     # OUT: a stage folder or a run (its final stage)
+
+`run`, `describe` and `mixture` take the stage flags of their recipe (`--<stage>.<param>`, and
+the resources `--<stage>.num_cpus/.num_gpus/.batch_size/.concurrency`), so their flags are parsed
+once the recipe is known; `train` takes the trainer's flags (warren.trainers.config).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import pkgutil
+import inspect
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-import warren.pipelines as pipelines
+from warren.pipelines import commands, registry
+from warren.pipelines.basic_filter_stages import with_basic_filter
+from warren.pipelines.recipe import add_stage_flags, stage_flags
+from warren.pipelines.recipe import main as recipe_main
 
-# mixture.py takes a spec, not a fixed pipeline: `warren mixture SPEC.yaml` runs it; report.py
-# and explain.py read a run's output.
-NOT_RECIPES = {"cli", "recipe", "runner", "mixture", "report", "explain"}
+#: Help of the parameters of the commands whose parser is generated from the signature.
+PARAM_HELP: dict[str, dict[str, str]] = {
+    "report": {
+        "output": "a run's output folder (has run.json or NN-stage folders)",
+        "to": "the HTML file (default: OUTPUT/report.html)",
+        "seed": "seed of the gallery samples",
+    },
+    "explain": {"output": "a run's output folder", "id": "the row's id"},
+    "export": {
+        "src": "a stage folder (has _manifest.json) or a run's output (run.json)",
+        "format": "llava, sharegpt or hf",
+        "to": "the folder to write",
+        "overwrite": "replace a non-empty --to folder",
+        "name": "sharegpt: the dataset's name in dataset_info.json",
+        "caption_template": 'the human turn of caption rows (default "<image>\\n{instruction}", '
+        "as LCS-558K)",
+    },
+    "describe": {
+        "recipe": "a registered recipe (warren recipes)",
+        "input": "the input it would read (default: the bundled demo pool, with its demo "
+        "parameters)",
+        "basic_filter": "with the basic filter's stages in front",
+    },
+}
+#: Commands whose flags depend on the recipe, spec or trainer: parsed after the command's name.
+DELEGATED = ("run", "describe", "mixture", "train")
 
 
-def recipe_names() -> list[str]:
-    return sorted(
-        m.name
-        for m in pkgutil.iter_modules(pipelines.__path__)
-        if not m.ispkg and m.name not in NOT_RECIPES
+def _summary(fn: Callable[..., Any]) -> str:
+    """The first line of the command's docstring."""
+    return (inspect.getdoc(fn) or "").split("\n", 1)[0]
+
+
+def flag_name(param: str) -> str:
+    return "--" + param.replace("_", "-")
+
+
+def add_signature_flags(
+    parser: argparse.ArgumentParser,
+    fn: Callable[..., Any],
+    help: dict[str, str],
+    skip: Sequence[str] = (),
+) -> None:
+    """One argument per parameter of `fn`: a required positional for a parameter without a
+    default, a required `--flag` for a keyword-only one, `--flag` (store_true for a False bool)
+    for one with a default."""
+    for p in inspect.signature(fn).parameters.values():
+        if p.name in skip:
+            continue
+        kw: dict[str, Any] = {"help": help.get(p.name)}
+        if p.default is inspect.Parameter.empty and p.kind is not p.KEYWORD_ONLY:
+            parser.add_argument(p.name, **kw)
+            continue
+        if p.default is inspect.Parameter.empty:
+            kw["required"] = True
+        elif p.default is False:
+            kw["action"] = "store_true"
+        else:
+            kw["default"] = p.default
+            if isinstance(p.default, int | float) and not isinstance(p.default, bool):
+                kw["type"] = type(p.default)
+        parser.add_argument(flag_name(p.name), dest=p.name, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="warren", description="Curate image-text data for VLMs on Ray, and train on it."
     )
-
-
-def load_recipe(name: str):
-    if name not in recipe_names():
-        raise SystemExit(f"warren: unknown recipe {name!r}; known: {', '.join(recipe_names())}")
-    return importlib.import_module(f"warren.pipelines.{name}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn in commands.COMMANDS.items():
+        if name in DELEGATED:
+            # Its flags come with the recipe (or trainer): `warren run RECIPE --help` lists them.
+            sub.add_parser(name, help=_summary(fn), add_help=False)
+            continue
+        command = sub.add_parser(name, help=_summary(fn), description=_summary(fn))
+        add_signature_flags(command, fn, PARAM_HELP.get(name, {}))
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
-        prog="warren", description="Curate image-text data for VLMs on Ray."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser(
-        "run", help="run a recipe; flags after the name go to the recipe (see its --help)"
-    )
-    run.add_argument("recipe")
-    describe = sub.add_parser("describe", help="print a recipe's stages and parameters")
-    describe.add_argument("recipe")
-    sub.add_parser("recipes", help="list the recipes")
-    mix = sub.add_parser(
-        "mixture",
-        help="build a mixture from a spec; flags as pipelines/mixture.py (see its --help)",
-    )
-    mix.add_argument("spec")
-    from warren.stages.exports import EXPORTERS
+    if argv and argv[0] in DELEGATED:
+        return _delegated(argv[0], argv[1:])
+    args = vars(build_parser().parse_args(argv))
+    return commands.COMMANDS[args.pop("command")](**args)
 
-    exp = sub.add_parser(
-        "export",
-        help="export a stage folder (or a run's final stage) as LLaVA JSON, ShareGPT or HF datasets",
-    )
-    exp.add_argument("src", help="a stage folder (has _manifest.json) or a run's output (run.json)")
-    exp.add_argument("--format", required=True, choices=sorted(EXPORTERS))
-    exp.add_argument("--to", required=True, dest="dest", help="the folder to write")
-    exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --to folder")
-    exp.add_argument("--name", help="sharegpt: the dataset's name in dataset_info.json")
-    exp.add_argument(
-        "--caption-template",
-        help='the human turn of caption rows (default "<image>\\n{instruction}", as LCS-558K)',
-    )
-    rep = sub.add_parser(
-        "report", help="write the HTML report of a run's output (funnel, histograms, galleries)"
-    )
-    rep.add_argument("output", help="a run's output folder")
-    rep.add_argument("--to", dest="dest", help="the HTML file (default: OUTPUT/report.html)")
-    rep.add_argument("--seed", type=int, default=0, help="seed of the gallery samples")
-    why = sub.add_parser(
-        "explain", help="print one row's journey through a run: stages, scores, why it was removed"
-    )
-    why.add_argument("output", help="a run's output folder")
-    why.add_argument("id", help="the row's id")
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "recipes":
-        for name in recipe_names():
-            doc = (load_recipe(name).__doc__ or "").strip().splitlines()
-            print(f"{name:<20} {doc[0] if doc else ''}")
-        return 0
-    if rest and args.command not in ("run", "mixture"):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command == "mixture":
+
+def _delegated(name: str, rest: list[str]) -> int:
+    if name == "train":
+        return _train(rest)
+    if not rest or rest[0].startswith("-"):
+        what = "SPEC.yaml" if name == "mixture" else "RECIPE (warren recipes lists them)"
+        if rest and rest[0] in ("-h", "--help"):
+            print(f"usage: warren {name} {what.split()[0]} [flags]; {what}")
+            return 0
+        print(f"warren {name}: give a {what}", file=sys.stderr)
+        return 2
+    if name == "mixture":
         from warren.pipelines.mixture import main as mixture_main
 
-        return mixture_main([args.spec, *rest])
-    if args.command == "export":
-        return export_main(args)
-    if args.command == "report":
-        from warren.pipelines.report import main as report_main
-
-        seed = ["--seed", str(args.seed)]
-        return report_main([args.output, *seed, *(["--to", args.dest] if args.dest else [])])
-    if args.command == "explain":
-        from warren.pipelines.explain import main as explain_main
-
-        return explain_main([args.output, args.id])
-    module = load_recipe(args.recipe)
-    from warren.pipelines.recipe import main as recipe_main
-
-    if args.command == "describe":
-        return recipe_main(module.pipeline(), ["--describe"])
-    return recipe_main(module.pipeline(), rest)
-
-
-def export_main(args: argparse.Namespace) -> int:
-    """`warren export`: exit 0 when rows were written (the rows not written, if any, are listed
-    with their reasons), 2 when the export failed or would have written no row."""
-    from warren.stages.exports import ExportError, export
-    from warren.stages.exports.caption import unescape
-
-    options: dict[str, str] = {}
-    if args.name is not None:
-        options["name"] = args.name
-    if args.caption_template is not None:
-        options["caption_template"] = unescape(args.caption_template)
-    try:
-        report = export(args.src, args.format, args.dest, overwrite=args.overwrite, **options)
-    except ExportError as exc:
-        print(f"warren export: {exc}", file=sys.stderr)
+        return mixture_main(rest)
+    if name == "describe":
+        return _describe(rest)
+    pipeline = _pipeline(rest[0])
+    if pipeline is None:
         return 2
-    print(report.summary())
-    return 0
+    # The recipe's own command line (pipelines/recipe.py): the parameters of commands.run.
+    return recipe_main(pipeline, rest[1:])
+
+
+def _pipeline(recipe: str) -> Any:
+    try:
+        return registry.get(recipe)()
+    except registry.UnknownRecipe as exc:
+        print(f"warren: {exc}", file=sys.stderr)
+        return None
+
+
+def _describe(rest: list[str]) -> int:
+    """`warren describe RECIPE [--input X] [--basic-filter] [stage flags]`."""
+    pipeline = _pipeline(rest[0])
+    if pipeline is None:
+        return 2
+    shown = with_basic_filter(pipeline) if "--basic-filter" in rest else pipeline
+    args = describe_parser(rest[0], shown).parse_args(rest[1:])
+    params, resources = stage_flags(args, shown.stages)
+    options = {k: v for k, v in vars(args).items() if "." not in k}
+    return commands.describe(rest[0], **options, params=params, resources=resources)
+
+
+def describe_parser(recipe: str, shown: Any) -> argparse.ArgumentParser:
+    """The flags of `warren describe RECIPE`: commands.describe's, and the stage flags of the
+    pipeline it shows."""
+    parser = argparse.ArgumentParser(
+        prog=f"warren describe {recipe}", description=_summary(commands.describe)
+    )
+    add_signature_flags(
+        parser, commands.describe, PARAM_HELP["describe"], skip=("recipe", "params", "resources")
+    )
+    add_stage_flags(parser, shown.stages, shown.demo_params)
+    return parser
+
+
+def _train(rest: list[str]) -> int:
+    return commands.train(**vars(commands.train_parser().parse_args(rest)))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 
 from warren.pipelines.recipe import DEMO_CLIP, main
+from warren.pipelines.registry import recipe
 from warren.pipelines.runner import Pipeline
 from warren.stages.caption_check import CaptionCheck
 from warren.stages.clip_score import ClipScore
@@ -29,6 +30,7 @@ from warren.stages.image_check import ImageCheck
 from warren.stages.require import Require
 
 
+@recipe("datacomp_filter")
 def pipeline() -> Pipeline:
     return Pipeline(
         name="datacomp_filter",

@@ -13,12 +13,14 @@ from __future__ import annotations
 import sys
 
 from warren.pipelines.recipe import main
+from warren.pipelines.registry import recipe
 from warren.pipelines.runner import Pipeline
 from warren.stages.caption_check import CaptionCheck
 from warren.stages.exact_dedup import ExactDedup
 from warren.stages.image_check import ImageCheck
 
 
+@recipe("demo")
 def pipeline() -> Pipeline:
     return Pipeline(
         name="demo",

@@ -25,10 +25,12 @@ from __future__ import annotations
 import sys
 
 from warren.pipelines.recipe import main
+from warren.pipelines.registry import recipe
 from warren.pipelines.runner import Pipeline
 from warren.stages.generate import LlavaGenerate
 
 
+@recipe("llava_instruct")
 def pipeline() -> Pipeline:
     return Pipeline(
         name="llava_instruct",

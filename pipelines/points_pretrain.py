@@ -20,7 +20,7 @@ The method of POINTS' pretraining data (Liu et al., 2024), one stage per step:
     python pipelines/points_pretrain.py --ppl_filter.keep_lowest 0.3   # re-runs the filter alone
 
 Without --input it reads 64 rows of the bundled demo pool (the whole pool takes about 50 minutes
-on 2 CPUs: `--subsample.n 1000`): the demo VLM (pipelines/demo_data/demo_vlm.py, untrained
+on 2 CPUs: `--subsample.n 1000`): the demo VLM (stages/demo_vlm.py, untrained
 vision, so its captions do not describe the images), SmolLM2 for CapFusion and perplexity.
 """
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 import sys
 
 from warren.pipelines.recipe import ALL_ROWS, DEMO_RECAPTION, DEMO_SUBSAMPLE, main
+from warren.pipelines.registry import recipe
 from warren.pipelines.runner import Pipeline
 from warren.stages.capfusion import CapFusion
 from warren.stages.caption_check import CaptionCheck
@@ -38,6 +39,7 @@ from warren.stages.recaption import Recaption
 from warren.stages.select import Sample
 
 
+@recipe("points_pretrain")
 def pipeline() -> Pipeline:
     return Pipeline(
         name="points_pretrain",

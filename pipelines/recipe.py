@@ -4,6 +4,17 @@
 stage parameter, with the default and help text declared on the dataclass field: a default lives
 in one place. After a run it writes `OUTPUT/report.html` (`pipelines.report`) and prints its path;
 `--no-report` skips it.
+
+Each stage also takes its resources from the command line, `--<stage>.num_cpus`, `.num_gpus`,
+`.batch_size` and `.concurrency` (one int, or "min,max" for an actor pool that grows), e.g.
+`--embed.num_gpus 0.5 --embed.concurrency 8 --embed.batch_size 256`; they go to the instance as
+`Stage(..., resources={...})` and are not parameters (they change no output, so no cache key). A
+stage with a parameter of the same name (`recaption.batch_size`, rows per generate call) takes
+that resource as `--<stage>.resources.<name>`.
+
+`main(pipeline, argv)` parses the flags and calls `execute(pipeline, ...)`, whose keyword
+arguments are the same flags (`params`/`resources` hold the per-stage ones): `warren run` and
+`warren.pipelines.commands.run` go through it.
 """
 
 from __future__ import annotations
@@ -17,16 +28,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from warren.pipelines.basic_filter_stages import with_basic_filter
+from warren.pipelines.describe import describe_pipeline
 from warren.pipelines.runner import Pipeline, PipelineError, Runner, one_line
-from warren.stages.base import Stage
+from warren.stages.base import Resources, Stage
+from warren.stages.demo_vlm import DEMO_VLM, ensure_demo_vlm
 from warren.stages.readers.base import InputError
 from warren.stages.schema import SchemaError
 
 DEMO_DATA = str(Path(__file__).resolve().parent / "demo_data" / "demo.parquet")
 # The demo CLIP, trained on the demo pool (pipelines/demo_data/train_demo_clip.py): offline default.
 DEMO_CLIP = str(Path(__file__).resolve().parent / "demo_data" / "demo_clip")
-# The demo VLM (pipelines/demo_data/demo_vlm.py): built into the model cache on first use, offline.
-DEMO_VLM = "demo-vlm"
+# The demo VLM (stages/demo_vlm.py, DEMO_VLM): built into the model cache on first use, offline.
 # Model-heavy recipes start with a seeded `subsample` (a Sample stage) that keeps every row unless
 # `--subsample.n` is given: a way to try a recipe on a slice before paying for all of it. On the
 # demo pool they take 64 rows: the CPU-only demo models caption about one row a second.
@@ -63,6 +76,62 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+RESOURCE_NAMES = tuple(f.name for f in dataclasses.fields(Resources))
+RESOURCE_HELP = {
+    "num_cpus": "CPUs per worker",
+    "num_gpus": "GPUs per worker (a fraction shares one)",
+    "batch_size": "rows per batch given to the stage",
+    "concurrency": 'workers of its actor pool: N, or "MIN,MAX" to let it grow',
+}
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def parse_concurrency(text: str) -> tuple[int, int]:
+    """`--<stage>.concurrency`: "N" (a pool of N workers) or "MIN,MAX"."""
+    parts = text.split(",")
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f'expected N or "MIN,MAX", got {text!r}')
+    lo, hi = (_positive_int(p.strip()) for p in (parts * 2)[:2])
+    if lo > hi:
+        raise argparse.ArgumentTypeError(f"MIN must not exceed MAX, got {text!r}")
+    return lo, hi
+
+
+RESOURCE_TYPES = {
+    "num_cpus": _non_negative,
+    "num_gpus": _non_negative,
+    "batch_size": _positive_int,
+    "concurrency": parse_concurrency,
+}
+
+
+def resource_flag(stage: Stage, resource: str) -> str:
+    """The flag of one of a stage's resources: `--<stage>.<resource>`, or
+    `--<stage>.resources.<resource>` when the stage has a parameter of that name."""
+    names = {f.name for f in dataclasses.fields(stage.params)}
+    middle = "resources." if resource in names else ""
+    return f"--{stage.name}.{middle}{resource}"
+
+
 def add_stage_flags(
     parser: argparse.ArgumentParser,
     stages: Sequence[Stage],
@@ -90,27 +159,86 @@ def add_stage_flags(
                 # argparse %-formats help strings, and a stage's help may say "top 30%".
                 help=help_text.replace("%", "%%"),
             )
+        for resource in RESOURCE_NAMES:
+            current = getattr(stage.resources, resource)
+            shown = ",".join(map(str, current)) if isinstance(current, tuple) else current
+            group.add_argument(
+                resource_flag(stage, resource),
+                dest=f"{stage.name}.resources.{resource}",
+                type=RESOURCE_TYPES[resource],
+                default=None,
+                metavar="N" if resource != "concurrency" else "N|MIN,MAX",
+                help=f"resource: {RESOURCE_HELP[resource]} (default: {shown}; not a parameter)",
+            )
+
+
+def stage_flags(args: argparse.Namespace, stages: Sequence[Stage]) -> tuple[dict, dict]:
+    """(params, resources) per stage name, from the `--<stage>.*` flags that were given."""
+    params: dict[str, dict[str, Any]] = {}
+    resources: dict[str, dict[str, Any]] = {}
+    for stage in stages:
+        for f in dataclasses.fields(stage.params):
+            value = getattr(args, f"{stage.name}.{f.name}")
+            if value is not None:
+                params.setdefault(stage.name, {})[f.name] = value
+        for resource in RESOURCE_NAMES:
+            value = getattr(args, f"{stage.name}.resources.{resource}")
+            if value is not None:
+                resources.setdefault(stage.name, {})[resource] = value
+    return params, resources
+
+
+def _own_resources(stage: Stage) -> dict[str, Any]:
+    """The resources this instance was given beyond what its class and parameters imply."""
+    default = dataclasses.asdict(stage.default_resources())
+    return {k: v for k, v in dataclasses.asdict(stage.resources).items() if v != default[k]}
+
+
+def configure(
+    stage: Stage,
+    params: dict[str, Any] | None = None,
+    resources: dict[str, Any] | None = None,
+) -> Stage:
+    """A new instance of `stage` with `params` over its parameters and `resources` over the
+    resources it was given (never a change to the stage or its class)."""
+    if not params and not resources:
+        return stage
+    try:
+        return type(stage)(
+            stage.params,
+            stage_name=stage.name,
+            resources={**_own_resources(stage), **(resources or {})},
+            **(params or {}),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"stage {stage.name}: {exc}") from exc
 
 
 def apply_stage_flags(
-    args: argparse.Namespace,
     stages: Sequence[Stage],
+    params: dict[str, dict[str, Any]] | None = None,
+    resources: dict[str, dict[str, Any]] | None = None,
     defaults: dict[str, dict[str, Any]] | None = None,
 ) -> list[Stage]:
-    """Stages with the command line's values; `defaults` (per stage) fill what no flag gave."""
-    defaults = defaults or {}
-    out = []
-    for stage in stages:
-        overrides = dict(defaults.get(stage.name, {}))
-        overrides.update(
-            (f.name, getattr(args, f"{stage.name}.{f.name}"))
-            for f in dataclasses.fields(stage.params)
-            if getattr(args, f"{stage.name}.{f.name}") is not None
+    """Stages with the given parameters and resources per stage name; `defaults` (per stage)
+    fill the parameters that `params` does not give. A stage name that is not in the pipeline
+    is a ValueError."""
+    params, resources, defaults = params or {}, resources or {}, defaults or {}
+    names = [s.name for s in stages]
+    for what, given in (("params", params), ("resources", resources)):
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise ValueError(
+                f"{what} for {unknown[0]!r}: no such stage in this pipeline ({', '.join(names)})"
+            )
+    return [
+        configure(
+            stage,
+            {**defaults.get(stage.name, {}), **params.get(stage.name, {})},
+            resources.get(stage.name),
         )
-        out.append(
-            type(stage)(stage.params, stage_name=stage.name, **overrides) if overrides else stage
-        )
-    return out
+        for stage in stages
+    ]
 
 
 def build_parser(pipeline: Pipeline, default_output: str) -> argparse.ArgumentParser:
@@ -199,14 +327,12 @@ def _reader_options(items: list[str]) -> dict[str, Any]:
 def _with_demo_models(stages: list[Stage]) -> list[Stage]:
     """Stages whose `model` names the demo VLM get its directory, built first if need be (on the
     driver, once: Ray workers then load it from the cache like any local model)."""
-    out = []
-    for stage in stages:
-        if getattr(stage.params, "model", None) == DEMO_VLM:
-            from warren.pipelines.demo_data.demo_vlm import ensure_demo_vlm
-
-            stage = type(stage)(stage.params, stage_name=stage.name, model=ensure_demo_vlm())
-        out.append(stage)
-    return out
+    return [
+        configure(stage, {"model": ensure_demo_vlm()})
+        if getattr(stage.params, "model", None) == DEMO_VLM
+        else stage
+        for stage in stages
+    ]
 
 
 def main(
@@ -214,50 +340,82 @@ def main(
 ) -> int:
     """Parse the command line, run the pipeline, print the funnel. Returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--basic-filter" in argv:
-        # Before the parser is built: the filter's stages bring their own --<stage>.<param> flags.
-        from warren.pipelines.basic_filter import with_basic_filter
+    # Before the parser is built: the filter's stages bring their own --<stage>.<param> flags.
+    shown = with_basic_filter(pipeline) if "--basic-filter" in argv else pipeline
+    parser = build_parser(shown, default_output or f"warren-out/{pipeline.name}")
+    args = vars(parser.parse_args(argv))
+    params, resources = stage_flags(argparse.Namespace(**args), shown.stages)
+    options = {k: v for k, v in args.items() if "." not in k}
+    return execute(pipeline, **options, params=params, resources=resources)
 
+
+def execute(
+    pipeline: Pipeline,
+    *,
+    input: str = DEMO_DATA,
+    input_format: str | None = None,
+    input_option: Sequence[str] = (),
+    output: str | None = None,
+    force: bool = False,
+    from_stage: str | None = None,
+    only: str | None = None,
+    num_cpus: int | None = None,
+    basic_filter: bool = False,
+    on_duplicate_id: str = "reject",
+    allow_demo_model: bool = False,
+    break_lock: bool = False,
+    describe: bool = False,
+    quiet: bool = False,
+    no_report: bool = False,
+    verbose: bool = False,
+    params: dict[str, dict[str, Any]] | None = None,
+    resources: dict[str, dict[str, Any]] | None = None,
+) -> int:
+    """Run `pipeline` as its command line does, one keyword per flag (`--from` is `from_stage`,
+    `--input-option` a list of KEY=JSON); `params` and `resources` map a stage's name to its
+    `--<stage>.<param>` and resource values. Prints the funnel; returns the exit code (0, or 2
+    with the error printed)."""
+    if basic_filter:
         pipeline = with_basic_filter(pipeline)
-    parser = build_parser(pipeline, default_output or f"warren-out/{pipeline.name}")
-    args = parser.parse_args(argv)
+    output = output or f"warren-out/{pipeline.name}"
     try:
-        on_demo = args.input == DEMO_DATA
-        stages = apply_stage_flags(args, pipeline.stages, pipeline.demo_params if on_demo else None)
-        configured = Pipeline(pipeline.name, stages, pipeline.description)
-        if args.describe:
-            print(configured.describe())
+        on_demo = input == DEMO_DATA
+        stages = apply_stage_flags(
+            pipeline.stages, params, resources, pipeline.demo_params if on_demo else None
+        )
+        if describe:
+            print(describe_pipeline(Pipeline(pipeline.name, stages, pipeline.description)))
             return 0
         configured = Pipeline(pipeline.name, _with_demo_models(stages), pipeline.description)
         Runner(
             configured,
-            args.input,
-            args.output,
-            input_format=args.input_format,
-            reader_options=_reader_options(args.input_option),
-            force=args.force,
-            from_stage=args.from_stage,
-            only=args.only,
-            progress=not args.quiet,
-            num_cpus=args.num_cpus,
-            break_lock=args.break_lock,
-            on_duplicate_id=args.on_duplicate_id,
-            allow_demo_model=args.allow_demo_model,
+            input,
+            output,
+            input_format=input_format,
+            reader_options=_reader_options(list(input_option)),
+            force=force,
+            from_stage=from_stage,
+            only=only,
+            progress=not quiet,
+            num_cpus=num_cpus,
+            break_lock=break_lock,
+            on_duplicate_id=on_duplicate_id,
+            allow_demo_model=allow_demo_model,
         ).run()
     except (PipelineError, InputError, SchemaError) as exc:
-        if args.verbose:
+        if verbose:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # a bug or an unforeseen error: one line here, the stack in logs/
-        if args.verbose:
+        if verbose:
             raise
-        log = _log_traceback(args.output, exc)
+        log = _log_traceback(output, exc)
         where = f" (traceback: {log})" if log else " (run with --verbose for the traceback)"
         print(f"error: {one_line(exc)}{where}", file=sys.stderr)
         return 2
-    if not args.no_report:
-        _write_report(args.output, args.verbose)
+    if not no_report:
+        _write_report(output, verbose)
     return 0
 
 

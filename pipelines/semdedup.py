@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 
 from warren.pipelines.recipe import DEMO_CLIP, main
+from warren.pipelines.registry import recipe
 from warren.pipelines.runner import Pipeline
 from warren.stages.caption_check import CaptionCheck
 from warren.stages.cluster import Cluster
@@ -24,6 +25,7 @@ from warren.stages.image_check import ImageCheck
 from warren.stages.semdedup import SemDedup
 
 
+@recipe("semdedup")
 def pipeline() -> Pipeline:
     return Pipeline(
         name="semdedup",

@@ -16,7 +16,7 @@ unless `--subsample.n N` asks for a seeded slice to try first):
         --recaption.model Qwen/Qwen2-VL-7B-Instruct          # a model vLLM serves
 
 Without --input it reads 64 rows of the bundled demo pool (`--subsample.n 1000` for all 658:
-about 7 minutes on 2 CPUs) with the demo VLM (pipelines/demo_data/demo_vlm.py: SmolLM2 behind an
+about 7 minutes on 2 CPUs) with the demo VLM (stages/demo_vlm.py: SmolLM2 behind an
 untrained vision tower and projector built from configs with a fixed seed), greedy, 32 new
 tokens, truncated captions kept: its captions are fluent but do not describe the images; they
 show the machinery, not the quality. Give a real model for real captions.
@@ -27,12 +27,14 @@ from __future__ import annotations
 import sys
 
 from warren.pipelines.recipe import ALL_ROWS, DEMO_RECAPTION, DEMO_SUBSAMPLE, main
+from warren.pipelines.registry import recipe
 from warren.pipelines.runner import Pipeline
 from warren.stages.image_check import ImageCheck
 from warren.stages.recaption import Recaption
 from warren.stages.select import Sample
 
 
+@recipe("sharegpt4v_recaption")
 def pipeline() -> Pipeline:
     return Pipeline(
         name="sharegpt4v_recaption",

@@ -16,8 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from warren.pipelines import bunny_pretrain, datacomp_filter, semdedup
-from warren.pipelines.cli import recipe_names
+from warren.pipelines import bunny_pretrain, datacomp_filter, recipe, registry, semdedup
 from warren.pipelines.recipe import DEMO_CLIP, DEMO_DATA
 from warren.pipelines.recipe import main as recipe_main
 
@@ -245,12 +244,11 @@ def test_datacomp_filter_is_the_exact_intersection_of_both_filters(ray_session, 
     assert set(reasons.values()) == {"image_based: no reference image nearest"}
 
 
-@pytest.mark.parametrize("name", recipe_names())
+@pytest.mark.parametrize("name", registry.names())
 def test_every_recipe_help_lists_a_flag_for_every_stage_parameter(name, capsys):
     import dataclasses
-    import importlib
 
-    pipeline = importlib.import_module(f"pipelines.{name}").pipeline()
+    pipeline = registry.get(name)()
     with pytest.raises(SystemExit) as exit_info:
         recipe_main(pipeline, ["--help"])
     assert exit_info.value.code == 0
@@ -258,3 +256,5 @@ def test_every_recipe_help_lists_a_flag_for_every_stage_parameter(name, capsys):
     for stage in pipeline.stages:
         for field in dataclasses.fields(stage.params):
             assert f"--{stage.name}.{field.name}" in printed
+        for resource in recipe.RESOURCE_NAMES:
+            assert recipe.resource_flag(stage, resource) in printed

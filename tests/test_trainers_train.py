@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -431,3 +432,35 @@ def test_flags_come_from_the_config_and_bad_combinations_name_the_flag(tmp_path)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="--qlora needs a CUDA GPU"):
             resolve(TrainConfig(stage="instruct", from_checkpoint="c", qlora=True, **common))
+
+
+def test_warren_train_takes_a_run_folder_for_its_final_stage(models, shards, tmp_path, capsys):
+    from warren.pipelines import cli
+
+    # A finished run by hand: 00-ingest and 01-sample, run.json naming 01-sample the final stage.
+    run = tmp_path / "run"
+    for folder, files in (("00-ingest", []), ("01-sample", sorted(shards.glob("*.parquet")))):
+        (run / folder).mkdir(parents=True)
+        listed = []
+        for f in files:
+            shutil.copy(f, run / folder / f.name)
+            rows = pq.read_metadata(f).num_rows
+            listed.append({"name": f.name, "rows": rows, "bytes": f.stat().st_size})
+        manifest = {"stage": folder.split("-", 1)[1], "files": listed, "rejected_files": []}
+        (run / folder / "_manifest.json").write_text(json.dumps(manifest))
+    (run / "run.json").write_text(
+        json.dumps({"stages": [{"folder": "00-ingest"}, {"folder": "01-sample"}],
+                    "final": {"folder": "01-sample"}})
+    )  # fmt: skip
+    common = ["--data", str(run), "--output", str(tmp_path / "out"), "--max-steps", "1"]
+    parts = ["--vision", str(models / "vision"), "--llm", str(models / "llm")]
+    rest = ["--batch-size", "4", "--num-workers", "0", "--max-bad-share", "0.05"]
+    assert cli.main(["train", *common, *parts, *rest]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    # stage align by default; the data is the final stage's folder, not the run's
+    assert summary["config"]["stage"] == "align"
+    assert summary["config"]["data"] == [str(run / "01-sample")]
+    assert summary["steps"] == 1
+    # a setting that cannot run: exit 2, the trainer's message naming the flag
+    assert cli.main(["train", *common[:2], "--output", str(tmp_path / "o2"), "--llm", "x"]) == 2
+    assert "give --vision and --llm" in capsys.readouterr().err

@@ -3,7 +3,8 @@
 `python -m warren.trainers.llava ... --workers N` (or `train(TrainConfig(..., workers=N))`) hands the run
 to a `ray.train.torch.TorchTrainer` with N workers. Each worker is one process with one device
 (a GPU with `--use-gpu`, which is the default when the Ray cluster has GPUs; else the CPU, over
-gloo), which runs `trainers.llava.run_loop` as rank `ray.train.get_context().get_world_rank()`:
+gloo), which runs the loop it is given (`trainers.llava.run_loop`, passed in by `trainers.llava.train`:
+this module never imports trainers.llava) as rank `ray.train.get_context().get_world_rank()`:
 
 - the model is wrapped in DDP (a replica per rank), or with `--fsdp` in FSDP (one unit per
   transformer layer, weights, gradients and optimizer state sharded over the ranks);
@@ -28,19 +29,24 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from warren.trainers.llava import CHECKPOINTS, Ranks, TrainConfig, run_loop
+from warren.trainers.config import CHECKPOINTS, TrainConfig
+from warren.trainers.ranks import Ranks
+
+#: `trainers.llava.run_loop`: (config, resume_from, ranks, *, device, report) -> summary.
+Loop = Callable[..., dict[str, Any]]
 
 log = logging.getLogger("warren.trainers.ray_train")
 
 
-def train_on_ray(c: TrainConfig, resume_from: Path | None) -> dict[str, Any]:
-    """Run `c` (resolved, OUTPUT prepared) on `c.workers` Ray Train workers; return rank 0's
-    summary. A worker's ValueError (bad data, settings) is raised here as itself."""
+def train_on_ray(c: TrainConfig, resume_from: Path | None, loop: Loop) -> dict[str, Any]:
+    """Run `loop` with `c` (resolved, OUTPUT prepared) on `c.workers` Ray Train workers; return
+    rank 0's summary. A worker's ValueError (bad data, settings) is raised here as itself."""
     import ray
     from ray.train import RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -56,7 +62,11 @@ def train_on_ray(c: TrainConfig, resume_from: Path | None) -> dict[str, Any]:
     out = Path(c.output).resolve()
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"config": c, "resume_from": resume_from and str(resume_from)},
+        train_loop_config={
+            "config": c,
+            "resume_from": resume_from and str(resume_from),
+            "loop": loop,  # pickled by reference: workers import it from its module
+        },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=c.workers, use_gpu=use_gpu, resources_per_worker=resources
@@ -113,7 +123,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
             checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,
         )
 
-    run_loop(
+    loop_config["loop"](
         c,
         Path(resume_from) if resume_from else None,
         ranks,

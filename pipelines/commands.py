@@ -1,0 +1,359 @@
+"""The `warren` commands as Python functions: the API and the command line are the same thing.
+
+Each function takes the parameters its command takes as flags (`warren report OUT --to F --seed 1`
+is `report("OUT", to="F", seed=1)`), prints what the command prints and returns its exit code.
+pipelines/cli.py builds the command line from these signatures (tests/test_cli.py checks that
+every command's flags and its function's parameters are the same set).
+
+    from warren.pipelines import commands
+    commands.run("bunny_pretrain", output="out/bunny", resources={"embed": {"num_gpus": 0.5}})
+    commands.describe("bunny_pretrain")
+    commands.train(["out/bunny"], "runs/align", vision="openai/clip-vit-large-patch14-336",
+                   llm="lmsys/vicuna-7b-v1.5")
+
+A recipe's stage flags are the `params` and `resources` arguments, per stage name:
+`--embed.model M --embed.num_gpus 0.5` is `params={"embed": {"model": M}},
+resources={"embed": {"num_gpus": 0.5}}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from warren.pipelines import registry
+from warren.pipelines.recipe import DEMO_DATA, execute
+
+StageValues = dict[str, dict[str, Any]]
+
+
+def recipes() -> int:
+    """List the registered recipes.
+
+    One a line, with the first line of each one's docstring."""
+    for name in registry.names():
+        print(f"{name:<20} {registry.summary(name)}")
+    return 0
+
+
+def _pipeline(recipe: str) -> Any:
+    try:
+        return registry.get(recipe)()
+    except registry.UnknownRecipe as exc:
+        print(f"warren: {exc}", file=sys.stderr)
+        return None
+
+
+def run(
+    recipe: str,
+    input: str = DEMO_DATA,
+    input_format: str | None = None,
+    input_option: Sequence[str] = (),
+    output: str | None = None,
+    force: bool = False,
+    from_stage: str | None = None,
+    only: str | None = None,
+    num_cpus: int | None = None,
+    basic_filter: bool = False,
+    on_duplicate_id: str = "reject",
+    allow_demo_model: bool = False,
+    break_lock: bool = False,
+    describe: bool = False,
+    quiet: bool = False,
+    no_report: bool = False,
+    verbose: bool = False,
+    params: StageValues | None = None,
+    resources: StageValues | None = None,
+) -> int:
+    """Run a registered recipe: `warren run RECIPE [flags]`.
+
+    The flags of `python pipelines/RECIPE.py` (pipelines/recipe.py documents them). Output
+    defaults to warren-out/RECIPE."""
+    pipeline = _pipeline(recipe)
+    if pipeline is None:
+        return 2
+    return execute(
+        pipeline,
+        input=input,
+        input_format=input_format,
+        input_option=input_option,
+        output=output,
+        force=force,
+        from_stage=from_stage,
+        only=only,
+        num_cpus=num_cpus,
+        basic_filter=basic_filter,
+        on_duplicate_id=on_duplicate_id,
+        allow_demo_model=allow_demo_model,
+        break_lock=break_lock,
+        describe=describe,
+        quiet=quiet,
+        no_report=no_report,
+        verbose=verbose,
+        params=params,
+        resources=resources,
+    )
+
+
+def describe(
+    recipe: str,
+    input: str = DEMO_DATA,
+    basic_filter: bool = False,
+    params: StageValues | None = None,
+    resources: StageValues | None = None,
+) -> int:
+    """Print a recipe's stages, parameters, resources and columns, without starting Ray.
+
+    `warren describe RECIPE`: the stages in order (kind, version, parameters, resources, required
+    and added columns) and the column check. On the demo pool (no `input`) the parameters are the
+    demo's."""
+    return run(
+        recipe,
+        input=input,
+        basic_filter=basic_filter,
+        params=params,
+        resources=resources,
+        describe=True,
+    )
+
+
+def _as_flags(values: dict[str, Any]) -> list[str]:
+    """Keyword arguments as the flags pipelines/mixture.py parses (`from_stage` is `--from`)."""
+    flags: list[str] = []
+    for key, value in values.items():
+        flag = "--from" if key == "from_stage" else "--" + key.replace("_", "-")
+        if value is None or value is False:
+            continue
+        flags += [flag] if value is True else [flag, str(value)]
+    return flags
+
+
+def _stage_flags(params: StageValues | None, resources: StageValues | None) -> list[str]:
+    flags: list[str] = []
+    for stage, values in (params or {}).items():
+        for key, value in values.items():
+            text = json.dumps(value) if isinstance(value, list | dict | bool) else str(value)
+            flags += [f"--{stage}.{key}", text]
+    for stage, values in (resources or {}).items():
+        for key, value in values.items():
+            text = ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+            flags += [f"--{stage}.{key}", text]
+    return flags
+
+
+def mixture(
+    spec: str,
+    output: str | None = None,
+    export_format: str | None = None,
+    export_to: str | None = None,
+    caption_template: str | None = None,
+    overwrite_export: bool = False,
+    no_export: bool = False,
+    force: bool = False,
+    from_stage: str | None = None,
+    only: str | None = None,
+    num_cpus: int | None = None,
+    basic_filter: bool = False,
+    on_duplicate_id: str = "reject",
+    allow_demo_model: bool = False,
+    break_lock: bool = False,
+    describe: bool = False,
+    quiet: bool = False,
+    no_report: bool = False,
+    verbose: bool = False,
+    params: StageValues | None = None,
+    resources: StageValues | None = None,
+) -> int:
+    """Build the training mixture a spec describes: `warren mixture SPEC [flags]`.
+
+    pipelines/mixture.py, with a recipe's run flags (the input is the spec's sources)."""
+    options = {k: v for k, v in locals().items() if k not in ("spec", "params", "resources")}
+    from warren.pipelines.mixture import main as mixture_main
+
+    if on_duplicate_id == "reject":
+        options.pop("on_duplicate_id")  # the default: not a flag to pass
+    return mixture_main([spec, *_as_flags(options), *_stage_flags(params, resources)])
+
+
+def report(output: str, to: str | None = None, seed: int = 0) -> int:
+    """Write a run's HTML report (funnel, histograms, galleries).
+
+    `warren report OUTPUT`: by default into OUTPUT/report.html; `seed` draws the gallery
+    samples."""
+    from warren.pipelines.report import main as report_main
+
+    return report_main([output, "--seed", str(seed), *(["--to", to] if to else [])])
+
+
+def explain(output: str, id: str) -> int:
+    """Print one row's journey through a run: stages passed, scores, why it was removed.
+
+    `warren explain OUTPUT ID`; exit 1 when no row has that id."""
+    from warren.pipelines.explain import main as explain_main
+
+    return explain_main([output, id])
+
+
+def export(
+    src: str,
+    *,
+    format: str,
+    to: str,
+    overwrite: bool = False,
+    name: str | None = None,
+    caption_template: str | None = None,
+) -> int:
+    """Export a stage folder, or a run's final stage, as LLaVA JSON, ShareGPT or HF datasets.
+
+    `warren export SRC --format F --to DIR`: format llava, sharegpt or hf. `overwrite` replaces a
+    non-empty `to`; `name` is a sharegpt dataset's name in dataset_info.json; `caption_template`
+    the human turn of caption rows (default "<image>\\n{instruction}", as LCS-558K). Exit 0 when
+    rows were written (the rows not written are listed with their reasons), 2 when the export
+    failed or would have written no row."""
+    from warren.stages.exports import ExportError
+    from warren.stages.exports import export as write_export
+    from warren.stages.exports.caption import unescape
+
+    options: dict[str, str] = {}
+    if name is not None:
+        options["name"] = name
+    if caption_template is not None:
+        options["caption_template"] = unescape(caption_template)
+    try:
+        written = write_export(src, format, to, overwrite=overwrite, **options)
+    except ExportError as exc:
+        print(f"warren export: {exc}", file=sys.stderr)
+        return 2
+    print(written.summary())
+    return 0
+
+
+def train(
+    data: str | Sequence[str],
+    output: str,
+    stage: str = "align",
+    vision: str | None = None,
+    llm: str | None = None,
+    from_checkpoint: str | None = None,
+    projector: str | None = None,
+    template: str | None = None,
+    system_prompt: str | None = None,
+    max_length: int | None = None,
+    batch_size: int | None = None,
+    grad_accum: int | None = None,
+    epochs: int | None = None,
+    max_steps: int | None = None,
+    lr: float | None = None,
+    projector_lr: float | None = None,
+    weight_decay: float | None = None,
+    warmup_ratio: float | None = None,
+    max_grad_norm: float | None = None,
+    lora: bool | None = None,
+    lora_r: int | None = None,
+    lora_alpha: int | None = None,
+    lora_dropout: float | None = None,
+    lora_target_modules: Sequence[str] | None = None,
+    lora_merge: bool | None = None,
+    qlora: bool | None = None,
+    unfreeze_vision: bool | None = None,
+    gradient_checkpointing: bool | None = None,
+    precision: str | None = None,
+    device: str | None = None,
+    seed: int | None = None,
+    num_workers: int | None = None,
+    shuffle_buffer: int | None = None,
+    length_group_batches: int | None = None,
+    max_bad_share: float | None = None,
+    log_every: int | None = None,
+    save_every: int | None = None,
+    keep_checkpoints: int | None = None,
+    resume: bool | None = None,
+    workers: int | None = None,
+    use_gpu: bool | None = None,
+    fsdp: bool | None = None,
+    cpus_per_worker: float | None = None,
+) -> int:
+    """Train a LLaVA model on warren output: `warren train --data OUTPUT --output DIR`.
+
+    Stage `align` (the projector, on caption rows) or `instruct` (projector and LM, on
+    conversations).
+    `data`: run folders (their final stage), stage folders or Parquet files. Every other
+    parameter is the trainer's flag of the same name (warren.trainers.config.TrainConfig, which
+    documents them); None keeps the trainer's default. Prints the run's JSON summary; exit 2 with
+    the error for settings or data that cannot run."""
+    given = {k: v for k, v in locals().items() if v is not None}
+    # The trainer is imported here only: the recipe layer does not depend on it (or on torch).
+    from warren.trainers.config import TrainConfig
+    from warren.trainers.llava import train as run_training
+
+    given["data"] = [_final_stage(p) for p in ([data] if isinstance(data, str) else data)]
+    try:
+        config = TrainConfig(**given)
+        _log_to_console()
+        summary = run_training(config)
+    except ValueError as exc:
+        print(f"warren train: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return 0
+
+
+def train_parser() -> argparse.ArgumentParser:
+    """The flags of `warren train` (pipelines/cli.py): the trainer's (warren.trainers.config), with stage `align`
+    unless --stage says otherwise; imported only when asked for (torch)."""
+    from warren.trainers.config import build_parser as trainer_parser
+
+    parser = trainer_parser(prog="warren train")
+    for action in parser._actions:
+        if action.dest == "stage":
+            action.required, action.default = False, "align"
+    return parser
+
+
+def _final_stage(path: str) -> str:
+    """A run's output folder stands for its final stage folder (stages/run_layout.py), whose
+    manifest lists the shards to read; any other path is passed on as it is."""
+    from warren.stages.run_layout import LayoutError, is_run, open_stage
+    from warren.stages.shards import Location
+
+    try:
+        loc = Location.of(path)
+        return open_stage(loc, verify=False).loc.uri if is_run(loc) else path
+    except (LayoutError, OSError, ValueError):
+        return path  # the trainer names what is wrong with it
+
+
+def _log_to_console() -> None:
+    import logging
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+
+#: The commands of `warren`, in the order `warren --help` lists them.
+COMMANDS = {
+    "run": run,
+    "describe": describe,
+    "recipes": recipes,
+    "train": train,
+    "mixture": mixture,
+    "report": report,
+    "explain": explain,
+    "export": export,
+}
+
+__all__ = [
+    "COMMANDS",
+    "train_parser",
+    "describe",
+    "explain",
+    "export",
+    "mixture",
+    "recipes",
+    "report",
+    "run",
+    "train",
+]

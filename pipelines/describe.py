@@ -1,0 +1,76 @@
+"""What a recipe is, without running it: its stages in order with their kind, version, parameters,
+resources, the columns each requires and adds, and whether every required column is there.
+
+`warren describe RECIPE` and `--describe` on any recipe print `describe_pipeline(pipeline)`. Nothing
+here starts Ray or loads a model: it reads what each stage declares (`Stage.describe()`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from warren.stages.base import Stage
+from warren.stages.schema import CORE_FIELDS
+
+#: The columns every row has after ingest.
+INGEST_COLUMNS = tuple(f.name for f in CORE_FIELDS)
+
+
+def column_problems(
+    stages: Sequence[Stage], available: Iterable[str] = INGEST_COLUMNS
+) -> list[str]:
+    """One line per column a stage requires that neither ingest nor a stage before it adds; such
+    a column must then come with the input."""
+    have = set(available)
+    problems = []
+    for stage in stages:
+        for column in stage.required_columns():
+            if column not in have:
+                problems.append(
+                    f"stage {stage.name} requires column {column!r}, which no stage before it adds "
+                    "(the input must carry it)"
+                )
+        have.update(stage.added_columns())
+    return problems
+
+
+def _resources(resources: dict[str, Any]) -> str:
+    def shown(value: Any) -> str:
+        if isinstance(value, list | tuple):
+            return ",".join(map(str, value))
+        return "auto" if value is None else str(value)
+
+    return " ".join(f"{k}={shown(v)}" for k, v in resources.items())
+
+
+def describe_pipeline(pipeline: Any) -> str:
+    """The recipe as text: a header, ingest, then each stage (index, name, version, kind) with its
+    parameters, resources and columns, and the column check last."""
+    lines = [
+        f"pipeline {pipeline.name}: {pipeline.description}".rstrip(": "),
+        f"  00 ingest: read the input into canonical rows ({', '.join(INGEST_COLUMNS)})",
+    ]
+    for i, stage in enumerate(pipeline.stages, 1):
+        d = stage.describe()
+        adds = ", ".join(f"{k} ({v})" for k, v in d["adds"].items()) or "-"
+        lines += [
+            f"  {i:02d} {d['name']} v{d['version']} ({d['kind']})",
+            f"       params:    {d['params']}",
+            f"       resources: {_resources(d['resources'])}",
+            f"       requires:  {', '.join(d['requires']) or '-'}",
+            f"       adds:      {adds}",
+        ]
+        lines += [
+            f"       threshold: {t['param']} ({t['kind']}) on {t['column']} = {t['value']:g}"
+            for t in d["thresholds"]
+        ]
+    problems = column_problems(pipeline.stages)
+    if problems:
+        lines.append("columns: " + "; ".join(problems))
+    else:
+        lines.append("columns: ok (every column a stage requires is added before it)")
+    return "\n".join(lines)
+
+
+__all__ = ["INGEST_COLUMNS", "column_problems", "describe_pipeline"]
