@@ -24,16 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "pyproject.toml"
 SUBPACKAGES = ("stages", "pipelines", "trainers", "prompts")
 
-# Cycles on this branch that issue 19's other parts remove (front door: recipe <-> basic_filter,
-# llava <-> ray_train). The readers package and its mixture reader import each other too (the
-# package's __init__ registers MixtureReader, which looks readers up through the package). Delete
-# each entry once its fix is merged; test_no_module_imports_itself_back then passes too.
-KNOWN_CYCLES = {
-    frozenset({"warren.pipelines.recipe", "warren.pipelines.basic_filter"}),
-    frozenset({"warren.trainers.llava", "warren.trainers.ray_train"}),
-    frozenset({"warren.stages.readers", "warren.stages.readers.mixture"}),
-}
-
 
 def _lint_imports_cmd() -> list[str]:
     beside = Path(sys.executable).parent / "lint-imports"
@@ -203,17 +193,5 @@ def warren_cycles(tmp_path_factory: pytest.TempPathFactory) -> set[frozenset[str
     return import_cycles(edges)
 
 
-def test_no_import_cycles_beyond_the_known_ones(warren_cycles: set[frozenset[str]]) -> None:
-    new = warren_cycles - KNOWN_CYCLES
-    assert not new, "modules that import each other: " + "; ".join(
-        " <-> ".join(sorted(c)) for c in sorted(new, key=sorted)
-    )
-
-
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 19's front-door part removes recipe<->basic_filter and llava<->ray_train; "
-    "readers<->readers.mixture has no owner yet",
-)
 def test_no_module_imports_itself_back(warren_cycles: set[frozenset[str]]) -> None:
     assert warren_cycles == set(), sorted(sorted(c) for c in warren_cycles)

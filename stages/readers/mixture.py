@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 from warren.stages.base import stable_hash
 from warren.stages.mixture_spec import MixtureSpec, SourceSpec, infer_tasks, load_spec
 from warren.stages.readers.base import InputError, Reader, ReadUnit
+from warren.stages.readers.registry import SOURCE_READERS, make_reader
 from warren.stages.run_layout import LayoutError, is_warren_output, open_stage
 from warren.stages.schema import CORE_FIELDS, EDITS_COLUMN, KNOWN_TYPES, REJECT_COLUMN, conform
 from warren.stages.shards import Location
@@ -66,8 +67,6 @@ class MixtureReader(Reader):
         }
 
     def _source_readers(self, source: SourceSpec) -> list[Reader]:
-        from warren.stages.readers import get_reader
-
         where = f"{READER}: source {source.name}"
         loc = Location.of(source.path)
         if not loc.exists():
@@ -77,8 +76,9 @@ class MixtureReader(Reader):
             if files is not None:
                 if source.format not in (None, "parquet"):
                     raise InputError(f"{where}: a warren output is Parquet, not {source.format}")
-                return [get_reader("parquet", f, **source.options) for f in files]
-            return [get_reader(source.format, source.path, **source.options)]
+                return [make_reader(SOURCE_READERS, "parquet", f, **source.options) for f in files]
+            # A source is never a spec itself: the mixture reader is not among SOURCE_READERS.
+            return [make_reader(SOURCE_READERS, source.format, source.path, **source.options)]
         except InputError as exc:
             raise InputError(f"{where}: {exc}") from exc
 
