@@ -41,13 +41,22 @@ comparison.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from warren.stages.base import GlobalContext, GlobalStage, param, put_column, reject
+from warren.stages.base import (
+    GlobalContext,
+    GlobalStage,
+    Threshold,
+    param,
+    put_column,
+    reject,
+)
+from warren.stages.duplicates import PROVENANCE_COLUMNS, put_duplicates
+from warren.stages.schema import column_type
 from warren.stages.shuffle import map_groups
 
 RULES = ("semdedup", "components")
@@ -72,8 +81,12 @@ class SemDedupParams:
         "'components' (Bunny: keep one item per connected component of near duplicates)",
     )
     column: str = param("image_emb", "embedding column (fixed_size_list, L2-normalised)")
+    # a threshold at 1 - eps on max_cos_earlier (SemDedup.thresholds draws it there)
     eps: float = param(
-        0.07, "rule semdedup: an item is removed when its max cosine to an earlier item > 1 - eps"
+        0.07,
+        "rule semdedup: an item is removed when its max cosine to an earlier item > 1 - eps",
+        threshold="max",
+        column="max_cos_earlier",
     )
     threshold: float = param(
         0.86, "rule components: two items are linked when their cosine similarity > threshold"
@@ -333,6 +346,10 @@ def dedup_cluster_table(group: pa.Table, params: SemDedupParams) -> pa.Table:
     stat = np.zeros(n, dtype=np.float32 if rule == "semdedup" else np.int64)
     has_stat = np.zeros(n, dtype=bool)
     reasons: list[str | None] = [None] * n
+    # the removed duplicates: position in `group`, the kept row's id, their cosine
+    dup_rows: list[int] = []
+    dup_of: list[str] = []
+    dup_cos: list[float] = []
 
     emb_col = group.column(params.column).combine_chunks() if n else None
     has_emb = pc.is_valid(emb_col).to_numpy(zero_copy_only=False) if n else np.zeros(0, dtype=bool)
@@ -373,6 +390,9 @@ def dedup_cluster_table(group: pa.Table, params: SemDedupParams) -> pa.Table:
                     f"semdedup: duplicate (of {ids[d.duplicate_of[k]]}, "
                     f"cos {d.max_cos_earlier[k]:.3f})"
                 )
+                dup_rows.append(int(live[k]))
+                dup_of.append(ids[d.duplicate_of[k]])
+                dup_cos.append(float(d.max_cos_earlier[k]))
             stat[live] = d.max_cos_earlier
             has_stat[live] = d.duplicate_of >= 0
         else:
@@ -396,10 +416,14 @@ def dedup_cluster_table(group: pa.Table, params: SemDedupParams) -> pa.Table:
                     f"semdedup: duplicate (of {ids[c.kept[k]]}, cos {cos_k:.3f}, "
                     f"component of {c.component_size[k]})"
                 )
+                dup_rows.append(int(live[k]))
+                dup_of.append(ids[c.kept[k]])
+                dup_cos.append(float(cos_k))
             stat[live] = c.component_size
             has_stat[live] = True
 
     out = put_column(group, STAT_COLUMN[rule], pa.array(stat, type=STAT_TYPE[rule], mask=~has_stat))
+    out = put_duplicates(out, dup_rows, dup_of, dup_cos)
     rejected = np.array([r is not None for r in reasons], dtype=bool)
     return reject(out, rejected, [r or "" for r in reasons])
 
@@ -414,6 +438,20 @@ class SemDedup(GlobalStage):
     name = "semdedup"
     version = "1"
     Params = SemDedupParams
+
+    def required_columns(self) -> tuple[str, ...]:
+        return (self.params.column, CLUSTER_COLUMN, CENTROID_COLUMN)
+
+    def added_columns(self) -> dict[str, Any]:
+        names = (STAT_COLUMN[self.params.rule], *PROVENANCE_COLUMNS)
+        return {name: column_type(name) for name in names}
+
+    def thresholds(self) -> list[Threshold]:
+        """Rule semdedup keeps a row whose `max_cos_earlier` is at most 1 - eps: a line there.
+        The components rule links pairs, a relation no one column of a row shows: no line."""
+        if self.params.rule != "semdedup":
+            return []
+        return [Threshold("eps", "max", STAT_COLUMN["semdedup"], 1.0 - self.params.eps)]
 
     def check_params(self) -> None:
         p = self.params
