@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from warren.pipelines.runner import Pipeline, Runner, ensure_ray  # noqa: E402
 from warren.stages.balance import Balance, balance_targets  # noqa: E402
 from warren.stages.base import GlobalContext, GlobalStage, reject  # noqa: E402
+from warren.stages.concept_balance import ConceptBalance  # noqa: E402
 from warren.stages.schema import conform  # noqa: E402
 from warren.stages.select import uniform_key  # noqa: E402
 
@@ -100,7 +101,7 @@ class KeepAll(GlobalStage):
         return ds.map_batches(_keep_all, batch_format="pyarrow")
 
 
-def run_stage(pool: Path, work: Path, stage: Balance, label: str, rows: int) -> float:
+def run_stage(pool: Path, work: Path, stage: GlobalStage, label: str, rows: int) -> float:
     out = work / f"out-{label}"
     runner = Runner(Pipeline(label, [stage]), str(pool), str(out), progress=False)
     reports = runner.run()
@@ -157,7 +158,7 @@ def main() -> None:
             "concepts": run_stage(
                 pool,
                 work,
-                Balance(concepts=str(vocab), concept_cap=args.rows // 500),
+                ConceptBalance(concepts=str(vocab), concept_cap=args.rows // 500),
                 "concepts",
                 args.rows,
             ),
