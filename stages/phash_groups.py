@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from warren.stages.base import put_columns, reject
+from warren.stages.cluster_dedup import union_pairs
 from warren.stages.duplicates import put_duplicates
-from warren.stages.semdedup import union_pairs
 
 RULE = "phash_dedup"
 HASH_COLUMN = "phash"
