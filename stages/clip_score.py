@@ -11,7 +11,8 @@ Ranks are exact and global over the rows that have a score (ties broken by id; r
 highest score), computed with the distributed selection in `stages.select`; the threshold does
 not change the ranks. Rows without an embedding are rejected (`clip_score: missing embedding`).
 Rows outside the window say which side and where they ranked:
-`clip_score: below window 40-60% (rank 87.3%, clip_score 0.1012)`.
+`clip_score: below window 40-60% (rank 87.3%, clip_score 0.1012)`. With a window, every scored row
+gets its exact rank in `clip_score_rank` (int64, 0 = the highest score; `stages.ranks`).
 """
 
 from __future__ import annotations

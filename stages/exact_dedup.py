@@ -44,7 +44,8 @@ duplicate group meets in one task and memory is bounded by a group, not by the d
 with the smallest id in a group is kept (a stable rule: the same row survives every re-run); the
 others are rejected as `exact_dedup: duplicate (<key> of <kept id>)`, e.g.
 `exact_dedup: duplicate (pixels of r-0001)`; the default key keeps version 1's wording,
-`exact_dedup: duplicate (of <kept id>)`.
+`exact_dedup: duplicate (of <kept id>)`. A rejected copy also gets the kept row's id in
+`duplicate_of` and 1.0 in `similarity` (both null on the other rows).
 
 Version 3 hashes the composited, oriented picture (version 2 hashed RGBA for images with
 transparency, orientation not applied). Version 2 writes the hash columns of the parts the key uses (`image_sha256`, `pixel_hash`,

@@ -58,7 +58,9 @@ smallest id. Ties on id (rows sharing an id) are broken by position, so exactly 
 **Columns and reasons.** Every row gets `phash` (int64), `phash_group_size` (int64: rows in its
 group, 1 for a row without near duplicates) and `phash_distance` (int32: Hamming distance to the
 row kept from its group, 0 for the kept row itself); the three are null for rows without a hash.
-The others are rejected as `phash_dedup: near duplicate (of <kept id>, distance 3)`.
+The others are rejected as `phash_dedup: near duplicate (of <kept id>, distance 3)`, and get the
+kept row's id in `duplicate_of` and 1 - distance / bits in `similarity` (null on other rows).
+The grouping passes live in `stages.phash_groups`.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ the cut-off is read off those exactly, and a last map pass marks the rows. If a 
 A rejected row's reason names the window, its rank (0% = first) and its value, e.g.
 `rank_window: below window 15-35% by cos_to_centroid (rank 61.2%, cos_to_centroid 0.4120)`. The
 decision is exact; the rank in the reason is read off the key sample, so it is exact up to 20,000
-ranked rows and within about a percentage point beyond.
+ranked rows and within about a percentage point beyond. The exact rank of every ranked row is
+written to `<column>_rank` (int64, 0 = the first row in the window's order; `stages.ranks`).
 """
 
 from __future__ import annotations

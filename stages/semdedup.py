@@ -33,6 +33,10 @@ edge list held at any time is bounded by one tile. Memory per task: the cluster'
 float32 (4 * n * d bytes), one tile (4 * block_size^2 bytes, plus the tile's boolean masks and
 pairs), and O(n) bookkeeping.
 
+A removed item gets the id of the item named in its reason in `duplicate_of` and their cosine in
+`similarity` (float32; both null on kept rows and on rows rejected for another reason). The
+per-cluster numpy functions live in `stages.cluster_dedup`.
+
 Rows whose embedding is null are rejected as `semdedup: missing embedding`, rows without
 `cluster_id` or `cos_to_centroid` as `semdedup: missing cluster`; neither takes part in any
 comparison.
