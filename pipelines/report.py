@@ -62,7 +62,7 @@ THUMB_MEMORY = 256 * 2**20
 THUMBNAIL_BUDGET = 12 * 2**20
 
 # Numeric columns that are identifiers or hashes, not scores: a histogram of them means nothing.
-NOT_SCORES = frozenset({"phash", "cluster_id", "image_cluster"})
+NOT_SCORES = frozenset({"phash", "cluster_id", "image_cluster", "similarity"})
 # Columns holding cluster assignments: their value counts are the cluster sizes.
 CLUSTER_COLUMNS = ("cluster_id", "image_cluster")
 
@@ -137,7 +137,11 @@ class StageOutput:
 
     def score_columns(self) -> list[str]:
         """Numeric columns the stage added, then upstream columns it ranks by or bounds."""
-        cols = [c for c in self.added if _is_numeric(self.schema[c]) and c not in NOT_SCORES]
+        cols = [
+            c
+            for c in self.added
+            if _is_numeric(self.schema[c]) and c not in NOT_SCORES and not c.endswith("_rank")
+        ]
         window = rank_window(self)
         upstream = [window.column] if window else []
         upstream += [

@@ -112,6 +112,8 @@ def _score_columns(out: Path) -> dict[str, set[str]]:
         numeric = {
             f.name for f in schema if (pa.types.is_integer(f.type) or pa.types.is_floating(f.type))
         }
+        # provenance (a removed duplicate's similarity) and ranks are not scores
+        numeric = {c for c in numeric if c != "similarity" and not c.endswith("_rank")}
         if previous is not None:
             expected[s["folder"]] = numeric - previous
         previous = numeric
