@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from warren.pipelines.runner import Pipeline, Runner, ensure_ray
 from warren.stages.balance import Balance, balance_targets
 from warren.stages.base import GlobalContext, GlobalStage, reject
+from warren.stages.concept_balance import ConceptBalance
 from warren.stages.schema import conform
 from warren.stages.select import uniform_key
 
@@ -97,7 +98,7 @@ class KeepAll(GlobalStage):
         return ds.map_batches(_keep_all, batch_format="pyarrow")
 
 
-def run_stage(pool: Path, work: Path, stage: Balance, label: str, rows: int) -> float:
+def run_stage(pool: Path, work: Path, stage: GlobalStage, label: str, rows: int) -> float:
     out = work / f"out-{label}"
     runner = Runner(Pipeline(label, [stage]), str(pool), str(out), progress=False)
     reports = runner.run()
@@ -154,7 +155,7 @@ def main() -> None:
             "concepts": run_stage(
                 pool,
                 work,
-                Balance(concepts=str(vocab), concept_cap=args.rows // 500),
+                ConceptBalance(concepts=str(vocab), concept_cap=args.rows // 500),
                 "concepts",
                 args.rows,
             ),

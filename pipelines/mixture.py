@@ -39,6 +39,7 @@ from warren.pipelines.recipe import main as recipe_main
 from warren.pipelines.runner import MANIFEST, Pipeline
 from warren.stages.balance import Balance
 from warren.stages.base import Stage
+from warren.stages.concept_balance import ConceptBalance, ConceptBalanceParams
 from warren.stages.export_check import ExportCheck
 from warren.stages.exports.caption import CaptionTemplate, unescape
 from warren.stages.mixture_spec import MixtureSpec, SpecError, load_spec
@@ -72,7 +73,13 @@ def build_stages(spec: MixtureSpec) -> list[Stage]:
         balance["source_caps"] = caps
     if weights:
         balance["source_weights"] = weights
-    if balance:
+    # MetaCLIP's concept keys go to their own stage, concept_balance, run before balance
+    keys = set(ConceptBalanceParams.__dataclass_fields__) - {"seed"}
+    concepts = {k: balance.pop(k) for k in sorted(keys & set(balance))}
+    if concepts:
+        concepts["seed"] = balance.get("seed", spec.seed)
+        stages.append(_make(ConceptBalance, concepts, where))
+    if set(balance) - {"seed"} or (balance and not concepts):
         balance.setdefault("seed", spec.seed)
         stages.append(_make(Balance, balance, where))
     # Every export format takes caption rows, so export_check is the same whatever the format.
@@ -130,7 +137,8 @@ def mixture_summary(output: Location) -> dict[str, Any]:
     run = output.join("run.json").read_json()
     stages = run["stages"]
     names = [s["name"] for s in stages]
-    before = stages[names.index(Balance.name) - 1] if Balance.name in names else stages[0]
+    first = next((n for n in (ConceptBalance.name, Balance.name) if n in names), None)
+    before = stages[names.index(first) - 1] if first else stages[0]
     summary = {
         "before_stage": before["folder"],
         "before": composition(output.join(before["folder"])),

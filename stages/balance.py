@@ -1,17 +1,10 @@
 """balance: even out a mixture whose sources differ in size, exactly and reproducibly for a seed.
 
 Instruction-tuning pools mix sources of very different sizes (the `source` column, or
-`source_column`): a million VQA rows next to a few thousand OCR rows. Four published rules, each
-optional, applied in this order (each one sees only the rows the rules before it kept):
+`source_column`): a million VQA rows next to a few thousand OCR rows. Three published rules, each
+optional, applied in this order (each one sees only the rows the rules before it kept; MetaCLIP's
+concept balancing, once rule 1 here, is the stage `concept_balance`, run before this one):
 
-1. **concepts** (MetaCLIP; `concepts` = a vocabulary file, `concept_cap` = t): a row's text (its
-   caption, or its turns when it has none; `concept_text`) is matched against the vocabulary's
-   entries as whole lower-cased words (`concept_words`: an entry "hot dog" matches the words
-   "hot dog", never "hotdogs"). Over the whole input each entry counts the rows that match it;
-   a row is kept with probability min(1, t / count of its rarest matched entry), so no entry
-   keeps many more than t rows while rows of rare entries are all kept. A row that matches no
-   entry is rejected (MetaCLIP drops them) unless `keep_unmatched`. The draw is a seeded uniform
-   key of the row's id, independent of the keys of the rules below.
 2. **cap** (Cambrian-7M: cap each source at t rows; `source_caps` sets a cap per source, and
    0 there lifts the cap for that source): a source with more rows than its cap keeps exactly
    that many; a smaller source keeps every row. A cap per source at the size of a published
@@ -31,7 +24,7 @@ optional, applied in this order (each one sees only the rows the rules before it
    n_d is within one row of its share. alpha = 1 keeps the proportions, alpha = 0 asks the same
    number of each.
 4. **text share** (MoE-LLaVA, Bunny: multimodal : text-only = 7 : 3 is `text_share` 0.3): rows
-   without images are text-only. With T text-only and M multimodal rows left by rules 1-2, the
+   without images are text-only. With T text-only and M multimodal rows left by rule 2, the
    mixture keeps the largest N <= `total` (no bound when `total` is 0) rows with exactly
    round(N * share) text-only rows: N = min(total, T / share, M / (1 - share)). Text-only and
    multimodal rows are then two pools: each pool's rows are shared among its sources as in rule
@@ -49,25 +42,17 @@ Rows whose source is null form one group of their own (capped and sampled like a
 named `<null>` in reasons). `source_caps` and `source_weights` naming a source that is not in
 the input are an error (a typo would silently do nothing).
 
-No pass holds the dataset, and all of them run on Ray Data blocks:
+No pass holds the dataset, and all of them run on Ray Data blocks (`stages.group_select`):
 
-1. with concepts, a counting pass: rows per vocabulary entry (one small table per block);
-2. a counting pass: rows per source and kind (text-only or not) that rule 1 keeps;
-3. the targets above, on the driver (a few numbers per source);
-4. for each source (or pool) that keeps some but not all of its rows, the (key, id) of its row
-   at rank k by distributed selection, as in `stages.select.find_cutoffs`: the keys are uniform
-   on [0, 1), so rank k of n lies near k / n with a known spread (a Beta distribution), and a
-   bracket of `MARGIN` standard deviations around it needs no sample pass; one counting pass
-   returns, per group, the rows before its bracket and the (key, id) pairs inside it (about
-   2 * MARGIN * sqrt(n) pairs), the cut-off row is read off those exactly, and a bracket that
-   misses is widened and the pass repeated; with a text share, one more counting pass finds how
-   many of each pool's rows the caps kept;
-5. a map pass marks every row at or after its group's cut-off.
+1. a counting pass: rows per source and kind (text-only or not);
+2. the targets above, on the driver (a few numbers per source);
+3. for each source (or pool) that keeps some but not all of its rows, the (key, id) of its row
+   at rank k by distributed selection (`group_select.find_group_cutoffs`); with a text share,
+   one more counting pass finds how many of each pool's rows the caps kept;
+4. a map pass marks every row at or after its group's cut-off.
 
 Rejected rows (the numbers are the rows kept of the rows in):
 
-- `balance: concept over cap (rarest entry 'dog': 1,234 rows, cap 100, kept with p 0.081)`;
-- `balance: no concept matched`;
 - `balance: over source cap (source vqav2: 350,000 of 1,200,000 kept, cap 350,000)`;
 - `balance: not sampled (source coco: 1,234 of 50,000 kept, alpha 0.5)`: within the cap (or with
   the cap off) but not among the source's n_d sampled rows; with a text share the pool is named:
@@ -79,34 +64,28 @@ Rejected rows (the numbers are the rows kept of the rows in):
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-
-from warren.stages.base import GlobalContext, GlobalStage, param, reject, stable_hash
-from warren.stages.schema import IMAGE_MARKER
-from warren.stages.select import uniform_key
-from warren.stages.shards import Location
+from warren.stages.base import GlobalContext, GlobalStage, param
+from warren.stages.group_select import (
+    KEEP_NONE,
+    MULTIMODAL,
+    NULL_NAME,
+    TEXT,
+    Group,
+    Grouping,
+    GroupPlan,
+    find_group_cutoffs,
+    group_sizes,
+    mark_groups,
+    project,
+    survivors_pass,
+)
+from warren.stages.schema import CORE_FIELDS
 
 RULE = "balance"
-NULL_NAME = "<null>"
-TEXT, MULTIMODAL = "text-only", "multimodal"
-# Standard deviations of a rank's key on each side of its bracket; a miss widens it 16 times.
-MARGIN = 6.0
-
-Cutoff = tuple[float, str]
-# A cut-off that no row is before: the group keeps none of its rows.
-KEEP_NONE: Cutoff = (-math.inf, "")
-# A group is a source (None for null sources) or, with a text share, a (source, kind) pair.
-Group = Any
-
 
 # ---- targets ---------------------------------------------------------------------------------
 
@@ -191,392 +170,6 @@ def text_share_split(
     return n_text, min(multimodal_rows, whole - n_text)
 
 
-# ---- concepts --------------------------------------------------------------------------------
-
-_WORDS = re.compile(r"\w+")
-
-
-def concept_words(text: str) -> list[str]:
-    """The words a text is matched on: runs of letters and digits, lower-cased."""
-    return _WORDS.findall(text.casefold())
-
-
-@dataclasses.dataclass(frozen=True)
-class Vocabulary:
-    """Concept entries, each normalised to its words joined by single spaces."""
-
-    entries: tuple[str, ...]
-
-    @functools.cached_property
-    def index(self) -> dict[str, int]:
-        return {e: i for i, e in enumerate(self.entries)}
-
-    @functools.cached_property
-    def longest(self) -> int:
-        return max((e.count(" ") + 1 for e in self.entries), default=0)
-
-    def matches(self, text: str) -> set[int]:
-        """Indices of the entries that occur in `text` as whole words."""
-        words = concept_words(text)
-        index, found = self.index, set()
-        for i in range(len(words)):
-            for n in range(1, min(self.longest, len(words) - i) + 1):
-                j = index.get(" ".join(words[i : i + n]))
-                if j is not None:
-                    found.add(j)
-        return found
-
-
-def parse_vocabulary(text: str) -> Vocabulary:
-    """One entry per line; blank lines and lines starting with `#` are skipped; an entry that
-    repeats (after normalising) counts once."""
-    seen: dict[str, None] = {}
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        entry = " ".join(concept_words(line))
-        if entry:
-            seen.setdefault(entry, None)
-    return Vocabulary(tuple(seen))
-
-
-def load_vocabulary(uri: str) -> Vocabulary:
-    try:
-        data = Location.of(uri).read_bytes()
-    except OSError as exc:
-        raise ValueError(f"{RULE}: cannot read the concept vocabulary {uri} ({exc})") from exc
-    vocab = parse_vocabulary(data.decode("utf-8", "replace"))
-    if not vocab.entries:
-        raise ValueError(f"{RULE}: the concept vocabulary {uri} has no entries")
-    return vocab
-
-
-def row_texts(batch: pa.Table, which: str) -> list[str]:
-    """The text each row's concepts are matched in: its caption (`caption`), its turns without
-    image markers (`conversations`), or the caption when it has one and else the turns (`auto`)."""
-    n = batch.num_rows
-    names = batch.column_names
-    captions = batch.column("caption").to_pylist() if "caption" in names else [None] * n
-    turns = batch.column("conversations").to_pylist() if "conversations" in names else [None] * n
-    out = []
-    for caption, conv in zip(captions, turns, strict=True):
-        if which != "conversations" and caption:
-            out.append(caption)
-            continue
-        if which == "caption" or not conv:
-            out.append(caption or "")
-            continue
-        out.append("\n".join((t.get("value") or "").replace(IMAGE_MARKER, " ") for t in conv))
-    return out
-
-
-def _concept_count_pass(batch: pa.Table, vocab: Vocabulary, which: str) -> pa.Table:
-    counts = np.zeros(len(vocab.entries), np.int64)
-    for text in row_texts(batch, which):
-        for j in vocab.matches(text):
-            counts[j] += 1
-    present = np.flatnonzero(counts)
-    return pa.table(
-        {"entry": pa.array(present, pa.int64()), "n": pa.array(counts[present], pa.int64())}
-    )
-
-
-def _sub_seed(seed: int, rule: str) -> int:
-    """A seed of its own for one rule, so its draws are independent of the other rules' keys."""
-    digest = hashlib.blake2b(f"{seed}:{rule}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class ConceptRule:
-    """Rule 1, ready to apply to a batch: the vocabulary, each entry's row count over the input
-    and the cap."""
-
-    vocab: Vocabulary
-    counts: tuple[int, ...]
-    cap: int
-    seed: int
-    text: str
-    keep_unmatched: bool
-    name: str = RULE
-
-    def reasons(self, batch: pa.Table) -> list[str | None]:
-        """Per row: None (kept) or why it is rejected."""
-        keys = uniform_key(batch.column("id").to_pylist(), _sub_seed(self.seed, "concepts"))
-        out: list[str | None] = []
-        for text, key in zip(row_texts(batch, self.text), keys.tolist(), strict=True):
-            found = self.vocab.matches(text)
-            if not found:
-                out.append(None if self.keep_unmatched else f"{self.name}: no concept matched")
-                continue
-            # rarest entry; among equally rare ones the first in the vocabulary names the reason
-            rarest = min(found, key=lambda j: (self.counts[j], j))
-            p = min(1.0, self.cap / self.counts[rarest])
-            if key < p:
-                out.append(None)
-            else:
-                out.append(
-                    f"{self.name}: concept over cap (rarest entry {self.vocab.entries[rarest]!r}: "
-                    f"{self.counts[rarest]:,} rows, cap {self.cap:,}, kept with p {p:.3g})"
-                )
-        return out
-
-
-# ---- grouping --------------------------------------------------------------------------------
-
-
-def is_text_only(batch: pa.Table) -> np.ndarray:
-    """Rows with no image (a null or empty `images` list, or no `images` column)."""
-    if "images" not in batch.column_names:
-        return np.ones(batch.num_rows, bool)
-    lengths = pc.fill_null(pc.list_value_length(batch.column("images")), 0)
-    return lengths.to_numpy(zero_copy_only=False) == 0
-
-
-@dataclasses.dataclass(frozen=True)
-class Grouping:
-    """How rows fall into groups: by source, or by (source, kind) with `by_kind`; rows the
-    concept rule rejects are in no group."""
-
-    source_column: str
-    by_kind: bool = False
-    concepts: ConceptRule | None = None
-
-    def columns(self, by_kind: bool | None = None) -> list[str]:
-        """The columns `groups` reads (with `by_kind` overriding the grouping's own)."""
-        out = ["id", self.source_column]
-        if self.by_kind if by_kind is None else by_kind:
-            out.append("images")
-        if self.concepts is not None:
-            out += ["caption", "conversations"]
-        return out
-
-    def groups(self, batch: pa.Table) -> tuple[np.ndarray, list[Group]]:
-        """(group index per row, -1 for rows in no group; the groups the indices name)."""
-        col = batch.column(self.source_column).combine_chunks().cast(pa.string())
-        encoded = pc.dictionary_encode(col)
-        sources: list[str | None] = encoded.dictionary.to_pylist()
-        idx = pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
-        idx[idx < 0] = len(sources)
-        sources.append(None)
-        names: list[Group] = list(sources)
-        if self.by_kind:
-            text = is_text_only(batch)
-            idx = idx * 2 + text.astype(np.int64)
-            names = [(s, kind) for s in sources for kind in (MULTIMODAL, TEXT)]
-        if self.concepts is not None:
-            out = np.array([r is not None for r in self.concepts.reasons(batch)], bool)
-            idx[out] = -1
-        return idx, names
-
-
-def _project(ds: Any, columns: list[str]) -> Any:
-    """Only `columns` of `ds` (those it has): a counting pass then reads no image bytes, since
-    Ray pushes the projection down into the Parquet read."""
-    schema = ds.schema()
-    names = list(schema.names) if schema is not None else []
-    wanted = [c for c in dict.fromkeys(columns) if c in names] or names[:1]
-    return ds.select_columns(wanted) if names and wanted != names else ds
-
-
-def _sizes_pass(batch: pa.Table, grouping: Grouping) -> pa.Table:
-    """Rows per (source, kind) that the concept rule keeps."""
-    idx, names = dataclasses.replace(grouping, by_kind=True).groups(batch)
-    counts = np.bincount(idx[idx >= 0], minlength=len(names))
-    present = np.flatnonzero(counts)
-    return pa.table(
-        {
-            "source": pa.array([names[i][0] for i in present], pa.string()),
-            "kind": pa.array([names[i][1] for i in present], pa.string()),
-            "n": pa.array(counts[present].astype(np.int64), pa.int64()),
-        }
-    )
-
-
-def group_sizes(ds: Any, grouping: Grouping) -> dict[tuple[str | None, str], int]:
-    """Rows per (source, kind) in one pass over `ds` (rows the concept rule rejects left out)."""
-    sizes: dict[tuple[str | None, str], int] = {}
-    counts = _project(ds, grouping.columns(by_kind=True)).map_batches(
-        _sizes_pass, fn_args=(grouping,), batch_format="pyarrow"
-    )
-    for b in counts.iter_batches(batch_size=None, batch_format="pyarrow"):
-        cols = (b.column(c).to_pylist() for c in ("source", "kind", "n"))
-        for s, kind, n in zip(*cols, strict=True):
-            sizes[(s, kind)] = sizes.get((s, kind), 0) + n
-    return sizes
-
-
-def _before(keys: np.ndarray, ids: np.ndarray, cut: Cutoff) -> np.ndarray:
-    """Rows strictly before the cut-off row in (key, id) order."""
-    ck, cid = cut
-    return (keys < ck) | ((keys == ck) & (ids < cid))
-
-
-def _keys_and_ids(batch: pa.Table, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    ids = batch.column("id").to_pylist()
-    return uniform_key(ids, seed), np.array(ids, dtype=object)
-
-
-def _count_pass(
-    batch: pa.Table,
-    grouping: Grouping,
-    seed: int,
-    brackets: Mapping[Group, list[tuple[int, float, float]]],
-    numbers: Mapping[Group, int],
-) -> pa.Table:
-    """Per (group, rank) bracket [lo, hi]: rows of the group before it (counted) and inside it
-    (listed with key and id). Groups travel as their number in `numbers`."""
-    idx, names = grouping.groups(batch)
-    keys, ids = _keys_and_ids(batch, seed)
-    out: dict[str, list] = {"group": [], "rank": [], "key": [], "id": [], "before": []}
-    for j, g in enumerate(names):
-        if g not in brackets:
-            continue
-        rows = idx == j
-        if not rows.any():
-            continue
-        gk, gi = keys[rows], ids[rows]
-        for rank, lo, hi in brackets[g]:
-            inside = (gk >= lo) & (gk <= hi)
-            n_in = int(inside.sum())
-            out["group"] += [numbers[g]] * (n_in + 1)
-            out["rank"] += [rank] * (n_in + 1)
-            out["key"] += [math.nan, *gk[inside].tolist()]
-            out["id"] += [None, *gi[inside].tolist()]
-            out["before"] += [int((gk < lo).sum())] + [-1] * n_in
-    return pa.table(
-        {
-            "group": pa.array(out["group"], pa.int64()),
-            "rank": pa.array(out["rank"], pa.int64()),
-            "key": pa.array(out["key"], pa.float64()),
-            "id": pa.array(out["id"], pa.string()),
-            "before": pa.array(out["before"], pa.int64()),
-        }
-    )
-
-
-def _bracket(rank: int, n: int, margin: float) -> tuple[float, float]:
-    """Keys around where the row of `rank` (0 = smallest) of n uniform keys lies."""
-    if margin > 1e4:
-        return -math.inf, math.inf
-    p = (rank + 1) / (n + 1)  # mean of the (rank + 1)-th smallest of n uniforms
-    spread = margin * (math.sqrt(p * (1 - p) / (n + 2)) + 1.0 / n)
-    lo, hi = p - spread, p + spread
-    return (-math.inf if lo <= 0 else lo), (math.inf if hi >= 1 else hi)
-
-
-def find_group_cutoffs(
-    ds: Any,
-    grouping: Grouping,
-    seed: int,
-    ranks: Mapping[Group, list[int]],
-    sizes: Mapping[Group, int],
-) -> dict[Group, dict[int, Cutoff]]:
-    """Per group, the (key, id) of its row at each rank in `ranks[group]` (0 = smallest key;
-    each rank in [0, size)). A row is among a group's k smallest when it is strictly before the
-    cut-off of rank k. Counting passes only: memory is bounded by a block and the brackets."""
-    found: dict[Group, dict[int, Cutoff]] = {g: {} for g in ranks}
-    todo = {g: sorted(set(rs)) for g, rs in ranks.items() if rs}
-    for g, rs in todo.items():
-        if not all(0 <= r < sizes[g] for r in rs):
-            raise ValueError(f"{RULE}: ranks {rs} outside group {g!r} of {sizes[g]} rows")
-    numbers = {g: i for i, g in enumerate(todo)}
-    by_number = dict(enumerate(todo))
-    margin = MARGIN
-    while todo:
-        brackets = {g: [(r, *_bracket(r, sizes[g], margin)) for r in rs] for g, rs in todo.items()}
-        before: dict[tuple[Group, int], int] = {}
-        inside: dict[tuple[Group, int], list[Cutoff]] = {}
-        counts = _project(ds, grouping.columns()).map_batches(
-            _count_pass, fn_args=(grouping, seed, brackets, numbers), batch_format="pyarrow"
-        )
-        for b in counts.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for num, r, k, rid, bef in zip(
-                *(b.column(c).to_pylist() for c in ("group", "rank", "key", "id", "before")),
-                strict=True,
-            ):
-                g = by_number[num]
-                if bef >= 0:
-                    before[(g, r)] = before.get((g, r), 0) + bef
-                else:
-                    inside.setdefault((g, r), []).append((k, rid))
-        missed: dict[Group, list[int]] = {}
-        for g, rs in todo.items():
-            for r in rs:
-                within = r - before.get((g, r), 0)
-                listed = inside.get((g, r), [])
-                if 0 <= within < len(listed):
-                    found[g][r] = sorted(listed)[within]
-                else:
-                    missed.setdefault(g, []).append(r)
-        todo = missed
-        margin = max(margin * 16, 1.0)
-    return found
-
-
-def _survivors_pass(
-    batch: pa.Table, grouping: Grouping, seed: int, cuts: Mapping[str | None, Cutoff]
-) -> pa.Table:
-    """Rows per (source, kind) before their source's cut-off (every row of an uncut source)."""
-    idx, names = grouping.groups(batch)
-    keys, ids = _keys_and_ids(batch, seed)
-    counts = np.zeros(len(names), np.int64)
-    for j, (source, _) in enumerate(names):
-        rows = idx == j
-        if not rows.any():
-            continue
-        cut = cuts.get(source)
-        counts[j] = rows.sum() if cut is None else _before(keys[rows], ids[rows], cut).sum()
-    present = np.flatnonzero(counts)
-    return pa.table(
-        {
-            "source": pa.array([names[i][0] for i in present], pa.string()),
-            "kind": pa.array([names[i][1] for i in present], pa.string()),
-            "n": pa.array(counts[present], pa.int64()),
-        }
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class GroupPlan:
-    """What one group keeps: rules in the order they apply, as (cut-off, reason); a row at or
-    after a rule's cut-off gets its reason (the first such rule)."""
-
-    rules: tuple[tuple[Cutoff, str], ...]
-
-
-def mark_balance(
-    batch: pa.Table, grouping: Grouping, seed: int, plans: Mapping[Group, GroupPlan]
-) -> pa.Table:
-    """Reject each row the concept rule rejects, or at or after one of its group's cut-offs."""
-    n = batch.num_rows
-    out = reject(batch, np.zeros(n, bool), "")  # every output carries the _reject column
-    if grouping.concepts is not None:
-        reasons = grouping.concepts.reasons(batch)
-        out = reject(out, np.array([r is not None for r in reasons], bool), reasons)
-    idx, names = dataclasses.replace(grouping, concepts=None).groups(batch)
-    keys, ids = _keys_and_ids(batch, seed)
-    depth = max((len(p.rules) for p in plans.values()), default=0)
-    for level in range(depth):
-        mask = np.zeros(n, bool)
-        reasons_at: list[str | None] = [None] * n
-        for j, g in enumerate(names):
-            plan = plans.get(g)
-            if plan is None or level >= len(plan.rules):
-                continue
-            rows = np.flatnonzero(idx == j)
-            if not len(rows):
-                continue
-            cut, reason = plan.rules[level]
-            hit = rows[~_before(keys[rows], ids[rows], cut)]
-            mask[hit] = True
-            for i in hit.tolist():
-                reasons_at[i] = reason
-        if mask.any():
-            out = reject(out, mask, reasons_at)
-    return out
-
-
 # ---- the stage -------------------------------------------------------------------------------
 
 
@@ -600,25 +193,21 @@ class BalanceParams:
     text_share: float = param(
         -1.0, "share of text-only rows (no images) in the result, e.g. 0.3; -1 = off"
     )
-    concepts: str = param(
-        "", "MetaCLIP concept balancing: vocabulary file, one entry per line; '' = off"
-    )
-    concept_cap: int = param(0, "rows per concept entry (MetaCLIP's t), needed with concepts")
-    concept_text: str = param(
-        "auto", "text matched against the concepts: caption, conversations, or auto"
-    )
-    keep_unmatched: bool = param(False, "keep rows that match no concept (MetaCLIP drops them)")
     seed: int = param(0, "seed of the uniform keys that choose which rows are kept")
     source_column: str = param("source", "column naming each row's source")
 
 
 class Balance(GlobalStage):
-    """Balance a mixture: concept caps, per-source caps, size-tempered sampling to a total and a
-    text-only share, exactly and seeded."""
+    """Balance a mixture: per-source caps, size-tempered sampling to a total and a text-only
+    share, exactly and seeded."""
 
     name = "balance"
     version = "2"
     Params = BalanceParams
+
+    def required_columns(self) -> tuple[str, ...]:
+        column = self.params.source_column
+        return () if column in {f.name for f in CORE_FIELDS} else (column,)
 
     def check_params(self) -> None:
         p = self.params
@@ -646,18 +235,10 @@ class Balance(GlobalStage):
             raise ValueError(f"{name}: source_weights need a total to share")
         if p.text_share != -1.0 and not 0.0 <= p.text_share <= 1.0:
             raise ValueError(f"{name}: text_share must be in [0, 1] (-1 = off), got {p.text_share}")
-        if p.concepts and p.concept_cap < 1:
-            raise ValueError(f"{name}: concepts need concept_cap >= 1 (MetaCLIP's t)")
-        if p.concept_cap and not p.concepts:
-            raise ValueError(f"{name}: concept_cap needs a concepts vocabulary file")
-        if p.concept_text not in ("auto", "caption", "conversations"):
+        if not (p.cap or p.source_caps or p.total or self.text_share_on):
             raise ValueError(
-                f"{name}: concept_text must be auto, caption or conversations, "
-                f"got {p.concept_text!r}"
-            )
-        if not (p.cap or p.source_caps or p.total or p.concepts or self.text_share_on):
-            raise ValueError(
-                f"{name}: set cap, source_caps, total, text_share or concepts (nothing to balance)"
+                f"{name}: set cap, source_caps, total or text_share (nothing to balance; "
+                "concept balancing is the stage concept_balance)"
             )
         if not p.source_column.strip():
             raise ValueError(f"{name}: source_column must name a column")
@@ -667,18 +248,6 @@ class Balance(GlobalStage):
     @property
     def text_share_on(self) -> bool:
         return self.params.text_share != -1.0
-
-    @property
-    def params_hash(self) -> str:
-        # The vocabulary is data the decision depends on: a changed file must invalidate the cache.
-        base = super().params_hash
-        if not self.params.concepts:
-            return base
-        try:
-            digest = hashlib.sha256(Location.of(self.params.concepts).read_bytes()).hexdigest()
-        except OSError:
-            digest = "unreadable"
-        return stable_hash({"params": base, "concepts": digest})
 
     # ---- planning (driver side, a few numbers per source) --------------------------------------
 
@@ -734,8 +303,7 @@ class Balance(GlobalStage):
                     f"{self.name}: no column {column!r} in the input (columns: {names}); "
                     f"set --{self.name}.source_column"
                 )
-        concepts = self._concept_rule(ds) if p.concepts else None
-        by_source = Grouping(p.source_column, concepts=concepts)
+        by_source = Grouping(p.source_column)
         kind_sizes = group_sizes(ds, by_source)
         sizes: dict[str | None, int] = {}
         for (s, _), n in kind_sizes.items():
@@ -752,26 +320,7 @@ class Balance(GlobalStage):
         else:
             grouping, plans = by_source, self._plan_by_source(ds, by_source, sizes)
         return ds.map_batches(
-            mark_balance, fn_args=(grouping, p.seed, plans), batch_format="pyarrow"
-        )
-
-    def _concept_rule(self, ds) -> ConceptRule:
-        p = self.params
-        vocab = load_vocabulary(p.concepts)
-        counts = np.zeros(len(vocab.entries), np.int64)
-        texts = _project(ds, ["caption", "conversations"])
-        for b in texts.map_batches(
-            _concept_count_pass, fn_args=(vocab, p.concept_text), batch_format="pyarrow"
-        ).iter_batches(batch_size=None, batch_format="pyarrow"):
-            np.add.at(counts, b.column("entry").to_numpy(), b.column("n").to_numpy())
-        return ConceptRule(
-            vocab,
-            tuple(int(c) for c in counts),
-            p.concept_cap,
-            p.seed,
-            p.concept_text,
-            p.keep_unmatched,
-            self.name,
+            mark_groups, fn_args=(grouping, p.seed, plans), batch_format="pyarrow"
         )
 
     def _cap_rule(self, g: str | None, cut_k: int, kept: int, size: int, cuts) -> tuple:
@@ -811,8 +360,8 @@ class Balance(GlobalStage):
         by_kind = dataclasses.replace(by_source, by_kind=True)
         survivors: dict[tuple, int] = dict.fromkeys(kind_sizes, 0)
         for b in (
-            _project(ds, by_kind.columns())
-            .map_batches(_survivors_pass, fn_args=(by_kind, p.seed, cuts), batch_format="pyarrow")
+            project(ds, by_kind.columns())
+            .map_batches(survivors_pass, fn_args=(by_kind, p.seed, cuts), batch_format="pyarrow")
             .iter_batches(batch_size=None, batch_format="pyarrow")
         ):
             cols = (b.column(c).to_pylist() for c in ("source", "kind", "n"))
@@ -848,16 +397,8 @@ class Balance(GlobalStage):
 __all__ = [
     "Balance",
     "BalanceParams",
-    "ConceptRule",
-    "Grouping",
-    "Vocabulary",
     "balance_targets",
-    "concept_words",
-    "find_group_cutoffs",
-    "group_sizes",
-    "load_vocabulary",
-    "parse_vocabulary",
-    "row_texts",
+    "source_cap",
     "tempered_targets",
     "text_share_split",
 ]

@@ -11,19 +11,22 @@ Ranks are exact and global over the rows that have a score (ties broken by id; r
 highest score), computed with the distributed selection in `stages.select`; the threshold does
 not change the ranks. Rows without an embedding are rejected (`clip_score: missing embedding`).
 Rows outside the window say which side and where they ranked:
-`clip_score: below window 40-60% (rank 87.3%, clip_score 0.1012)`.
+`clip_score: below window 40-60% (rank 87.3%, clip_score 0.1012)`. With a window, every scored row
+gets its exact rank in `clip_score_rank` (int64, 0 = the highest score; `stages.ranks`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from warren.stages.base import GlobalContext, GlobalStage, param, put_column, reject
+from warren.stages.base import GlobalContext, GlobalStage, Threshold, param, put_column, reject
 from warren.stages.cluster import embeddings_of
-from warren.stages.select import find_cutoffs, mark_outside
+from warren.stages.schema import column_type, rank_column
+from warren.stages.select import find_cutoffs, mark_outside, rank_rows, window_thresholds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,10 +34,25 @@ class ClipScoreParams:
     image_column: str = param("image_emb", "image embedding column (L2-normalised)")
     text_column: str = param("text_emb", "text embedding column (L2-normalised)")
     threshold: float = param(
-        -1.0, "keep clip_score >= this (DataComp ViT-B/32: 0.28); -1 keeps all"
+        -1.0,
+        "keep clip_score >= this (DataComp ViT-B/32: 0.28); -1 keeps all",
+        threshold="min",
+        column="clip_score",
+        off=-1.0,
     )
-    lo: float = param(0.0, "keep ranks from this fraction (rank 0 = highest score)")
-    hi: float = param(1.0, "keep ranks below this fraction (DataComp top 30%: lo 0, hi 0.3)")
+    # a window (0, 1) is no window: ClipScore.thresholds leaves it out
+    lo: float = param(
+        0.0,
+        "keep ranks from this fraction (rank 0 = highest score)",
+        threshold="rank_lo",
+        column="clip_score",
+    )
+    hi: float = param(
+        1.0,
+        "keep ranks below this fraction (DataComp top 30%: lo 0, hi 0.3)",
+        threshold="rank_hi",
+        column="clip_score",
+    )
 
 
 def add_clip_score(batch: pa.Table, image_column: str, text_column: str) -> pa.Table:
@@ -72,6 +90,21 @@ class ClipScore(GlobalStage):
     version = "1"
     Params = ClipScoreParams
 
+    @property
+    def windowed(self) -> bool:
+        return (self.params.lo, self.params.hi) != (0.0, 1.0)
+
+    def required_columns(self) -> tuple[str, ...]:
+        return (self.params.image_column, self.params.text_column)
+
+    def added_columns(self) -> dict[str, Any]:
+        # a window ranks every scored row and writes the ranks
+        names = ["clip_score"] + [rank_column("clip_score")] * self.windowed
+        return {name: column_type(name) for name in names}
+
+    def thresholds(self) -> list[Threshold]:
+        return window_thresholds(super().thresholds(), self.params.lo, self.params.hi)
+
     def check_params(self) -> None:
         p = self.params
         if not 0.0 <= p.lo < p.hi <= 1.0:
@@ -91,7 +124,8 @@ class ClipScore(GlobalStage):
         )
         spec = ("column", "clip_score", True, 0)
         cut_lo = cut_hi = sample = None
-        if (p.lo, p.hi) != (0.0, 1.0):
+        if self.windowed:
+            scored = rank_rows(scored, spec)
             _, (cut_lo, cut_hi), sample = find_cutoffs(
                 scored, spec, ctx.num_rows, lambda n: [round(p.lo * n) or -1, round(p.hi * n)]
             )

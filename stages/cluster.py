@@ -195,6 +195,10 @@ class Cluster(GlobalStage):
     name = "cluster"
     version = "1"
     Params = ClusterParams
+    adds = ("cluster_id", "cos_to_centroid")
+
+    def required_columns(self) -> tuple[str, ...]:
+        return (self.params.column,)
 
     def check_params(self) -> None:
         p = self.params

@@ -31,10 +31,11 @@ from PIL import Image, UnidentifiedImageError
 
 from warren.stages.base import BatchStage, Resources, param, put_column, reject
 from warren.stages.images import decode_image
-from warren.stages.schema import embedding_type
+from warren.stages.schema import CORE_FIELDS, column_type, embedding_type
 
 RULE = "embed"
 MODEL_COLUMN = "emb_model"
+CORE_NAMES = frozenset(f.name for f in CORE_FIELDS)
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
 
 
@@ -62,6 +63,15 @@ class Embed(BatchStage):
     Params = EmbedParams
     uses_model = True
     resources = Resources(num_cpus=1.0, num_gpus=1.0, batch_size=256)
+
+    def required_columns(self) -> tuple[str, ...]:
+        p = self.params
+        return (p.text_column,) if p.texts and p.text_column not in CORE_NAMES else ()
+
+    def added_columns(self) -> dict[str, Any]:
+        p = self.params
+        names = ["image_emb"] * p.images + ["text_emb"] * p.texts + [MODEL_COLUMN]
+        return {name: column_type(name) for name in names}
 
     def check_params(self) -> None:
         p = self.params

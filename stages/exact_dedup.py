@@ -44,7 +44,8 @@ duplicate group meets in one task and memory is bounded by a group, not by the d
 with the smallest id in a group is kept (a stable rule: the same row survives every re-run); the
 others are rejected as `exact_dedup: duplicate (<key> of <kept id>)`, e.g.
 `exact_dedup: duplicate (pixels of r-0001)`; the default key keeps version 1's wording,
-`exact_dedup: duplicate (of <kept id>)`.
+`exact_dedup: duplicate (of <kept id>)`. A rejected copy also gets the kept row's id in
+`duplicate_of` and 1.0 in `similarity` (both null on the other rows).
 
 Version 3 hashes the composited, oriented picture (version 2 hashed RGBA for images with
 transparency, orientation not applied). Version 2 writes the hash columns of the parts the key uses (`image_sha256`, `pixel_hash`,
@@ -58,13 +59,16 @@ import dataclasses
 import hashlib
 import re
 import unicodedata
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from warren.stages.base import GlobalContext, GlobalStage, param, put_column, reject
+from warren.stages.duplicates import PROVENANCE_COLUMNS, put_duplicates
 from warren.stages.images import decode_image
+from warren.stages.schema import column_type
 from warren.stages.shuffle import map_groups
 
 KEY_COLUMN = "_exact_key"
@@ -217,6 +221,7 @@ def resolve_partition(
     n = table.num_rows
     mask = np.zeros(n, bool)
     reasons: list[str | None] = [None] * n
+    kept_ids: list[str] = []
     if n:
         ids = table.column("id").to_pylist()
         valid = pc.is_valid(table.column(KEY_COLUMN)).to_numpy(zero_copy_only=False)
@@ -229,7 +234,11 @@ def resolve_partition(
             for i in range(a, b):
                 if i != keep_at:
                     mask[i], reasons[i] = True, reason
-    return reject(table, mask, reasons).drop_columns([KEY_COLUMN])
+                    kept_ids.append(ids[keep_at])
+    # exact copies: similarity 1.0 (np.flatnonzero lists the rows in the order marked above)
+    rows = np.flatnonzero(mask)
+    out = put_duplicates(table, rows, kept_ids, np.ones(len(rows), np.float32))
+    return reject(out, mask, reasons).drop_columns([KEY_COLUMN])
 
 
 class ExactDedup(GlobalStage):
@@ -239,6 +248,10 @@ class ExactDedup(GlobalStage):
     # 3: pixel hashes of the picture as stages.images shows it (composited, oriented).
     version = "3"
     Params = ExactDedupParams
+
+    def added_columns(self) -> dict[str, Any]:
+        names = [PART_COLUMNS[part] for part in key_parts(self.params.key)]
+        return {name: column_type(name) for name in (*names, *PROVENANCE_COLUMNS)}
 
     def check_params(self) -> None:
         if self.params.key not in KEYS:

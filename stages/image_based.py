@@ -127,6 +127,11 @@ class ImageBased(GlobalStage):
     name = "image_based"
     version = "1"
     Params = ImageBasedParams
+    adds = ("image_cluster", "near_reference")
+
+    def required_columns(self) -> tuple[str, ...]:
+        # Without a reference the stage is off and reads no embedding.
+        return (self.params.column,) if self.params.reference else ()
 
     def check_params(self) -> None:
         p = self.params

@@ -36,6 +36,9 @@ class Require(BatchStage):
     version = "1"
     Params = RequireParams
 
+    def required_columns(self) -> tuple[str, ...]:
+        return (self.params.column,)
+
     def process(self, batch: pa.Table) -> pa.Table:
         p = self.params
         if p.column not in batch.column_names:

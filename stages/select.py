@@ -14,7 +14,8 @@ the cut-off is read off those exactly, and a last map pass marks the rows. If a 
 A rejected row's reason names the window, its rank (0% = first) and its value, e.g.
 `rank_window: below window 15-35% by cos_to_centroid (rank 61.2%, cos_to_centroid 0.4120)`. The
 decision is exact; the rank in the reason is read off the key sample, so it is exact up to 20,000
-ranked rows and within about a percentage point beyond.
+ranked rows and within about a percentage point beyond. The exact rank of every ranked row is
+written to `<column>_rank` (int64, 0 = the first row in the window's order; `stages.ranks`).
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from warren.stages.base import GlobalContext, GlobalStage, param, reject
+from warren.stages.base import GlobalContext, GlobalStage, Threshold, param, reject
+from warren.stages.ranks import add_ranks
+from warren.stages.schema import column_type, rank_column
 
 SAMPLE_ROWS = 20_000  # keys gathered to bracket each cut-off
 
@@ -48,7 +52,7 @@ def uniform_key(ids: list[str], seed: int) -> np.ndarray:
 # by, negated for descending ranks, so that every comparison below is ascending.
 
 
-def _keys(batch: pa.Table, spec: tuple) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def row_keys(batch: pa.Table, spec: tuple) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(keys of rows that have one, mask of those rows, their ids)."""
     kind, column, descending, seed = spec
     ids_all = batch.column("id").to_pylist()
@@ -62,6 +66,19 @@ def _keys(batch: pa.Table, spec: tuple) -> tuple[np.ndarray, np.ndarray, list[st
     return keys[valid], valid, [i for i, v in zip(ids_all, valid, strict=True) if v]
 
 
+def rank_rows(ds, spec: tuple):
+    """`ds` with `<column>_rank`: each row's exact rank in the order `spec` ranks by (see
+    `stages.ranks`); null for rows without a value. Materialises `ds`."""
+    return add_ranks(ds, row_keys, spec, rank_column(spec[1]))
+
+
+def window_thresholds(thresholds: list[Threshold], lo: float, hi: float) -> list[Threshold]:
+    """A stage's thresholds without its rank window when the window is (0, 1): no window."""
+    if (lo, hi) != (0.0, 1.0):
+        return thresholds
+    return [t for t in thresholds if t.kind not in ("rank_lo", "rank_hi")]
+
+
 def _before(keys: np.ndarray, ids: list[str], cut: tuple[float, str]) -> np.ndarray:
     """Rows strictly before the cut-off row in (key, id) order."""
     ck, cid = cut
@@ -71,7 +88,7 @@ def _before(keys: np.ndarray, ids: list[str], cut: tuple[float, str]) -> np.ndar
 
 def _sample_pass(batch: pa.Table, spec: tuple, rate: float) -> pa.Table:
     """One row per batch: how many rows it ranks, and a seeded sample of their keys."""
-    keys, _, ids = _keys(batch, spec)
+    keys, _, ids = row_keys(batch, spec)
     take = uniform_key(ids, 7919) < rate
     return pa.table(
         {
@@ -83,7 +100,7 @@ def _sample_pass(batch: pa.Table, spec: tuple, rate: float) -> pa.Table:
 
 def _count_pass(batch: pa.Table, spec: tuple, brackets: list[tuple[float, float]]) -> pa.Table:
     """For each bracket [lo_key, hi_key]: rows before it (count) and rows inside it (listed)."""
-    keys, _, ids = _keys(batch, spec)
+    keys, _, ids = row_keys(batch, spec)
     rows = {"bracket": [], "key": [], "id": [], "before": []}
     for b, (lo, hi) in enumerate(brackets):
         inside = (keys >= lo) & (keys <= hi)
@@ -178,7 +195,7 @@ def mark_outside(
     With `rank_sample` (the sorted keys from `find_cutoffs`), a rejected row's reason also gives its
     rank as a percentage (0% = first) and its value: `"... (rank 87.3%, clip_score 0.1012)"`.
     """
-    keys, valid, ids = _keys(batch, spec)
+    keys, valid, ids = row_keys(batch, spec)
     n = batch.num_rows
     above = np.zeros(n, bool)
     below = np.zeros(n, bool)
@@ -207,8 +224,12 @@ def mark_outside(
 @dataclasses.dataclass(frozen=True)
 class RankWindowParams:
     column: str = param("clip_score", "score column to rank by")
-    lo: float = param(0.4, "keep ranks from this fraction of the ranked rows (inclusive)")
-    hi: float = param(0.6, "keep ranks up to this fraction (exclusive)")
+    # the window's ends are thresholds on `column`'s ranks (the base class reads `column` and
+    # `descending` off the parameters)
+    lo: float = param(
+        0.4, "keep ranks from this fraction of the ranked rows (inclusive)", threshold="rank_lo"
+    )
+    hi: float = param(0.6, "keep ranks up to this fraction (exclusive)", threshold="rank_hi")
     descending: bool = param(True, "rank 0 is the highest score")
 
 
@@ -224,9 +245,20 @@ class RankWindow(GlobalStage):
         if not 0.0 <= p.lo < p.hi <= 1.0:
             raise ValueError(f"{self.name}: need 0 <= lo < hi <= 1, got lo={p.lo} hi={p.hi}")
 
+    def required_columns(self) -> tuple[str, ...]:
+        return (self.params.column,)
+
+    def added_columns(self) -> dict[str, Any]:
+        name = rank_column(self.params.column)
+        return {name: column_type(name)}
+
+    def thresholds(self) -> list[Threshold]:
+        return window_thresholds(super().thresholds(), self.params.lo, self.params.hi)
+
     def run(self, ds, ctx: GlobalContext):
         p = self.params
         spec = ("column", p.column, p.descending, 0)
+        ds = rank_rows(ds, spec)
         # rank 0 needs no lower cut-off (-1 means none); rank n none above
         _, (cut_lo, cut_hi), sample = find_cutoffs(
             ds, spec, ctx.num_rows, lambda n: [round(p.lo * n) or -1, round(p.hi * n)]

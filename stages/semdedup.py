@@ -33,6 +33,10 @@ edge list held at any time is bounded by one tile. Memory per task: the cluster'
 float32 (4 * n * d bytes), one tile (4 * block_size^2 bytes, plus the tile's boolean masks and
 pairs), and O(n) bookkeeping.
 
+A removed item gets the id of the item named in its reason in `duplicate_of` and their cosine in
+`similarity` (float32; both null on kept rows and on rows rejected for another reason). The
+per-cluster numpy functions live in `stages.cluster_dedup`.
+
 Rows whose embedding is null are rejected as `semdedup: missing embedding`, rows without
 `cluster_id` or `cos_to_centroid` as `semdedup: missing cluster`; neither takes part in any
 comparison.
@@ -41,27 +45,44 @@ comparison.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from warren.stages.base import GlobalContext, GlobalStage, param, put_column, reject
+from warren.stages.base import (
+    GlobalContext,
+    GlobalStage,
+    Threshold,
+    param,
+    put_column,
+    reject,
+)
+from warren.stages.cluster_dedup import (
+    KEEP_CHOICES,
+    ComponentDecision,
+    SemDedupDecision,
+    components_cluster,
+    linked_components,
+    max_cos_to_earlier,
+    processing_order,
+    random_keys,
+    semdedup_cluster,
+    similarity_tile,
+    union_pairs,
+    unit_rows,
+)
+from warren.stages.duplicates import PROVENANCE_COLUMNS, put_duplicates
+from warren.stages.schema import column_type
 from warren.stages.shuffle import map_groups
 
 RULES = ("semdedup", "components")
-KEEP_CHOICES: dict[str, tuple[str, ...]] = {
-    "semdedup": ("hard", "easy", "random"),
-    "components": ("middle", "far", "near", "random"),
-}
 DEFAULT_KEEP = {"semdedup": "hard", "components": "middle"}
 STAT_COLUMN = {"semdedup": "max_cos_earlier", "components": "component_size"}
 STAT_TYPE = {"semdedup": pa.float32(), "components": pa.int64()}
 CLUSTER_COLUMN = "cluster_id"
 CENTROID_COLUMN = "cos_to_centroid"
-#: Similarities closer than this are ties when naming the most similar earlier item.
-TIE_TOL = 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +93,12 @@ class SemDedupParams:
         "'components' (Bunny: keep one item per connected component of near duplicates)",
     )
     column: str = param("image_emb", "embedding column (fixed_size_list, L2-normalised)")
+    # a threshold at 1 - eps on max_cos_earlier (SemDedup.thresholds draws it there)
     eps: float = param(
-        0.07, "rule semdedup: an item is removed when its max cosine to an earlier item > 1 - eps"
+        0.07,
+        "rule semdedup: an item is removed when its max cosine to an earlier item > 1 - eps",
+        threshold="max",
+        column="max_cos_earlier",
     )
     threshold: float = param(
         0.86, "rule components: two items are linked when their cosine similarity > threshold"
@@ -91,217 +116,6 @@ class SemDedupParams:
         "blocks skip more of the upper triangle (512: about 1.7x faster than 4096 on 3k-row "
         "clusters, benchmarks/dedup.py)",
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# numpy: one cluster in, decisions out
-
-
-class SemDedupDecision(NamedTuple):
-    """Per item, in input order."""
-
-    removed: np.ndarray  # bool
-    max_cos_earlier: np.ndarray  # float32, NaN for the first item in processing order
-    duplicate_of: np.ndarray  # int64 index of the most similar earlier item, -1 for the first
-
-
-class ComponentDecision(NamedTuple):
-    """Per item, in input order."""
-
-    removed: np.ndarray  # bool
-    kept: np.ndarray  # int64 index of the item kept in this item's component (itself if kept)
-    component_size: np.ndarray  # int64
-
-
-def similarity_tile(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine similarities between two blocks of unit rows: one float32 BLAS matmul."""
-    return a @ b.T
-
-
-def unit_rows(emb: np.ndarray) -> np.ndarray:
-    """Rows as contiguous float32, renormalised (float16 storage leaves norms ~1e-3 off 1)."""
-    x = np.ascontiguousarray(emb, dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"semdedup: embeddings must be a 2-d array, got shape {x.shape}")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
-
-
-def id_ranks(ids) -> np.ndarray:
-    """Rank of each id in ascending string order (equal ids: by position)."""
-    ids = np.asarray(ids, dtype=str)
-    ranks = np.empty(len(ids), dtype=np.int64)
-    ranks[np.argsort(ids, kind="stable")] = np.arange(len(ids))
-    return ranks
-
-
-def random_keys(ids, seed: int, cluster_id: int) -> np.ndarray:
-    """A seeded random rank per item that depends on (seed, cluster id, ids), not on row order."""
-    entropy = [int(seed) % 2**64, int(cluster_id) % 2**64]
-    perm = np.random.default_rng(np.random.SeedSequence(entropy)).permutation(len(ids))
-    return perm[id_ranks(ids)]
-
-
-def processing_order(
-    cos_to_centroid: np.ndarray, ids, keep: str = "hard", seed: int = 0, cluster_id: int = 0
-) -> np.ndarray:
-    """SemDeDup's order: positions of the items, the ones to keep preferentially first.
-
-    `hard`: ascending cos_to_centroid (farthest from the centroid first); `easy`: descending;
-    ties by id. `random`: a seeded shuffle (see `random_keys`).
-    """
-    cos = np.asarray(cos_to_centroid, dtype=np.float64)
-    if keep == "random":
-        return np.argsort(random_keys(ids, seed, cluster_id), kind="stable")
-    ranks = id_ranks(ids)
-    if keep == "hard":
-        return np.lexsort((ranks, cos))
-    if keep == "easy":
-        return np.lexsort((ranks, -cos))
-    raise ValueError(f"semdedup: keep must be one of {KEEP_CHOICES['semdedup']}, got {keep!r}")
-
-
-def max_cos_to_earlier(x: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each row i of unit rows `x`: max over j < i of x_i . x_j, and the j it came from.
-
-    Computed tile by tile over the lower triangle. Row 0 gets NaN and -1. Among earlier items whose
-    similarity ties the best within TIE_TOL, the earliest is named.
-    """
-    n = len(x)
-    best = np.full(n, -np.inf, dtype=np.float32)
-    named = np.full(n, -1, dtype=np.int64)
-    named_val = np.full(n, -np.inf, dtype=np.float32)
-    for r0 in range(0, n, block_size):
-        r1 = min(r0 + block_size, n)
-        rows = slice(r0, r1)
-        for c0 in range(0, r1 - 1, block_size):
-            c1 = min(c0 + block_size, r1 - 1)
-            sims = similarity_tile(x[rows], x[c0:c1])
-            if c1 > r0:  # the tile crosses the diagonal: only j < i counts
-                later = np.arange(c0, c1)[None, :] >= np.arange(r0, r1)[:, None]
-                sims[later] = -np.inf
-            tile_max = sims.max(axis=1)
-            with np.errstate(invalid="ignore"):
-                first = np.argmax(sims >= (tile_max - TIE_TOL)[:, None], axis=1) + c0
-            np.maximum(best[rows], tile_max, out=best[rows])
-            better = tile_max > named_val[rows] + TIE_TOL
-            named[rows] = np.where(better, first, named[rows])
-            named_val[rows] = np.where(better, tile_max, named_val[rows])
-    best[named < 0] = np.nan
-    return best, named
-
-
-def semdedup_cluster(
-    emb: np.ndarray,
-    cos_to_centroid: np.ndarray,
-    ids,
-    *,
-    eps: float = 0.07,
-    keep: str = "hard",
-    seed: int = 0,
-    cluster_id: int = 0,
-    block_size: int = 512,
-) -> SemDedupDecision:
-    """SemDeDup on one cluster: `emb` (n, d), `cos_to_centroid` (n,), `ids` (n,) in any order."""
-    x = unit_rows(emb)
-    n = len(x)
-    order = processing_order(cos_to_centroid, ids, keep, seed, cluster_id)
-    best, named = max_cos_to_earlier(x[order], block_size)
-    max_cos = np.full(n, np.nan, dtype=np.float32)
-    max_cos[order] = best
-    duplicate_of = np.full(n, -1, dtype=np.int64)
-    duplicate_of[order] = np.where(named >= 0, order[np.maximum(named, 0)], -1)
-    with np.errstate(invalid="ignore"):
-        removed = max_cos.astype(np.float64) > 1.0 - eps
-    return SemDedupDecision(removed, max_cos, duplicate_of)
-
-
-def _compress(parent: np.ndarray) -> None:
-    """Point every node straight at its root (pointer jumping)."""
-    while True:
-        grand = parent[parent]
-        if np.array_equal(grand, parent):
-            return
-        parent[:] = grand
-
-
-def union_pairs(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
-    """Merge the sets of a[k] and b[k] for every k, in place, vectorised.
-
-    `parent` must be fully compressed (every node points at its root, a root at itself) and is left
-    so. Roots hook onto the smaller root, so a set's root is its smallest member.
-    """
-    while a.size:
-        ra, rb = parent[a], parent[b]
-        apart = ra != rb
-        if not apart.any():
-            return
-        a, b, ra, rb = a[apart], b[apart], ra[apart], rb[apart]
-        np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
-        _compress(parent)
-
-
-def float32_below(value: float) -> np.float32:
-    """The largest float32 <= value: for a float32 s, `s > float32_below(t)` iff s > t exactly."""
-    v = np.float32(value)
-    return v if float(v) <= value else np.nextafter(v, np.float32(-np.inf))
-
-
-def linked_components(x: np.ndarray, threshold: float, block_size: int) -> np.ndarray:
-    """Component label (its smallest member) of each unit row, linking pairs with cos > threshold."""
-    n = len(x)
-    threshold = float32_below(threshold)
-    parent = np.arange(n, dtype=np.int64)
-    for r0 in range(0, n, block_size):
-        r1 = min(r0 + block_size, n)
-        for c0 in range(0, r0 + 1, block_size):
-            c1 = min(c0 + block_size, r1)
-            linked = similarity_tile(x[r0:r1], x[c0:c1]) > threshold
-            if c1 > r0:  # diagonal tile: each pair once, no self pairs
-                linked &= np.arange(c0, c1)[None, :] < np.arange(r0, r1)[:, None]
-            i, j = np.nonzero(linked)
-            if i.size:
-                union_pairs(parent, i + r0, j + c0)
-    return parent
-
-
-def components_cluster(
-    emb: np.ndarray,
-    cos_to_centroid: np.ndarray,
-    ids,
-    *,
-    threshold: float = 0.86,
-    keep: str = "middle",
-    seed: int = 0,
-    cluster_id: int = 0,
-    block_size: int = 512,
-) -> ComponentDecision:
-    """Bunny's rule on one cluster: one item kept per connected component of near duplicates."""
-    x = unit_rows(emb)
-    n = len(x)
-    labels = linked_components(x, threshold, block_size)
-    cos = np.asarray(cos_to_centroid, dtype=np.float64)
-    if keep == "random":
-        keys: tuple[np.ndarray, ...] = (random_keys(ids, seed, cluster_id),)
-    elif keep in ("middle", "far"):
-        keys = (id_ranks(ids), cos)
-    elif keep == "near":
-        keys = (id_ranks(ids), -cos)
-    else:
-        raise ValueError(
-            f"semdedup: keep must be one of {KEEP_CHOICES['components']}, got {keep!r}"
-        )
-    order = np.lexsort((*keys, labels))  # grouped by component, each in keep order
-    grouped = labels[order]
-    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]]) if n else np.zeros(0, int)
-    sizes = np.diff(np.r_[starts, n]).astype(np.int64)
-    pick = starts + ((sizes - 1) // 2 if keep == "middle" else 0)
-    member_of = np.repeat(np.arange(len(starts)), sizes)
-    kept = np.empty(n, dtype=np.int64)
-    kept[order] = order[pick][member_of]
-    component_size = np.empty(n, dtype=np.int64)
-    component_size[order] = sizes[member_of]
-    return ComponentDecision(kept != np.arange(n), kept, component_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,6 +147,10 @@ def dedup_cluster_table(group: pa.Table, params: SemDedupParams) -> pa.Table:
     stat = np.zeros(n, dtype=np.float32 if rule == "semdedup" else np.int64)
     has_stat = np.zeros(n, dtype=bool)
     reasons: list[str | None] = [None] * n
+    # the removed duplicates: position in `group`, the kept row's id, their cosine
+    dup_rows: list[int] = []
+    dup_of: list[str] = []
+    dup_cos: list[float] = []
 
     emb_col = group.column(params.column).combine_chunks() if n else None
     has_emb = pc.is_valid(emb_col).to_numpy(zero_copy_only=False) if n else np.zeros(0, dtype=bool)
@@ -373,6 +191,9 @@ def dedup_cluster_table(group: pa.Table, params: SemDedupParams) -> pa.Table:
                     f"semdedup: duplicate (of {ids[d.duplicate_of[k]]}, "
                     f"cos {d.max_cos_earlier[k]:.3f})"
                 )
+                dup_rows.append(int(live[k]))
+                dup_of.append(ids[d.duplicate_of[k]])
+                dup_cos.append(float(d.max_cos_earlier[k]))
             stat[live] = d.max_cos_earlier
             has_stat[live] = d.duplicate_of >= 0
         else:
@@ -396,10 +217,14 @@ def dedup_cluster_table(group: pa.Table, params: SemDedupParams) -> pa.Table:
                     f"semdedup: duplicate (of {ids[c.kept[k]]}, cos {cos_k:.3f}, "
                     f"component of {c.component_size[k]})"
                 )
+                dup_rows.append(int(live[k]))
+                dup_of.append(ids[c.kept[k]])
+                dup_cos.append(float(cos_k))
             stat[live] = c.component_size
             has_stat[live] = True
 
     out = put_column(group, STAT_COLUMN[rule], pa.array(stat, type=STAT_TYPE[rule], mask=~has_stat))
+    out = put_duplicates(out, dup_rows, dup_of, dup_cos)
     rejected = np.array([r is not None for r in reasons], dtype=bool)
     return reject(out, rejected, [r or "" for r in reasons])
 
@@ -414,6 +239,20 @@ class SemDedup(GlobalStage):
     name = "semdedup"
     version = "1"
     Params = SemDedupParams
+
+    def required_columns(self) -> tuple[str, ...]:
+        return (self.params.column, CLUSTER_COLUMN, CENTROID_COLUMN)
+
+    def added_columns(self) -> dict[str, Any]:
+        names = (STAT_COLUMN[self.params.rule], *PROVENANCE_COLUMNS)
+        return {name: column_type(name) for name in names}
+
+    def thresholds(self) -> list[Threshold]:
+        """Rule semdedup keeps a row whose `max_cos_earlier` is at most 1 - eps: a line there.
+        The components rule links pairs, a relation no one column of a row shows: no line."""
+        if self.params.rule != "semdedup":
+            return []
+        return [Threshold("eps", "max", STAT_COLUMN["semdedup"], 1.0 - self.params.eps)]
 
     def check_params(self) -> None:
         p = self.params
@@ -461,4 +300,5 @@ __all__ = [
     "random_keys",
     "semdedup_cluster",
     "similarity_tile",
+    "union_pairs",
 ]

@@ -61,6 +61,7 @@ class ShortAnswer(BatchStage):
     name = "short_answer"
     version = "1"
     Params = ShortAnswerParams
+    adds = ("short_answer_turns",)
 
     def check_params(self) -> None:
         if not self.params.instruction.strip():

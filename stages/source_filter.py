@@ -24,9 +24,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from warren.stages.base import BatchStage, param, reject
+from warren.stages.schema import CORE_FIELDS
 
 ALL_SOURCES = "*"
 VIRTUAL = {"n_images": "images", "n_turns": "conversations"}
+CORE_NAMES = frozenset(f.name for f in CORE_FIELDS)
 
 
 def parse_condition(expression: str, where: str) -> pl.Expr:
@@ -93,6 +95,14 @@ class SourceFilter(BatchStage):
             if not isinstance(expression, str) or not expression.strip():
                 raise ValueError(f"{self.name}: the condition of {source!r} must be a string")
             parse_condition(expression, f"{self.name}: source {source}")
+
+    def required_columns(self) -> tuple[str, ...]:
+        """The columns the conditions name (their virtual counts and core columns aside)."""
+        names = [self.params.source_column]
+        for source, expression in self.params.filters.items():
+            expr = parse_condition(expression, f"{self.name}: source {source}")
+            names += expr.meta.root_names()
+        return tuple(n for n in dict.fromkeys(names) if n not in VIRTUAL and n not in CORE_NAMES)
 
     def process(self, batch: pa.Table) -> pa.Table:
         p = self.params

@@ -13,9 +13,12 @@ import ray
 from outputs import rejected_reasons, table
 
 import warren.stages.balance as balance_mod
+import warren.stages.concept_balance as concept_mod
+import warren.stages.group_select as group_select_mod
 from warren.pipelines.runner import Pipeline, Runner
 from warren.stages.balance import Balance, balance_targets, tempered_targets
 from warren.stages.base import GlobalContext
+from warren.stages.concept_balance import ConceptBalance
 from warren.stages.schema import rows_to_table
 from warren.stages.select import uniform_key
 
@@ -178,15 +181,15 @@ def test_cap_and_sampling_name_the_rule_each_rejected_row_failed(ray_session):
 
 
 def test_brackets_that_miss_are_widened_until_exact(ray_session, monkeypatch):
-    monkeypatch.setattr(balance_mod, "MARGIN", 1e-3)  # first brackets too narrow to hold a row
+    monkeypatch.setattr(group_select_mod, "MARGIN", 1e-3)  # first brackets too narrow to hold a row
     margins = []
-    bracket = balance_mod._bracket
+    bracket = group_select_mod._bracket
 
     def recording(rank, n, margin):
         margins.append(margin)
         return bracket(rank, n, margin)
 
-    monkeypatch.setattr(balance_mod, "_bracket", recording)
+    monkeypatch.setattr(group_select_mod, "_bracket", recording)
     rows = _rows({"b": 40, "c": 200})
     got = _run(Balance(cap=17, seed=4), rows, blocks=3)
     kept = {rid for rid, r in got.items() if r is None}
@@ -453,7 +456,7 @@ def test_text_share_on_a_pool_without_text_rows_is_an_error(ray_session):
 
 
 def test_vocabulary_matches_whole_words_case_blind():
-    vocab = balance_mod.parse_vocabulary("# a comment\nHot Dog\ncat\n\ncat\nnew  york city\n")
+    vocab = concept_mod.parse_vocabulary("# a comment\nHot Dog\ncat\n\ncat\nnew  york city\n")
     assert vocab.entries == ("hot dog", "cat", "new york city")
     assert vocab.matches("A HOT dog, and a cat!") == {0, 1}
     assert vocab.matches("hotdogs and cats") == set()
@@ -480,19 +483,19 @@ def _brute_concepts(rows, cap, seed, keep_unmatched=False) -> dict[str, str | No
     entries = ["cat", "dog", "bird"]
     words = {r["id"]: set(r["caption"].replace(":", " ").split()) for r in rows}
     count = {e: sum(e in w for w in words.values()) for e in entries}
-    keys = uniform_key([r["id"] for r in rows], balance_mod._sub_seed(seed, "concepts"))
+    keys = uniform_key([r["id"] for r in rows], concept_mod.sub_seed(seed, "concepts"))
     out = {}
     for r, key in zip(rows, keys.tolist(), strict=True):
         found = [e for e in entries if e in words[r["id"]]]
         if not found:
-            out[r["id"]] = None if keep_unmatched else "balance: no concept matched"
+            out[r["id"]] = None if keep_unmatched else "concept_balance: no concept matched"
             continue
         rarest = min(found, key=lambda e: (count[e], entries.index(e)))
         p = min(1.0, cap / count[rarest])
         out[r["id"]] = (
             None
             if key < p
-            else f"balance: concept over cap (rarest entry {rarest!r}: {count[rarest]:,} rows, "
+            else f"concept_balance: concept over cap (rarest entry {rarest!r}: {count[rarest]:,} rows, "
             f"cap {cap:,}, kept with p {p:.3g})"
         )
     return out
@@ -504,17 +507,23 @@ def test_concept_balancing_keeps_rows_by_their_rarest_entry(ray_session, tmp_pat
     rows = _concept_rows()
     tbl = rows_to_table([{**r, "source": "web"} for r in rows])
     ds = ray.data.from_arrow([tbl.slice(i, 200) for i in range(0, tbl.num_rows, 200)])
-    out = Balance(concepts=str(vocab), concept_cap=50, seed=3).run(ds, GlobalContext(505, 3, 2))
+    out = ConceptBalance(concepts=str(vocab), concept_cap=50, seed=3).run(
+        ds, GlobalContext(505, 3, 2)
+    )
     got = {r["id"]: r["_reject"] for r in out.take_all()}
     assert got == _brute_concepts(rows, 50, 3)
     # bird (30 rows, under the cap) keeps every row, the 10 cat-bird rows with it; cat (410) and
     # dog (60) keep a share
     assert all(got[r["id"]] is None for r in rows if "bird" in r["caption"])
     assert 0 < sum(got[r["id"]] is None for r in rows if r["id"].startswith("cat-")) < 100
-    kept = Balance(concepts=str(vocab), concept_cap=50, keep_unmatched=True, seed=3).run(
+    kept = ConceptBalance(concepts=str(vocab), concept_cap=50, keep_unmatched=True, seed=3).run(
         ds, GlobalContext(505, 3, 2)
     )
     assert {r["id"]: r["_reject"] for r in kept.take_all()} == _brute_concepts(rows, 50, 3, True)
+
+
+def _kept_rows(batch: pa.Table) -> pa.Table:
+    return batch.filter(pa.compute.is_null(batch.column("_reject"))).drop_columns(["_reject"])
 
 
 def test_concept_balancing_then_cap_ranks_only_the_rows_concepts_kept(ray_session, tmp_path):
@@ -523,9 +532,18 @@ def test_concept_balancing_then_cap_ranks_only_the_rows_concepts_kept(ray_sessio
     rows = _concept_rows()
     tbl = rows_to_table([{**r, "source": r["id"].split("-")[0]} for r in rows])
     ds = ray.data.from_arrow([tbl.slice(i, 128) for i in range(0, tbl.num_rows, 128)])
-    stage = Balance(concepts=str(vocab), concept_cap=50, cap=20, seed=3)
-    got = {r["id"]: r["_reject"] for r in stage.run(ds, GlobalContext(505, 4, 2)).take_all()}
+    # concept balancing, then the cap over the rows it kept (what the runner hands balance)
+    marked = ConceptBalance(concepts=str(vocab), concept_cap=50, seed=3).run(
+        ds, GlobalContext(505, 4, 2)
+    )
+    survivors = marked.map_batches(_kept_rows, batch_format="pyarrow")
+    n_alive = survivors.count()
+    got = {
+        r["id"]: r["_reject"]
+        for r in Balance(cap=20, seed=3).run(survivors, GlobalContext(n_alive, 4, 2)).take_all()
+    }
     concept = _brute_concepts(rows, 50, 3)
+    assert set(got) == {rid for rid, why in concept.items() if why is None}
     for source in ("cat", "dog", "bird", "cat_bird"):
         alive = [
             (r["id"], source)
@@ -541,12 +559,12 @@ def test_concept_keep_rate_over_seeds_is_cap_over_count():
     row's rarest entry) rows; 5 standard deviations of the mean."""
     rows = _concept_rows()
     rule_counts = (410, 60, 30)  # cat, dog, bird over the rows (cat-bird rows count for both)
-    vocab = balance_mod.parse_vocabulary("cat\ndog\nbird")
+    vocab = concept_mod.parse_vocabulary("cat\ndog\nbird")
     tbl = pa.table({"id": [r["id"] for r in rows], "caption": [r["caption"] for r in rows]})
     seeds = 300
     kept_cat_only = []
     for seed in range(seeds):
-        rule = balance_mod.ConceptRule(vocab, rule_counts, 50, seed, "auto", False)
+        rule = concept_mod.ConceptRule(vocab, rule_counts, 50, seed, "auto", False)
         reasons = rule.reasons(tbl)
         kept_cat_only.append(
             sum(
@@ -564,6 +582,6 @@ def test_concept_keep_rate_over_seeds_is_cap_over_count():
 def test_a_changed_vocabulary_file_changes_the_stage_fingerprint(tmp_path):
     vocab = tmp_path / "v.txt"
     vocab.write_text("cat\n")
-    before = Balance(concepts=str(vocab), concept_cap=5).params_hash
+    before = ConceptBalance(concepts=str(vocab), concept_cap=5).params_hash
     vocab.write_text("cat\ndog\n")
-    assert Balance(concepts=str(vocab), concept_cap=5).params_hash != before
+    assert ConceptBalance(concepts=str(vocab), concept_cap=5).params_hash != before

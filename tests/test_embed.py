@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
+from declared_columns import assert_adds_what_it_declares
 from PIL import Image
 
 from warren.stages.embed import Embed
@@ -203,6 +204,7 @@ def test_open_clip_embeddings_equal_the_model_run_directly(open_clip_model):
     stage = Embed(model=f"open_clip:{ARCH}:{ckpt}", model_batch_size=3)
     stage.setup()
     out = stage.process(batch)
+    assert_adds_what_it_declares(stage, batch.schema, out.schema)
 
     with torch.no_grad():
         pixels = torch.stack([preprocess(im.convert("RGB")) for im, _ in good.values()])

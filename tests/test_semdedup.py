@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-import warren.stages.semdedup as semdedup_module
+import warren.stages.cluster_dedup as cluster_dedup_module
 from warren.stages.base import GlobalContext
 from warren.stages.schema import REJECT_COLUMN
 from warren.stages.semdedup import (
@@ -411,13 +411,13 @@ def test_similarity_is_computed_in_tiles_of_at_most_block_size_over_the_lower_tr
     monkeypatch,
 ):
     shapes = []
-    real = semdedup_module.similarity_tile
+    real = cluster_dedup_module.similarity_tile
 
     def recording(a, b):
         shapes.append((len(a), len(b)))
         return real(a, b)
 
-    monkeypatch.setattr(semdedup_module, "similarity_tile", recording)
+    monkeypatch.setattr(cluster_dedup_module, "similarity_tile", recording)
     n = len(CLUSTER.ids)
     for rule in ("semdedup", "components"):
         shapes.clear()
