@@ -22,8 +22,9 @@ from transformers import LlamaForCausalLM
 
 from warren.pipelines.runner import Pipeline, Runner
 from warren.stages.base import GlobalContext
-from warren.stages.perplexity import Perplexity, PplFilter, token_windows
+from warren.stages.perplexity import Perplexity, PplFilter
 from warren.stages.schema import rows_to_table
+from warren.stages.token_nll import token_windows
 
 WORDS = (
     "a the dog cat bird runs sits flies over under near red green blue small big old young "
