@@ -48,7 +48,9 @@ deviation; a group with one row or no variance gets 0; rows with a null source f
 their own), written to `ppl_norm` (float32) so the ranking can be checked and redone later. The
 per-group sums come from one aggregation pass and are exact: log(ppl) is taken on a fixed grid of
 2^-32 and summed as integers, so the z-scores do not depend on how rows are split into blocks. A
-row with infinite ppl gets `ppl_norm` +inf and stays out of its group's statistics.
+row with infinite ppl gets `ppl_norm` +inf and stays out of its group's statistics. Every ranked
+row, kept or rejected, gets its exact rank in `ppl_rank` (or `ppl_norm_rank`; int64, 0 = the lowest,
+ties by id; null for rows that are not ranked), so a report or a later run can redraw the line.
 
 Rejected rows of `ppl_filter`:
 
@@ -80,8 +82,8 @@ from warren.stages.base import (
     put_column,
     reject,
 )
-from warren.stages.schema import CORE_FIELDS, column_type
-from warren.stages.select import find_cutoffs, mark_outside
+from warren.stages.schema import CORE_FIELDS, column_type, rank_column
+from warren.stages.select import find_cutoffs, mark_outside, rank_rows
 from warren.stages.token_nll import score_token_ids, tokenize
 
 RULE = "perplexity"
@@ -375,8 +377,10 @@ class PplFilter(GlobalStage):
         return (PPL_COLUMN, p.source_column) if group else (PPL_COLUMN,)
 
     def added_columns(self) -> dict[str, Any]:
-        added = (NORM_COLUMN,) if self.params.normalize == "source" else ()
-        return {name: column_type(name) for name in added}
+        # the rank of every ranked row (0 = the lowest), and the z-scores when it ranks those
+        column = self.ranked_column()
+        added = (NORM_COLUMN,) if column == NORM_COLUMN else ()
+        return {name: column_type(name) for name in (*added, rank_column(column))}
 
     def thresholds(self) -> list[Threshold]:
         # A rank window [0, keep_lowest) on the ranked column, rank 0 the lowest perplexity;
@@ -415,6 +419,7 @@ class PplFilter(GlobalStage):
             )
             column = NORM_COLUMN
         spec = ("column", column, False, 0)
+        ds = rank_rows(ds, spec)
         _, (cut,), sample = find_cutoffs(
             ds, spec, ctx.num_rows, lambda n: [round(p.keep_lowest * n)]
         )

@@ -176,8 +176,8 @@ def test_required_columns_follow_the_parameters() -> None:
         "original_caption",
     )
     assert ImageFilter().required_columns() == ()  # reads image_check's sizes only if present
-    assert "ppl_norm" in PplFilter(normalize="source").added_columns()
-    assert PplFilter().added_columns() == {}
+    assert set(PplFilter(normalize="source").added_columns()) == {"ppl_norm", "ppl_norm_rank"}
+    assert PplFilter().added_columns() == {"ppl_rank": pa.int64()}
 
 
 def _t(param: str, kind: str, column: str, value: float, descending: bool = True) -> Threshold:
