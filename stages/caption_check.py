@@ -22,10 +22,17 @@ RULE = "caption_check"
 @dataclasses.dataclass(frozen=True)
 class CaptionCheckParams:
     min_chars: int = param(
-        1, "Reject captions shorter than this many characters (whitespace-trimmed)."
+        1,
+        "Reject captions shorter than this many characters (whitespace-trimmed).",
+        threshold="min",
+        column="caption_chars",
+        off=0,
     )
     max_chars: int = param(
-        10_000, "Reject captions longer than this many characters (whitespace-trimmed)."
+        10_000,
+        "Reject captions longer than this many characters (whitespace-trimmed).",
+        threshold="max",
+        column="caption_chars",
     )
     require_caption: bool = param(
         True,

@@ -109,19 +109,32 @@ class CaptionFilterParams:
         3,
         "Reject captions with fewer whitespace-separated words; exactly this many pass "
         "(DataComp basic filtering keeps more than 2 words). 0 = off.",
+        threshold="min",
+        column="caption_words",
+        off=0,
     )
     max_words: int = param(
-        0, "Reject captions with more whitespace-separated words; exactly this many pass. 0 = off."
+        0,
+        "Reject captions with more whitespace-separated words; exactly this many pass. 0 = off.",
+        threshold="max",
+        column="caption_words",
+        off=0,
     )
     min_chars: int = param(
         6,
         "Reject captions with fewer characters (whitespace-trimmed); exactly this many pass "
         "(DataComp basic filtering keeps more than 5). 0 = off.",
+        threshold="min",
+        column="caption_chars",
+        off=0,
     )
     max_chars: int = param(
         0,
         "Reject captions with more characters (whitespace-trimmed); exactly this many pass. "
         "0 = off.",
+        threshold="max",
+        column="caption_chars",
+        off=0,
     )
     boilerplate: list[str] = param(
         DEFAULT_BOILERPLATE,
@@ -133,12 +146,18 @@ class CaptionFilterParams:
         0.5,
         "Reject captions whose char_rep_ratio (Data-Juicer's character_repetition_filter) is "
         "above this; exactly this ratio passes (Data-Juicer's default max_ratio). 0 = off.",
+        threshold="max",
+        column="char_rep_ratio",
+        off=0,
     )
     word_rep_len: int = param(10, "Word n-gram length of word_rep_ratio (Data-Juicer: 10).")
     max_word_rep_ratio: float = param(
         0.5,
         "Reject captions whose word_rep_ratio (Data-Juicer's word_repetition_filter) is above "
         "this; exactly this ratio passes (Data-Juicer's default max_ratio). 0 = off.",
+        threshold="max",
+        column="word_rep_ratio",
+        off=0,
     )
 
 
@@ -148,6 +167,13 @@ class CaptionFilter(BatchStage):
     name = "caption_filter"
     version = "1"
     Params = CaptionFilterParams
+    adds = (
+        "caption_words",
+        "caption_chars",
+        "char_rep_ratio",
+        "word_rep_ratio",
+        "boilerplate_pattern",
+    )
 
     def check_params(self) -> None:
         p = self.params

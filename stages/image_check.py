@@ -120,6 +120,7 @@ class ImageCheck(BatchStage):
     Params = ImageCheckParams
     # Decoding dominates; modest batches keep a worker's memory bounded by a few hundred images.
     resources = Resources(batch_size=256)
+    adds = ("width", "height")
 
     def check_params(self) -> None:
         p = self.params

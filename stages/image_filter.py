@@ -94,26 +94,52 @@ class ImageFilterParams:
         200,
         "Reject images narrower than this many pixels; an image exactly this wide passes "
         "(DataComp basic filtering: shorter side >= 200). 0 = off.",
+        threshold="min",
+        column="width",
+        off=0,
     )
     min_height: int = param(
-        200, "Reject images lower than this many pixels; exactly this high passes. 0 = off."
+        200,
+        "Reject images lower than this many pixels; exactly this high passes. 0 = off.",
+        threshold="min",
+        column="height",
+        off=0,
     )
     max_width: int = param(
-        0, "Reject images wider than this many pixels; exactly this wide passes. 0 = off."
+        0,
+        "Reject images wider than this many pixels; exactly this wide passes. 0 = off.",
+        threshold="max",
+        column="width",
+        off=0,
     )
     max_height: int = param(
-        0, "Reject images higher than this many pixels; exactly this high passes. 0 = off."
+        0,
+        "Reject images higher than this many pixels; exactly this high passes. 0 = off.",
+        threshold="max",
+        column="height",
+        off=0,
     )
     max_aspect_ratio: float = param(
         3.0,
         "Reject images whose max(width/height, height/width) is above this; exactly this ratio "
         "passes (DataComp basic filtering and Data-Juicer: 3). 0 = off.",
+        threshold="max",
+        column="aspect_ratio",
+        off=0,
     )
     min_bytes: int = param(
-        0, "Reject encoded images smaller than this many bytes; exactly this size passes. 0 = off."
+        0,
+        "Reject encoded images smaller than this many bytes; exactly this size passes. 0 = off.",
+        threshold="min",
+        column="image_bytes",
+        off=0,
     )
     max_bytes: int = param(
-        0, "Reject encoded images larger than this many bytes; exactly this size passes. 0 = off."
+        0,
+        "Reject encoded images larger than this many bytes; exactly this size passes. 0 = off.",
+        threshold="max",
+        column="image_bytes",
+        off=0,
     )
     max_pixels: int = param(
         DEFAULT_MAX_PIXELS,
@@ -125,11 +151,17 @@ class ImageFilterParams:
         1,
         "Reject images with more frames than this (animated GIF/WebP/PNG, multi-page TIFF); "
         "exactly this many passes, so 1 keeps still images only. 0 = off.",
+        threshold="max",
+        column="n_frames",
+        off=0,
     )
     max_blank_share: float = param(
         0.98,
         "Reject images whose dominant colour covers more than this share of the pixels "
         "(blank_share, see the module doc); exactly this share passes. 0 = off (no decode).",
+        threshold="max",
+        column="blank_share",
+        off=0,
     )
     blank_tolerance: int = param(
         8,
@@ -161,6 +193,8 @@ class ImageFilter(BatchStage):
     # Images are inspected one at a time (headers, then one reduced decode), so the batch size only
     # bounds the encoded bytes a worker holds; image_check's 256 keeps the two alike.
     resources = Resources(batch_size=256)
+    # width/height are image_check's when it ran before (kept, nulls filled), else written here.
+    adds = ("width", "height", "aspect_ratio", "image_bytes", "n_frames", "blank_share")
 
     def check_params(self) -> None:
         p = self.params

@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from warren.stages.base import BatchStage, beyond, param, put_columns, reject
+from warren.stages.base import BatchStage, Threshold, beyond, param, put_columns, reject
 from warren.stages.schema import IMAGE_MARKER
 
 RULE = "language"
@@ -56,6 +56,9 @@ class LanguageParams:
         0.5,
         "Reject rows whose top language is wanted but scored below this; exactly this score "
         "passes (CCNet's threshold; DataComp's basic filter is 0).",
+        threshold="min",
+        column="lang_score",
+        off=0,
     )
     max_chars: int = param(
         1000, "Characters of text given to the model (the rest is ignored, for speed)."
@@ -68,6 +71,7 @@ class Language(BatchStage):
     name = "language"
     version = "1"
     Params = LanguageParams
+    adds = ("lang", "lang_score")
     # The model is 1 MB and loads in milliseconds: plain tasks that load it once per worker
     # process (the runner's setup cache) serve it better than an actor pool holding CPUs.
     uses_model = False
@@ -85,6 +89,10 @@ class Language(BatchStage):
             raise ValueError(
                 f"{self.name}: languages must be comma-separated codes such as 'en,de', got {bad}"
             )
+
+    def thresholds(self) -> list[Threshold]:
+        # With no language asked for, nothing is rejected: min_score is no line to draw.
+        return super().thresholds() if self.wanted() else []
 
     def wanted(self) -> list[str]:
         return [c.strip().lower() for c in self.params.languages.split(",") if c.strip()]

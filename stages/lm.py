@@ -31,7 +31,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from warren.stages.models import _from_hub, default_device, not_found
+from warren.stages.model_fetch import from_hub, not_found
+from warren.stages.models import default_device
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +189,8 @@ def load_lm(
     device = device or default_device()
     ident, name = resolve(spec, flag)
     torch_dtype = _torch_dtype(dtype, device)
-    tokenizer = _from_hub(spec, ident, AutoTokenizer.from_pretrained, flag)
-    module = _from_hub(spec, ident, AutoModelForCausalLM.from_pretrained, flag, dtype=torch_dtype)
+    tokenizer = from_hub(spec, ident, AutoTokenizer.from_pretrained, flag)
+    module = from_hub(spec, ident, AutoModelForCausalLM.from_pretrained, flag, dtype=torch_dtype)
     module.to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -348,8 +349,8 @@ def load_vlm(
     if not ident.strip():
         raise not_found(spec, "no model id or directory given", flag)
     torch_dtype = _torch_dtype(dtype, device)
-    processor = _from_hub(spec, ident, AutoProcessor.from_pretrained, flag)
-    module = _from_hub(
+    processor = from_hub(spec, ident, AutoProcessor.from_pretrained, flag)
+    module = from_hub(
         spec, ident, AutoModelForImageTextToText.from_pretrained, flag, dtype=torch_dtype
     )
     module.to(device).eval()

@@ -33,80 +33,37 @@ from __future__ import annotations
 
 import difflib
 import functools
-import hashlib
 import json
 import logging
 import os
-import socket
 import tempfile
-import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from warren.stages.model_fetch import (
+    DEFAULT_FLAG,
+    checked_cache_file,
+    fetch_errors,
+    from_hub,
+    is_offline,
+    may_download,
+    not_found,
+)
+from warren.stages.model_fetch import (
+    ModelNotFoundError as ModelNotFoundError,  # re-exported: the stages and tests import it here
+)
+
 log = logging.getLogger(__name__)
 
-DEFAULT_FLAG = "--embed.model"
 #: Seed of the random weights of an `open_clip:<arch>` spec (no pretrained weights).
 RANDOM_INIT_SEED = 0
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 # transformers model types with `get_image_features` / `get_text_features` in a shared space, and
 # whether their text tower was trained on sequences padded to the full length (SigLIP).
 HF_MODEL_TYPES = {"clip": False, "siglip": True, "siglip2": True}
-_TRUE = {"1", "on", "yes", "true"}
-_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
-
-
-class ModelNotFoundError(ValueError):
-    """A model spec names weights that are not on this machine and cannot be downloaded."""
-
-
-def is_offline() -> bool:
-    """True when the user asked for no hub access (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
-    if any(os.environ.get(k, "").strip().lower() in _TRUE for k in _OFFLINE_VARS):
-        return True
-    try:
-        from huggingface_hub import constants
-    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
-        return False
-    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
-
-
-@functools.cache
-def _hub_resolves() -> bool:
-    """False when the hub's host name does not resolve (a machine without network) and no proxy
-    is set: huggingface_hub would otherwise retry each file for about 25 seconds before failing."""
-    if any(os.environ.get(k) for k in _PROXY_VARS):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-        socket.getaddrinfo(host, 443)
-    except (ImportError, OSError):
-        log.warning("the Hugging Face hub cannot be reached: looking in local caches only")
-        return False
-    return True
-
-
-def _may_download() -> bool:
-    return not is_offline() and _hub_resolves()
-
-
-def not_found(spec: str, why: str, flag: str = DEFAULT_FLAG) -> ModelNotFoundError:
-    if is_offline():
-        offline = " (offline: HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set)"
-    else:
-        offline = "" if _hub_resolves() else " (offline: the hub cannot be reached)"
-    why = " ".join(why.split()).rstrip(". ")
-    return ModelNotFoundError(
-        f"model {spec!r} is not available{offline}: {why}. Give a model that is on this machine "
-        f"with {flag}, e.g. {flag} open_clip:ViT-B-32:laion2b_s34b_b79k once its weights are "
-        f"cached, {flag} open_clip:<arch>:/path/to/checkpoint.pt, or {flag} hf:/path/to/model_dir"
-    )
 
 
 class ClipModel:
@@ -345,7 +302,7 @@ def _load_open_clip(
             torch.manual_seed(RANDOM_INIT_SEED)
             module = open_clip.create_model(arch, device=device, **kwargs)
         tokenizer = open_clip.get_tokenizer(arch)
-    except _fetch_errors() as exc:
+    except fetch_errors() as exc:
         raise not_found(spec, f"{type(exc).__name__}: {exc}", flag) from exc
     module.eval()
     preprocess = image_transform_v2(PreprocessCfg(**module.visual.preprocess_cfg), is_train=False)
@@ -382,12 +339,12 @@ def _open_clip_weights(spec: str, tag_cfg: dict, flag: str) -> str:
         for name in names:
             fetch = functools.partial(hf_hub_download, repo, name, local_files_only=True)
             cached.append((f"{repo}/{name} in the HF cache", fetch))
-            if _may_download():
+            if may_download():
                 fetch = functools.partial(hf_hub_download, repo, name)
                 from_hub.append((f"hf.co/{repo}/{name}", fetch))
     if url:
         path = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
-        cached.append((path, functools.partial(_checked_cache_file, path, url)))
+        cached.append((path, functools.partial(checked_cache_file, path, url)))
         if not is_offline():
             from_url.append((url, functools.partial(download_pretrained_from_url, url)))
     errors = []
@@ -398,58 +355,6 @@ def _open_clip_weights(spec: str, tag_cfg: dict, flag: str) -> str:
             errors.append(f"{where}: {type(exc).__name__}")
     looked = "; ".join(errors) or "the tag names no file"
     raise not_found(spec, f"its weights are not on this machine (looked at {looked})", flag)
-
-
-def _checked_cache_file(path: str, url: str) -> str:
-    """`path` if it holds the file `url` names (SHA-256 prefix checked where the URL gives one, as
-    open_clip does), else FileNotFoundError."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(path)
-    expected = ""
-    if "openaipublic" in url:
-        expected = url.split("/")[-2]
-    elif "mlfoundations" in url:
-        expected = os.path.splitext(os.path.basename(url))[0].split("-")[-1]
-    if expected:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-        if not digest.hexdigest().startswith(expected):
-            raise FileNotFoundError(f"{path} (checksum mismatch, a partial download?)")
-    return path
-
-
-def _fetch_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean "could not find or download": OSError covers transformers' and
-    huggingface_hub's not-found and offline errors; HTTP clients raise their own."""
-    errors: list[type[BaseException]] = [OSError]
-    try:
-        from huggingface_hub.errors import EntryNotFoundError
-
-        errors.append(EntryNotFoundError)
-    except ImportError:  # pragma: no cover - older huggingface_hub
-        pass
-    try:
-        import httpx
-
-        errors.append(httpx.HTTPError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
-
-
-def _from_hub(spec: str, ident: str, load: Callable, flag: str, **kwargs: Any) -> Any:
-    """`load(ident, ...)` (a transformers `from_pretrained`) without a hub when `ident` is a local
-    directory or the user is offline; a failed download falls back to the cache."""
-    local_only = [True] if os.path.isdir(ident) or not _may_download() else [False, True]
-    last: BaseException | None = None
-    for lo in local_only:
-        try:
-            return load(ident, local_files_only=lo, **kwargs)
-        except _fetch_errors() as exc:
-            last = exc
-    raise not_found(spec, f"{type(last).__name__}: {str(last).strip()}", flag) from last
 
 
 def _load_hf(spec: str, ident: str, device: str, batch_size: int, flag: str) -> ClipModel:
@@ -464,7 +369,7 @@ def _load_hf(spec: str, ident: str, device: str, batch_size: int, flag: str) -> 
         AutoTokenizer,
     )
 
-    config = _from_hub(spec, ident, AutoConfig.from_pretrained, flag)
+    config = from_hub(spec, ident, AutoConfig.from_pretrained, flag)
     model_type = getattr(config, "model_type", None)
     if model_type not in HF_MODEL_TYPES:
         raise ValueError(
@@ -472,18 +377,18 @@ def _load_hf(spec: str, ident: str, device: str, batch_size: int, flag: str) -> 
             f"{', '.join(HF_MODEL_TYPES)} (image and text towers in one space)"
         )
     dtype_kw = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    module = _from_hub(spec, ident, AutoModel.from_pretrained, flag, **{dtype_kw: torch.float32})
+    module = from_hub(spec, ident, AutoModel.from_pretrained, flag, **{dtype_kw: torch.float32})
     module.to(device).eval()
     try:
-        processor = _from_hub(spec, ident, AutoProcessor.from_pretrained, flag)
+        processor = from_hub(spec, ident, AutoProcessor.from_pretrained, flag)
     except (ValueError, TypeError, KeyError):  # no processor config: load its two parts below
         processor = None
     image_processor = getattr(processor, "image_processor", None)
     tokenizer = getattr(processor, "tokenizer", None)
     if image_processor is None:
-        image_processor = _from_hub(spec, ident, AutoImageProcessor.from_pretrained, flag)
+        image_processor = from_hub(spec, ident, AutoImageProcessor.from_pretrained, flag)
     if tokenizer is None:
-        tokenizer = _from_hub(spec, ident, AutoTokenizer.from_pretrained, flag)
+        tokenizer = from_hub(spec, ident, AutoTokenizer.from_pretrained, flag)
 
     text_cfg = getattr(config, "text_config", config)
     max_length = int(getattr(text_cfg, "max_position_embeddings", 0) or 0) or None

@@ -86,6 +86,9 @@ class NsfwParams:
         0.5,
         "reject rows whose nsfw_score is above this (equal passes); 0.5 as NeMo Curator and "
         "Data-Juicer; open_nsfw: < 0.2 safe, > 0.8 NSFW; 1.0 only scores",
+        threshold="max",
+        column="nsfw_score",
+        off=1.0,
     )
     model_batch_size: int = param(
         32, "images per model call (also the most images preprocessed and held at once)"
@@ -114,6 +117,7 @@ class Nsfw(BatchStage):
     # NSFW stage asks. Only the onnxruntime-gpu build can use one (see default_resources).
     # Decoding dominates on CPU; a few hundred rows keep a worker's memory bounded.
     resources = Resources(num_cpus=1.0, num_gpus=0.25, batch_size=256)
+    adds = (SCORE_COLUMN,)
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)

@@ -48,7 +48,9 @@ deviation; a group with one row or no variance gets 0; rows with a null source f
 their own), written to `ppl_norm` (float32) so the ranking can be checked and redone later. The
 per-group sums come from one aggregation pass and are exact: log(ppl) is taken on a fixed grid of
 2^-32 and summed as integers, so the z-scores do not depend on how rows are split into blocks. A
-row with infinite ppl gets `ppl_norm` +inf and stays out of its group's statistics.
+row with infinite ppl gets `ppl_norm` +inf and stays out of its group's statistics. Every ranked
+row, kept or rejected, gets its exact rank in `ppl_rank` (or `ppl_norm_rank`; int64, 0 = the lowest,
+ties by id; null for rows that are not ranked), so a report or a later run can redraw the line.
 
 Rejected rows of `ppl_filter`:
 
@@ -75,150 +77,26 @@ from warren.stages.base import (
     GlobalContext,
     GlobalStage,
     Resources,
+    Threshold,
     param,
     put_column,
     reject,
 )
-from warren.stages.select import find_cutoffs, mark_outside
+from warren.stages.schema import CORE_FIELDS, column_type, rank_column
+from warren.stages.select import find_cutoffs, mark_outside, rank_rows
+from warren.stages.token_nll import score_token_ids, tokenize
 
 RULE = "perplexity"
 PPL_COLUMN = "ppl"
 TOKENS_COLUMN = "ppl_tokens"
 MODEL_COLUMN = "ppl_model"
 NORM_COLUMN = "ppl_norm"
+CORE_COLUMNS = frozenset(f.name for f in CORE_FIELDS)
 LONG_TEXT_RULES = ("truncate", "stride")
 NORMALIZE_RULES = ("none", "source")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # log(ppl) is summed on this grid so per-source sums are exact integers (see the module docstring).
 LOG_GRID = 2.0**32
-# Tokens per log-softmax chunk: bounds the float32 temporaries beside the logits.
-_SOFTMAX_TOKENS = 1024
-
-
-# ---- scoring ---------------------------------------------------------------------------------
-
-
-def token_windows(
-    n_tokens: int, max_length: int, long_text: str = "truncate", stride: int = 0
-) -> list[tuple[int, int, int]]:
-    """The forward passes that score a text of `n_tokens` tokens: (begin, end, first scored)
-    token positions per window, tokens [first scored, end) being scored from tokens [begin, i)."""
-    if n_tokens < 2:
-        return []
-    if n_tokens <= max_length:
-        return [(0, n_tokens, 1)]
-    if long_text == "truncate":
-        return [(0, max_length, 1)]
-    stride = stride or max_length // 2
-    if not 0 < stride < max_length:
-        raise ValueError(f"stride must be in [1, max_length - 1], got {stride} for {max_length}")
-    windows, prev_end = [], 0
-    for begin in range(0, n_tokens, stride):
-        end = min(begin + max_length, n_tokens)
-        # stride < max_length makes prev_end > begin: every scored token has some context.
-        windows.append((begin, end, max(prev_end, 1)))
-        prev_end = end
-        if end == n_tokens:
-            break
-    return windows
-
-
-def _micro_batches(
-    lengths: Sequence[int], batch_size: int, batch_tokens: int, sort_by_length: bool
-) -> list[list[int]]:
-    """Groups of item indices whose padded size (rows x longest) stays within the budgets."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort_by_length else None
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in order if order is not None else range(len(lengths)):
-        grown = max(longest, lengths[i])
-        if current and (len(current) >= batch_size or grown * (len(current) + 1) > batch_tokens):
-            batches.append(current)
-            current, grown = [], lengths[i]
-        current.append(i)
-        longest = grown
-    if current:
-        batches.append(current)
-    return batches
-
-
-def score_token_ids(
-    lm: Any,
-    ids: Sequence[Sequence[int]],
-    *,
-    max_length: int,
-    long_text: str = "truncate",
-    stride: int = 0,
-    batch_size: int = 256,
-    batch_tokens: int = 512,
-    sort_by_length: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(sum of token NLLs in nats as float64, number of scored tokens as int64) per sequence.
-
-    `lm` is a `stages.lm.LoadedLM`. Sequences of fewer than 2 tokens score nothing (0, 0).
-    """
-    import torch
-
-    # One item per forward-pass window: (sequence, token ids, first scored position in the item).
-    items: list[tuple[int, Sequence[int], int]] = []
-    for row, seq in enumerate(ids):
-        for begin, end, first in token_windows(len(seq), max_length, long_text, stride):
-            items.append((row, seq[begin:end], first - begin))
-    nll_sum = np.zeros(len(ids), dtype=np.float64)
-    counts = np.zeros(len(ids), dtype=np.int64)
-    if not items:
-        return nll_sum, counts
-    pad_id = lm.tokenizer.pad_token_id
-    pad_id = 0 if pad_id is None else int(pad_id)
-    lengths = [len(it[1]) for it in items]
-    for group in _micro_batches(lengths, batch_size, batch_tokens, sort_by_length):
-        width = max(lengths[i] for i in group)
-        input_ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(group), width), dtype=torch.long)
-        first = torch.empty(len(group), dtype=torch.long)
-        for b, i in enumerate(group):
-            input_ids[b, : lengths[i]] = torch.as_tensor(items[i][1], dtype=torch.long)
-            attention[b, : lengths[i]] = 1
-            first[b] = items[i][2]
-        with torch.inference_mode():
-            logits = lm.module(
-                input_ids=input_ids.to(lm.device),
-                attention_mask=attention.to(lm.device),
-                use_cache=False,
-            ).logits
-            nll = _next_token_nll(logits, input_ids.to(lm.device)).cpu()
-        # Target position j (1..width-1) is scored when it is a real token the window owns.
-        pos = torch.arange(1, width).unsqueeze(0)
-        scored = (pos >= first.unsqueeze(1)) & (attention[:, 1:] > 0)
-        # where, not multiply: a pad position's logits may be anything, NaN included.
-        sums = torch.where(scored, nll, torch.zeros_like(nll)).double().sum(dim=1).numpy()
-        rows = np.array([items[i][0] for i in group])
-        np.add.at(nll_sum, rows, sums)
-        np.add.at(counts, rows, scored.sum(dim=1).numpy())
-    return nll_sum, counts
-
-
-def _next_token_nll(logits: Any, input_ids: Any) -> Any:
-    """-log p(token j | tokens < j) for j = 1..T-1, float32, shape (B, T-1)."""
-    import torch
-
-    b, t, _ = logits.shape
-    out = torch.empty((b, t - 1), dtype=torch.float32, device=logits.device)
-    rows = max(1, _SOFTMAX_TOKENS // max(t - 1, 1))
-    for r in range(0, b, rows):
-        lg = logits[r : r + rows, :-1].float()
-        target = input_ids[r : r + rows, 1:].unsqueeze(-1)
-        out[r : r + rows] = torch.logsumexp(lg, dim=-1) - lg.gather(-1, target).squeeze(-1)
-    return out
-
-
-def tokenize(lm: Any, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text with the tokenizer's default special tokens, never truncated."""
-    if not texts:
-        return []
-    # verbose=False: texts longer than the model are expected here; long_text handles them.
-    return lm.tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]
 
 
 # ---- the stage -------------------------------------------------------------------------------
@@ -241,7 +119,13 @@ class PerplexityParams:
         "scores every token with sliding windows (Hugging Face fixed-length perplexity)",
     )
     stride: int = param(0, "window step for long_text=stride; 0: max_length // 2")
-    max_ppl: float = param(0.0, "reject rows with ppl above this; 0 keeps all")
+    max_ppl: float = param(
+        0.0,
+        "reject rows with ppl above this; 0 keeps all",
+        threshold="max",
+        column="ppl",
+        off=0,
+    )
     dtype: str = param(
         "auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"
     )
@@ -265,6 +149,11 @@ class Perplexity(BatchStage):
     # pad about 5% over their real tokens, 256 texts about 25% (demo-like captions).
     resources = Resources(num_cpus=1.0, num_gpus=1.0, batch_size=1024)
     summed_columns = (TOKENS_COLUMN,)
+    adds = (PPL_COLUMN, TOKENS_COLUMN, MODEL_COLUMN)
+
+    def required_columns(self) -> tuple[str, ...]:
+        # The text column: a core one (caption) is always there, any other an earlier stage adds.
+        return () if self.params.column in CORE_COLUMNS else (self.params.column,)
 
     def check_params(self) -> None:
         p = self.params
@@ -479,6 +368,28 @@ class PplFilter(GlobalStage):
     version = "1"
     Params = PplFilterParams
 
+    def ranked_column(self) -> str:
+        return NORM_COLUMN if self.params.normalize == "source" else PPL_COLUMN
+
+    def required_columns(self) -> tuple[str, ...]:
+        p = self.params
+        group = p.normalize == "source" and p.source_column not in CORE_COLUMNS
+        return (PPL_COLUMN, p.source_column) if group else (PPL_COLUMN,)
+
+    def added_columns(self) -> dict[str, Any]:
+        # the rank of every ranked row (0 = the lowest), and the z-scores when it ranks those
+        column = self.ranked_column()
+        added = (NORM_COLUMN,) if column == NORM_COLUMN else ()
+        return {name: column_type(name) for name in (*added, rank_column(column))}
+
+    def thresholds(self) -> list[Threshold]:
+        # A rank window [0, keep_lowest) on the ranked column, rank 0 the lowest perplexity;
+        # keeping every row (1.0) is no window.
+        if self.params.keep_lowest >= 1.0:
+            return []
+        column = self.ranked_column()
+        return [Threshold("keep_lowest", "rank_hi", column, self.params.keep_lowest, False)]
+
     def check_params(self) -> None:
         p = self.params
         if not 0.0 < p.keep_lowest <= 1.0:
@@ -508,6 +419,7 @@ class PplFilter(GlobalStage):
             )
             column = NORM_COLUMN
         spec = ("column", column, False, 0)
+        ds = rank_rows(ds, spec)
         _, (cut,), sample = find_cutoffs(
             ds, spec, ctx.num_rows, lambda n: [round(p.keep_lowest * n)]
         )

@@ -9,7 +9,7 @@ VLM writes looking at the image. One stage, two backends (`backend`):
   on CPU otherwise. The prompt is built with the processor's chat template; a processor without
   one gets LLaVA-1.5's `USER: <image>\\n... ASSISTANT:`.
 - `endpoint`: an OpenAI-compatible vision endpoint (vLLM or SGLang serving the model, or a hosted
-  API), through the request machinery of the instruction-generation stages (stages/generate.py,
+  API), through the request machinery of the instruction-generation stages (stages/generation_backend.py,
   stages/llm_client.py): bounded concurrency, rate limits, retries, token/cost budget, on-disk
   response cache, API key from the environment only. The image goes as a data URL.
 
@@ -49,20 +49,19 @@ import pyarrow as pa
 
 from warren.prompts import Prompt, PromptError, image_mime, load_prompt
 from warren.stages.base import Resources, param, put_columns, reject
-from warren.stages.generate import (
-    _RAW_LIMIT,
+from warren.stages.generation_backend import (
+    GEN_COLUMNS,
     USAGE_TYPES,
-    BadReply,
     ModelOrEndpointParams,
-    _add_usage,
-    _column,
-    _ModelOrEndpointStage,
-    check_reply,
+    ModelOrEndpointStage,
+    add_usage,
+    column_or_nulls,
     generate_each,
     prompt_ref,
 )
 from warren.stages.images import decode_error_words, endpoint_image_bytes
 from warren.stages.llm_client import ChatRequest
+from warren.stages.replies import RAW_LIMIT, BadReply, check_reply
 from warren.stages.schema import IMAGE_MARKER
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -142,7 +141,7 @@ def decode_image(value: Any) -> Any:
         raise ValueError(decode_error_words(exc)) from None
 
 
-class Recaption(_ModelOrEndpointStage):
+class Recaption(ModelOrEndpointStage):
     """Detailed captions from a VLM (in-process transformers or an OpenAI-compatible endpoint)."""
 
     name = "recaption"
@@ -150,6 +149,7 @@ class Recaption(_ModelOrEndpointStage):
     version = "2"
     Params = RecaptionParams
     resources = Resources(batch_size=32)
+    adds = ("original_caption", *GEN_COLUMNS)
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
@@ -196,9 +196,9 @@ class Recaption(_ModelOrEndpointStage):
     def process(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         prompt = self.prompts()["caption"]
-        images = _column(batch, "images")
-        captions = _column(batch, "caption")
-        originals = _column(batch, "original_caption")
+        images = column_or_nulls(batch, "images")
+        captions = column_or_nulls(batch, "caption")
+        originals = column_or_nulls(batch, "original_caption")
         reasons: list[str | None] = [None] * n
         raws: list[str | None] = [None] * n
         usage = np.zeros((n, len(USAGE_TYPES)), dtype=np.int64)
@@ -227,7 +227,7 @@ class Recaption(_ModelOrEndpointStage):
                 new_captions[i] = check_reply(text, finish)
             except BadReply as err:
                 reasons[i] = f"{self.name}: {err}"
-                raws[i] = text[:_RAW_LIMIT] if text is not None else None
+                raws[i] = text[:RAW_LIMIT] if text is not None else None
 
         kept_original = [
             o if o is not None else c for o, c in zip(originals, captions, strict=True)
@@ -269,7 +269,7 @@ class Recaption(_ModelOrEndpointStage):
             requests.append(ChatRequest(messages=messages, params=self.request_params()))
         out = {}
         for i, result in zip(rows, self.ask(requests), strict=True):
-            _add_usage(usage, i, result)
+            add_usage(usage, i, result)
             error = None if result.ok else self.failure(result)
             out[i] = (result.text, result.finish_reason, error)
         return out

@@ -79,13 +79,26 @@ SIGNAL_FIELDS: list[pa.Field] = [
     # alike the two are (cosine for embedding dedup, 1.0 for exact copies, 1 - bits/64 for pHash)
     pa.field("duplicate_of", pa.string()),
     pa.field("similarity", pa.float32()),
-    # stagesA: columns the dedup, clustering and mixture stages write (semdedup's statistic per
+    # columns the dedup, clustering and mixture stages write (semdedup's statistic per
     # rule, image_based's cluster and mark, short_answer's count of edited questions)
     pa.field("max_cos_earlier", pa.float32()),
     pa.field("component_size", pa.int64()),
     pa.field("image_cluster", pa.int64()),
     pa.field("near_reference", pa.bool_()),
     pa.field("short_answer_turns", pa.int32()),
+    # what the generation stages write beside their provenance columns. The model's text
+    # of a rejected reply (`gen_raw`, `fusion_raw`), the usage behind each row (tokens, whether
+    # paid now or served from the cache; responses served from the cache), and the caption that
+    # allava_generate replaced.
+    pa.field("gen_raw", pa.string()),
+    pa.field("gen_prompt_tokens", pa.int64()),
+    pa.field("gen_completion_tokens", pa.int64()),
+    pa.field("gen_cache_hits", pa.int32()),
+    pa.field("source_caption", pa.string()),
+    pa.field("fusion_raw", pa.string()),
+    pa.field("fusion_prompt_tokens", pa.int64()),
+    pa.field("fusion_completion_tokens", pa.int64()),
+    pa.field("fusion_cache_hits", pa.int32()),
 ]
 EMBEDDING_COLUMNS = ("image_emb", "text_emb")
 

@@ -22,8 +22,9 @@ from transformers import LlamaForCausalLM
 
 from warren.pipelines.runner import Pipeline, Runner
 from warren.stages.base import GlobalContext
-from warren.stages.perplexity import Perplexity, PplFilter, token_windows
+from warren.stages.perplexity import Perplexity, PplFilter
 from warren.stages.schema import rows_to_table
+from warren.stages.token_nll import token_windows
 
 WORDS = (
     "a the dog cat bird runs sits flies over under near red green blue small big old young "
@@ -306,6 +307,11 @@ def test_filter_keeps_the_lowest_fraction_by_ppl_then_id(ray_session, keep):
     assert {rid for rid, r in got.items() if r["_reject"] is None} == expected
     missing = {rid for rid, ppl, _ in rows if ppl is None}
     assert {rid for rid, r in got.items() if r["_reject"] == "ppl_filter: missing ppl"} == missing
+    # every ranked row carries its rank, the place of (ppl, id) in the sorted list
+    assert {rid: r["ppl_rank"] for rid, r in got.items() if rid not in missing} == {
+        rid: i for i, (_, rid) in enumerate(ranked)
+    }
+    assert all(got[rid]["ppl_rank"] is None for rid in missing)
     worst_ppl, worst = ranked[-1]
     rank = 100 * sum(p < worst_ppl for p, _ in ranked) / len(ranked)
     assert got[worst]["_reject"] == (
@@ -326,6 +332,9 @@ def test_per_source_normalisation_keeps_the_brute_force_z_score_ranks(ray_sessio
     ranked = sorted((float(np.float32(v)), rid) for rid, v in z.items())
     expected = {rid for _, rid in ranked[: round(0.3 * len(ranked))]}
     assert {rid for rid, r in got.items() if r["_reject"] is None} == expected
+    assert {rid: got[rid]["ppl_norm_rank"] for rid in z} == {
+        rid: i for i, (_, rid) in enumerate(ranked)
+    }
     # normalising changes the choice: source b's high raw ppl no longer rules it out
     raw = sorted((ppl, rid) for rid, ppl, _ in rows if ppl is not None)
     assert expected != {rid for _, rid in raw[: round(0.3 * len(raw))]}
