@@ -36,13 +36,14 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from warren.pipelines.recipe import main as recipe_main
-from warren.pipelines.runner import MANIFEST, Pipeline
+from warren.pipelines.runner import Pipeline
 from warren.stages.balance import Balance
 from warren.stages.base import Stage
 from warren.stages.export_check import ExportCheck
 from warren.stages.exports.caption import CaptionTemplate, unescape
 from warren.stages.mixture_spec import MixtureSpec, SpecError, load_spec
 from warren.stages.readers.mixture import READER
+from warren.stages.run_layout import MANIFEST
 from warren.stages.shards import Location
 from warren.stages.short_answer import ShortAnswer
 from warren.stages.source_filter import SourceFilter

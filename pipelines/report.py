@@ -39,9 +39,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from warren.pipelines.runner import MANIFEST
 from warren.stages.base import reason_key
 from warren.stages.ledger import REJECTED_DIR
+from warren.stages.run_layout import MANIFEST
 from warren.stages.schema import REASON_COLUMN
 from warren.stages.shards import Location
 
