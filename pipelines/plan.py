@@ -111,19 +111,23 @@ def column_problems(
     the stage, the column and the stages (of the pipeline, or any stage class loaded) that add it.
     """
     available = _core_columns()
-    trust_input = False
+    reader: ReaderStage | None = None
     problems = []
     for i, stage in enumerate(stages):
         if isinstance(stage, ReaderStage):
-            trust_input = stage.adds_unknown
-            available |= set(stage.added_columns()) if not trust_input else set()
+            reader = stage
             continue
         for column in stage.required_columns():
-            if column in available or trust_input:
+            # The input is asked last, and only then: the Parquet reader reads footers to tell.
+            if column in available or (reader is not None and _from_input(reader, column)):
                 continue
             problems.append(_missing(stage, column, stages[i + 1 :], known_stages))
         available |= set(stage.added_columns())
     return problems
+
+
+def _from_input(reader: ReaderStage, column: str) -> bool:
+    return reader.adds_unknown or column in reader.added_columns()
 
 
 def check_columns(
