@@ -56,6 +56,7 @@ from warren.stages.ledger import PROGRESS_DIR, complete_sources, prune_incomplet
 from warren.stages.readers.base import Reader
 from warren.stages.readers.stage import ReaderStage
 from warren.stages.run_layout import (
+    ATTEMPT,
     LOGS_DIR,
     REJECTED_DIR,
     LayoutError,
@@ -66,8 +67,6 @@ from warren.stages.run_layout import (
     write_run_json,
 )
 from warren.stages.shards import Location, LockError, OutputLock
-
-ATTEMPT = "_attempt.json"
 
 #: How each kind of stage runs: (runner, stage, its folder, the stage folder before it) -> the
 #: rows it received (None when its input is not rows, as the reader stage's).
