@@ -23,7 +23,16 @@ import warren.pipelines as pipelines
 
 # mixture.py takes a spec, not a fixed pipeline: `warren mixture SPEC.yaml` runs it; report.py
 # and explain.py read a run's output.
-NOT_RECIPES = {"cli", "recipe", "runner", "mixture", "report", "explain"}
+NOT_RECIPES = {"cli", "recipe", "runner", "mixture", "report", "explain"} | {
+    # the runner's parts
+    "plan",
+    "funnel",
+    "ray_session",
+    "run_errors",
+    "run_map",
+    "run_global",
+    "run_ingest",
+}
 
 
 def recipe_names() -> list[str]:
