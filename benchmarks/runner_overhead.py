@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from warren.pipelines.runner import Pipeline, Runner
 from warren.stages.base import BatchStage, param, reject
 from warren.stages.ledger import split_rejected
+from warren.stages.run_layout import open_run
 from warren.stages.schema import IMAGE_TYPE, conform
 from warren.stages.shards import Location, write_table_atomic
 
@@ -173,14 +174,9 @@ def main() -> None:
                 progress=False,
             ).run()
             total_s = time.perf_counter() - t0
-        import json
-
-        manifests = {
-            p.parent.name: json.loads(p.read_text())
-            for p in (work / "runner").glob("*/_manifest.json")
-        }
-        ingest_s = manifests["00-ingest"]["seconds"]
-        stage_s = manifests["01-trivial"]["seconds"]
+        run = open_run(str(work / "runner"))
+        ingest_s = run.stages[0].manifest["seconds"]
+        stage_s = run.stages[1].manifest["seconds"]
         print(
             f"runner: ingest copy {ingest_s:.1f} s, stage {stage_s:.1f} s ({n / stage_s:,.0f} rows/s), "
             f"whole run {total_s:.1f} s incl. Ray start; peak RSS driver {rss.peak_driver / 2**30:.2f} GiB, "
@@ -190,7 +186,7 @@ def main() -> None:
         import pyarrow as pa
         import ray
 
-        parts = sorted(str(p) for p in (work / "runner" / "00-ingest").glob("part-*.parquet"))
+        parts = run.stages[0].uris()
         t0 = time.perf_counter()
         ds = ray.data.read_parquet(parts, partitioning=None, include_paths=True)
         ds = ds.map_batches(

@@ -7,32 +7,13 @@ here starts Ray or loads a model: it reads what each stage declares (`Stage.desc
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
 from typing import Any
 
-from warren.stages.base import Stage
+from warren.pipelines.plan import column_problems
 from warren.stages.schema import CORE_FIELDS
 
 #: The columns every row has after ingest.
 INGEST_COLUMNS = tuple(f.name for f in CORE_FIELDS)
-
-
-def column_problems(
-    stages: Sequence[Stage], available: Iterable[str] = INGEST_COLUMNS
-) -> list[str]:
-    """One line per column a stage requires that neither ingest nor a stage before it adds; such
-    a column must then come with the input."""
-    have = set(available)
-    problems = []
-    for stage in stages:
-        for column in stage.required_columns():
-            if column not in have:
-                problems.append(
-                    f"stage {stage.name} requires column {column!r}, which no stage before it adds "
-                    "(the input must carry it)"
-                )
-        have.update(stage.added_columns())
-    return problems
 
 
 def _resources(resources: dict[str, Any]) -> str:
@@ -73,4 +54,4 @@ def describe_pipeline(pipeline: Any) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["INGEST_COLUMNS", "column_problems", "describe_pipeline"]
+__all__ = ["INGEST_COLUMNS", "describe_pipeline"]

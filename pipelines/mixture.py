@@ -36,7 +36,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from warren.pipelines.recipe import main as recipe_main
-from warren.pipelines.runner import MANIFEST, Pipeline
+from warren.pipelines.runner import Pipeline
 from warren.stages.balance import Balance
 from warren.stages.base import Stage
 from warren.stages.concept_balance import ConceptBalance, ConceptBalanceParams
@@ -44,6 +44,7 @@ from warren.stages.export_check import ExportCheck
 from warren.stages.exports.caption import CaptionTemplate, unescape
 from warren.stages.mixture_spec import MixtureSpec, SpecError, load_spec
 from warren.stages.readers.mixture import READER
+from warren.stages.run_layout import open_stage
 from warren.stages.shards import Location
 from warren.stages.short_answer import ShortAnswer
 from warren.stages.source_filter import SourceFilter
@@ -107,10 +108,11 @@ def build_pipeline(spec: MixtureSpec) -> Pipeline:
 
 def composition(folder: Location) -> dict[str, Any]:
     """Rows per source and per task of a stage folder's kept shards (two columns read)."""
-    manifest = folder.join(MANIFEST).read_json()
+    stage = open_stage(folder, verify=False)
+    manifest = stage.manifest
     by: dict[str, dict[str, int]] = {"source": {}, "task": {}}
-    for f in manifest["files"]:
-        with folder.fs.open_input_file(folder.join(f["name"]).path) as fh:
+    for f in stage.kept:
+        with folder.fs.open_input_file(f.path) as fh:
             pf = pq.ParquetFile(fh)
             present = [c for c in by if c in pf.schema_arrow.names]
             table = pf.read(columns=present)

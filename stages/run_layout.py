@@ -6,7 +6,9 @@
       logs/NN-name.log            tracebacks of failed work
       NN-name/                    one folder per stage, NN its position in the pipeline
         _manifest.json            written once the stage completes: name, version, params,
-                                  fingerprints, counts, the kept and rejected files with their rows
+                                  resources, columns, thresholds, fingerprints, counts, the
+                                  kept and rejected files with their rows
+        _attempt.json             the fingerprint of the attempt in progress (resume)
         part-*.parquet            kept rows
         rejected/part-*.parquet   rejected rows, with a `reason` column
 
@@ -30,6 +32,9 @@ MANIFEST = "_manifest.json"
 RUN_JSON = "run.json"
 REJECTED_DIR = "rejected"
 LOGS_DIR = "logs"
+#: Written when a stage starts computing (its fingerprint): a later run with the same fingerprint
+#: resumes the stage's folder instead of clearing it, until the manifest says it completed.
+ATTEMPT = "_attempt.json"
 _FOLDER = re.compile(r"^(\d\d)-(.+)$")
 
 

@@ -124,6 +124,23 @@ def parquet_row_count(fs: pafs.FileSystem, path: str) -> int:
         return pq.ParquetFile(f).metadata.num_rows
 
 
+def read_rows(fs: pafs.FileSystem, path: str, offset: int, rows: int) -> pa.Table:
+    """Rows [offset, offset + rows) of a Parquet file, reading only the row groups that hold them."""
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        groups, start, first = [], 0, None
+        for i in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(i).num_rows
+            if start < offset + rows and start + n > offset:
+                groups.append(i)
+                first = start if first is None else first
+            start += n
+        if first is None:
+            return pf.schema_arrow.empty_table()
+        table = pf.read_row_groups(groups)
+    return table.slice(offset - first, rows)
+
+
 def remove_temporaries(loc: Location) -> None:
     """Delete leftovers of writes that were interrupted (a kill between write and rename)."""
     if not loc.exists():

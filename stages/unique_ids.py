@@ -32,7 +32,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from warren.stages.base import reject
-from warren.stages.ledger import REJECTED_DIR, commit_piece, mark_source_done
+from warren.stages.ledger import commit_piece, mark_source_done
+from warren.stages.run_layout import REJECTED_DIR
 from warren.stages.schema import REASON_COLUMN, REJECT_COLUMN
 from warren.stages.shards import Location, list_shards, write_table_atomic
 

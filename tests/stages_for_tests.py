@@ -103,3 +103,37 @@ class BatchProbe(BatchStage):
         n = batch.num_rows
         out = batch.append_column("batch_rows", pa.array([n] * n, pa.int64()))
         return out.append_column("batch_first", pa.array([batch.column("id")[0].as_py()] * n))
+
+
+@dataclasses.dataclass(frozen=True)
+class MinScoreParams:
+    min_score: float = param(
+        0.5, "reject rows whose clip_score is below this", threshold="min", column="clip_score"
+    )
+
+
+class MinScore(BatchStage):
+    """Reads a column it does not add (clip_score): the column check's subject."""
+
+    name = "min_score"
+    version = "1"
+    Params = MinScoreParams
+    requires = ("clip_score",)
+    resources = Resources(batch_size=8)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        scores = pc.fill_null(batch.column("clip_score"), 0.0).to_numpy(zero_copy_only=False)
+        return reject(batch, scores < self.params.min_score, "min_score: below")
+
+
+class AddsScore(BatchStage):
+    """Adds clip_score (a row's caption length / 100)."""
+
+    name = "adds_score"
+    version = "1"
+    adds = ("clip_score",)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        lengths = pc.utf8_length(pc.fill_null(batch.column("caption"), ""))
+        scores = pc.divide(lengths.cast(pa.float64()), 100.0).cast(pa.float32())
+        return batch.append_column("clip_score", scores)

@@ -15,7 +15,7 @@ import pytest
 from worker_env import worker_pythonpath
 
 from warren.pipelines import cli, commands, recipe, registry
-from warren.pipelines.describe import column_problems
+from warren.pipelines.plan import column_problems
 from warren.pipelines.runner import Pipeline
 from warren.stages.base import BatchStage, Resources
 from warren.stages.embed import Embed
@@ -234,13 +234,16 @@ class _AddsScore(_NeedsScore):
 
 
 def test_the_column_check_names_the_stage_and_the_missing_column():
-    problems = column_problems([_NeedsScore()])
+    problems = column_problems([_NeedsScore()], known_stages=[_AddsScore])
     assert problems == [
-        "stage needs_score requires column 'clip_score', which no stage before it adds "
-        "(the input must carry it)"
+        "needs_score: requires column 'clip_score', which no stage before it adds "
+        "(the `adds_score` stage adds it)"
     ]
     assert column_problems([_AddsScore(), _NeedsScore()]) == []
-    assert column_problems([_NeedsScore(), _AddsScore()]) == problems
+    assert column_problems([_NeedsScore(), _AddsScore()]) == [
+        "needs_score: requires column 'clip_score', which no stage before it adds "
+        "(the `adds_score` stage adds it, but runs after it)"
+    ]
 
 
 def test_describe_prints_stages_columns_and_resources_without_ray_or_the_trainers():

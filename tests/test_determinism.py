@@ -204,9 +204,9 @@ def test_global_pieces_cut_the_files_at_fixed_positions_as_a_scan_of_every_file_
     import json
     import random
 
-    from warren.pipelines import runner
+    from warren.pipelines import run_global, run_map
 
-    step = runner.GLOBAL_ROWS_PER_PART
+    step = run_map.GLOBAL_ROWS_PER_PART
 
     def scan(files, total):  # every piece against every file: obviously right, quadratic
         starts = [sum(n for _, n in files[:i]) for i in range(len(files))]
@@ -229,7 +229,7 @@ def test_global_pieces_cut_the_files_at_fixed_positions_as_a_scan_of_every_file_
             for i in range(rng.randint(1, 25))
         ]
         total = sum(n for _, n in files)
-        assert runner._global_pieces(files, total) == scan(files, total), files
+        assert run_global.global_pieces(files, total) == scan(files, total), files
 
 
 def test_a_map_stage_sees_its_batches_cut_from_each_shard_and_writes_a_file_per_piece(

@@ -409,3 +409,44 @@ def test_workers_each_under_the_limit_still_fail_the_epoch_together(tmp_path):
         match=r"epoch 0: 5 of 26 rows skipped \(no_loss_tokens 1, missing_image 1, bad_image 2, ",
     ):
         list(loader)
+
+
+def _stage_folder(folder: Path, rows: list[dict], stray: list[dict]) -> Path:
+    """A completed stage folder as the runner writes it: two listed shards in its manifest, and
+    a stray `part-x.parquet` (a leftover of a killed task) that the manifest does not list."""
+    paths = write_shards(folder, rows, rows_per_file=4, row_group_size=2)
+    pq.write_table(rows_to_table(stray), folder / "part-x.parquet")
+    files = [
+        {"name": p.name, "rows": pq.read_metadata(p).num_rows, "bytes": p.stat().st_size}
+        for p in paths
+    ]
+    manifest = {"stage": "sample", "files": files, "rejected_files": []}
+    (folder / "_manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_data_from_a_stage_folder_reads_only_the_shards_its_manifest_lists(tmp_path):
+    rows = [color_row(i) for i in range(8)]
+    folder = _stage_folder(tmp_path / "03-sample", rows, [color_row(99)])
+    ids = [r["id"] for _, r in iter_rows(plan_units(folder), ["id"])]
+    # the 8 listed rows, each once; row-0099 of the stray file is never read
+    assert sorted(ids) == [f"row-{i:04d}" for i in range(8)]
+
+
+def test_data_from_a_run_folder_trains_on_its_final_stage(tmp_path):
+    out = tmp_path / "out"
+    _stage_folder(out / "00-ingest", [color_row(i) for i in range(12)], [])
+    _stage_folder(out / "01-sample", [color_row(i) for i in range(4)], [color_row(98)])
+    summary = {
+        "stages": [{"folder": "00-ingest"}, {"folder": "01-sample"}],
+        "final": {"folder": "01-sample", "rows": 4},
+    }
+    (out / "run.json").write_text(json.dumps(summary))
+    ids = [r["id"] for _, r in iter_rows(plan_units(out), ["id"])]
+    assert sorted(ids) == ["row-0000", "row-0001", "row-0002", "row-0003"]
+
+
+def test_a_plain_folder_of_parquet_files_is_still_read_whole(tmp_path):
+    write_shards(tmp_path, [color_row(i) for i in range(6)], rows_per_file=4, row_group_size=2)
+    ids = [r["id"] for _, r in iter_rows(plan_units(tmp_path), ["id"])]
+    assert sorted(ids) == [f"row-{i:04d}" for i in range(6)]

@@ -57,6 +57,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from warren.stages.images import DEFAULT_MAX_PIXELS, bomb_limits, decode_image, size_problem
+from warren.stages.run_layout import is_warren_output, open_stage
 from warren.stages.schema import KNOWN_TYPES
 from warren.stages.shards import Location, list_shards
 from warren.trainers.templates import (
@@ -187,8 +188,9 @@ def _too_many(
 
 
 def shard_files(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """The Parquet files of `data`: folders give the `*.parquet` shards directly in them (as a
-    pipeline stage writes them), files are taken as they are."""
+    """The Parquet files of `data`. A warren output, a run folder (its final stage) or a stage
+    folder, gives exactly the shards its manifest lists (a stray file beside them is never read);
+    any other folder gives the `*.parquet` files directly in it; files are taken as they are."""
     specs = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     if not specs:
         raise ValueError("no training data given")
@@ -197,12 +199,15 @@ def shard_files(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
         loc = Location.of(spec)
         if not loc.exists():
             raise FileNotFoundError(f"training data {os.fspath(spec)!r}: no such file or folder")
-        if loc.is_dir():
+        if loc.is_dir() and is_warren_output(loc):
+            files.extend(open_stage(loc).uris())
+        elif loc.is_dir():
             found = list_shards(loc)
             if not found:
                 raise FileNotFoundError(
                     f"training data {loc.uri!r}: no .parquet shards directly in this folder; "
-                    "give a stage's output folder (e.g. OUTPUT/08-sample) or the files"
+                    "give a run's output folder, a stage folder (e.g. OUTPUT/08-sample) or the "
+                    "files"
                 )
             files.extend(Location(loc.fs, p).uri for p in found)
         else:

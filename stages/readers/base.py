@@ -76,6 +76,8 @@ class Reader:
     OPTIONS: ClassVar[tuple[str, ...]] = ("source",)
     #: Rows per yielded table, for readers that accept a `batch_size` option.
     DEFAULT_BATCH_SIZE: ClassVar[int] = 512
+    #: True when `known_columns()` can tell the input's columns after `plan()` (cheaply).
+    KNOWS_COLUMNS: ClassVar[bool] = False
 
     def __init__(self, uri: str, **options: Any) -> None:
         self.uri = str(uri)
@@ -93,6 +95,12 @@ class Reader:
 
     def read(self, unit: ReadUnit) -> Iterator[pa.Table]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def known_columns(self) -> dict[str, pa.DataType] | None:
+        """The columns this reader's rows carry, when it can tell after `plan()` from the input's
+        metadata alone (never by reading rows); None when it cannot, and the column check then
+        trusts the input for a column no stage adds."""
+        return None
 
     def fingerprint(self) -> str:
         """Changes when the input files (paths, sizes, modification times), the options or the

@@ -188,6 +188,13 @@ class ParquetReader(Reader):
         table = finish(table, self.source, "source" in self.options, where, self.format)
         return table if schema is None else _to_schema(table, schema, where)
 
+    KNOWS_COLUMNS = True
+
+    def known_columns(self) -> dict[str, pa.DataType] | None:
+        """Every file's canonical columns together, from their footers (`plan` unifies them)."""
+        unified = getattr(self, "unified_schema", None)
+        return None if unified is None else {f.name: f.type for f in unified}
+
     def describe(self) -> dict[str, Any]:
         out = super().describe()
         if self.aliases_used:
