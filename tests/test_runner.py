@@ -229,9 +229,7 @@ def test_rerun_after_kill_9_in_a_map_stage_loses_and_duplicates_nothing(ray_sess
     rows = make_pool(tmp_path / "pool", n=240, shards=12)
     script = tmp_path / "run.py"
     script.write_text(KILL_SCRIPT)
-    env = dict(
-        os.environ, PYTHONPATH=worker_pythonpath(), RAY_ADDRESS=""
-    )
+    env = dict(os.environ, PYTHONPATH=worker_pythonpath(), RAY_ADDRESS="")
     env.pop("RAY_ADDRESS")
     out = tmp_path / "out"
     proc = subprocess.Popen(

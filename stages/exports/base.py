@@ -238,7 +238,6 @@ def _stats_verdict(group: pq.RowGroupMetaData, leaves: list[int], nested: bool) 
     return None
 
 
-
 class StagedFolder:
     """`with StagedFolder(dest, ...) as staged:` write under `staged.path`; on success the folder
     is renamed to `dest` (replacing it when `overwrite`), on failure it is deleted."""
