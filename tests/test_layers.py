@@ -177,7 +177,7 @@ def test_import_cycles_finds_each_loop_and_nothing_else() -> None:
 
 
 @pytest.fixture(scope="module")
-def warren_cycles(tmp_path_factory: pytest.TempPathFactory) -> set[frozenset[str]]:
+def warren_edges(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, str]]:
     view = _linked_view(tmp_path_factory.mktemp("cycles"))
     res = subprocess.run(
         [sys.executable, "-c", _EDGES],
@@ -190,7 +190,38 @@ def warren_cycles(tmp_path_factory: pytest.TempPathFactory) -> set[frozenset[str
     )
     edges = [tuple(e) for e in json.loads(res.stdout)]
     assert any(a == "warren.pipelines.runner" for a, _ in edges), "the graph misses the runner"
-    return import_cycles(edges)
+    return edges
+
+
+@pytest.fixture(scope="module")
+def warren_cycles(warren_edges: list[tuple[str, str]]) -> set[frozenset[str]]:
+    return import_cycles(warren_edges)
+
+
+# ARCHITECTURE.md: stages -> (schema, shards, models, clients). The modules every operator
+# builds on: the row schema, shard and layout I/O, image decoding, model loading, the endpoint
+# client and the stage contract. They import each other and nothing else of warren.stages.
+FOUNDATION = {
+    f"warren.stages.{name}"
+    for name in (
+        "schema", "shards", "run_layout", "images", "models", "model_fetch", "lm",
+        "llm_client", "chat_request", "request_limits", "response_cache", "watchdog",
+        "base", "conversation",
+    )
+}  # fmt: skip
+
+
+def test_the_foundation_of_stages_imports_no_operator(
+    warren_edges: list[tuple[str, str]],
+) -> None:
+    modules = {m for edge in warren_edges for m in edge}
+    assert FOUNDATION <= modules, sorted(FOUNDATION - modules)
+    upward = sorted(
+        f"{a} -> {b}"
+        for a, b in warren_edges
+        if a in FOUNDATION and b.startswith("warren.") and b not in FOUNDATION
+    )
+    assert not upward, upward
 
 
 def test_no_module_imports_itself_back(warren_cycles: set[frozenset[str]]) -> None:
