@@ -25,6 +25,14 @@ def _resources(resources: dict[str, Any]) -> str:
     return " ".join(f"{k}={shown(v)}" for k, v in resources.items())
 
 
+def _meaningful(d: dict[str, Any]) -> dict[str, Any]:
+    """The resources that mean something for the stage's kind: rows per batch and an actor pool's
+    size are those of a batch stage only."""
+    if d["kind"] == "batch":
+        return d["resources"]
+    return {k: v for k, v in d["resources"].items() if k in ("num_cpus", "num_gpus")}
+
+
 def describe_pipeline(pipeline: Any) -> str:
     """The recipe as text: a header, ingest, then each stage (index, name, version, kind) with its
     parameters, resources and columns, and the column check last."""
@@ -38,7 +46,7 @@ def describe_pipeline(pipeline: Any) -> str:
         lines += [
             f"  {i:02d} {d['name']} v{d['version']} ({d['kind']})",
             f"       params:    {d['params']}",
-            f"       resources: {_resources(d['resources'])}",
+            f"       resources: {_resources(_meaningful(d))}",
             f"       requires:  {', '.join(d['requires']) or '-'}",
             f"       adds:      {adds}",
         ]
