@@ -294,7 +294,7 @@ def train(
         config = TrainConfig(**given)
         _log_to_console()
         summary = run_training(config)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:  # bad settings; data that is not there
         print(f"warren train: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2, sort_keys=True))

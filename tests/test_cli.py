@@ -124,6 +124,15 @@ def test_train_takes_exactly_the_trainers_flags():
     assert commands.train_parser().parse_args(["--data", "d", "--output", "o"]).stage == "align"
 
 
+def test_train_on_missing_data_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    pytest.importorskip("torch")
+    missing = str(tmp_path / "no_such_run")
+    argv = ["train", "--data", missing, "--output", str(tmp_path / "o"), "--vision", "v"]
+    assert cli.main([*argv, "--llm", "l", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("warren train: ") and "no_such_run" in err and "Traceback" not in err
+
+
 # ---- per-stage resources -----------------------------------------------------------------------
 
 
