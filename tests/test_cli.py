@@ -191,6 +191,8 @@ def test_the_python_api_takes_the_same_resources(monkeypatch, tmp_path):
         ("--embed.concurrency", "8,2", "MIN must not exceed MAX"),
         ("--embed.concurrency", "a,b", "expected a whole number"),
         ("--embed.num_gpus", "-1", "must be >= 0"),
+        ("--embed.num_gpus", "nan", "must be a finite number >= 0"),
+        ("--embed.num_cpus", "inf", "must be a finite number >= 0"),
         ("--embed.batch_size", "many", "expected a whole number"),
     ],
 )
@@ -208,6 +210,9 @@ def test_a_bad_resource_from_python_names_the_stage(capsys, tmp_path):
     )
     assert code == 2
     assert "stage image_check: unknown resource 'gpus'" in capsys.readouterr().err
+    nan = {"image_check": {"num_gpus": float("nan")}}
+    assert commands.run("demo", output=str(tmp_path), describe=True, resources=nan) == 2
+    assert "num_cpus and num_gpus must be finite and >= 0" in capsys.readouterr().err
     code = commands.run("demo", output=str(tmp_path), describe=True, resources={"embed": {}})
     assert code == 2
     assert "resources for 'embed': no such stage" in capsys.readouterr().err
