@@ -386,6 +386,12 @@ def execute(
         stages = apply_stage_flags(
             pipeline.stages, params, resources, pipeline.demo_params if on_demo else None
         )
+    except ValueError as exc:  # a stage flag's value: the user's to fix, no traceback to log
+        if verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         if describe:
             print(describe_pipeline(Pipeline(pipeline.name, stages, pipeline.description)))
             return 0

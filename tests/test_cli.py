@@ -218,6 +218,16 @@ def test_a_bad_resource_from_python_names_the_stage(capsys, tmp_path):
     assert "resources for 'embed': no such stage" in capsys.readouterr().err
 
 
+def test_a_bad_stage_parameter_is_the_user_s_error_and_describe_writes_nothing(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["describe", "demo", "--caption_check.min_chars", "-5"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: stage caption_check: caption_check: min_chars must be >= 0, got -5\n"
+    assert list(tmp_path.iterdir()) == []  # no warren-out/demo/logs/run.log in the cwd
+
+
 def test_a_stage_with_a_parameter_of_a_resources_name_keeps_both():
     parser = recipe.build_parser(Pipeline("t", [Recaption()]), "o")
     args = parser.parse_args(
