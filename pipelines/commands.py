@@ -194,7 +194,7 @@ def explain(output: str, id: str) -> int:
     `warren explain OUTPUT ID`; exit 1 when no row has that id."""
     from warren.pipelines.explain import main as explain_main
 
-    return explain_main([output, id])
+    return explain_main(["--", output, id])  # an id may begin with "-"
 
 
 def export(
