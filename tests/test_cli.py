@@ -228,6 +228,14 @@ def test_a_bad_stage_parameter_is_the_user_s_error_and_describe_writes_nothing(
     assert list(tmp_path.iterdir()) == []  # no warren-out/demo/logs/run.log in the cwd
 
 
+def test_a_model_stage_given_no_cpus_gets_an_actor_pool(ray_session):
+    from warren.pipelines.ray_session import map_resources
+
+    args = map_resources(Embed(resources={"num_cpus": 0, "num_gpus": 0}))  # was ZeroDivisionError
+    assert args["num_cpus"] == 0 and args["compute"].min_size == 1
+    assert args["compute"].max_size >= 1
+
+
 def test_a_stage_with_a_parameter_of_a_resources_name_keeps_both():
     parser = recipe.build_parser(Pipeline("t", [Recaption()]), "o")
     args = parser.parse_args(
