@@ -194,7 +194,7 @@ def explain(output: str, id: str) -> int:
     `warren explain OUTPUT ID`; exit 1 when no row has that id."""
     from warren.pipelines.explain import main as explain_main
 
-    return explain_main([output, id])
+    return explain_main(["--", output, id])  # an id may begin with "-"
 
 
 def export(
@@ -294,7 +294,7 @@ def train(
         config = TrainConfig(**given)
         _log_to_console()
         summary = run_training(config)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:  # bad settings; data that is not there
         print(f"warren train: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2, sort_keys=True))

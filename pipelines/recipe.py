@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import typing
 from collections.abc import Sequence
@@ -92,6 +93,8 @@ def _non_negative(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not math.isfinite(value):  # float() takes "nan" and "inf": no count of CPUs or GPUs
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 
@@ -383,6 +386,12 @@ def execute(
         stages = apply_stage_flags(
             pipeline.stages, params, resources, pipeline.demo_params if on_demo else None
         )
+    except ValueError as exc:  # a stage flag's value: the user's to fix, no traceback to log
+        if verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         if describe:
             print(describe_pipeline(Pipeline(pipeline.name, stages, pipeline.description)))
             return 0

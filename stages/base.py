@@ -119,8 +119,8 @@ class Resources:
         return resources
 
     def check(self) -> None:
-        if self.num_cpus < 0 or self.num_gpus < 0:
-            raise ValueError(f"num_cpus and num_gpus must be >= 0, got {self}")
+        if not (0 <= self.num_cpus < np.inf and 0 <= self.num_gpus < np.inf):  # nan fails too
+            raise ValueError(f"num_cpus and num_gpus must be finite and >= 0, got {self}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.concurrency is not None:

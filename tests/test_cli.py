@@ -124,6 +124,15 @@ def test_train_takes_exactly_the_trainers_flags():
     assert commands.train_parser().parse_args(["--data", "d", "--output", "o"]).stage == "align"
 
 
+def test_train_on_missing_data_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    pytest.importorskip("torch")
+    missing = str(tmp_path / "no_such_run")
+    argv = ["train", "--data", missing, "--output", str(tmp_path / "o"), "--vision", "v"]
+    assert cli.main([*argv, "--llm", "l", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("warren train: ") and "no_such_run" in err and "Traceback" not in err
+
+
 # ---- per-stage resources -----------------------------------------------------------------------
 
 
@@ -182,6 +191,8 @@ def test_the_python_api_takes_the_same_resources(monkeypatch, tmp_path):
         ("--embed.concurrency", "8,2", "MIN must not exceed MAX"),
         ("--embed.concurrency", "a,b", "expected a whole number"),
         ("--embed.num_gpus", "-1", "must be >= 0"),
+        ("--embed.num_gpus", "nan", "must be a finite number >= 0"),
+        ("--embed.num_cpus", "inf", "must be a finite number >= 0"),
         ("--embed.batch_size", "many", "expected a whole number"),
     ],
 )
@@ -199,9 +210,30 @@ def test_a_bad_resource_from_python_names_the_stage(capsys, tmp_path):
     )
     assert code == 2
     assert "stage image_check: unknown resource 'gpus'" in capsys.readouterr().err
+    nan = {"image_check": {"num_gpus": float("nan")}}
+    assert commands.run("demo", output=str(tmp_path), describe=True, resources=nan) == 2
+    assert "num_cpus and num_gpus must be finite and >= 0" in capsys.readouterr().err
     code = commands.run("demo", output=str(tmp_path), describe=True, resources={"embed": {}})
     assert code == 2
     assert "resources for 'embed': no such stage" in capsys.readouterr().err
+
+
+def test_a_bad_stage_parameter_is_the_user_s_error_and_describe_writes_nothing(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["describe", "demo", "--caption_check.min_chars", "-5"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: stage caption_check: caption_check: min_chars must be >= 0, got -5\n"
+    assert list(tmp_path.iterdir()) == []  # no warren-out/demo/logs/run.log in the cwd
+
+
+def test_a_model_stage_given_no_cpus_gets_an_actor_pool(ray_session):
+    from warren.pipelines.ray_session import map_resources
+
+    args = map_resources(Embed(resources={"num_cpus": 0, "num_gpus": 0}))  # was ZeroDivisionError
+    assert args["num_cpus"] == 0 and args["compute"].min_size == 1
+    assert args["compute"].max_size >= 1
 
 
 def test_a_stage_with_a_parameter_of_a_resources_name_keeps_both():

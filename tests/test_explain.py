@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 from report_outputs import threshold, with_provenance, write_stage
 
-from warren.pipelines import demo
+from warren.pipelines import commands, demo
 from warren.pipelines.cli import main as cli_main
 from warren.pipelines.explain import explain, format_journey
 from warren.pipelines.recipe import main as recipe_main
@@ -129,6 +129,15 @@ def test_explain_shows_the_rank_a_window_rewrote_on_a_column_its_input_had(tmp_p
     write_stage(tmp_path, 1, "rank_window", {}, t, {"a": "rank_window: below window"}, window)
     removed = explain(tmp_path, "a").removed_at
     assert removed.values == {"clip_score": pytest.approx(0.1), "clip_score_rank": 2}
+
+
+def test_explain_an_id_that_looks_like_a_flag(tmp_path, capsys):
+    # ids are any strings (a LLaVA JSON's "-7", a user's "--x"): the command takes them as ids
+    ids = ["-7", "--x"]
+    write_stage(tmp_path, 0, "ingest", {}, pa.table({"id": ids, "caption": ids}), {}, [])
+    assert commands.explain(str(tmp_path), "--x") == 0
+    assert cli_main(["explain", str(tmp_path), "--", "--x"]) == 0
+    assert "row '--x'" in capsys.readouterr().out
 
 
 def test_explain_reads_the_kept_copy_from_duplicate_of_not_from_the_reason(built):

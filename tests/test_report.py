@@ -460,6 +460,14 @@ def test_duplicate_group_sizes_come_from_the_duplicate_of_column_of_rejected_row
     assert "duplicate groups: 3 kept rows with 5 copies removed, largest group 4" in text
 
 
+def test_report_to_a_file_in_a_folder_that_does_not_exist_yet(tmp_path, capsys):
+    ids = [f"r{i}" for i in range(3)]
+    write_stage(tmp_path / "out", 0, "ingest", {}, pa.table({"id": ids}), {}, [])
+    dest = tmp_path / "reports" / "run1.html"
+    assert cli_main(["report", str(tmp_path / "out"), "--to", str(dest)]) == 0
+    assert dest.read_text().startswith("<!") and str(dest) in capsys.readouterr().out
+
+
 def test_an_old_dedup_output_without_duplicate_of_has_no_group_chart(tmp_path):
     ids = [f"r{i}" for i in range(4)]
     t = write_stage(tmp_path, 0, "ingest", {}, pa.table({"id": ids}), {}, None)

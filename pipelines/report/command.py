@@ -18,6 +18,8 @@ def write_report(
     """Write the report (default OUTPUT/report.html) atomically; return its path or URI."""
     out = output if isinstance(output, Location) else Location.of(output)
     target = Location.of(dest) if dest else out.join(REPORT_FILE)
+    if dest:
+        target.mkdir_parent()  # `--to reports/run1.html`, as `warren export --to` makes its folder
     target.write_bytes_atomic(render(out, seed).encode())
     return target.uri
 
