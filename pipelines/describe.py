@@ -25,12 +25,12 @@ def _resources(resources: dict[str, Any]) -> str:
     return " ".join(f"{k}={shown(v)}" for k, v in resources.items())
 
 
-def _meaningful(d: dict[str, Any]) -> dict[str, Any]:
-    """The resources that mean something for the stage's kind: rows per batch and an actor pool's
-    size are those of a batch stage only."""
+def _resources_line(d: dict[str, Any]) -> str:
+    """A batch stage's resources; a global stage takes none (its Ray Data operations size
+    themselves to the cluster)."""
     if d["kind"] == "batch":
-        return d["resources"]
-    return {k: v for k, v in d["resources"].items() if k in ("num_cpus", "num_gpus")}
+        return _resources(d["resources"])
+    return "sized to the cluster by its Ray Data operations"
 
 
 def describe_pipeline(pipeline: Any) -> str:
@@ -46,7 +46,7 @@ def describe_pipeline(pipeline: Any) -> str:
         lines += [
             f"  {i:02d} {d['name']} v{d['version']} ({d['kind']})",
             f"       params:    {d['params']}",
-            f"       resources: {_resources(_meaningful(d))}",
+            f"       resources: {_resources_line(d)}",
             f"       requires:  {', '.join(d['requires']) or '-'}",
             f"       adds:      {adds}",
         ]

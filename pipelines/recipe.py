@@ -32,7 +32,7 @@ from typing import Any
 from warren.pipelines.basic_filter_stages import with_basic_filter
 from warren.pipelines.describe import describe_pipeline
 from warren.pipelines.runner import Pipeline, PipelineError, Runner, one_line
-from warren.stages.base import Resources, Stage
+from warren.stages.base import BatchStage, Resources, Stage
 from warren.stages.demo_vlm import DEMO_VLM, ensure_demo_vlm
 from warren.stages.readers.base import InputError
 from warren.stages.schema import SchemaError
@@ -162,7 +162,9 @@ def add_stage_flags(
                 # argparse %-formats help strings, and a stage's help may say "top 30%".
                 help=help_text.replace("%", "%%"),
             )
-        for resource in RESOURCE_NAMES:
+        # Only a batch stage's workers take resources (map_batches); a global stage sizes its
+        # Ray Data operations to the cluster.
+        for resource in RESOURCE_NAMES if isinstance(stage, BatchStage) else ():
             current = getattr(stage.resources, resource)
             shown = ",".join(map(str, current)) if isinstance(current, tuple) else current
             group.add_argument(
@@ -184,7 +186,7 @@ def stage_flags(args: argparse.Namespace, stages: Sequence[Stage]) -> tuple[dict
             value = getattr(args, f"{stage.name}.{f.name}")
             if value is not None:
                 params.setdefault(stage.name, {})[f.name] = value
-        for resource in RESOURCE_NAMES:
+        for resource in RESOURCE_NAMES if isinstance(stage, BatchStage) else ():
             value = getattr(args, f"{stage.name}.resources.{resource}")
             if value is not None:
                 resources.setdefault(stage.name, {})[resource] = value

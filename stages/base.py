@@ -41,9 +41,10 @@ class NoParams:
     """A stage without parameters."""
 
 
-#: The kinds of threshold a parameter can be (its `threshold` metadata): an absolute bound on a
-#: column's value, or one end of a window of ranks (fractions of the rows, rank 0 = the first row in
-#: the stage's order).
+#: The kinds of threshold a parameter can be (its `threshold` metadata): an absolute lower or upper
+#: bound the stage's rule puts on a column (a filter's bound on the rows it keeps, a dedup's bound
+#: on the distance of the copies it removes), or one end of a window of ranks (fractions of the
+#: rows, rank 0 = the first row in the stage's order).
 THRESHOLD_KINDS = ("min", "max", "rank_lo", "rank_hi")
 
 
@@ -180,6 +181,13 @@ class Stage:
         self.check_params()
         # The instance's own copy: the class default, then what the parameters imply, then what
         # the user asked for. Resources are not in the cache key (they change no output).
+        if resources and not isinstance(self, BatchStage):
+            # A global stage's Ray Data operations size themselves to the cluster: a value given
+            # here would be accepted and do nothing.
+            raise ValueError(
+                f"{self.name}: a global stage sizes its work to the cluster and takes no resources "
+                f"(given: {', '.join(sorted(resources))})"
+            )
         self.resources = self.default_resources().replace(**dict(resources or {}))
 
     def check_params(self) -> None:

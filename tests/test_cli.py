@@ -152,20 +152,36 @@ def test_resource_flags_reach_the_stage_instance_and_not_its_class(monkeypatch, 
     argv = [
         "run", "bunny_pretrain", "--output", str(tmp_path), "--no-report", "--quiet",
         "--embed.num_gpus", "0.5", "--embed.concurrency", "8", "--embed.batch_size", "256",
-        "--cluster.num_cpus", "2", "--clip_score.concurrency", "2,6",
+        "--image_check.num_cpus", "2", "--image_check.concurrency", "2,6",
     ]  # fmt: skip
     assert cli.main(argv) == 0
     stages = {s.name: s for s in _FakeRunner.seen[0].stages}
     assert stages["embed"].resources == Resources(
         num_cpus=1.0, num_gpus=0.5, batch_size=256, concurrency=(8, 8)
     )
-    assert stages["cluster"].num_cpus == 2.0
-    assert stages["clip_score"].concurrency == (2, 6)
+    assert stages["image_check"].num_cpus == 2.0
+    assert stages["image_check"].concurrency == (2, 6)
     assert Embed.resources == Embed().resources and Embed().num_gpus == Embed.resources.num_gpus
     # a resource is not a parameter: the cache key is the same
     assert stages["embed"].params_hash == Embed(model=stages["embed"].params.model).params_hash
     # the demo parameters still apply (the demo CLIP), next to the resources
     assert stages["embed"].params.model == recipe.DEMO_CLIP
+
+
+def test_a_global_stage_takes_no_resources_and_says_so(monkeypatch, tmp_path, capsys):
+    # Its Ray Data operations size themselves to the cluster: a value would do nothing.
+    monkeypatch.setattr(recipe, "Runner", _FakeRunner)
+    _FakeRunner.seen.clear()
+    argv = ["run", "bunny_pretrain", "--output", str(tmp_path), "--cluster.num_cpus", "2"]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --cluster.num_cpus" in capsys.readouterr().err
+    code = commands.run(
+        "bunny_pretrain", output=str(tmp_path), resources={"cluster": {"num_cpus": 2}}
+    )
+    assert code == 2 and not _FakeRunner.seen
+    assert "cluster: a global stage sizes its work to the cluster" in capsys.readouterr().err
 
 
 def test_the_python_api_takes_the_same_resources(monkeypatch, tmp_path):
@@ -343,11 +359,11 @@ def test_the_mixture_function_passes_its_flags_to_the_mixture_command(capsys, tm
         output=str(tmp_path),
         describe=True,
         params={"balance": {"total": 100}},
-        resources={"balance": {"num_cpus": 2}, "export_check": {"concurrency": (1, 4)}},
+        resources={"export_check": {"num_cpus": 2, "concurrency": (1, 4)}},
     )
     assert code == 0
     lines = capsys.readouterr().out.splitlines()
     at = next(i for i, line in enumerate(lines) if " balance v" in line)
-    assert "'total': 100" in lines[at + 1] and "num_cpus=2.0" in lines[at + 2]
+    assert "'total': 100" in lines[at + 1]
     at = next(i for i, line in enumerate(lines) if " export_check v" in line)
-    assert "concurrency=1,4" in lines[at + 2]
+    assert "num_cpus=2.0" in lines[at + 2] and "concurrency=1,4" in lines[at + 2]
