@@ -60,7 +60,10 @@ def map_resources(stage: BatchStage) -> dict[str, Any]:
         if stage.concurrency is not None:
             lo, hi = stage.concurrency
         else:
-            by_cpu = int((cpus - 1) // num_cpus) if cpus > 1 else 1
+            if num_cpus > 0:
+                by_cpu = int((cpus - 1) // num_cpus) if cpus > 1 else 1
+            else:  # `--<stage>.num_cpus 0`: actors that hold no CPU, one per CPU at most
+                by_cpu = max(1, int(cpus))
             by_gpu = int(gpus // num_gpus) if num_gpus else by_cpu
             hi = max(1, min(by_cpu, by_gpu))
             lo = 1
