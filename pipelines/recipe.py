@@ -386,7 +386,8 @@ def execute(
         )
         if describe:
             described = Pipeline(pipeline.name, stages, pipeline.description)
-            print(describe_pipeline(described, _reader_stage(input, input_format, input_option)))
+            reader_stage = _reader_stage(input, input_format, input_option, on_duplicate_id)
+            print(describe_pipeline(described, reader_stage))
             return 0
         configured = Pipeline(pipeline.name, _with_demo_models(stages), pipeline.description)
         Runner(
@@ -422,7 +423,7 @@ def execute(
 
 
 def _reader_stage(
-    input: str, input_format: str | None, input_option: Sequence[str]
+    input: str, input_format: str | None, input_option: Sequence[str], on_duplicate_id: str
 ) -> ReaderStage | None:
     """The reader stage a run of `input` starts with, for describe's column check (the run's
     own); None when the input cannot be read (yet): the check then assumes the core columns."""
@@ -430,7 +431,7 @@ def _reader_stage(
 
     try:
         reader = get_reader(input_format, input, **_reader_options(list(input_option)))
-        stage = ReaderStage(reader)
+        stage = ReaderStage(reader, on_duplicate_id)
         stage.adds_unknown  # noqa: B018 - reads the input's metadata when the reader can
     except InputError:
         return None
