@@ -433,7 +433,7 @@ def _reader_stage(
         reader = get_reader(input_format, input, **_reader_options(list(input_option)))
         stage = ReaderStage(reader, on_duplicate_id)
         stage.adds_unknown  # noqa: B018 - reads the input's metadata when the reader can
-    except InputError:
+    except (OSError, ValueError):  # InputError, or a filesystem that cannot be reached
         return None
     return stage
 
