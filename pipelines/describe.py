@@ -33,9 +33,10 @@ def _resources_line(d: dict[str, Any]) -> str:
     return "sized to the cluster by its Ray Data operations"
 
 
-def describe_pipeline(pipeline: Any) -> str:
+def describe_pipeline(pipeline: Any, reader_stage: Any = None) -> str:
     """The recipe as text: a header, ingest, then each stage (index, name, version, kind) with its
-    parameters, resources and columns, and the column check last."""
+    parameters, resources and columns, and the column check last: against the input a run
+    reads when its `reader_stage` is given (as the run checks), else the core columns only."""
     lines = [
         f"pipeline {pipeline.name}: {pipeline.description}".rstrip(": "),
         f"  00 ingest: read the input into canonical rows ({', '.join(INGEST_COLUMNS)})",
@@ -54,7 +55,8 @@ def describe_pipeline(pipeline: Any) -> str:
             f"       threshold: {t['param']} ({t['kind']}) on {t['column']} = {t['value']:g}"
             for t in d["thresholds"]
         ]
-    problems = column_problems(pipeline.stages)
+    plan = [reader_stage, *pipeline.stages] if reader_stage is not None else pipeline.stages
+    problems = column_problems(plan)
     if problems:
         lines.append("columns: " + "; ".join(problems))
     else:

@@ -141,12 +141,22 @@ def _missing(
         {
             cls.name
             for cls in (known_stages if known_stages is not None else _stage_classes())
-            if cls.name and column in cls.adds
+            if cls.name and column in _class_adds(cls)
         }
     )
     if adders:
         return text + " (" + " or ".join(f"the `{n}` stage" for n in adders) + " adds it)"
     return text + " (no known stage adds it; the input must carry it)"
+
+
+def _class_adds(cls: type[Stage]) -> set[str]:
+    """The columns a stage class adds: its `adds`, and what an instance with its default
+    parameters says (a stage whose columns depend on its parameters declares them through
+    `added_columns()`, e.g. embed's `image_emb`); a class that needs parameters gives its `adds`."""
+    try:
+        return set(cls.adds) | set(cls().added_columns())
+    except Exception:  # abstract, or no defaults for its parameters: only what it declares
+        return set(cls.adds)
 
 
 def _stage_classes() -> list[type[Stage]]:

@@ -62,8 +62,8 @@ def map_resources(stage: BatchStage) -> dict[str, Any]:
         else:
             if num_cpus > 0:
                 by_cpu = int((cpus - 1) // num_cpus) if cpus > 1 else 1
-            else:  # `--<stage>.num_cpus 0`: its workers take no CPU; one a CPU, read tasks aside
-                by_cpu = max(1, int(cpus) - 1)
+            else:  # `--<stage>.num_cpus 0`: actors that hold no CPU, one per CPU at most
+                by_cpu = max(1, int(cpus))
             by_gpu = int(gpus // num_gpus) if num_gpus else by_cpu
             hi = max(1, min(by_cpu, by_gpu))
             lo = 1

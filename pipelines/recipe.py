@@ -35,6 +35,7 @@ from warren.pipelines.runner import Pipeline, PipelineError, Runner, one_line
 from warren.stages.base import BatchStage, Resources, Stage
 from warren.stages.demo_vlm import DEMO_VLM, ensure_demo_vlm
 from warren.stages.readers.base import InputError
+from warren.stages.readers.stage import ReaderStage
 from warren.stages.schema import SchemaError
 
 DEMO_DATA = str(Path(__file__).resolve().parent / "demo_data" / "demo.parquet")
@@ -395,7 +396,9 @@ def execute(
         return 2
     try:
         if describe:
-            print(describe_pipeline(Pipeline(pipeline.name, stages, pipeline.description)))
+            described = Pipeline(pipeline.name, stages, pipeline.description)
+            reader_stage = _reader_stage(input, input_format, input_option, on_duplicate_id)
+            print(describe_pipeline(described, reader_stage))
             return 0
         configured = Pipeline(pipeline.name, _with_demo_models(stages), pipeline.description)
         Runner(
@@ -428,6 +431,22 @@ def execute(
     if not no_report:
         _write_report(output, verbose)
     return 0
+
+
+def _reader_stage(
+    input: str, input_format: str | None, input_option: Sequence[str], on_duplicate_id: str
+) -> ReaderStage | None:
+    """The reader stage a run of `input` starts with, for describe's column check (the run's
+    own); None when the input cannot be read (yet): the check then assumes the core columns."""
+    from warren.stages.readers import get_reader
+
+    try:
+        reader = get_reader(input_format, input, **_reader_options(list(input_option)))
+        stage = ReaderStage(reader, on_duplicate_id)
+        stage.adds_unknown  # noqa: B018 - reads the input's metadata when the reader can
+    except (OSError, ValueError):  # InputError, or a filesystem that cannot be reached
+        return None
+    return stage
 
 
 def _log_traceback(output: str, exc: BaseException) -> str | None:

@@ -232,7 +232,7 @@ class Runner:
         ensure_ray(self.num_cpus)
         quiet_ray_data(not self.progress)
         started = time.time()
-        self.log(describe_pipeline(self.pipeline))
+        self.log(describe_pipeline(self.pipeline, self.stages[0]))
         self.log(f"input: {self.reader.uri} ({self.reader.format}); output: {self.output.uri}")
         reports: list[StageReport] = []
         # A stage's fingerprint covers what it is (name, version, parameters) and what it reads:

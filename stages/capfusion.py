@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 
 from warren.prompts import Prompt, load_prompt
-from warren.stages.base import Resources, param, put_columns, reject
+from warren.stages.base import param, put_columns, reject
 from warren.stages.generation_backend import (
     ModelOrEndpointParams,
     ModelOrEndpointStage,
@@ -98,7 +98,7 @@ class CapFusion(ModelOrEndpointStage):
     name = "capfusion"
     version = "1"
     Params = CapFusionParams
-    resources = Resources(batch_size=32)
+    resources = ModelOrEndpointStage.resources.replace(batch_size=32)
     summed_columns = tuple(FUSION_USAGE)
     # recaption keeps the web caption there; without it every row is rejected.
     requires = ("original_caption",)

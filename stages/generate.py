@@ -56,7 +56,7 @@ import numpy as np
 import pyarrow as pa
 
 from warren.prompts import Prompt, PromptError, image_mime, load_prompt
-from warren.stages.base import Resources, param
+from warren.stages.base import param
 from warren.stages.generation_backend import (
     GEN_COLUMNS,
     USAGE_TYPES,
@@ -182,7 +182,7 @@ class LlavaGenerate(GenerateStage):
     name = "llava_generate"
     version = "1"
     Params = LlavaGenerateParams
-    resources = Resources(batch_size=64)
+    resources = GenerateStage.resources.replace(batch_size=64)
 
     def prompts(self) -> dict[str, Prompt]:
         p = self.params
@@ -261,7 +261,7 @@ class AllavaGenerate(GenerateStage):
     version = "2"  # 2: the model sees decode_image's picture (transparency composited)
     Params = AllavaGenerateParams
     # each request carries an image
-    resources = Resources(batch_size=16)
+    resources = GenerateStage.resources.replace(batch_size=16)
     adds = (*GEN_COLUMNS, "source_caption")
 
     def prompts(self) -> dict[str, Prompt]:

@@ -48,7 +48,7 @@ import numpy as np
 import pyarrow as pa
 
 from warren.prompts import Prompt, PromptError, image_mime, load_prompt
-from warren.stages.base import Resources, param, put_columns, reject
+from warren.stages.base import param, put_columns, reject
 from warren.stages.generation_backend import (
     GEN_COLUMNS,
     USAGE_TYPES,
@@ -148,7 +148,7 @@ class Recaption(ModelOrEndpointStage):
     # 2: the local backend sees images through stages.images (composited, oriented).
     version = "2"
     Params = RecaptionParams
-    resources = Resources(batch_size=32)
+    resources = ModelOrEndpointStage.resources.replace(batch_size=32)
     adds = ("original_caption", *GEN_COLUMNS)
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:

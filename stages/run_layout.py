@@ -235,5 +235,7 @@ def open_stage(src: str | os.PathLike | Location, verify: bool = True) -> StageF
 
 
 def is_warren_output(loc: Location) -> bool:
-    """Whether `loc` is a run folder or a completed stage folder."""
-    return loc.join(RUN_JSON).exists() or loc.join(MANIFEST).exists()
+    """Whether `loc` is a run folder, a completed stage folder, or a stage folder the runner
+    started and did not complete (its `_attempt.json`): `open_stage` then refuses it, since its
+    files are a partial stage, never to be read as a folder of shards."""
+    return any(loc.join(name).exists() for name in (RUN_JSON, MANIFEST, ATTEMPT))
