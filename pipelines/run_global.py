@@ -1,38 +1,66 @@
-"""Running a global stage: read in fixed pieces, the stage's Ray Data plan, written back in the
-same pieces.
+"""Running a global stage: decide on narrow columns, apply the decisions to the wide rows.
 
-A global stage reads its input in fixed pieces of GLOBAL_ROWS_PER_PART rows (in the order of the
-upstream manifest's files), each row tagged with its input position (POSITION_COLUMN). Whatever
-the stage does to the rows (shuffles, groups), its output is written back in the same pieces:
-piece k holds the rows at positions [k * GLOBAL_ROWS_PER_PART, (k + 1) * GLOBAL_ROWS_PER_PART),
-sorted by position. A block that holds a whole piece (a row-wise stage keeps the read's blocks)
-is committed at once; the parts of a piece spread over several blocks (a grouping stage) are
-staged as fragments and merged by one task per piece. Memory: a block, or a piece. A global
-stage restarts from its input.
+The input is cut into fixed pieces of GLOBAL_ROWS_PER_PART rows (in the order of the upstream
+manifest's files); piece k holds the rows at positions [k * GLOBAL_ROWS_PER_PART, (k + 1) *
+GLOBAL_ROWS_PER_PART), and the stage's output is written in the same pieces, in position order.
+Three steps, each resumable, all under the stage folder's `_work/` until the stage is done:
+
+1. Narrow (`pipelines.global_narrow`): each piece's `id`, position and the stage's
+   `decision_columns()`, read with Parquet column projection. A stage with a `prepare` step runs it
+   once per piece and its output is kept in `_work/narrow/` (a resumed run reads it back).
+2. Decide: the stage's `run` on the narrow rows (its shuffles move only those); it may keep
+   finished partitions in `_work/checkpoint/` (`GlobalContext.checkpoint`). The decisions (the
+   position, `_reject` and the columns the stage adds, never the columns it read) are regrouped by
+   piece with plain Ray tasks, one file per piece in `_work/decisions/`; `_done.json` marks the
+   step complete.
+3. Apply: one task per piece reads the piece's wide rows and its decisions, sets the decided
+   columns and commits the piece to the ledger (`stages.ledger.commit_piece`). A resumed run
+   skips the committed pieces.
+
+The wide rows (image bytes) are read once, in step 3, and never enter a shuffle or Ray's object
+store; only narrow rows and decisions do. Memory per task: a piece, or a regroup partition of
+decisions.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 
 from warren.pipelines.funnel import summary_table
+from warren.pipelines.global_narrow import (
+    NARROW_DIR,
+    narrow_file,
+    narrow_read_task,
+    read_names,
+    read_piece,
+)
 from warren.pipelines.ray_session import READ_CPUS, cluster_cpus
 from warren.pipelines.run_errors import PipelineError, compact_errors
 from warren.pipelines.run_map import GLOBAL_ROWS_PER_PART, normalise_src, upstream_rows
-from warren.stages.base import POSITION_COLUMN, GlobalContext, GlobalStage
-from warren.stages.ledger import commit_piece
+from warren.stages.base import POSITION_COLUMN, GlobalContext, GlobalStage, put_column
+from warren.stages.ledger import PROGRESS_DIR, commit_piece, source_tag
 from warren.stages.run_layout import StageFolder
-from warren.stages.schema import conform
-from warren.stages.shards import TMP_PREFIX, Location, read_rows, write_table_atomic
+from warren.stages.schema import REJECT_COLUMN, conform
+from warren.stages.shards import Location, write_table_atomic
 
 if TYPE_CHECKING:
     from warren.pipelines.runner import Runner
 
-# Where a global stage stages the fragments of pieces that its output spread over several blocks.
-STAGING_DIR = "_staging"
+# Under the stage folder while the stage runs: narrow pieces, checkpoints and decisions.
+WORK_DIR = "_work"
+DECISIONS_DIR = "decisions"
+CHECKPOINT_DIR = "checkpoint"
+DONE = "_done.json"
+# The source every piece of a global stage's output is committed under.
+GLOBAL_SRC = "global"
+# Decisions per regroup task (narrow rows: a position, a reason, the added columns).
+DECISION_ROWS_PER_TASK = 500_000
 
 
 def global_pieces(files: list[tuple[str, int]], total: int) -> list[dict[str, Any]]:
@@ -58,94 +86,220 @@ def global_pieces(files: list[tuple[str, int]], total: int) -> list[dict[str, An
     return items
 
 
-@compact_errors
-def _global_read_task(items: pa.Table, fs: Any) -> pa.Table:
-    import numpy as np
-
-    tables = []
-    for item in items.to_pylist():
-        for path, offset, rows, pos in json.loads(item["segments"]):
-            table = read_rows(fs, path, offset, rows)
-            positions = pa.array(np.arange(pos, pos + table.num_rows, dtype=np.int64))
-            tables.append(table.append_column(POSITION_COLUMN, positions))
-    return pa.concat_tables(tables, promote_options="default")
-
-
 def _piece_rows(part: int, total: int) -> int:
     return min(GLOBAL_ROWS_PER_PART, total - part * GLOBAL_ROWS_PER_PART)
 
 
-def _commit_global(out: Location, name: str, part: int, table: pa.Table) -> dict:
-    import pyarrow.compute as pc
-
-    table = table.take(pc.sort_indices(table, [(POSITION_COLUMN, "ascending")]))
-    table = conform(table.drop_columns([POSITION_COLUMN]), where=f"stage {name}")
-    return commit_piece(out, "global", table, piece=f"{part:09d}")
+def piece_name(part: int) -> str:
+    return f"{part:09d}"
 
 
-def _positions(batch: pa.Table, name: str) -> Any:
-    if POSITION_COLUMN not in batch.column_names:
+def piece_tag(part: int) -> str:
+    """The ledger tag `commit_piece` gives piece `part` of a global stage (its source is the
+    constant GLOBAL_SRC, which lies outside every run folder)."""
+    return f"{source_tag(GLOBAL_SRC)}-{hashlib.sha1(piece_name(part).encode()).hexdigest()[:12]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 1 and 2: narrow rows, the stage's decisions, regrouped by piece
+
+
+@compact_errors
+def _prepare_task(items: pa.Table, fs: Any, stage: GlobalStage, work: Location) -> pa.Table:
+    table = narrow_read_task(items, fs, stage, work)
+    n = table.num_rows
+    return summary_table([{"src": GLOBAL_SRC, "rows_in": n, "kept": n, "rejected": 0}])
+
+
+def _decided_columns(batch: pa.Table, stage: GlobalStage, read: set[str]) -> list[str]:
+    """The columns of a decision batch the wide rows take: `_reject`, the columns the stage adds,
+    and whatever else it made (never a column it only read)."""
+    added = set(stage.added_columns())
+    return [
+        c
+        for c in batch.column_names
+        if c != POSITION_COLUMN and (c == REJECT_COLUMN or c in added or c not in read)
+    ]
+
+
+@compact_errors
+def _split_decisions(per_task: int, parts: int, name: str, keep: list[str], *tables: pa.Table):
+    """One run of decision blocks cut by regroup task (contiguous piece ranges)."""
+    table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+    if POSITION_COLUMN not in table.column_names:
         raise PipelineError(
             f"stage {name}: its output lost the {POSITION_COLUMN!r} column; a global stage must "
             "return every input column"
         )
-    return batch.column(POSITION_COLUMN).to_numpy()
+    table = table.select([POSITION_COLUMN, *[c for c in keep if c in table.column_names]])
+    task = table.column(POSITION_COLUMN).to_numpy() // (GLOBAL_ROWS_PER_PART * per_task)
+    order = np.argsort(task, kind="stable")
+    table = table.take(pa.array(order))
+    bounds = np.searchsorted(task[order], np.arange(parts + 1))
+    slices = [table.slice(bounds[i], bounds[i + 1] - bounds[i]) for i in range(parts)]
+    return slices if parts > 1 else slices[0]
 
 
 @compact_errors
-def _global_write_task(
-    batch: pa.Table, out: Location, staging: Location, name: str, total: int
+def _write_decisions(
+    decisions: Location, name: str, total: int, columns: list[str], *tables: pa.Table
 ) -> pa.Table:
-    import numpy as np
+    """One regroup task: its pieces' decisions, sorted by position, one file per piece."""
+    from warren.stages.schema import column_type
 
-    pos = _positions(batch, name)
+    table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+    # Every piece's file has the same columns, even where this task's blocks lacked one.
+    for c in columns:
+        if c not in table.column_names:
+            try:
+                kind = column_type(c)
+            except KeyError:
+                kind = pa.string()
+            table = table.append_column(pa.field(c, kind), pa.nulls(table.num_rows, kind))
+    table = table.select([POSITION_COLUMN, *columns])
+    pos = table.column(POSITION_COLUMN).to_numpy()
+    order = np.argsort(pos, kind="stable")
+    table, pos = table.take(pa.array(order)), pos[order]
+    # A retried task may have returned a block twice: the copies are identical.
+    first = np.r_[True, pos[1:] != pos[:-1]] if len(pos) else np.zeros(0, bool)
+    table, pos = table.filter(pa.array(first)), pos[first]
     part = pos // GLOBAL_ROWS_PER_PART
     entries = []
     for p in np.unique(part).tolist():
-        mask = part == p
-        piece = batch.filter(pa.array(mask))
-        if piece.num_rows == _piece_rows(p, total) == len(np.unique(pos[mask])):
-            entries.append(_commit_global(out, name, p, piece))
-        else:
-            first = int(pos[mask].min())
-            write_table_atomic(piece, staging.join(f"{p:09d}-{first:012d}.parquet"))
+        a, b = np.searchsorted(part, [p, p + 1])
+        if b - a != _piece_rows(p, total):
+            raise PipelineError(
+                f"stage {name}: piece {p} got {b - a} decisions for {_piece_rows(p, total)} rows: "
+                "the stage lost or duplicated rows"
+            )
+        write_table_atomic(table.slice(a, b - a), decisions.join(f"{piece_name(p)}.parquet"))
+        rejected = 0
+        if REJECT_COLUMN in columns:
+            rejected = b - a - table.column(REJECT_COLUMN).slice(a, b - a).null_count
+        entries.append(
+            {"src": GLOBAL_SRC, "rows_in": b - a, "kept": b - a - rejected, "rejected": rejected}
+        )
     return summary_table(entries)
 
 
+def _decide(
+    runner: Runner, stage: GlobalStage, items: list[dict], total: int, shards: int, work: Location
+) -> None:
+    import ray
+
+    fs = runner.output.fs
+    decisions = work.join(DECISIONS_DIR)
+    if decisions.exists():
+        decisions.rmtree()
+    decisions.mkdir()
+    work.join(NARROW_DIR).mkdir()
+    work.join(CHECKPOINT_DIR).mkdir()
+    saved = None
+    if stage.prepares:
+        saved = work
+        pending = [it for it in items if not narrow_file(work, it["part"]).exists()]
+        if len(pending) < len(items):
+            runner.log(f"  {len(items) - len(pending)} of {len(items)} pieces already prepared")
+        if pending:
+            ds = ray.data.from_items(pending, override_num_blocks=len(pending)).map_batches(
+                _prepare_task, fn_args=(fs, stage, work), batch_size=1, batch_format="pyarrow"
+            )
+            runner.drain(
+                ds, f"{stage.name} (prepare)", sum(_piece_rows(it["part"], total) for it in pending)
+            )
+    narrow = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        narrow_read_task,
+        fn_args=(fs, stage, saved),
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=READ_CPUS,
+    )
+    ctx = GlobalContext(
+        num_rows=total,
+        num_shards=shards,
+        num_cpus=cluster_cpus(),
+        checkpoint=work.join(CHECKPOINT_DIR),
+    )
+    refs = stage.run(narrow, ctx).to_arrow_refs()
+    # The columns every decision file carries: what any block of the stage's output decided.
+    read = read_names(stage)
+    columns: list[str] = []
+    schema_of = ray.remote(_schema_of)
+    for schema in ray.get([schema_of.remote(r) for r in refs]):
+        for c in _decided_columns(schema.empty_table(), stage, read):
+            if c not in columns:
+                columns.append(c)
+    pieces = -(-total // GLOBAL_ROWS_PER_PART)
+    per_task = max(1, DECISION_ROWS_PER_TASK // GLOBAL_ROWS_PER_PART)
+    parts = max(1, math.ceil(pieces / per_task))
+    runs = max(
+        1, min(len(refs), max(2 * int(ctx.num_cpus), math.ceil(total / DECISION_ROWS_PER_TASK)))
+    )
+    split = ray.remote(_split_decisions).options(num_returns=parts)
+    bounds = np.linspace(0, len(refs), runs + 1).round().astype(int)
+    slices = []
+    for r in range(runs):
+        out = split.remote(per_task, parts, stage.name, columns, *refs[bounds[r] : bounds[r + 1]])
+        slices.append(out if parts > 1 else [out])
+    write = ray.remote(_write_decisions)
+    written = [
+        write.remote(decisions, stage.name, total, columns, *[s[i] for s in slices])
+        for i in range(parts)
+    ]
+    runner.drain(ray.data.from_arrow_refs(written), f"{stage.name} (decide)", total)
+    missing = [p for p in range(pieces) if not decisions.join(f"{piece_name(p)}.parquet").exists()]
+    if missing:
+        raise PipelineError(
+            f"stage {stage.name}: no decisions for {len(missing)} pieces (first: {missing[0]}): "
+            "the stage lost rows"
+        )
+    decisions.join(DONE).write_json_atomic({"pieces": pieces, "columns": columns})
+
+
+def _schema_of(table: pa.Table) -> pa.Schema:
+    return table.schema
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 3: the decisions applied to the wide rows, piece by piece
+
+
 @compact_errors
-def _global_merge_task(items: pa.Table, out: Location, name: str, total: int) -> pa.Table:
-    import numpy as np
+def _apply_task(
+    items: pa.Table, fs: Any, out: Location, decisions: Location, stage: GlobalStage, total: int
+) -> pa.Table:
     import pyarrow.parquet as pq
 
     entries = []
     for item in items.to_pylist():
         part = item["part"]
-        tables = []
-        for path in json.loads(item["files"]):
-            with out.fs.open_input_file(path) as f:
-                tables.append(pq.read_table(f))
-        table = pa.concat_tables(tables, promote_options="default")
-        # A retried write task may have staged the same rows twice; they are identical copies.
-        _, first = np.unique(_positions(table, name), return_index=True)
-        table = table.take(pa.array(np.sort(first)))
-        if table.num_rows != _piece_rows(part, total):
+        table = read_piece(fs, json.loads(item["segments"]), None)
+        loc = decisions.join(f"{piece_name(part)}.parquet")
+        with loc.fs.open_input_file(loc.path) as f:
+            decided = pq.read_table(f)
+        if decided.num_rows != table.num_rows or not decided.column(POSITION_COLUMN).equals(
+            table.column(POSITION_COLUMN)
+        ):
             raise PipelineError(
-                f"stage {name}: output piece {part} has {table.num_rows} rows, expected "
-                f"{_piece_rows(part, total)}: the stage lost or duplicated rows"
+                f"stage {stage.name}: the decisions for piece {part} do not match its "
+                f"{_piece_rows(part, total)} rows"
             )
-        entries.append(_commit_global(out, name, part, table))
+        for c in decided.column_names:
+            if c != POSITION_COLUMN:
+                table = put_column(table, c, decided.column(c).combine_chunks())
+        table = conform(table.drop_columns([POSITION_COLUMN]), where=f"stage {stage.name}")
+        entries.append(commit_piece(out, GLOBAL_SRC, table, piece=piece_name(part)))
     return summary_table(entries)
 
 
-def _staged_fragments(staging: Location) -> dict[int, list[str]]:
+def _committed(out: Location) -> set[str]:
     import pyarrow.fs as pafs
 
-    by_part: dict[int, list[str]] = {}
-    for fi in staging.fs.get_file_info(pafs.FileSelector(staging.path)):
-        if fi.type == pafs.FileType.File and fi.base_name.endswith(".parquet"):
-            if not fi.base_name.startswith(TMP_PREFIX):
-                by_part.setdefault(int(fi.base_name.split("-", 1)[0]), []).append(fi.path)
-    return {p: sorted(paths) for p, paths in sorted(by_part.items())}
+    progress = out.join(PROGRESS_DIR)
+    if not progress.exists():
+        return set()
+    infos = progress.fs.get_file_info(pafs.FileSelector(progress.path))
+    return {fi.base_name[: -len(".json")] for fi in infos if fi.base_name.endswith(".json")}
 
 
 def run_global(
@@ -160,34 +314,23 @@ def run_global(
         return total
     files = [(p, rows[normalise_src(p)]) for p in sources]
     items = global_pieces(files, total)
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _global_read_task,
-        fn_args=(runner.output.fs,),
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=READ_CPUS,
-    )
-    ds = stage.run(
-        ds, GlobalContext(num_rows=total, num_shards=len(sources), num_cpus=cluster_cpus())
-    )
-    staging = out.join(STAGING_DIR)
-    staging.mkdir()
-    ds = ds.map_batches(
-        _global_write_task,
-        fn_args=(out, staging, stage.name, total),
-        batch_format="pyarrow",
-        batch_size=None,
-    )
-    runner.drain(ds, stage.name, total)
-    fragments = _staged_fragments(staging)
-    if fragments:
-        merge = [{"part": p, "files": json.dumps(f)} for p, f in fragments.items()]
-        ds = ray.data.from_items(merge, override_num_blocks=len(merge)).map_batches(
-            _global_merge_task,
-            fn_args=(out, stage.name, total),
+    work = out.join(WORK_DIR)
+    decisions = work.join(DECISIONS_DIR)
+    if decisions.join(DONE).exists():
+        runner.log(f"  {stage.name}: decisions already made; applying them")
+    else:
+        _decide(runner, stage, items, total, len(sources), work)
+    done = _committed(out)
+    pending = [it for it in items if piece_tag(it["part"]) not in done]
+    if len(pending) < len(items):
+        runner.log(f"  {len(items) - len(pending)} of {len(items)} pieces already written")
+    if pending:
+        ds = ray.data.from_items(pending, override_num_blocks=len(pending)).map_batches(
+            _apply_task,
+            fn_args=(runner.output.fs, out, decisions, stage, total),
             batch_size=1,
             batch_format="pyarrow",
         )
-        runner.drain(ds, f"{stage.name} (merge)", None)
-    staging.rmtree()
+        runner.drain(ds, stage.name, sum(_piece_rows(it["part"], total) for it in pending))
+    work.rmtree()
     return total

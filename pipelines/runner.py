@@ -16,7 +16,8 @@ layout is `stages.run_layout`'s):
   it, nothing before.
 - A map stage interrupted half way (a kill, a lost node) resumes source shard by source shard
   (`stages.ledger`, `pipelines.run_map`); ingest resumes unit by unit (`pipelines.run_ingest`);
-  global stages restart from their input (`pipelines.run_global`).
+  a global stage resumes from its prepared pieces, finished partitions, decisions and written
+  pieces (`pipelines.run_global`).
 - Output is deterministic: the same input and parameters give the same shards, byte for byte,
   whatever the timing, the number of workers or the resume point.
 - Progress lines are printed while a stage runs; a funnel table at the end, saved as
@@ -78,7 +79,7 @@ EXECUTORS: dict[type[Stage], Executor] = {
     GlobalStage: run_global,
 }
 #: Kinds of stage that resume from their finished pieces after an interruption.
-RESUMABLE = (ReaderStage, BatchStage)
+RESUMABLE = (ReaderStage, BatchStage, GlobalStage)
 
 
 def _executor(stage: Stage) -> Executor:

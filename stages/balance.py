@@ -68,7 +68,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from warren.stages.base import GlobalContext, GlobalStage, param
+from warren.stages.base import IMAGES_WITHOUT_BYTES, GlobalContext, GlobalStage, param
 from warren.stages.group_select import (
     KEEP_NONE,
     MULTIMODAL,
@@ -208,6 +208,10 @@ class Balance(GlobalStage):
     def required_columns(self) -> tuple[str, ...]:
         column = self.params.source_column
         return () if column in {f.name for f in CORE_FIELDS} else (column,)
+
+    def decision_columns(self) -> tuple[str, ...]:
+        # A row's kind (text or multimodal) is whether it has images: the list, not the bytes.
+        return (self.params.source_column, IMAGES_WITHOUT_BYTES)
 
     def check_params(self) -> None:
         p = self.params

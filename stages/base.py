@@ -9,7 +9,10 @@ flags), the resources it asks Ray for, and one of two shapes:
   model there, never per batch). Runs through `Dataset.map_batches`; `uses_model = True` makes it
   an actor pool.
 - `GlobalStage.run(ds) -> ds`: needs all rows (dedup, ranks, balancing); written with Ray Data
-  operations whose memory is bounded by a block or a group, never by the dataset.
+  operations whose memory is bounded by a block or a group, never by the dataset. It decides on
+  narrow rows: `ds` holds only `id`, the input position and the stage's `decision_columns()`
+  (after its per-piece `prepare`, e.g. hashing image bytes); the runner applies the decisions (the
+  `_reject` column and the columns the stage added) to the wide rows in one streaming pass.
 
 Stages never drop rows. To reject a row a stage sets the `_reject` column (see `reject`) to a
 reason of the form `"rule: detail"`; the runner moves such rows to the rejected ledger and checks,
@@ -34,6 +37,10 @@ from warren.stages.schema import REJECT_COLUMN, column_type
 #: stage returns it with every other column; the runner writes the output in input order by it,
 #: and a stage may use it to order rows deterministically (ties, groups).
 POSITION_COLUMN = "_pos"
+
+#: In `GlobalStage.decision_columns()`: the `images` column without the image bytes (each
+#: image's other fields, so list lengths and paths), read from Parquet without touching the bytes.
+IMAGES_WITHOUT_BYTES = "images (without bytes)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,11 +283,14 @@ class BatchStage(Stage):
 
 @dataclasses.dataclass(frozen=True)
 class GlobalContext:
-    """What a global stage may know about its input before it runs (to size shuffles)."""
+    """What a global stage may know about its input before it runs (to size shuffles), and where
+    it may keep finished parts of its decision (`checkpoint`, a `stages.shards.Location`, or None
+    outside the runner) so that a run interrupted half way resumes from them."""
 
     num_rows: int
     num_shards: int
     num_cpus: float
+    checkpoint: Any = None
 
     def partitions(self, rows_per_partition: int = 50_000, most: int = 1000) -> int:
         """A shuffle width: enough partitions to keep each small, no more than there is work for."""
@@ -289,11 +299,40 @@ class GlobalContext:
 
 
 class GlobalStage(Stage):
-    """Needs every row: written with Ray Data operations, in passes bounded by a block or group."""
+    """Needs every row: written with Ray Data operations, in passes bounded by a block or group.
+
+    Decide narrow, apply wide: the runner reads only `id` and `decision_columns()` of the input
+    (Parquet column projection: image bytes are not read unless named), passes each piece through
+    `prepare` when the stage has one (`prepares = True`; its output is kept on disk so that a
+    resumed run does not redo it), and gives `run` a Dataset of those narrow rows. `run` returns
+    every row with `_reject` set on rejected rows and the columns it adds; the runner then reads
+    the wide rows piece by piece, sets those columns on them and writes them. Image bytes never
+    enter a shuffle or Ray's object store."""
+
+    #: True when `prepare` turns each piece of decision columns into the narrow rows `run` sees.
+    prepares: ClassVar[bool] = False
+
+    def decision_columns(self) -> tuple[str, ...]:
+        """The input columns the decision reads (`id` always comes too); a name the input lacks is
+        left out (the stage's own checks then name it). `IMAGES_WITHOUT_BYTES` reads the image
+        list without its bytes. Default: the stage's `required_columns()`."""
+        return self.required_columns()
+
+    def prepare(self, table: pa.Table) -> pa.Table:
+        """One piece of decision columns in, the narrow rows `run` decides on out (same rows,
+        same order; keep `id` and the position column, drop what the decision does not need)."""
+        return table
 
     def run(self, ds, ctx: GlobalContext):  # pragma: no cover - abstract
         """Return a Dataset with every input row, rejected rows marked in the `_reject` column."""
         raise NotImplementedError
+
+    def run_rows(self, ds, ctx: GlobalContext):
+        """The stage on a Dataset of whole rows outside the runner (tests, notebooks): `prepare`
+        mapped over its blocks, then `run`."""
+        if self.prepares:
+            ds = ds.map_batches(self.prepare, batch_format="pyarrow")
+        return self.run(ds, ctx)
 
 
 def put_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:

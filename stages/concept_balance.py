@@ -193,6 +193,9 @@ class ConceptBalance(GlobalStage):
     version = "1"
     Params = ConceptBalanceParams
 
+    def decision_columns(self) -> tuple[str, ...]:
+        return ("caption", "conversations")
+
     def check_params(self) -> None:
         p = self.params
         name = self.name

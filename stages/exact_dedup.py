@@ -262,18 +262,29 @@ class ExactDedup(GlobalStage):
                 f"got {self.params.caption_norm!r}"
             )
 
-    def run(self, ds, ctx: GlobalContext):
+    # The hashes are computed per piece from the image bytes and the caption; only they (and the
+    # ids) take part in the grouping.
+    prepares = True
+
+    def decision_columns(self) -> tuple[str, ...]:
+        return ("caption",) if self.params.key == "caption" else ("images", "caption")
+
+    def prepare(self, table: pa.Table) -> pa.Table:
         p = self.params
-        keyed = ds.map_batches(content_key, fn_args=(p.key, p.caption_norm), batch_format="pyarrow")
+        keyed = content_key(table, p.key, p.caption_norm)
+        return keyed.drop_columns([c for c in ("images", "caption") if c in keyed.column_names])
+
+    def run(self, ds, ctx: GlobalContext):
         return map_groups(
-            keyed,
+            ds,
             KEY_COLUMN,
             resolve_partition,
-            fn_args=(p.key,),
+            fn_args=(self.params.key,),
             whole_partitions=True,
             num_partitions=ctx.partitions(),
             num_rows=ctx.num_rows,
             num_cpus=ctx.num_cpus,
+            checkpoint=ctx.checkpoint,
         )
 
 

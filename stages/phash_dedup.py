@@ -254,14 +254,23 @@ class PhashDedup(GlobalStage):
         if p.block_size < 1:
             raise ValueError(f"{self.name}: block_size must be >= 1, got {p.block_size}")
 
+    # Each piece's images are decoded and hashed once; the grouping sees only the hashes.
+    prepares = True
+
+    def decision_columns(self) -> tuple[str, ...]:
+        return ("images",)
+
+    def prepare(self, table: pa.Table) -> pa.Table:
+        p = self.params
+        hashed = hash_batch(table, p.hash, p.hash_size, p.multi_image)
+        return hashed.drop_columns(["images"]) if "images" in hashed.column_names else hashed
+
     def run(self, ds, ctx: GlobalContext):
         import ray
 
         p = self.params
         spec = bands(p.hash_size**2, p.max_distance)
-        hashed = ds.map_batches(
-            hash_batch, fn_args=(p.hash, p.hash_size, p.multi_image), batch_format="pyarrow"
-        )
+        hashed = ds
         # The hashed blocks stay in the object store; a block's index in this list is the high
         # half of its rows' numbers in every later pass.
         blocks = hashed.to_arrow_refs()
@@ -282,6 +291,7 @@ class PhashDedup(GlobalStage):
             num_partitions=parts,
             num_rows=ctx.num_rows * len(spec),
             num_cpus=ctx.num_cpus,
+            checkpoint=ctx.checkpoint,
         )
         edges = pa.concat_tables(
             [EDGE_SCHEMA.empty_table()]

@@ -284,6 +284,7 @@ class SemDedup(GlobalStage):
             num_partitions=ctx.partitions(),
             num_rows=ctx.num_rows,
             num_cpus=ctx.num_cpus,
+            checkpoint=ctx.checkpoint,
         )
 
 

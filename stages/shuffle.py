@@ -16,6 +16,10 @@ zero-copy Arrow slices:
 Memory per task: a run (about `rows / S` rows) in step 1, a partition (about `rows / P` rows, and
 at least the largest group) in step 2. `fn` must return a table with the same columns for every
 group, the empty group included.
+
+With a `checkpoint` folder, each partition's result is also written there once computed, and a
+later call with the same partitioning (a run resumed after a kill) reads the finished partitions
+back instead of computing them again; when every partition is there, nothing is split at all.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from warren.stages.base import POSITION_COLUMN
+from warren.stages.shards import Location, write_table_atomic
 
 ROWS_PER_SPLIT_TASK = 200_000
 
@@ -104,6 +109,26 @@ def _reduce(
     return pa.concat_tables(outs, promote_options="default")
 
 
+def _reduce_saved(
+    saved: Location,
+    key: str,
+    fn: Callable[..., pa.Table],
+    fn_args: tuple,
+    whole: bool,
+    *tables: pa.Table,
+) -> pa.Table:
+    out = _reduce(key, fn, fn_args, whole, *tables)
+    write_table_atomic(out, saved)
+    return out
+
+
+def _load_saved(saved: Location) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    with saved.fs.open_input_file(saved.path) as f:
+        return pq.read_table(f)
+
+
 def map_groups(
     ds: Any,
     key: str,
@@ -114,6 +139,7 @@ def map_groups(
     num_rows: int,
     num_cpus: float,
     whole_partitions: bool = False,
+    checkpoint: Location | None = None,
 ) -> Any:
     """A Dataset of `fn(group, *fn_args)` for every group of rows of `ds` sharing `key`.
 
@@ -123,21 +149,36 @@ def map_groups(
     more than the work."""
     import ray
 
-    refs = ds.to_arrow_refs()
-    if not refs:
-        return ds
     parts = max(1, int(num_partitions))
-    runs = max(int(num_cpus) * 2, math.ceil(num_rows / ROWS_PER_SPLIT_TASK))
-    runs = max(1, min(len(refs), runs))
-    split = ray.remote(_split).options(num_returns=parts)
-    bounds = np.linspace(0, len(refs), runs + 1).round().astype(int)
-    pieces = []
-    for r in range(runs):
-        out = split.remote(key, parts, *refs[bounds[r] : bounds[r + 1]])
-        pieces.append(out if parts > 1 else [out])
-    reduce = ray.remote(_reduce)
-    results = [
-        reduce.remote(key, fn, fn_args, whole_partitions, *[p[i] for p in pieces])
-        for i in range(parts)
-    ]
+    saved: list[Location | None] = [None] * parts
+    if checkpoint is not None:
+        saved = [checkpoint.join(f"{fn.__name__}-{parts}-{i:06d}.parquet") for i in range(parts)]
+    results: list[Any] = [None] * parts
+    load = ray.remote(_load_saved)
+    for i, loc in enumerate(saved):
+        if loc is not None and loc.exists():
+            results[i] = load.remote(loc)
+    todo = [i for i in range(parts) if results[i] is None]
+    if todo:
+        refs = ds.to_arrow_refs()
+        if not refs:
+            return ds
+        runs = max(int(num_cpus) * 2, math.ceil(num_rows / ROWS_PER_SPLIT_TASK))
+        runs = max(1, min(len(refs), runs))
+        split = ray.remote(_split).options(num_returns=parts)
+        bounds = np.linspace(0, len(refs), runs + 1).round().astype(int)
+        pieces = []
+        for r in range(runs):
+            out = split.remote(key, parts, *refs[bounds[r] : bounds[r + 1]])
+            pieces.append(out if parts > 1 else [out])
+        reduce = ray.remote(_reduce)
+        reduce_saved = ray.remote(_reduce_saved)
+        for i in todo:
+            inputs = [p[i] for p in pieces]
+            if saved[i] is None:
+                results[i] = reduce.remote(key, fn, fn_args, whole_partitions, *inputs)
+            else:
+                results[i] = reduce_saved.remote(
+                    saved[i], key, fn, fn_args, whole_partitions, *inputs
+                )
     return ray.data.from_arrow_refs(results)

@@ -379,7 +379,7 @@ def test_ray_run_equals_brute_force_across_blocks(ray_session, planted):
     blocks = [table.slice(i, 9) for i in range(0, table.num_rows, 9)]
     ctx = GlobalContext(num_rows=table.num_rows, num_shards=len(blocks), num_cpus=2)
     for d in (6,):
-        out = PhashDedup(max_distance=d).run(ray.data.from_arrow(blocks), ctx)
+        out = PhashDedup(max_distance=d).run_rows(ray.data.from_arrow(blocks), ctx)
         got = pa.concat_tables(
             out.iter_batches(batch_size=None, batch_format="pyarrow"), promote_options="default"
         )
@@ -547,7 +547,7 @@ def test_exact_dedup_pixels_through_ray_accounts_for_every_row(ray_session, enco
     ctx = GlobalContext(num_rows=table.num_rows, num_shards=3, num_cpus=2)
     ds = ray.data.from_arrow([table.slice(0, 4), table.slice(4, 4), table.slice(8)])
     out = pa.concat_tables(
-        ExactDedup(key="pixels").run(ds, ctx).iter_batches(batch_size=None, batch_format="pyarrow")
+        ExactDedup(key="pixels").run_rows(ds, ctx).iter_batches(batch_size=None, batch_format="pyarrow")
     )
     assert out.num_rows == table.num_rows
     reasons = dict(
