@@ -162,6 +162,7 @@ def test_semdedup_killed_half_way_resumes_to_the_same_output(tmp_path, semdedup_
     assert _status(tmp_path / "resumed", "02-semdedup") == "resumed"
     if point == "apply":
         assert "decisions already made" in log
+        assert "pieces already written" in log
     assert_same_output(plain, tmp_path / "resumed")
 
 

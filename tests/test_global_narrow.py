@@ -1,0 +1,151 @@
+"""Decide narrow, apply wide: a global stage's decision step reads only the columns it names, and
+image bytes never go through Ray's object store."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from warren.pipelines import runner as runner_module
+from warren.pipelines.global_narrow import read_narrow
+from warren.pipelines.run_global import piece_tag
+from warren.stages.base import IMAGES_WITHOUT_BYTES, GlobalStage
+from warren.stages.schema import IMAGE_TYPE
+
+
+def _images_table(n: int, payload: int = 64) -> pa.Table:
+    rng = np.random.default_rng(0)
+    images = [
+        [{"bytes": rng.bytes(payload), "path": f"p{i}-{k}.jpg"} for k in range(i % 3)]
+        if i % 5
+        else None
+        for i in range(n)
+    ]
+    return pa.table(
+        {
+            "id": [f"r{i}" for i in range(n)],
+            "images": pa.array(images, pa.list_(IMAGE_TYPE)),
+            "caption": [f"c{i}" for i in range(n)],
+        }
+    )
+
+
+def test_the_image_list_without_bytes_keeps_every_list_and_path_and_no_byte(tmp_path):
+    table = _images_table(40)
+    # Two writers' spellings of a list: Arrow's current "element" and the older "item".
+    for compliant in (True, False):
+        path = tmp_path / f"t{compliant}.parquet"
+        pq.write_table(table, path, row_group_size=16, use_compliant_nested_type=compliant)
+        import pyarrow.fs as pafs
+
+        got = read_narrow(pafs.LocalFileSystem(), str(path), 5, 30, (IMAGES_WITHOUT_BYTES,))
+        assert got.column_names == ["id", "images"]
+        assert got.column("id").to_pylist() == [f"r{i}" for i in range(5, 35)]
+        item = got.schema.field("images").type.value_type
+        assert [item.field(i).name for i in range(item.num_fields)] == ["path"]
+        want = table.slice(5, 30).column("images").to_pylist()
+        assert got.column("images").to_pylist() == [
+            None if imgs is None else [{"path": im["path"]} for im in imgs] for imgs in want
+        ]
+
+
+def test_a_named_column_the_input_lacks_is_left_out(tmp_path):
+    import pyarrow.fs as pafs
+
+    path = tmp_path / "t.parquet"
+    pq.write_table(_images_table(10), path)
+    got = read_narrow(pafs.LocalFileSystem(), str(path), 0, 10, ("caption", "source"))
+    assert got.column_names == ["id", "caption"]
+
+
+def test_the_piece_tag_is_the_one_the_ledger_gives_a_committed_piece(tmp_path):
+    from warren.stages.ledger import commit_piece
+    from warren.stages.shards import Location
+
+    out = Location.of(str(tmp_path / "run" / "03-stage"))
+    out.mkdir()
+    out.join("rejected").mkdir()
+    out.join("_progress").mkdir()
+    entry = commit_piece(out, "global", pa.table({"id": ["a"]}), piece=f"{7:09d}")
+    assert entry["tag"] == piece_tag(7)
+
+
+def _jpeg(rng: np.random.Generator, size: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue() + rng.bytes(size - buf.tell())
+
+
+def _store_bytes() -> int:
+    import ray
+    import ray._private.internal_api as internal
+
+    return sum(
+        internal.node_stats(
+            n["NodeManagerAddress"], n["NodeManagerPort"]
+        ).store_stats.cumulative_created_bytes
+        for n in ray.nodes()
+        if n.get("Alive")
+    )
+
+
+def test_image_bytes_never_go_through_the_object_store_in_a_global_stage(ray_session, tmp_path):
+    from warren.pipelines.runner import Pipeline, Runner
+    from warren.stages.cluster import Cluster
+    from warren.stages.exact_dedup import ExactDedup
+    from warren.stages.phash_dedup import PhashDedup
+    from warren.stages.semdedup import SemDedup
+
+    rng = np.random.default_rng(1)
+    n, d, payload = 300, 16, 200_000  # 60 MB of image bytes
+    emb = rng.normal(size=(n, d))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    flat = pa.array(emb.astype(np.float16).ravel(), pa.float16())
+    images = [[{"bytes": _jpeg(rng, payload), "path": None}] for _ in range(n)]
+    images[7] = images[3]  # one exact copy, so exact_dedup has a duplicate to reject
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    table = pa.table(
+        {
+            "id": [f"r{i:04d}" for i in range(n)],
+            "images": pa.array(images, pa.list_(IMAGE_TYPE)),
+            "caption": [f"c{i}" for i in range(n)],
+            "image_emb": pa.FixedSizeListArray.from_arrays(flat, d),
+        }
+    )
+    pq.write_table(table.slice(0, 150), pool / "a.parquet")
+    pq.write_table(table.slice(150), pool / "b.parquet")
+
+    through: dict[str, int] = {}
+    run_global = runner_module.EXECUTORS[GlobalStage]
+
+    def measuring(runner, stage, out, upstream):
+        before = _store_bytes()
+        result = run_global(runner, stage, out, upstream)
+        through[stage.name] = _store_bytes() - before
+        return result
+
+    stages = [Cluster(n_clusters=4), SemDedup(), ExactDedup(key="image"), PhashDedup()]
+    runner_module.EXECUTORS[GlobalStage] = measuring
+    try:
+        Runner(
+            Pipeline("t", stages),
+            str(pool),
+            str(tmp_path / "out"),
+            input_format="parquet",
+            progress=False,
+        ).run()
+    finally:
+        runner_module.EXECUTORS[GlobalStage] = run_global
+    rejected = pq.read_table(tmp_path / "out" / "03-exact_dedup" / "rejected")
+    assert rejected.column("id").to_pylist() == ["r0007"]
+    assert set(through) == {s.name for s in stages}
+    wide = n * payload
+    # Ids, embeddings, hashes and decisions go through; the 60 MB of image bytes do not.
+    for name, nbytes in through.items():
+        assert nbytes < wide / 20, f"{name}: {nbytes:,} bytes through the object store"
