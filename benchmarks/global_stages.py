@@ -178,6 +178,11 @@ def main() -> None:
     ap.add_argument("--rows-per-shard", type=int, default=2_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument(
+        "--prune",
+        action="store_true",
+        help="delete each stage's shards once the stage after it ran (a big pool then fits)",
+    )
     args = ap.parse_args()
 
     work = Path(args.work or tempfile.mkdtemp(prefix="warren-global-bench-"))
@@ -194,9 +199,22 @@ def main() -> None:
         before, start = store_bytes(), time.perf_counter()
         result = run_global(runner, stage, loc, upstream)
         seconds = time.perf_counter() - start
+        sizes, wide = column_sizes(files)
         measured.append(
-            {"stage": stage, "files": files, "seconds": seconds, "store": store_bytes() - before}
+            {
+                "stage": stage,
+                "rows": sum(pq.ParquetFile(f).metadata.num_rows for f in files),
+                "wide": wide,
+                "narrow": narrow_bytes(stage, sizes),
+                "floor": floor_seconds(files, work / "floor"),
+                "seconds": seconds,
+                "store": store_bytes() - before,
+            }
         )
+        if args.prune and upstream.index > 0:
+            # The stage before is read by no one now: its shards go, so that a big pool fits.
+            for f in files:
+                os.remove(f)
         return result
 
     runner_module.EXECUTORS[GlobalStage] = measuring
@@ -218,10 +236,7 @@ def main() -> None:
         f"{'store/wide':>11}{'seconds':>9}{'floor s':>9}{'ratio':>7}"
     )
     for m in measured:
-        sizes, wide = column_sizes(m["files"])
-        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in m["files"])
-        narrow = narrow_bytes(m["stage"], sizes)
-        floor = floor_seconds(m["files"], work / "floor")
+        rows, wide, narrow, floor = m["rows"], m["wide"], m["narrow"], m["floor"]
         print(
             f"{m['stage'].name:<14}{rows:>9,}{wide / mib:>10.1f}{narrow / mib:>12.1f}"
             f"{m['store'] / mib:>11.1f}{m['store'] / max(wide, 1):>11.3f}"
