@@ -1,0 +1,375 @@
+"""embed_store: embeddings kept by content, so a dataset is embedded once whatever recipe or output
+folder asks for it (`--embed.store PATH`; local or any pyarrow filesystem URI, e.g. s3://).
+
+A vector is found by two keys. The content key is the first 16 bytes of the SHA-256 of the image's
+bytes (or of the text's UTF-8). The spec key hashes everything that makes the vector what it is: the
+model's name, the SHA-256 of its local weight files (a pretrained tag or hub id names fixed weights
+itself), the image preprocessing (size, resize and crop mode, mean/std, interpolation, the decode
+reduction), the tokenizer for texts, and the numeric path (fp32 on a CPU, fp16 autocast on CUDA:
+they differ in the last bits). A different spec key is a different folder: changing the model or
+the preprocessing never reads a vector made another way.
+
+Layout (every file is written once, under a temporary name then renamed, with a unique name; no
+file is ever appended to, so any number of actors on any number of nodes write at once):
+
+    <store>/<spec key>/spec.json                     the spec, for people (not read back)
+    <store>/<spec key>/<image|text>/<uuid>.parquet   key fixed_size_binary[16] (sorted),
+                                                     vec fixed_size_list<float16>[dim];
+                                                     metadata: spec key, kind, dim
+
+Each file holds the new vectors of one batch. Lookup cost: an actor indexes the keys of every file
+of its spec and kind once (the `key` column only, 16 bytes a row, not the vectors), then sees new
+files from other writers by listing the folder at most every REFRESH_SECONDS; its own writes it
+indexes at once. A batch's lookup is then one binary search in memory (no read), plus one read of
+the `key` and `vec` columns of each file holding a hit (a batch embedded before was written as a
+few files, so a re-run of the same rows reads about one file a batch). Memory per actor: about 24
+bytes per stored key (key, file number, row), 24 MB per million keys; at most MAX_INDEX_KEYS keys
+are indexed (1.2 GB), files beyond them are not read and their rows are computed again, never wrong.
+benchmarks/embed.py measures it (index build and lookup throughput at 1M stored keys).
+
+Trust: a file whose metadata names another spec, kind or width, that cannot be read, or whose vector
+is not finite, is skipped with a warning and its rows are computed again; a hit's key is checked
+against the row read. The store is a cache: losing it costs time, never a result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from warren.stages.base import stable_hash
+from warren.stages.shards import TMP_PREFIX, Location, write_table_atomic
+
+log = logging.getLogger(__name__)
+
+KEY_BYTES = 16
+FORMAT = 1
+#: How often (seconds) an actor lists the store for files other writers added since.
+REFRESH_SECONDS = 30.0
+#: The most keys one actor indexes (about 24 bytes each).
+MAX_INDEX_KEYS = 50_000_000
+#: `--embed.store` values: the user's cache (default), or no store at all.
+DEFAULT_STORE = "cache"
+OFF = ("none", "off", "")
+_META = b"warren.embed_store"
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def default_store_path() -> str:
+    """`$WARREN_CACHE/embeddings`, else `~/.cache/warren/embeddings` (beside the model cache)."""
+    base = os.environ.get("WARREN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache/warren")
+    return os.path.join(base, "embeddings")
+
+
+def store_location(value: str) -> Location | None:
+    """The store `--embed.store` names: `cache` (the default path), `none`, a path or a URI."""
+    value = value.strip()
+    if value.lower() in OFF:
+        return None
+    return Location.of(default_store_path() if value == DEFAULT_STORE else value)
+
+
+def content_keys(items: Sequence[bytes | memoryview | str]) -> list[bytes]:
+    """The content key of each item: SHA-256 (first 16 bytes) of its bytes or its text's UTF-8."""
+    return [
+        hashlib.sha256(x.encode("utf-8") if isinstance(x, str) else x).digest()[:KEY_BYTES]
+        for x in items
+    ]
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(path: str) -> str:
+    st = os.stat(path)
+    memo = (path, st.st_size, st.st_mtime_ns)
+    if memo not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        _DIGESTS[memo] = h.hexdigest()
+    return _DIGESTS[memo]
+
+
+def weights_digest(spec: str) -> str:
+    """SHA-256 of the local weight files a model spec names (a checkpoint file, or the weight files
+    of a model directory), "" when it names none (a pretrained tag, a hub id, random weights: the
+    spec itself then names the weights)."""
+    path = spec.strip()
+    for prefix in ("hf:", "open_clip:"):
+        if path.startswith(prefix):
+            path = path[len(prefix) :]
+            if prefix == "open_clip:":
+                path = path.split(":", 1)[1] if ":" in path else ""
+    if not path or not os.path.exists(path):
+        return ""
+    if os.path.isfile(path):
+        return _file_digest(path)
+    files = sorted(
+        os.path.join(root, name)
+        for root, _, names in os.walk(path)
+        for name in names
+        if name.endswith(_WEIGHT_SUFFIXES) and not name.startswith(".")
+    )
+    return stable_hash({os.path.relpath(f, path): _file_digest(f) for f in files})
+
+
+def _named_weights(model: Any, seed: int) -> str:
+    """Weights no local file holds: a pretrained tag or hub id names them (with the hub's commit
+    when known); random weights (`open_clip:<arch>`) are hashed, as torch versions may draw them
+    differently from one seed."""
+    module = getattr(model, "module", None)
+    if model.name.startswith("open_clip:") and model.name.count(":") == 1:
+        h = hashlib.sha256()
+        for name, tensor in sorted(module.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return f"random (seed {seed}) {h.hexdigest()}"
+    commit = getattr(getattr(module, "config", None), "_commit_hash", None)
+    return f"named by the spec{f' (commit {commit})' if commit else ''}"
+
+
+def describe(obj: Any) -> str:
+    """A stable text of a preprocessing object (its repr without memory addresses)."""
+    return _ADDRESS.sub("", " ".join(repr(obj).split()))
+
+
+def model_spec(model: Any, spec: str, kind: str, reduce_to: int | None) -> dict[str, Any]:
+    """What makes an embedding of `kind` ("image" or "text") by `model` what it is."""
+    import torch
+
+    from warren.stages.models import RANDOM_INIT_SEED
+
+    out: dict[str, Any] = {
+        "format": FORMAT,
+        "model": model.name,
+        "dim": int(model.dim),
+        # The layers and shapes: one architecture name may mean two configs (a test's tiny one).
+        "architecture": stable_hash(describe(getattr(model, "module", None))),
+        "weights": weights_digest(spec) or _named_weights(model, RANDOM_INIT_SEED),
+        "kind": kind,
+        "numerics": "cuda fp16 autocast" if torch.device(model.device).type == "cuda" else "fp32",
+        "stored": "float16",
+    }
+    if kind == "image":
+        module = getattr(model, "module", None)
+        cfg = getattr(getattr(module, "visual", None), "preprocess_cfg", None)
+        processor = getattr(model, "image_processor", None)
+        out["preprocess"] = {
+            "cfg": cfg,
+            "transform": describe(getattr(model, "preprocess", None)),
+            "processor": processor.to_dict() if hasattr(processor, "to_dict") else None,
+            "decode_reduce_to": reduce_to,
+        }
+    else:
+        tok = getattr(model, "tokenizer", None)
+        out["tokenizer"] = {
+            "type": type(tok).__name__,
+            "context_length": getattr(tok, "context_length", None),
+            "name": getattr(tok, "name_or_path", None),
+            "max_length": getattr(model, "max_length", None),
+            "pad_to_max": getattr(model, "pad_to_max", None),
+        }
+    return out
+
+
+class EmbeddingStore:
+    """The vectors of one spec and kind in a store folder: `get` a batch's, `put` new ones."""
+
+    def __init__(self, root: Location, spec: dict[str, Any], max_keys: int = MAX_INDEX_KEYS):
+        self.spec = spec
+        self.kind = spec["kind"]
+        self.dim = int(spec["dim"])
+        self.spec_key = stable_hash(spec)
+        self.base = root.join(self.spec_key)
+        self.folder = self.base.join(self.kind)
+        self.max_keys = max_keys
+        self._meta = json.dumps({"spec": self.spec_key, "kind": self.kind, "dim": self.dim})
+        self._files: list[str] = []  # file number -> path
+        self._seen: set[str] = set()  # every path listed (indexed, skipped or over the cap)
+        self._keys = np.empty(0, dtype=f"S{KEY_BYTES}")  # sorted
+        self._where = np.empty((0, 2), dtype=np.int32)  # (file number, row) of each key
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # (keys, where) not merged yet
+        self._listed_at = -np.inf
+        self._spec_written = False
+
+    @property
+    def indexed_keys(self) -> int:
+        return len(self._keys) + sum(len(k) for k, _ in self._pending)
+
+    def get(self, keys: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors float16 (n, dim), found bool (n,)): stored vectors of `keys`; a key not stored
+        (or only in a file that turns out bad) is not found."""
+        n = len(keys)
+        vectors = np.zeros((n, self.dim), dtype=np.float16)
+        found = np.zeros(n, dtype=bool)
+        if n == 0:
+            return vectors, found
+        if time.monotonic() - self._listed_at > REFRESH_SECONDS:
+            self._refresh()
+        self._merge()
+        if not len(self._keys):
+            return vectors, found
+        wanted = np.array(keys, dtype=f"S{KEY_BYTES}")
+        pos = np.minimum(np.searchsorted(self._keys, wanted), len(self._keys) - 1)
+        hit = self._keys[pos] == wanted
+        by_file: dict[int, list[tuple[int, int]]] = {}
+        for i in np.flatnonzero(hit):
+            f, row = self._where[pos[i]]
+            by_file.setdefault(int(f), []).append((int(i), int(row)))
+        for f, pairs in by_file.items():
+            got = self._read_rows(self._files[f], [r for _, r in pairs])
+            if got is None:
+                continue
+            file_keys, file_vecs = got
+            for (i, _), k, v in zip(pairs, file_keys, file_vecs, strict=True):
+                if k == keys[i]:  # the key read back, not only the index, says it is this row
+                    vectors[i] = v
+                    found[i] = True
+        return vectors, found
+
+    def put(self, keys: Sequence[bytes], vectors: np.ndarray) -> None:
+        """Write new (key, vector) rows as one new file; never fails the run (warns instead)."""
+        if not len(keys):
+            return
+        arr = np.array(keys, dtype=f"S{KEY_BYTES}")
+        arr, first = np.unique(arr, return_index=True)  # sorted, one row per key
+        vecs = np.asarray(vectors, dtype=np.float16)[first]
+        if vecs.shape != (len(arr), self.dim):
+            raise ValueError(f"embed store: vectors {vecs.shape}, expected (n, {self.dim})")
+        table = pa.table(
+            {
+                # From the raw bytes: numpy's S16 drops trailing zero bytes when it gives items.
+                "key": pa.FixedSizeBinaryArray.from_buffers(
+                    pa.binary(KEY_BYTES), len(arr), [None, pa.py_buffer(arr.tobytes())]
+                ),
+                "vec": pa.FixedSizeListArray.from_arrays(
+                    pa.array(vecs.reshape(-1), pa.float16()), self.dim
+                ),
+            }
+        ).replace_schema_metadata({_META: self._meta})
+        path = self.folder.join(f"{uuid.uuid4().hex}.parquet")
+        try:
+            if not self._spec_written:
+                self.folder.mkdir()
+                spec = self.base.join("spec.json")
+                if not spec.exists():
+                    spec.write_json_atomic(self.spec)
+                self._spec_written = True
+            write_table_atomic(table, path)
+        except OSError as exc:
+            log.warning("embed store: could not write %s (%s); continuing without", path.uri, exc)
+            return
+        self._add(path.path, arr)
+
+    def _add(self, path: str, keys: np.ndarray) -> None:
+        self._seen.add(path)
+        if self.indexed_keys + len(keys) > self.max_keys:
+            return
+        where = np.empty((len(keys), 2), dtype=np.int32)
+        where[:, 0] = len(self._files)
+        where[:, 1] = np.arange(len(keys), dtype=np.int32)
+        self._files.append(path)
+        self._pending.append((keys, where))
+
+    def _merge(self) -> None:
+        if not self._pending:
+            return
+        keys = np.concatenate([self._keys, *(k for k, _ in self._pending)])
+        where = np.concatenate([self._where, *(w for _, w in self._pending)])
+        order = np.argsort(keys, kind="stable")
+        self._keys, self._where = keys[order], where[order]
+        self._pending = []
+
+    def _refresh(self) -> None:
+        """Index the keys of files in the folder that this actor has not seen yet."""
+        self._listed_at = time.monotonic()
+        fs = self.folder.fs
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(self.folder.path, allow_not_found=True))
+        except OSError as exc:
+            log.warning("embed store: cannot list %s (%s); computing", self.folder.uri, exc)
+            return
+        for info in sorted(infos, key=lambda i: i.path):
+            name = info.path.rsplit("/", 1)[-1]
+            if (
+                info.type != pafs.FileType.File
+                or info.path in self._seen
+                or name.startswith((TMP_PREFIX, ".", "_"))
+                or not name.endswith(".parquet")
+            ):
+                continue
+            if self.indexed_keys >= self.max_keys:
+                log.warning(
+                    "embed store: %s holds more than %d keys; indexing no more (their rows are "
+                    "computed again)",
+                    self.folder.uri,
+                    self.max_keys,
+                )
+                return
+            keys = self._read_keys(info.path)
+            if keys is None:
+                self._seen.add(info.path)
+                continue
+            self._add(info.path, keys)
+
+    def _read(self, path: str, columns: list[str]) -> pa.Table:
+        """`columns` of a store file, once its metadata says it is this store's."""
+        with self.folder.fs.open_input_file(path) as src:
+            f = pq.ParquetFile(src)
+            self._check(f)
+            return f.read(columns=columns)
+
+    def _check(self, f: pq.ParquetFile) -> None:
+        meta = (f.schema_arrow.metadata or {}).get(_META)
+        if meta is None or json.loads(meta) != json.loads(self._meta):
+            raise ValueError(f"metadata {meta!r} is not this store's ({self._meta})")
+        vec = f.schema_arrow.field("vec").type
+        if not (pa.types.is_fixed_size_list(vec) and vec.list_size == self.dim):
+            raise ValueError(f"vec is {vec}, expected fixed_size_list<halffloat>[{self.dim}]")
+
+    def _read_keys(self, path: str) -> np.ndarray | None:
+        try:
+            keys = self._read(path, ["key"]).column("key").combine_chunks()
+            if keys.type != pa.binary(KEY_BYTES) or keys.null_count:
+                raise ValueError(f"key is {keys.type}, expected fixed_size_binary[{KEY_BYTES}]")
+            data = np.frombuffer(keys.buffers()[1], dtype=f"S{KEY_BYTES}")
+            return data[keys.offset : keys.offset + len(keys)].copy()
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped, never fatal
+            log.warning("embed store: skipping %s (%s: %s)", path, type(exc).__name__, exc)
+            return None
+
+    def _read_rows(self, path: str, rows: list[int]) -> tuple[list[bytes], np.ndarray] | None:
+        try:
+            table = self._read(path, ["key", "vec"]).take(pa.array(rows))
+            vecs = table.column("vec").combine_chunks()
+            if vecs.null_count:
+                raise ValueError("null vectors")
+            values = vecs.flatten().to_numpy(zero_copy_only=False).reshape(-1, self.dim)
+            if not np.isfinite(values).all():
+                raise ValueError("vectors that are not finite")
+            return table.column("key").to_pylist(), values.astype(np.float16)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is recomputed, never fatal
+            log.warning("embed store: skipping %s (%s: %s)", path, type(exc).__name__, exc)
+            self._drop(path)
+            return None
+
+    def _drop(self, path: str) -> None:
+        """Forget a bad file's keys (they are computed again)."""
+        f = self._files.index(path)
+        keep = self._where[:, 0] != f
+        self._keys, self._where = self._keys[keep], self._where[keep]
