@@ -154,13 +154,15 @@ def model_spec(model: Any, spec: str, kind: str, reduce_to: int | None) -> dict[
 
     from warren.stages.models import RANDOM_INIT_SEED
 
+    digest = weights_digest(spec)
     out: dict[str, Any] = {
         "format": FORMAT,
-        "model": model.name,
+        # Local weights are known by their content: a copy of a model folder is the same model.
+        "model": f"{type(model).__name__} (local weights)" if digest else model.name,
         "dim": int(model.dim),
         # The layers and shapes: one architecture name may mean two configs (a test's tiny one).
         "architecture": stable_hash(describe(getattr(model, "module", None))),
-        "weights": weights_digest(spec) or _named_weights(model, RANDOM_INIT_SEED),
+        "weights": digest or _named_weights(model, RANDOM_INIT_SEED),
         "kind": kind,
         "numerics": "cuda fp16 autocast" if torch.device(model.device).type == "cuda" else "fp32",
         "stored": "float16",
