@@ -136,7 +136,7 @@ def test_off_writes_nothing(rows, tmp_path, monkeypatch):
     _embed(rows.slice(0, 2), DEMO_CLIP, "none", tmp_path / "calls")
     assert not (tmp_path / "cache").exists()
     _embed(rows.slice(0, 2), DEMO_CLIP, "cache", tmp_path / "calls")
-    assert list((tmp_path / "cache" / "embeddings").rglob("*.parquet"))
+    assert list((tmp_path / "cache" / "embeddings").rglob("*.emb"))
 
 
 def _store(path: Path, **spec) -> EmbeddingStore:
@@ -154,42 +154,46 @@ def test_store_returns_what_was_put_and_nothing_else(tmp_path):
     assert not _store(tmp_path, kind="text").get(keys)[1].any()
 
 
+def _files(store: EmbeddingStore) -> list[Path]:
+    return sorted(Path(store.folder.path).glob("*.emb"))
+
+
 def test_damaged_store_files_are_skipped_with_a_warning_and_recomputed(tmp_path, caplog):
-    keys = content_keys([b"a", b"b", b"c"])
-    good = np.ones((3, DIM), dtype=np.float16)
+    keys = content_keys([b"a", b"b", b"c", b"d"])
+    vecs = np.arange(4 * DIM, dtype=np.float16).reshape(4, DIM)
+    for k in range(4):  # one file per key
+        _store(tmp_path).put(keys[k : k + 1], vecs[k : k + 1])
     store = _store(tmp_path)
-    store.put(keys[:1], good[:1])
-    folder = store.folder.path
-    # A truncated file, a file of another width claiming this store's key, and NaN vectors.
-    _store(tmp_path).put(keys[1:2], good[1:2])
-    files = sorted(Path(folder).glob("*.parquet"))
-    victim = next(f for f in files if pq.read_table(f)["key"][0].as_py() == keys[1])
-    victim.write_bytes(victim.read_bytes()[:40])
-    wide = pa.table(
-        {
-            "key": pa.array([keys[2]], pa.binary(16)),
-            "vec": pa.FixedSizeListArray.from_arrays(pa.array([1.0] * 8, pa.float16()), 8),
-        }
-    ).replace_schema_metadata({b"warren.embed_store": store._meta})
-    pq.write_table(wide, f"{folder}/wide.parquet")
-    nan = _store(tmp_path, dim=DIM)
+    files = {_store(tmp_path)._read_keys(str(f))[0]: f for f in _files(store)}
+    # b: truncated; c: one bit of its vector flipped; d: a header naming another width.
+    b, c, d = (files[k] for k in keys[1:])
+    b.write_bytes(b.read_bytes()[:-3])
+    raw = bytearray(c.read_bytes())
+    raw[-6] ^= 1
+    c.write_bytes(bytes(raw))
+    d.write_bytes(d.read_bytes().replace(b'"dim": 4', b'"dim": 8'))
     with caplog.at_level(logging.WARNING, logger="warren.stages.embed_store"):
-        got, found = nan.get(keys)
-    assert found.tolist() == [True, False, False]
-    assert np.array_equal(got[0], good[0])
-    assert "skipping" in caplog.text and "wide.parquet" in caplog.text
+        got, found = store.get(keys)
+    assert found.tolist() == [True, False, False, False]
+    assert np.array_equal(got[0], vecs[0])
+    assert caplog.text.count("skipping") == 3, caplog.text
+    assert all(f.name in caplog.text for f in (b, c, d))
     # NaN vectors under a valid key: found by the index, refused on read.
-    bad = _store(tmp_path / "nan")
-    bad.put(keys[:1], np.full((1, DIM), np.nan, dtype=np.float16))
+    _store(tmp_path / "nan").put(keys[:1], np.full((1, DIM), np.nan, dtype=np.float16))
     assert not _store(tmp_path / "nan").get(keys[:1])[1].any()
+    # A file of another store (another spec) in this folder is skipped too.
+    other = _store(tmp_path / "other", model="other")
+    other.put(keys[1:2], vecs[1:2])
+    shutil.copy(_files(other)[0], Path(store.folder.path) / "stray.emb")
+    assert not _store(tmp_path).get(keys[1:2])[1].any()
 
 
 def test_an_embed_run_survives_a_corrupt_store(rows, tmp_path):
     store, calls = tmp_path / "store", tmp_path / "calls"
     fresh, _ = _embed(rows, DEMO_CLIP, "none", calls)
     _embed(rows, DEMO_CLIP, str(store), calls)
-    for f in store.rglob("*.parquet"):
-        f.write_bytes(b"PAR1 not a parquet file")
+    for f in store.rglob("*.emb"):
+        f.write_bytes(b"not a store file")
     out, n = _embed(rows, DEMO_CLIP, str(store), calls)
     assert n == rows.num_rows
     assert np.array_equal(_vectors(out, "image_emb"), _vectors(fresh, "image_emb"))
