@@ -62,6 +62,7 @@ def param(
     threshold: str | None = None,
     column: str | None = None,
     off: Any = None,
+    fingerprint: bool = True,
     **kwargs: Any,
 ) -> Any:
     """A stage parameter: its default and its documentation, declared in one place.
@@ -69,8 +70,11 @@ def param(
     A parameter that is a threshold says so: `threshold` is its kind (THRESHOLD_KINDS), `column`
     the column it acts on, `off` a value that turns it off (no line is drawn for it). The report
     draws thresholds from this metadata (through `Stage.thresholds`, saved in the manifest).
+    `fingerprint=False` leaves it out of the cache key: a value that changes no result (a path).
     """
     metadata: dict[str, Any] = {"help": help}
+    if not fingerprint:
+        metadata["fingerprint"] = False
     if threshold is not None:
         if threshold not in THRESHOLD_KINDS:
             raise ValueError(f"threshold must be one of {THRESHOLD_KINDS}, got {threshold!r}")
@@ -250,7 +254,11 @@ class Stage:
 
     @property
     def params_hash(self) -> str:
-        return stable_hash({"params": params_to_dict(self.params), "version": self.version})
+        params = params_to_dict(self.params)
+        for field in dataclasses.fields(self.params):
+            if field.metadata.get("fingerprint") is False:
+                del params[field.name]
+        return stable_hash({"params": params, "version": self.version})
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -93,6 +93,15 @@ class ClipModel:
         """(len(texts), dim) float32, unit rows."""
         return self._encode(self._text_features, list(texts), batch_size)
 
+    def image_input(self, image: Any) -> Any:
+        """The model's input for one RGB PIL image, made without the model (safe to run in
+        another thread while the model runs): here the image itself; open_clip: its tensor."""
+        return image
+
+    def encode_image_inputs(self, inputs: Sequence[Any]) -> np.ndarray:
+        """`encode_images` of the images whose `image_input`s are `inputs` (same numbers)."""
+        return self.encode_images(inputs)
+
     def _encode(self, features: Callable, items: Sequence[Any], batch_size: int | None):
         import torch
         import torch.nn.functional as F
@@ -121,10 +130,18 @@ class OpenClipModel(ClipModel):
         self.tokenizer = tokenizer
 
     def _image_features(self, images):
+        return self._pixel_features([self.preprocess(im) for im in images])
+
+    def image_input(self, image):
+        return self.preprocess(image)
+
+    def encode_image_inputs(self, inputs):
+        return self._encode(self._pixel_features, list(inputs), None)
+
+    def _pixel_features(self, pixels):
         import torch
 
-        pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device)
-        return self.module.encode_image(pixels)
+        return self.module.encode_image(torch.stack(list(pixels)).to(self.device))
 
     def _text_features(self, texts):
         return self.module.encode_text(self.tokenizer(texts).to(self.device))
