@@ -84,11 +84,15 @@ def default_store_path() -> str:
 
 
 def store_location(value: str) -> Location | None:
-    """The store `--embed.store` names: `cache` (the default path), `none`, a path or a URI."""
+    """The store `--embed.store` names: `cache` (the default: `$WARREN_EMBED_STORE` when set,
+    so a site or a test session can point every run elsewhere or turn it off, else the default
+    path), `none`, a path or a URI."""
     value = value.strip()
+    if value == DEFAULT_STORE:
+        value = os.environ.get("WARREN_EMBED_STORE") or default_store_path()
     if value.lower() in OFF:
         return None
-    return Location.of(default_store_path() if value == DEFAULT_STORE else value)
+    return Location.of(value)
 
 
 def content_keys(items: Sequence[bytes | memoryview | str]) -> list[bytes]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,11 @@ from worker_env import worker_pythonpath
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# The embedding store is off unless a test names one: a vector stored by one test would make
+# another's embed step instant (tests that kill a run half way through embed need it to take
+# time), and no test writes to the user's cache. Subprocesses and Ray workers inherit this.
+os.environ["WARREN_EMBED_STORE"] = "none"
 
 
 @pytest.fixture(scope="session")

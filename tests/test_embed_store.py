@@ -20,7 +20,7 @@ from warren.pipelines import bunny_pretrain, semdedup
 from warren.pipelines.recipe import DEMO_CLIP, DEMO_DATA
 from warren.pipelines.recipe import main as recipe_main
 from warren.stages.embed import Embed
-from warren.stages.embed_store import EmbeddingStore, content_keys
+from warren.stages.embed_store import EmbeddingStore, content_keys, store_location
 from warren.stages.shards import Location
 
 DIM = 4
@@ -133,6 +133,8 @@ def test_the_store_location_is_not_part_of_the_stage_cache_key():
 
 def test_off_writes_nothing(rows, tmp_path, monkeypatch):
     monkeypatch.setenv("WARREN_CACHE", str(tmp_path / "cache"))
+    # The suite turns the default store off (conftest); here `cache` means the user's cache.
+    monkeypatch.delenv("WARREN_EMBED_STORE")
     _embed(rows.slice(0, 2), DEMO_CLIP, "none", tmp_path / "calls")
     assert not (tmp_path / "cache").exists()
     _embed(rows.slice(0, 2), DEMO_CLIP, "cache", tmp_path / "calls")
@@ -197,3 +199,11 @@ def test_an_embed_run_survives_a_corrupt_store(rows, tmp_path):
     out, n = _embed(rows, DEMO_CLIP, str(store), calls)
     assert n == rows.num_rows
     assert np.array_equal(_vectors(out, "image_emb"), _vectors(fresh, "image_emb"))
+
+
+def test_warren_embed_store_points_the_default_elsewhere_or_turns_it_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("WARREN_EMBED_STORE", str(tmp_path / "site"))
+    assert store_location("cache").path == str(tmp_path / "site")
+    assert store_location(str(tmp_path / "mine")).path == str(tmp_path / "mine")
+    monkeypatch.setenv("WARREN_EMBED_STORE", "none")
+    assert store_location("cache") is None
