@@ -313,7 +313,8 @@ def test_losing_the_worker_node_in_the_middle_of_embed_changes_no_output_row(tmp
                     pytest.fail(f"the job never reached embed:\n{job.read_text()[-3000:]}")
                 time.sleep(0.02)
             killed = worker.kill()
-            done_at_kill = len(list((embed / "_progress").glob("*.json")))
+            committed = {p.name: p.stat().st_mtime_ns for p in (embed / "_progress").glob("*.json")}
+            done_at_kill = len(committed)
             assert not (embed / "_manifest.json").exists(), "embed completed before the kill"
             assert len(killed) >= 3, f"the worker node had only processes {killed}"
 
@@ -339,6 +340,8 @@ def test_losing_the_worker_node_in_the_middle_of_embed_changes_no_output_row(tmp
         ]
         # The pieces embed committed before the kill were kept, not recomputed.
         assert done_at_kill >= 1
+        after = {p.name: p.stat().st_mtime_ns for p in (embed / "_progress").glob("*.json")}
+        assert {k: after.get(k) for k in committed} == committed
         if resubmitted:
             assert manifest["status"] == "resumed", manifest["status"]
         print(
