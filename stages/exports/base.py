@@ -272,7 +272,7 @@ class StagedFolder:
             if exc_type is None:
                 if self.dest.exists():
                     self.dest.rmtree()
-                self.dest.fs.move(self.path.path, self.dest.path)
+                _move_folder(self.dest.fs, self.path.path, self.dest.path)
         finally:
             for loc in (self.path, self.scratch):
                 try:
@@ -285,6 +285,21 @@ class StagedFolder:
         infos = self.path.fs.get_file_info(pafs.FileSelector(self.path.path, recursive=True))
         files = [i for i in infos if i.type == pafs.FileType.File]
         return len(files), sum(i.size or 0 for i in files)
+
+
+def _move_folder(fs: pafs.FileSystem, src: str, dst: str) -> None:
+    """Rename a folder; on an object store (s3://, gs://), which has no folders to rename and
+    whose pyarrow filesystem refuses to move one, move its files one by one: the export then
+    appears file by file instead of at once."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.move(src, dst)
+        return
+    infos = fs.get_file_info(pafs.FileSelector(src, recursive=True))
+    for info in sorted(infos, key=lambda i: i.path):
+        if info.type == pafs.FileType.File:
+            target = dst + info.path[len(src) :]
+            fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            fs.move(info.path, target)
 
 
 class JsonListWriter:

@@ -33,9 +33,14 @@ deleted afterwards.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from typing import Any
+
+import pyarrow.fs as pafs
 
 from warren.stages.exports.base import (
     ExportError,
@@ -159,6 +164,18 @@ def export(src: StageFolder, dest: str, overwrite: bool = False, **options: Any)
             datasets.enable_progress_bars()
 
 
+@contextlib.contextmanager
+def _local_folders(staged: StagedFolder) -> Iterator[tuple[str, str]]:
+    """(cache dir, save dir) for `datasets`, which writes only to local paths: the staged
+    folder's own on a local disk; on an object store (s3://, gs://) a local temporary folder,
+    whose saved dataset is then copied into the staged folder."""
+    if isinstance(staged.path.fs, pafs.LocalFileSystem):
+        yield staged.scratch.path, staged.path.path
+        return
+    with tempfile.TemporaryDirectory(prefix="warren-hf-export-") as tmp:
+        yield os.path.join(tmp, "cache"), os.path.join(tmp, "dataset")
+
+
 def _export(
     datasets: Any,
     src: StageFolder,
@@ -169,12 +186,13 @@ def _export(
     counts: dict,
 ) -> ExportReport:
     skipped: Skipped = counts["skipped"]
-    with StagedFolder(dest, overwrite, src.location) as staged:
+    with StagedFolder(dest, overwrite, src.location) as staged, _local_folders(staged) as local:
+        scratch, saved = local
         try:
             ds = datasets.Dataset.from_generator(
                 _rows,
                 features=features(optional),
-                cache_dir=staged.scratch.path,
+                cache_dir=scratch,
                 gen_kwargs={
                     "src": src,
                     "optional": tuple(optional),
@@ -201,8 +219,15 @@ def _export(
                 f"{src.rows:,}"
             )
         skipped.check_any_written(FORMAT, src.location, counts["rows"], counts["given"])
-        ds.save_to_disk(staged.path.path)
+        ds.save_to_disk(saved)
         del ds
+        if saved != staged.path.path:
+            pafs.copy_files(
+                saved,
+                staged.path.path,
+                source_filesystem=pafs.LocalFileSystem(),
+                destination_filesystem=staged.path.fs,
+            )
         files, size = staged.totals()
     return ExportReport(
         format=FORMAT,
