@@ -44,7 +44,7 @@ def _run(stage, table: pa.Table, blocks: int = 3) -> pa.Table:
     size = max(1, -(-table.num_rows // blocks))
     parts = [table.slice(i, size) for i in range(0, table.num_rows, size)]
     ctx = GlobalContext(num_rows=table.num_rows, num_shards=len(parts), num_cpus=2)
-    out = stage.run(ray.data.from_arrow(parts), ctx).take_all()
+    out = stage.run_rows(ray.data.from_arrow(parts), ctx).take_all()
     return pa.Table.from_pylist(out).sort_by("id") if out else table.slice(0, 0)
 
 
@@ -58,7 +58,7 @@ def _run_arrow(stage, table: pa.Table, blocks: int = 3) -> pa.Table:
     size = max(1, -(-table.num_rows // blocks))
     parts = [table.slice(i, size) for i in range(0, table.num_rows, size)]
     ctx = GlobalContext(num_rows=table.num_rows, num_shards=len(parts), num_cpus=2)
-    refs = stage.run(ray.data.from_arrow(parts), ctx).to_arrow_refs()
+    refs = stage.run_rows(ray.data.from_arrow(parts), ctx).to_arrow_refs()
     return pa.concat_tables(ray.get(refs), promote_options="default").sort_by("id")
 
 
