@@ -142,21 +142,19 @@ def _split_decisions(per_task: int, parts: int, name: str, keep: list[str], *tab
 
 @compact_errors
 def _write_decisions(
-    decisions: Location, name: str, total: int, columns: list[str], *tables: pa.Table
+    decisions: Location,
+    name: str,
+    total: int,
+    columns: list[tuple[str, pa.DataType]],
+    *tables: pa.Table,
 ) -> pa.Table:
     """One regroup task: its pieces' decisions, sorted by position, one file per piece."""
-    from warren.stages.schema import column_type
-
     table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
     # Every piece's file has the same columns, even where this task's blocks lacked one.
-    for c in columns:
+    for c, kind in columns:
         if c not in table.column_names:
-            try:
-                kind = column_type(c)
-            except KeyError:
-                kind = pa.string()
             table = table.append_column(pa.field(c, kind), pa.nulls(table.num_rows, kind))
-    table = table.select([POSITION_COLUMN, *columns])
+    table = table.select([POSITION_COLUMN, *[c for c, _ in columns]])
     pos = table.column(POSITION_COLUMN).to_numpy()
     order = np.argsort(pos, kind="stable")
     table, pos = table.take(pa.array(order)), pos[order]
@@ -174,7 +172,7 @@ def _write_decisions(
             )
         write_table_atomic(table.slice(a, b - a), decisions.join(f"{piece_name(p)}.parquet"))
         rejected = 0
-        if REJECT_COLUMN in columns:
+        if REJECT_COLUMN in table.column_names:
             rejected = b - a - table.column(REJECT_COLUMN).slice(a, b - a).null_count
         entries.append(
             {"src": GLOBAL_SRC, "rows_in": b - a, "kept": b - a - rejected, "rejected": rejected}
@@ -221,14 +219,18 @@ def _decide(
         checkpoint=work.join(CHECKPOINT_DIR),
     )
     refs = stage.run(narrow, ctx).to_arrow_refs()
-    # The columns every decision file carries: what any block of the stage's output decided.
+    if not refs:
+        raise PipelineError(f"stage {stage.name}: run() returned no rows for {total:,} rows in")
+    # The columns every decision file carries (and their types): what any block decided.
     read = read_names(stage)
-    columns: list[str] = []
+    types: dict[str, pa.DataType] = {}
     schema_of = ray.remote(_schema_of)
     for schema in ray.get([schema_of.remote(r) for r in refs]):
         for c in _decided_columns(schema.empty_table(), stage, read):
-            if c not in columns:
-                columns.append(c)
+            if c not in types or pa.types.is_null(types[c]):
+                types[c] = schema.field(c).type
+    columns = list(types.items())
+    keep = list(types)
     pieces = -(-total // GLOBAL_ROWS_PER_PART)
     per_task = max(1, DECISION_ROWS_PER_TASK // GLOBAL_ROWS_PER_PART)
     parts = max(1, math.ceil(pieces / per_task))
@@ -239,7 +241,7 @@ def _decide(
     bounds = np.linspace(0, len(refs), runs + 1).round().astype(int)
     slices = []
     for r in range(runs):
-        out = split.remote(per_task, parts, stage.name, columns, *refs[bounds[r] : bounds[r + 1]])
+        out = split.remote(per_task, parts, stage.name, keep, *refs[bounds[r] : bounds[r + 1]])
         slices.append(out if parts > 1 else [out])
     write = ray.remote(_write_decisions)
     written = [
@@ -253,7 +255,7 @@ def _decide(
             f"stage {stage.name}: no decisions for {len(missing)} pieces (first: {missing[0]}): "
             "the stage lost rows"
         )
-    decisions.join(DONE).write_json_atomic({"pieces": pieces, "columns": columns})
+    decisions.join(DONE).write_json_atomic({"pieces": pieces, "columns": keep})
 
 
 def _schema_of(table: pa.Table) -> pa.Schema:
