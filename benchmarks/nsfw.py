@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from basic_filter import build_pool
 from PIL import Image
 
+from warren.pipelines.ray_session import map_resources
 from warren.pipelines.runner import Pipeline, Runner, ensure_ray
 from warren.stages.nsfw import Nsfw, model_path
 
@@ -121,7 +122,11 @@ def main() -> None:
             f"({rows / stage_s:,.1f} rows/s, {manifest['kept']:,} kept); on {FIXED_ROWS} rows "
             f"{fixed_s:.1f} s (worker start, model load); beyond it {marginal:,.1f} rows/s"
         )
-        print(f"  actors: {manifest.get('resources')}")
+        layout = map_resources(Nsfw())
+        print(
+            f"  the stage's actors: {layout['num_cpus']:g} CPUs each, "
+            f"at most {layout['compute'].max_size}"
+        )
         blobs = blobs_of(pool, args.rows)
         bare_loop(blobs[:64], cores, args.model_batch_size, overlap=False)  # warm-up
         best = None
