@@ -96,7 +96,7 @@ def plain_loop(lm, texts: Sequence[str], batch_size: int, sort: bool) -> np.ndar
 
 def score_in_ray_batches(stage: Perplexity, texts: Sequence[str]) -> list[np.ndarray]:
     """The stage's scoring on the Ray batches the runner would hand it (it sorts within each)."""
-    step = Perplexity.batch_size
+    step = stage.batch_size
     return [stage.score(texts[i : i + step])[0] for i in range(0, len(texts), step)]
 
 
@@ -182,7 +182,7 @@ def main() -> None:
             f"{next(lm.module.parameters()).dtype}"
         )
         print(
-            f"stage: Ray batches of {Perplexity.batch_size} texts, forwards of at most "
+            f"stage: Ray batches of {stage.batch_size} texts, forwards of at most "
             f"{stage.params.model_batch_size} texts and {stage.batch_tokens} padded tokens; "
             f"plain loop: forwards of {args.plain_batch_size} texts"
         )
