@@ -9,8 +9,10 @@ output (N, 2) softmax with P(NSFW) in column 1). A model that cannot be found or
 is a `ModelNotFoundError` / ValueError in `setup()` that names the flag. The session is built once
 per worker in `setup()`: CUDA first when onnxruntime offers `CUDAExecutionProvider` (the
 `onnxruntime-gpu` build) and a GPU is present, CPU otherwise; its intra-op threads follow
-`--nsfw.threads`, else `OMP_NUM_THREADS` (Ray sets it to each worker's CPU share), else
-onnxruntime's default.
+`--nsfw.threads`, else `OMP_NUM_THREADS` (Ray sets it to each worker's CPU share), else one per
+core. As many threads decode and preprocess the next model batch while the model scores this one
+(without a GPU the runner gives one actor every CPU of a small node, see
+`pipelines.ray_session.map_resources`).
 
 Preprocessing is the package's own `preprocess` (the Caffe deployment of the original model),
 applied to each image and stacked so that one `session.run` scores `model_batch_size` images:
