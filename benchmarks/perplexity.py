@@ -261,4 +261,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Ray runs its workers at niceness 15; the plain loops run in this process at 0. On a machine
+    # others load, that alone would slow the stage: its workers run at this process's niceness.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     main()
