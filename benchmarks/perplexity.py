@@ -20,12 +20,12 @@ instance. Printed, in texts/s:
   would give it, with length-sorted micro-batches on and off: the effect of sorting alone, and of
   the stage's batching against the plain loop, without Ray in the way.
 
-Threads. Ray gives each worker OMP_NUM_THREADS = its num_cpus, so the stage's actor (num_cpus 1,
-the runner's sizing: it keeps a CPU free for reads) runs torch on one thread, whatever the machine
-has. Every in-process measurement here uses the thread count measured inside a Ray actor of the
-same size, so the ratio compares one thread with one thread; the plain loop on all of this
-process's threads is printed too, for what the machine could give one process. On a bigger
-machine the runner starts (CPUs - 1) such actors, and on GPUs one per GPU.
+Threads. Ray gives each worker OMP_NUM_THREADS = its num_cpus, and torch runs that many
+intra-op threads. Without a GPU the runner gives the stage actors that together hold every CPU,
+each of up to 8 (`ray_session.map_resources`; on 2 cores one actor of 2 CPUs). Every in-process
+measurement here uses the thread count measured inside a Ray actor of that size, so the ratio
+compares the stage with a plain loop on the same cores; the plain loop on all of this process's
+threads is printed too. With GPUs the runner starts one actor per GPU.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from warren.pipelines.ray_session import map_resources
 from warren.pipelines.recipe import DEMO_DATA
 from warren.pipelines.runner import Pipeline, Runner, ensure_ray
 from warren.stages.perplexity import Perplexity
@@ -95,15 +96,15 @@ def plain_loop(lm, texts: Sequence[str], batch_size: int, sort: bool) -> np.ndar
 
 def score_in_ray_batches(stage: Perplexity, texts: Sequence[str]) -> list[np.ndarray]:
     """The stage's scoring on the Ray batches the runner would hand it (it sorts within each)."""
-    step = Perplexity.batch_size
+    step = stage.batch_size
     return [stage.score(texts[i : i + step])[0] for i in range(0, len(texts), step)]
 
 
-def actor_threads() -> tuple[int, str]:
-    """torch's thread count and OMP_NUM_THREADS inside a Ray actor sized like the stage's."""
+def actor_threads(num_cpus: float) -> tuple[int, str]:
+    """torch's thread count and OMP_NUM_THREADS inside a Ray actor of `num_cpus` CPUs."""
     import ray
 
-    @ray.remote(num_cpus=Perplexity.num_cpus)
+    @ray.remote(num_cpus=num_cpus)
     class Probe:
         def threads(self) -> tuple[int, str]:
             import torch
@@ -169,8 +170,9 @@ def main() -> None:
 
         all_threads = torch.get_num_threads()
         ensure_ray()
-        threads, omp = actor_threads()
         stage = Perplexity(model=args.model)
+        actor_cpus = map_resources(stage)["num_cpus"]
+        threads, omp = actor_threads(actor_cpus)
         stage.setup()
         lm = stage.lm
         lengths = [len(t) for t in lm.tokenizer(texts)["input_ids"]]
@@ -180,12 +182,12 @@ def main() -> None:
             f"{next(lm.module.parameters()).dtype}"
         )
         print(
-            f"stage: Ray batches of {Perplexity.batch_size} texts, forwards of at most "
+            f"stage: Ray batches of {stage.batch_size} texts, forwards of at most "
             f"{stage.params.model_batch_size} texts and {stage.batch_tokens} padded tokens; "
             f"plain loop: forwards of {args.plain_batch_size} texts"
         )
         print(
-            f"threads: Ray actor with num_cpus={Perplexity.num_cpus:g}: torch {threads} "
+            f"threads: the stage's Ray actor (num_cpus={actor_cpus:g}): torch {threads} "
             f"(OMP_NUM_THREADS={omp}); this process: {all_threads} (os.cpu_count {os.cpu_count()})"
         )
 
@@ -259,4 +261,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Ray runs its workers at niceness 15; the plain loops run in this process at 0. On a machine
+    # others load, that alone would slow the stage: its workers run at this process's niceness.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     main()

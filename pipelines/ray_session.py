@@ -44,14 +44,45 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1.0))
 
 
+def node_cpus() -> float:
+    """CPUs of the biggest live node (an actor cannot span nodes)."""
+    import ray
+
+    per_node = [
+        float(n.get("Resources", {}).get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive", True)
+    ]
+    return max(per_node, default=0.0) or cluster_cpus()
+
+
+# A model actor on CPUs runs its intra-op threads (torch, onnxruntime: OMP_NUM_THREADS, which Ray
+# sets to the actor's CPUs) on at most this many CPUs; a bigger node gets several such actors,
+# since one process's intra-op threads scale poorly past a handful of cores.
+CPU_THREADS_PER_ACTOR = 8
+
+
 def map_resources(stage: BatchStage) -> dict[str, Any]:
-    """Resources for map_batches, from the stage instance's own `resources`; actor pools are
-    bounded so read tasks always have a CPU."""
+    """Resources for map_batches, from the stage instance's own `resources`.
+
+    A model stage on GPUs gets one actor per `num_gpus` share. A model stage without a GPU whose
+    CPUs and pool size the user left alone gets actors that together hold every CPU: each holds
+    up to CPU_THREADS_PER_ACTOR CPUs of a node and runs that many intra-op threads (on 2 cores,
+    one actor of 2 threads: it loads one model, and uses both cores whatever the number of
+    pieces). A map stage reads its own pieces inside its tasks and actors, so nothing else waits
+    for a CPU while its pool runs. With `--<stage>.num_cpus` given, the pool is bounded so a CPU
+    stays free, as before."""
     import ray
 
     cpus = cluster_cpus()
     gpus = float(ray.cluster_resources().get("GPU", 0.0))
     num_gpus = stage.num_gpus if gpus >= stage.num_gpus else 0.0
+    if stage.uses_model and not num_gpus and _cpu_layout_is_ours(stage):
+        per_actor = max(1.0, min(float(CPU_THREADS_PER_ACTOR), node_cpus()))
+        per_actor = min(per_actor, cpus)
+        size = max(1, int(cpus // per_actor))
+        return {
+            "num_cpus": per_actor,
+            "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=size),
+        }
     num_cpus = min(stage.num_cpus, max(cpus / 2, 0.25))
     args: dict[str, Any] = {"num_cpus": num_cpus}
     if num_gpus:
@@ -69,6 +100,13 @@ def map_resources(stage: BatchStage) -> dict[str, Any]:
             lo = 1
         args["compute"] = ray.data.ActorPoolStrategy(min_size=lo, max_size=max(lo, hi))
     return args
+
+
+def _cpu_layout_is_ours(stage: BatchStage) -> bool:
+    """Neither `--<stage>.num_cpus` nor `--<stage>.concurrency` was given (the stage's defaults
+    stand), so the runner lays its actors over the CPUs."""
+    default = stage.default_resources()
+    return stage.concurrency is None and stage.num_cpus == default.num_cpus
 
 
 def quiet_ray_data(quiet: bool) -> None:

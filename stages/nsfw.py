@@ -9,8 +9,10 @@ output (N, 2) softmax with P(NSFW) in column 1). A model that cannot be found or
 is a `ModelNotFoundError` / ValueError in `setup()` that names the flag. The session is built once
 per worker in `setup()`: CUDA first when onnxruntime offers `CUDAExecutionProvider` (the
 `onnxruntime-gpu` build) and a GPU is present, CPU otherwise; its intra-op threads follow
-`--nsfw.threads`, else `OMP_NUM_THREADS` (Ray sets it to each worker's CPU share), else
-onnxruntime's default.
+`--nsfw.threads`, else `OMP_NUM_THREADS` (Ray sets it to each worker's CPU share), else one per
+core. As many threads decode and preprocess the next model batch while the model scores this one
+(without a GPU the runner gives one actor every CPU of a small node, see
+`pipelines.ray_session.map_resources`).
 
 Preprocessing is the package's own `preprocess` (the Caffe deployment of the original model),
 applied to each image and stacked so that one `session.run` scores `model_batch_size` images:
@@ -52,6 +54,7 @@ import dataclasses
 import importlib.metadata
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +171,9 @@ class Nsfw(BatchStage):
         flag = f"--{self.name}.model"
         path = model_path(p.model, flag)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = session_threads(p.threads)
+        #: Threads for the model's ops and, beside them, for decoding: the worker's CPUs.
+        self._threads = session_threads(p.threads) or os.cpu_count() or 1
+        options.intra_op_num_threads = self._threads
         # One graph, run op after op: a second pool of threads would only compete for the cores.
         options.inter_op_num_threads = 1
         providers = ["CPUExecutionProvider"]
@@ -208,12 +213,18 @@ class Nsfw(BatchStage):
         scores = np.full(n, np.nan, dtype=np.float32)
         problems: list[str | None] = [None] * n
         step = self.params.model_batch_size
-        with pil_limits(self.params.max_pixels):
-            for lo in range(0, n, step):
-                # Only `step` preprocessed crops (0.6 MB each) and one decoded image live at once.
+        chunks = [range(lo, min(lo + step, n)) for lo in range(0, n, step)]
+        # Decoding and preprocessing (PIL and numpy, which release the GIL) run on a pool of
+        # the worker's threads while the model scores the chunk before: the CPUs never wait for
+        # one another, and at most two chunks of crops (0.6 MB each) are held at once.
+        with pil_limits(self.params.max_pixels), ThreadPoolExecutor(self._threads) as pool:
+            ahead = [pool.submit(self._prepare, blobs[k]) for k in chunks[0]] if chunks else []
+            for i, chunk in enumerate(chunks):
+                prepared = [f.result() for f in ahead]
+                if i + 1 < len(chunks):
+                    ahead = [pool.submit(self._prepare, blobs[k]) for k in chunks[i + 1]]
                 pixels, where = [], []
-                for k in range(lo, min(lo + step, n)):
-                    crop, problems[k] = self._prepare(blobs[k])
+                for k, (crop, problems[k]) in zip(chunk, prepared, strict=True):
                     if crop is not None:
                         pixels.append(crop)
                         where.append(k)

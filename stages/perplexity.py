@@ -19,7 +19,9 @@ depend on the sorting or the pass sizes beyond float rounding. `dtype` "auto" is
 and float32 on CPU; the log-softmax is always taken in float32.
 
 The model is loaded once per actor in `setup()`: one actor per GPU when the cluster has GPUs, else
-one per CPU (torch then runs one thread per actor, Ray's OMP_NUM_THREADS). The runner sums
+actors that together hold every CPU, up to 8 each (on 2 cores one actor of 2), and torch runs an
+intra-op thread per CPU of its actor (Ray's OMP_NUM_THREADS): one actor loads the model once and
+uses every core even when the input is a single piece. The runner sums
 `ppl_tokens` into the stage's manifest and funnel.
 
 Texts longer than the model's context (`max_length` tokens; 0 = the model's context length, and a
