@@ -218,14 +218,23 @@ def _decide(
         num_cpus=cluster_cpus(),
         checkpoint=work.join(CHECKPOINT_DIR),
     )
-    refs = stage.run(narrow, ctx).to_arrow_refs()
+    try:
+        # The stage's plan runs here (and its Ray tasks' errors arrive here): one line, as drain
+        # gives for the other steps, with the traceback in the stage's log.
+        refs = stage.run(narrow, ctx).to_arrow_refs()
+        schemas = ray.get([ray.remote(_schema_of).remote(r) for r in refs])
+    except (PipelineError, ValueError) as exc:
+        if isinstance(exc, PipelineError) or not _from_ray(exc):
+            raise
+        raise runner._failure(stage.name, exc) from exc
+    except Exception as exc:
+        raise runner._failure(stage.name, exc) from exc
     if not refs:
         raise PipelineError(f"stage {stage.name}: run() returned no rows for {total:,} rows in")
     # The columns every decision file carries (and their types): what any block decided.
     read = read_names(stage)
     types: dict[str, pa.DataType] = {}
-    schema_of = ray.remote(_schema_of)
-    for schema in ray.get([schema_of.remote(r) for r in refs]):
+    for schema in schemas:
         for c in _decided_columns(schema.empty_table(), stage, read):
             if c not in types or pa.types.is_null(types[c]):
                 types[c] = schema.field(c).type
@@ -256,6 +265,12 @@ def _decide(
             "the stage lost rows"
         )
     decisions.join(DONE).write_json_atomic({"pieces": pieces, "columns": keep})
+
+
+def _from_ray(exc: BaseException) -> bool:
+    """A worker's error (Ray wraps it in a subclass of the cause's type), not the stage's own
+    ValueError about its input, raised in the driver and already one line for the user."""
+    return type(exc).__module__.startswith("ray")
 
 
 def _schema_of(table: pa.Table) -> pa.Schema:
