@@ -547,7 +547,9 @@ def test_exact_dedup_pixels_through_ray_accounts_for_every_row(ray_session, enco
     ctx = GlobalContext(num_rows=table.num_rows, num_shards=3, num_cpus=2)
     ds = ray.data.from_arrow([table.slice(0, 4), table.slice(4, 4), table.slice(8)])
     out = pa.concat_tables(
-        ExactDedup(key="pixels").run_rows(ds, ctx).iter_batches(batch_size=None, batch_format="pyarrow")
+        ExactDedup(key="pixels")
+        .run_rows(ds, ctx)
+        .iter_batches(batch_size=None, batch_format="pyarrow")
     )
     assert out.num_rows == table.num_rows
     reasons = dict(
