@@ -51,22 +51,7 @@ def parquet_columns(pf: pq.ParquetFile, wanted: tuple[str, ...]) -> list[str]:
 def read_narrow(fs: Any, path: str, offset: int, rows: int, wanted: tuple[str, ...]) -> pa.Table:
     """Rows [offset, offset + rows) of the `wanted` columns of one Parquet file, reading only the
     row groups that hold them and only those columns."""
-    with fs.open_input_file(path) as f:
-        pf = pq.ParquetFile(f)
-        columns = parquet_columns(pf, wanted)
-        groups, start, first = [], 0, None
-        for i in range(pf.metadata.num_row_groups):
-            n = pf.metadata.row_group(i).num_rows
-            if start < offset + rows and start + n > offset:
-                groups.append(i)
-                first = start if first is None else first
-            start += n
-        if first is None:
-            return pf.schema_arrow.empty_table().select(
-                [c.split(".", 1)[0] for c in columns if "." not in c]
-            )
-        table = pf.read_row_groups(groups, columns=columns)
-    return table.slice(offset - first, rows)
+    return read_rows(fs, path, offset, rows, lambda pf: parquet_columns(pf, wanted))
 
 
 def read_piece(fs: Any, segments: list, wanted: tuple[str, ...] | None) -> pa.Table:

@@ -7,6 +7,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -124,10 +125,18 @@ def parquet_row_count(fs: pafs.FileSystem, path: str) -> int:
         return pq.ParquetFile(f).metadata.num_rows
 
 
-def read_rows(fs: pafs.FileSystem, path: str, offset: int, rows: int) -> pa.Table:
-    """Rows [offset, offset + rows) of a Parquet file, reading only the row groups that hold them."""
+def read_rows(
+    fs: pafs.FileSystem,
+    path: str,
+    offset: int,
+    rows: int,
+    columns: Callable[[pq.ParquetFile], list[str]] | None = None,
+) -> pa.Table:
+    """Rows [offset, offset + rows) of a Parquet file, reading only the row groups that hold them
+    (and, with `columns`, only the Parquet columns it names for the open file)."""
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f)
+        names = columns(pf) if columns is not None else None
         groups, start, first = [], 0, None
         for i in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(i).num_rows
@@ -136,8 +145,8 @@ def read_rows(fs: pafs.FileSystem, path: str, offset: int, rows: int) -> pa.Tabl
                 first = start if first is None else first
             start += n
         if first is None:
-            return pf.schema_arrow.empty_table()
-        table = pf.read_row_groups(groups)
+            return pf.read_row_groups([], columns=names)
+        table = pf.read_row_groups(groups, columns=names)
     return table.slice(offset - first, rows)
 
 

@@ -71,7 +71,8 @@ def _run(pool: Path, out: Path, num_cpus: int) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def _pool(folder: Path) -> Path:
+def demo_slice_pool(folder: Path) -> Path:
+    """A slice of the demo pool cut into shards of uneven sizes (SHARD_SIZES)."""
     folder.mkdir()
     rows = pq.read_table(DEMO_DATA).slice(0, sum(SHARD_SIZES))
     start = 0
@@ -146,7 +147,7 @@ def _kill_in_embed(pool: Path, out: Path) -> None:
 
 
 def test_runs_with_other_worker_counts_or_a_kill_and_resume_write_identical_shards(tmp_path):
-    pool = _pool(tmp_path / "pool")
+    pool = demo_slice_pool(tmp_path / "pool")
     plain = tmp_path / "plain"
     _run(pool, plain, num_cpus=2)
     assert (plain / "08-sample" / "_manifest.json").exists()

@@ -39,12 +39,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
-from test_determinism import FLAGS, SCRIPT, SHARD_SIZES, assert_same_output
+from test_determinism import FLAGS, SCRIPT, assert_same_output, demo_slice_pool
 from worker_env import worker_pythonpath
-
-from warren.pipelines.recipe import DEMO_DATA
 
 pytestmark = pytest.mark.multinode
 
@@ -213,17 +210,6 @@ def _wait_for(what: str, check, timeout: float, logs: list[Path]) -> None:
     pytest.fail(f"timed out waiting for {what}\n{tails}")
 
 
-def _pool(folder: Path) -> Path:
-    """tests/test_determinism.py's slice of the demo pool in uneven shards: several embed pieces."""
-    folder.mkdir()
-    rows = pq.read_table(DEMO_DATA).slice(0, sum(SHARD_SIZES))
-    start = 0
-    for i, n in enumerate(SHARD_SIZES):
-        pq.write_table(rows.slice(start, n), folder / f"shard-{i}.parquet")
-        start += n
-    return folder
-
-
 def _start_reference(pool: Path, out: Path, log: Path) -> subprocess.Popen:
     """The uninterrupted run, as a script with a Ray of its own (it runs while the cluster starts)."""
     env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_VARS}
@@ -337,7 +323,7 @@ def _assert_same_run(reference: Path, out: Path, committed: dict[str, int]) -> N
 
 def test_losing_the_worker_node_in_the_middle_of_embed_changes_no_output_row(tmp_path):
     pytest.importorskip("aiohttp", reason="the job server needs ray[default]")
-    pool = _pool(tmp_path / "pool")
+    pool = demo_slice_pool(tmp_path / "pool")
     logs = tmp_path / "logs"
     logs.mkdir()
     reference = tmp_path / "reference"

@@ -21,19 +21,15 @@ import urllib.request
 from pathlib import Path
 
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import pytest
 from outputs import table
-from test_determinism import FLAGS, SCRIPT, assert_same_output
+from test_determinism import FLAGS, SCRIPT, assert_same_output, demo_slice_pool
 from worker_env import worker_pythonpath
-
-from warren.pipelines.recipe import DEMO_DATA
 
 pytest.importorskip("moto.server", reason="the S3 test server is moto's (the dev extra)")
 
 BUCKET = "warren-test"
 # Uneven shards, so each map stage has several pieces (as tests/test_determinism.py's pool).
-SHARD_SIZES = (23, 61, 17, 48, 35, 56)
 FAKE_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 
 
@@ -102,16 +98,6 @@ def _s3(endpoint: str) -> pafs.S3FileSystem:
     )
 
 
-def _pool(folder: Path) -> Path:
-    folder.mkdir()
-    rows = pq.read_table(DEMO_DATA).slice(0, sum(SHARD_SIZES))
-    start = 0
-    for i, n in enumerate(SHARD_SIZES):
-        pq.write_table(rows.slice(start, n), folder / f"shard-{i}.parquet")
-        start += n
-    return folder
-
-
 def _download(fs: pafs.FileSystem, path: str, dest: Path) -> Path:
     dest.mkdir(parents=True)
     pafs.copy_files(
@@ -142,7 +128,7 @@ def test_a_recipe_reads_and_writes_s3_and_report_explain_export_work_there(
 
     fs = _s3(s3_env["AWS_ENDPOINT_URL"])
     fs.create_dir(BUCKET)
-    pool = _pool(tmp_path / "pool")
+    pool = demo_slice_pool(tmp_path / "pool")
     pafs.copy_files(
         str(pool),
         f"{BUCKET}/pool",
