@@ -120,29 +120,37 @@ def assert_same_output(a: Path, b: Path) -> None:
     assert not differ, f"shards with different bytes: {differ}"
 
 
-def _kill_in_embed(pool: Path, out: Path) -> None:
-    """Start a run and kill -9 it (driver and Ray at once) once embed has written a piece."""
+def kill_when(command: list[str], env: dict[str, str], ready, what: str) -> None:
+    """Start `command` in a process group of its own and kill -9 the whole group (driver and
+    Ray at once) as soon as `ready()` is true; fail if it ends first or `what` never comes."""
     proc = subprocess.Popen(
-        _command(pool, out, 2),
-        env=_env(),
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
-    embed = out / "03-embed"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline:
-            if (embed / "_progress").exists() and any((embed / "_progress").glob("*.json")):
+            if ready():
                 break
             if proc.poll() is not None:
                 pytest.fail(f"run ended before it could be killed:\n{proc.stdout.read()[-3000:]}")
             time.sleep(0.02)
         else:
-            pytest.fail("embed never started")
+            pytest.fail(f"{what} never came")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def _kill_in_embed(pool: Path, out: Path) -> None:
+    """Start a run and kill -9 it once embed has written a piece."""
+    embed = out / "03-embed"
+    progress = embed / "_progress"
+    kill_when(
+        _command(pool, out, 2),
+        _env(),
+        lambda: progress.exists() and any(progress.glob("*.json")),
+        "embed's first piece",
+    )
     assert not (embed / "_manifest.json").exists(), "embed finished before the kill"
 
 

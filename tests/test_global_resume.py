@@ -13,17 +13,15 @@ kill lands inside it, at a point the test picks by watching the stage's folder:
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_determinism import assert_same_output
+from test_determinism import assert_same_output, kill_when
 from worker_env import worker_pythonpath
 
 from warren.pipelines.recipe import DEMO_DATA
@@ -63,26 +61,7 @@ def _run(kind: str, pool: Path, out: Path, cpus: int = 2) -> str:
 
 def _kill_when(kind: str, pool: Path, out: Path, cpus: int, slow: str, ready) -> None:
     """Start a run with `slow` in force and kill -9 its whole process group once `ready(out)`."""
-    proc = subprocess.Popen(
-        _command(kind, pool, out, cpus),
-        env=_env(slow),
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline:
-            if ready(out):
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"run ended before it could be killed:\n{proc.stdout.read()[-3000:]}")
-            time.sleep(0.02)
-        else:
-            pytest.fail("the kill point never came")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_when(_command(kind, pool, out, cpus), _env(slow), lambda: ready(out), "the kill point")
 
 
 def _any(folder: Path, pattern: str) -> bool:
