@@ -206,8 +206,7 @@ def main() -> None:
         )
         shutil.rmtree(work / "plain")
 
-        with PeakRSS() as rss:
-            t0 = time.perf_counter()
+        def run_stage() -> None:
             Runner(
                 Pipeline("bench", [stage]),
                 str(src),
@@ -215,6 +214,10 @@ def main() -> None:
                 input_format="parquet",
                 progress=False,
             ).run()
+
+        with PeakRSS() as rss:
+            t0 = time.perf_counter()
+            run_stage()
             total_s = time.perf_counter() - t0
         run = open_run(str(work / "runner"))
         ingest_s = run.stages[0].manifest["seconds"]
@@ -246,13 +249,7 @@ def main() -> None:
         # The stage once more, alone (the ingest copy is reused), to count its CPU seconds.
         shutil.rmtree(work / "runner" / Path(run.stages[1].folder).name)
         with PeakRSS() as rss:
-            Runner(
-                Pipeline("bench", [stage]),
-                str(src),
-                str(work / "runner"),
-                input_format="parquet",
-                progress=False,
-            ).run()
+            run_stage()
         again_s = open_run(str(work / "runner")).stages[1].manifest["seconds"]
         stage_cpu = rss.cpu_s
         print(f"runner stage again, alone: {again_s:.1f} s, {stage_cpu:.1f} CPU s")
