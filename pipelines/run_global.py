@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -42,7 +43,12 @@ from warren.pipelines.global_narrow import (
 )
 from warren.pipelines.ray_session import READ_CPUS, cluster_cpus
 from warren.pipelines.run_errors import PipelineError, compact_errors
-from warren.pipelines.run_map import GLOBAL_ROWS_PER_PART, normalise_src, upstream_rows
+from warren.pipelines.run_map import (
+    GLOBAL_ROWS_PER_PART,
+    normalise_src,
+    pieces_per_task,
+    upstream_rows,
+)
 from warren.stages.base import POSITION_COLUMN, GlobalContext, GlobalStage, put_column
 from warren.stages.ledger import PROGRESS_DIR, commit_piece, source_tag
 from warren.stages.run_layout import StageFolder
@@ -82,7 +88,7 @@ def global_pieces(files: list[tuple[str, int]], total: int) -> list[dict[str, An
                 segments.append([path, a - g_start, b - a, a])
             g_start += n
             g += 1
-        items.append({"part": k, "segments": json.dumps(segments)})
+        items.append({"part": k, "rows": hi - lo, "segments": json.dumps(segments)})
     return items
 
 
@@ -284,10 +290,9 @@ def _schema_of(table: pa.Table) -> pa.Schema:
 @compact_errors
 def _apply_task(
     items: pa.Table, fs: Any, out: Location, decisions: Location, stage: GlobalStage, total: int
-) -> pa.Table:
+) -> Iterator[pa.Table]:
     import pyarrow.parquet as pq
 
-    entries = []
     for item in items.to_pylist():
         part = item["part"]
         table = read_piece(fs, json.loads(item["segments"]), None)
@@ -305,8 +310,8 @@ def _apply_task(
             if c != POSITION_COLUMN:
                 table = put_column(table, c, decided.column(c).combine_chunks())
         table = conform(table.drop_columns([POSITION_COLUMN]), where=f"stage {stage.name}")
-        entries.append(commit_piece(out, GLOBAL_SRC, table, piece=piece_name(part)))
-    return summary_table(entries)
+        # One summary per piece as it is committed: progress moves within a task.
+        yield summary_table([commit_piece(out, GLOBAL_SRC, table, piece=piece_name(part))])
 
 
 def _committed(out: Location) -> set[str]:
@@ -342,10 +347,14 @@ def run_global(
     if len(pending) < len(items):
         runner.log(f"  {len(items) - len(pending)} of {len(items)} pieces already written")
     if pending:
-        ds = ray.data.from_items(pending, override_num_blocks=len(pending)).map_batches(
+        # Several consecutive pieces per task, as a map stage runs them: fewer, longer tasks.
+        per_task = pieces_per_task(pending, cluster_cpus())
+        ds = ray.data.from_items(
+            pending, override_num_blocks=-(-len(pending) // per_task)
+        ).map_batches(
             _apply_task,
             fn_args=(runner.output.fs, out, decisions, stage, total),
-            batch_size=1,
+            batch_size=None,  # a block of pieces per task, as from_items cut them
             batch_format="pyarrow",
         )
         runner.drain(ds, stage.name, sum(_piece_rows(it["part"], total) for it in pending))

@@ -227,7 +227,7 @@ def test_global_pieces_cut_the_files_at_fixed_positions_as_a_scan_of_every_file_
                 for (p, n), s in zip(files, starts, strict=True)
                 if max(lo, s) < min(hi, s + n)
             ]
-            items.append({"part": k, "segments": json.dumps(segments)})
+            items.append({"part": k, "rows": hi - lo, "segments": json.dumps(segments)})
         return items
 
     rng = random.Random(0)
