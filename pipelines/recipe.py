@@ -31,6 +31,7 @@ from typing import Any
 
 from warren.pipelines.basic_filter_stages import with_basic_filter
 from warren.pipelines.describe import describe_pipeline
+from warren.pipelines.funnel import StageReport
 from warren.pipelines.runner import Pipeline, PipelineError, Runner, one_line
 from warren.stages.base import BatchStage, Resources, Stage
 from warren.stages.demo_vlm import DEMO_VLM, ensure_demo_vlm
@@ -401,7 +402,7 @@ def execute(
             print(describe_pipeline(described, reader_stage))
             return 0
         configured = Pipeline(pipeline.name, _with_demo_models(stages), pipeline.description)
-        Runner(
+        reports = Runner(
             configured,
             input,
             output,
@@ -430,7 +431,28 @@ def execute(
         return 2
     if not no_report:
         _write_report(output, verbose)
+    emptied = nothing_kept(reports)
+    if emptied:
+        print(f"error: {emptied}", file=sys.stderr)
+        return 2
     return 0
+
+
+def nothing_kept(reports: Sequence[StageReport]) -> str | None:
+    """Why a run whose last stage kept no row wrote nothing (the stage that removed the last
+    rows and its most frequent reasons), or None when it kept some. Such a run fails: an empty
+    result that exits 0 reads as success downstream."""
+    if not reports or reports[-1].kept:
+        return None
+    last = next((r for r in reports if r.rows_in and not r.kept), None)
+    if last is None:
+        return f"the run kept no rows: {reports[0].folder} read none from the input"
+    top = sorted(last.reasons.items(), key=lambda kv: -kv[1])[:3]
+    why = "; ".join(f"{reason} x{n}" for reason, n in top) or "no reason recorded"
+    return (
+        f"the run kept no rows: {last.folder} rejected all {last.rows_in:,} rows it was given "
+        f"({why}); its rejected/ shards hold them"
+    )
 
 
 def _reader_stage(

@@ -367,3 +367,12 @@ def test_the_mixture_function_passes_its_flags_to_the_mixture_command(capsys, tm
     assert "'total': 100" in lines[at + 1]
     at = next(i for i, line in enumerate(lines) if " export_check v" in line)
     assert "num_cpus=2.0" in lines[at + 2] and "concurrency=1,4" in lines[at + 2]
+
+
+def test_a_run_that_kept_no_rows_fails_and_says_where_they_went(ray_session, tmp_path, capsys):
+    # every demo caption is shorter than 9,999 characters: caption_check rejects all it gets
+    argv = ["run", "demo", "--output", str(tmp_path / "out"), "--quiet", "--no-report"]
+    assert cli.main([*argv, "--caption_check.min_chars", "9999"]) == 2
+    err = capsys.readouterr().err
+    assert "the run kept no rows: 02-caption_check rejected all 653 rows it was given" in err
+    assert "its rejected/ shards hold them" in err
