@@ -223,6 +223,7 @@ def _decide(
         num_shards=shards,
         num_cpus=cluster_cpus(),
         checkpoint=work.join(CHECKPOINT_DIR),
+        decisions_only=True,
     )
     try:
         # The stage's plan runs here (and its Ray tasks' errors arrive here): one line, as drain

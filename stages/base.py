@@ -299,6 +299,11 @@ class GlobalContext:
     num_shards: int
     num_cpus: float
     checkpoint: Any = None
+    #: True in the runner, which takes from `run`'s output only `_reject` and the columns the
+    #: stage adds (by position): a stage may then drop a wide decision column once it has read it
+    #: (an embedding turned into a score), so its later passes and Ray's object store carry less.
+    #: False outside the runner (`run_rows`), where every input column must come back.
+    decisions_only: bool = False
 
     def partitions(self, rows_per_partition: int = 50_000, most: int = 1000) -> int:
         """A shuffle width: enough partitions to keep each small, no more than there is work for."""

@@ -55,7 +55,11 @@ class ClipScoreParams:
     )
 
 
-def add_clip_score(batch: pa.Table, image_column: str, text_column: str) -> pa.Table:
+def add_clip_score(
+    batch: pa.Table, image_column: str, text_column: str, drop: bool = False
+) -> pa.Table:
+    """`clip_score`: the cosine of each row's image and text embeddings (null without both). With
+    `drop` the two embedding columns are left out (`GlobalContext.decisions_only`)."""
     img, img_ok = embeddings_of(batch, image_column)
     txt, txt_ok = embeddings_of(batch, text_column)
     n = batch.num_rows
@@ -70,6 +74,8 @@ def add_clip_score(batch: pa.Table, image_column: str, text_column: str) -> pa.T
         t /= np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
         score[both] = np.einsum("ij,ij->i", i, t)
     col = pa.array(score, pa.float32(), mask=~both)
+    if drop:
+        batch = batch.drop_columns(list(dict.fromkeys([image_column, text_column])))
     return put_column(batch, "clip_score", col)
 
 
@@ -117,7 +123,9 @@ class ClipScore(GlobalStage):
     def run(self, ds, ctx: GlobalContext):
         p = self.params
         scored = ds.map_batches(
-            add_clip_score, fn_args=(p.image_column, p.text_column), batch_format="pyarrow"
+            add_clip_score,
+            fn_args=(p.image_column, p.text_column, ctx.decisions_only),
+            batch_format="pyarrow",
         )
         scored = scored.map_batches(
             apply_threshold, fn_args=(p.threshold, self.name), batch_format="pyarrow"

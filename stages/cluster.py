@@ -58,19 +58,20 @@ def embeddings_of(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]
 
 
 def _sample_embeddings(batch: pa.Table, column: str, fraction: float, seed: int) -> pa.Table:
-    """The rows of the sample with their ids and sample keys (a seeded hash of the id)."""
-    has = pc.is_valid(batch.column(column))
-    emb, _ = embeddings_of(batch, column)
-    ids = batch.column("id").filter(has).to_pylist()
-    keys = np.array([_unit_hash(i, seed) for i in ids], dtype=np.float64)
+    """The rows of the sample with their ids, sample keys (a seeded hash of the id) and
+    embeddings, in the column's own type (float16 stays float16: half the bytes to the driver)."""
+    col = batch.column(column).combine_chunks()
+    ids = batch.column("id").combine_chunks()
+    has = pc.is_valid(col)
+    col, ids = col.filter(has), ids.filter(has)
+    keys = np.array([_unit_hash(i, seed) for i in ids.to_pylist()], dtype=np.float64)
     # Keyed by id, never by block or arrival: the same rows are drawn whatever Ray does.
-    keep = keys < fraction
-    flat = pa.array(emb[keep].reshape(-1), pa.float32())
+    keep = pa.array(keys < fraction)
     return pa.table(
         {
-            "key": pa.array(keys[keep], pa.float64()),
-            "id": pa.array([i for i, k in zip(ids, keep, strict=True) if k], pa.string()),
-            "emb": pa.FixedSizeListArray.from_arrays(flat, emb.shape[1]),
+            "key": pa.array(keys, pa.float64()).filter(keep),
+            "id": ids.filter(keep),
+            "emb": col.filter(keep),
         }
     )
 
@@ -82,10 +83,22 @@ def _unit_hash(text: str, seed: int) -> float:
     return int.from_bytes(h, "little") / 2**64
 
 
-def _smallest_keys(table: pa.Table, n: int) -> pa.Table:
-    """The `n` rows with the smallest (key, id), in that order."""
-    order = pc.sort_indices(table, [("key", "ascending"), ("id", "ascending")])
-    return table.take(order[:n])
+def _smallest_keys(tables: list[pa.Table], n: int) -> tuple[np.ndarray, pa.Table]:
+    """The `n` rows with the smallest (key, id) of `tables`, in that order: their embeddings as a
+    float32 matrix, and (key, id) of those rows."""
+    keys = np.concatenate([t.column("key").to_numpy() for t in tables])
+    ids = np.concatenate([t.column("id").to_numpy(zero_copy_only=False) for t in tables])
+    order = np.lexsort((ids, keys))[:n]  # by key, ties by id
+    emb = np.concatenate([_matrix(t.column("emb")) for t in tables])
+    head = pa.table({"key": pa.array(keys[order]), "id": pa.array(ids[order], pa.string())})
+    return emb[order], head
+
+
+def _matrix(col: pa.ChunkedArray) -> np.ndarray:
+    """A fixed-size-list column without nulls as a (rows, dim) matrix in its own float type."""
+    col = col.combine_chunks()
+    values = col.values.slice(col.offset * col.type.list_size, len(col) * col.type.list_size)
+    return values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
 
 
 def gather_sample(ds, column: str, fraction: float, seed: int, max_rows: int) -> np.ndarray:
@@ -98,17 +111,24 @@ def gather_sample(ds, column: str, fraction: float, seed: int, max_rows: int) ->
     sample = ds.select_columns(["id", column]).map_batches(
         _sample_embeddings, fn_args=(column, fraction, seed), batch_format="pyarrow"
     )
-    kept = None
+    tables: list[pa.Table] = []
+    rows = 0
     for batch in sample.iter_batches(batch_size=None, batch_format="pyarrow"):
         if not batch.num_rows:
             continue
-        kept = batch if kept is None else pa.concat_tables([kept, batch])
-        if kept.num_rows > max_rows:
-            kept = _smallest_keys(kept, max_rows)
-    if kept is None:
+        tables.append(batch)
+        rows += batch.num_rows
+        if rows > 2 * max_rows:  # keep the driver near max_rows rows, sorting seldom
+            emb, head = _smallest_keys(tables, max_rows)
+            flat = pa.array(emb.reshape(-1))
+            tables = [
+                head.append_column("emb", pa.FixedSizeListArray.from_arrays(flat, emb.shape[1]))
+            ]
+            rows = tables[0].num_rows
+    if not tables:
         return np.zeros((0, 0), np.float32)
-    emb, _ = embeddings_of(_smallest_keys(kept, max_rows), "emb")
-    return emb
+    emb, _ = _smallest_keys(tables, max_rows)
+    return emb.astype(np.float32)
 
 
 def kmeans_task(sample: np.ndarray, k: int, niter: int, seed: int, nredo: int = 1) -> np.ndarray:
@@ -166,8 +186,11 @@ def nearest_centroids(emb: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarra
     return best, cos
 
 
-def assign(batch: pa.Table, column: str, centroids: np.ndarray, exclude: list) -> pa.Table:
-    """Nearest centroid by cosine for every row; rows without an embedding are rejected."""
+def assign(
+    batch: pa.Table, column: str, centroids: np.ndarray, exclude: list, drop: bool = False
+) -> pa.Table:
+    """Nearest centroid by cosine for every row; rows without an embedding are rejected. With
+    `drop` the embedding column is left out of the result (`GlobalContext.decisions_only`)."""
     emb, valid = embeddings_of(batch, column)
     n = batch.num_rows
     ids = np.full(n, -1, dtype=np.int64)
@@ -186,7 +209,7 @@ def assign(batch: pa.Table, column: str, centroids: np.ndarray, exclude: list) -
     if exclude:
         excluded = valid & np.isin(ids, np.asarray(exclude, dtype=np.int64))
         out = reject(out, excluded, [f"cluster: excluded cluster ({c})" for c in ids])
-    return out
+    return out.drop_columns([column]) if drop else out
 
 
 class Cluster(GlobalStage):
@@ -226,5 +249,7 @@ class Cluster(GlobalStage):
                 train_rows, self.n_clusters_for(ctx.num_rows), p.niter, p.seed, p.nredo
             )
         return ds.map_batches(
-            assign, fn_args=(p.column, centroids, list(p.exclude_clusters)), batch_format="pyarrow"
+            assign,
+            fn_args=(p.column, centroids, list(p.exclude_clusters), ctx.decisions_only),
+            batch_format="pyarrow",
         )

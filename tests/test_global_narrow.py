@@ -149,3 +149,61 @@ def test_image_bytes_never_go_through_the_object_store_in_a_global_stage(ray_ses
     # Ids, embeddings, hashes and decisions go through; the 60 MB of image bytes do not.
     for name, nbytes in through.items():
         assert nbytes < wide / 20, f"{name}: {nbytes:,} bytes through the object store"
+
+
+def test_stages_that_drop_read_embeddings_still_write_them_and_score_them_right(
+    ray_session, tmp_path
+):
+    """cluster and clip_score leave the embeddings out of their decisions in the runner
+    (`decisions_only`); the rows they write keep them, with scores computed on them."""
+    import ray
+
+    from warren.pipelines.runner import Pipeline, Runner
+    from warren.stages.base import GlobalContext
+    from warren.stages.clip_score import ClipScore
+    from warren.stages.cluster import Cluster
+
+    rng = np.random.default_rng(2)
+    n, d = 200, 8
+    img, txt = rng.normal(size=(2, n, d))
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+
+    def column(x):
+        return pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float16).ravel()), d)
+
+    table = pa.table(
+        {
+            "id": [f"r{i:04d}" for i in range(n)],
+            "caption": [f"c{i}" for i in range(n)],
+            "image_emb": column(img),
+            "text_emb": column(txt),
+        }
+    )
+    (tmp_path / "pool").mkdir()
+    pq.write_table(table, tmp_path / "pool" / "a.parquet")
+    stages = [Cluster(n_clusters=3), ClipScore(lo=0.0, hi=1.0)]
+    Runner(
+        Pipeline("t", stages),
+        str(tmp_path / "pool"),
+        str(tmp_path / "out"),
+        input_format="parquet",
+        progress=False,
+    ).run()
+    out = pq.read_table(tmp_path / "out" / "02-clip_score").sort_by("id")
+    assert out.num_rows == n
+    assert out.column("image_emb").equals(table.column("image_emb"))
+    assert out.column("text_emb").equals(table.column("text_emb"))
+    # the cosine of the stored float16 vectors, renormalised, as the stage defines it
+    i16 = img.astype(np.float16).astype(np.float64)
+    t16 = txt.astype(np.float16).astype(np.float64)
+    cos = (i16 * t16).sum(1) / np.linalg.norm(i16, axis=1) / np.linalg.norm(t16, axis=1)
+    np.testing.assert_allclose(out.column("clip_score").to_numpy(), cos, atol=1e-5)
+    assert set(out.column("cluster_id").to_pylist()) <= {0, 1, 2}
+
+    ds = ray.data.from_arrow(table)
+    for only in (True, False):
+        ctx = GlobalContext(num_rows=n, num_shards=1, num_cpus=1, decisions_only=only)
+        for stage in stages:
+            names = stage.run(ds, ctx).schema().names
+            assert ("image_emb" in names) is not only, (stage.name, only, names)
