@@ -36,6 +36,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -279,18 +281,32 @@ def main() -> None:
     ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--json", default=None, help="also write every figure to this file")
+    ap.add_argument("--one-size", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    results: list[dict] = []
-    for rows in args.rows:
-        work = Path(args.work or tempfile.mkdtemp(prefix="warren-scale-")) / f"{rows}"
+    if args.one_size:  # a child of the loop below: one size, its figures to --json
+        work = Path(args.work) / f"{args.rows[0]}"
         shutil.rmtree(work, ignore_errors=True)
         try:
-            results.extend(run_size(rows, args, work))
+            Path(args.json).write_text(json.dumps(run_size(args.rows[0], args, work)))
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        return
+    # Each size in a process of its own: peak memory is that size's, not the largest run so far
+    # (a process's RSS never falls back, and Ray would keep its workers between sizes).
+    results: list[dict] = []
+    work = Path(args.work or tempfile.mkdtemp(prefix="warren-scale-"))
+    for rows in args.rows:
+        out = work / f"{rows}.json"
+        flags = [f"--payload-kb={args.payload_kb}", f"--distinct-payloads={args.distinct_payloads}"]
+        flags += [f"--seed={args.seed}", "--floor" if args.floor else "--no-floor"]
+        cmd = [sys.executable, __file__, "--one-size", "--rows", str(rows), *flags]
+        subprocess.run([*cmd, "--work", str(work), "--json", str(out)], check=True)
+        results.extend(json.loads(out.read_text()))
         if args.json:  # after every size, so a long run that stops keeps what it measured
             Path(args.json).write_text(json.dumps(results, indent=1))
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
     fit(results)
 
 
