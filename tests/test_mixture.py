@@ -271,7 +271,7 @@ def test_caption_rows_go_out_as_pretraining_pairs_in_the_json_formats(
 
 def test_an_export_of_no_rows_makes_the_mixture_exit_2(ray_session, sources, tmp_path, capsys):
     # Rows with neither turns nor a caption are rejected by export_check (no format can hold
-    # them), so the export has nothing to write, and says so.
+    # them): the run kept no rows, so it fails naming the stage and the reason, and exports none.
     bare = [{"id": f"b{i}", "images": [{"bytes": _jpeg(i), "path": None}]} for i in range(3)]
     pq.write_table(rows_to_table(bare), tmp_path / "bare.parquet")
     spec = _spec(
@@ -287,7 +287,8 @@ def test_an_export_of_no_rows_makes_the_mixture_exit_2(ray_session, sources, tmp
     )
     assert mixture.main([str(spec), "--output", str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "export failed" in err and "no kept rows to export as hf" in err
+    assert "the run kept no rows: 01-export_check rejected all 3 rows it was given" in err
+    assert "export_check: no conversations and no caption x3" in err
     assert not (tmp_path / "hf").exists()
     # A bad template is refused before the run starts.
     bad = [str(spec), "--output", str(tmp_path / "out2"), "--caption-template", "no marker"]
