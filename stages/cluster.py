@@ -85,7 +85,7 @@ def _unit_hash(text: str, seed: int) -> float:
 
 def _smallest_keys(tables: list[pa.Table], n: int) -> tuple[np.ndarray, pa.Table]:
     """The `n` rows with the smallest (key, id) of `tables`, in that order: their embeddings as a
-    float32 matrix, and (key, id) of those rows."""
+    matrix in the column's own float type, and (key, id) of those rows."""
     keys = np.concatenate([t.column("key").to_numpy() for t in tables])
     ids = np.concatenate([t.column("id").to_numpy(zero_copy_only=False) for t in tables])
     order = np.lexsort((ids, keys))[:n]  # by key, ties by id
