@@ -31,7 +31,6 @@ pool on disk.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -47,7 +46,7 @@ import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
-from global_stages import column_sizes, floor_seconds, narrow_bytes, store_bytes
+from global_stages import _jpeg, _unit, column_sizes, floor_seconds, narrow_bytes, store_bytes
 
 from warren.pipelines import run_global
 from warren.pipelines import runner as runner_module
@@ -60,20 +59,6 @@ from warren.stages.select import Sample
 DIM = 768
 ROWS_PER_GROUP = 5_000  # rows per natural group of image embeddings
 SHARD_ROWS = 20_000
-
-
-def _jpeg(rng: np.random.Generator, size_kb: int) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
-    # Bytes after the JPEG's end marker: decoders ignore them.
-    return buf.getvalue() + rng.bytes(max(0, size_kb * 1024 - buf.tell()))
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def _embedding_column(x: np.ndarray) -> pa.Array:
