@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from warren.pipelines.run_errors import PipelineError, compact_errors
 from warren.stages.base import IMAGES_WITHOUT_BYTES, POSITION_COLUMN, GlobalStage
-from warren.stages.shards import Location, read_rows, write_table_atomic
+from warren.stages.shards import Location, RowReader, write_table_atomic
 
 # Under the stage's work folder: the prepared narrow pieces.
 NARROW_DIR = "narrow"
@@ -48,21 +48,20 @@ def parquet_columns(pf: pq.ParquetFile, wanted: tuple[str, ...]) -> list[str]:
     return out
 
 
-def read_narrow(fs: Any, path: str, offset: int, rows: int, wanted: tuple[str, ...]) -> pa.Table:
-    """Rows [offset, offset + rows) of the `wanted` columns of one Parquet file, reading only the
-    row groups that hold them and only those columns."""
-    return read_rows(fs, path, offset, rows, lambda pf: parquet_columns(pf, wanted))
+def narrow_reader(fs: Any, wanted: tuple[str, ...] | None) -> RowReader:
+    """A reader of consecutive pieces: the `wanted` columns (the id, the position and
+    IMAGES_WITHOUT_BYTES as `parquet_columns` reads them), or every column for None (the wide
+    rows). A row group two pieces share is read once."""
+    if wanted is None:
+        return RowReader(fs)
+    return RowReader(fs, lambda pf: parquet_columns(pf, wanted))
 
 
-def read_piece(fs: Any, segments: list, wanted: tuple[str, ...] | None) -> pa.Table:
-    """One piece (its segments [path, offset, rows, first position]) with the position column;
-    `wanted` None reads every column (the wide rows)."""
+def read_piece(reader: RowReader, segments: list) -> pa.Table:
+    """One piece (its segments [path, offset, rows, first position]) with the position column."""
     tables = []
     for path, offset, rows, pos in segments:
-        if wanted is None:
-            table = read_rows(fs, path, offset, rows)
-        else:
-            table = read_narrow(fs, path, offset, rows, wanted)
+        table = reader.read(path, offset, rows)
         positions = pa.array(np.arange(pos, pos + table.num_rows, dtype=np.int64))
         tables.append(table.append_column(POSITION_COLUMN, positions))
     return pa.concat_tables(tables, promote_options="default")
@@ -87,13 +86,14 @@ def narrow_read_task(
     """Each item's piece as narrow rows: read, then `prepare`d when the stage prepares (kept in
     `work` and read back from there once written)."""
     tables = []
+    reader = narrow_reader(fs, stage.decision_columns())
     for item in items.to_pylist():
         saved = narrow_file(work, item["part"]) if work is not None else None
         if saved is not None and saved.exists():
             with saved.fs.open_input_file(saved.path) as f:
                 tables.append(pq.read_table(f))
             continue
-        table = read_piece(fs, json.loads(item["segments"]), stage.decision_columns())
+        table = read_piece(reader, json.loads(item["segments"]))
         if stage.prepares:
             table = prepared(stage, table)
         if saved is not None:

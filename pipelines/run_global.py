@@ -38,6 +38,7 @@ from warren.pipelines.global_narrow import (
     NARROW_DIR,
     narrow_file,
     narrow_read_task,
+    narrow_reader,
     read_names,
     read_piece,
 )
@@ -211,10 +212,16 @@ def _decide(
             runner.drain(
                 ds, f"{stage.name} (prepare)", sum(_piece_rows(it["part"], total) for it in pending)
             )
-    narrow = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+    # Narrow rows are a few KB each: a block of several consecutive pieces (as many rows as a map
+    # task takes) keeps every pass of the stage to tens of tasks per million rows, where a block
+    # per 2048-row piece cost several Ray tasks per piece and pass.
+    per_block = pieces_per_task(items, cluster_cpus())
+    narrow = ray.data.from_items(
+        items, override_num_blocks=-(-len(items) // per_block)
+    ).map_batches(
         narrow_read_task,
         fn_args=(fs, stage, saved),
-        batch_size=1,
+        batch_size=None,  # a block of pieces per task, as from_items cut them
         batch_format="pyarrow",
         num_cpus=READ_CPUS,
     )
@@ -294,9 +301,10 @@ def _apply_task(
 ) -> Iterator[pa.Table]:
     import pyarrow.parquet as pq
 
+    reader = narrow_reader(fs, None)
     for item in items.to_pylist():
         part = item["part"]
-        table = read_piece(fs, json.loads(item["segments"]), None)
+        table = read_piece(reader, json.loads(item["segments"]))
         loc = decisions.join(f"{piece_name(part)}.parquet")
         with loc.fs.open_input_file(loc.path) as f:
             decided = pq.read_table(f)

@@ -24,7 +24,7 @@ from warren.stages.base import BatchStage, Stage
 from warren.stages.ledger import commit_piece, read_ledger
 from warren.stages.run_layout import StageFolder
 from warren.stages.schema import REJECT_COLUMN, conform
-from warren.stages.shards import Location, read_rows
+from warren.stages.shards import Location, RowReader
 
 if TYPE_CHECKING:
     from warren.pipelines.runner import Runner
@@ -109,8 +109,9 @@ def _map_pieces_of(
 ) -> Iterator[pa.Table]:
     """Process and commit each piece, yielding a progress summary per batch as it is done: a slow
     model stage shows progress before its piece is written (the ledger, not these, counts)."""
+    reader = RowReader(fs)  # consecutive pieces that share a row group read it once
     for item in items.to_pylist():
-        table = read_rows(fs, item["path"], item["offset"], item["rows"])
+        table = reader.read(item["path"], item["offset"], item["rows"])
         if table.num_rows != item["rows"]:
             raise PipelineError(
                 f"stage {stage.name}: {item['path']} has {table.num_rows} rows at offset "

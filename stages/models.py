@@ -31,11 +31,13 @@ Heavy imports (torch, open_clip, transformers) happen when a model is loaded, ne
 
 from __future__ import annotations
 
+import atexit
 import difflib
 import functools
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -266,6 +268,10 @@ def register_open_clip_config(name: str, cfg: dict) -> None:
         raise ValueError(f"open_clip config {name!r} needs embed_dim, vision_cfg and text_cfg")
     if _REGISTRY_DIR is None:
         _REGISTRY_DIR = Path(tempfile.mkdtemp(prefix="warren-open-clip-configs-"))
+        # open_clip rereads every registered file on each later registration, so the folder
+        # lives as long as the process, and goes with it (one folder per process was left in
+        # the temp folder before).
+        atexit.register(shutil.rmtree, _REGISTRY_DIR, True)
     path = _REGISTRY_DIR / f"{name}.json"
     path.write_text(json.dumps(cfg))
     # add_model_config appends the file to open_clip's config paths and rescans them all. The

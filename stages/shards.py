@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -134,20 +135,64 @@ def read_rows(
 ) -> pa.Table:
     """Rows [offset, offset + rows) of a Parquet file, reading only the row groups that hold them
     (and, with `columns`, only the Parquet columns it names for the open file)."""
-    with fs.open_input_file(path) as f:
-        pf = pq.ParquetFile(f)
-        names = columns(pf) if columns is not None else None
-        groups, start, first = [], 0, None
-        for i in range(pf.metadata.num_row_groups):
-            n = pf.metadata.row_group(i).num_rows
-            if start < offset + rows and start + n > offset:
-                groups.append(i)
-                first = start if first is None else first
-            start += n
-        if first is None:
-            return pf.read_row_groups([], columns=names)
-        table = pf.read_row_groups(groups, columns=names)
-    return table.slice(offset - first, rows)
+    return RowReader(fs, columns).read(path, offset, rows)
+
+
+class RowReader:
+    """`read_rows` for a run of consecutive row ranges (the pieces one task reads in order),
+    keeping the row groups of the last read so that ranges sharing a row group read it once.
+
+    Pieces of 2048 rows cut from files written in row groups of 4096, or pieces that straddle
+    two files, read each row group twice through `read_rows`; here the second read is a slice of
+    what the first read kept. Only the row groups of the last range are kept (at most a piece's
+    rows plus the row groups it starts and ends in), and only for the same file and columns.
+    """
+
+    def __init__(
+        self,
+        fs: pafs.FileSystem,
+        columns: Callable[[pq.ParquetFile], list[str]] | None = None,
+    ) -> None:
+        self.fs = fs
+        self.columns = columns  # as read_rows' `columns`, the same for every read
+        self._path: str | None = None  # the file of the kept row groups
+        self._sizes: list[int] = []  # its row group sizes
+        self._groups: dict[int, pa.Table] = {}
+
+    def read(self, path: str, offset: int, rows: int) -> pa.Table:
+        """Rows [offset, offset + rows) of `path`, as `read_rows` returns them."""
+        with contextlib.ExitStack() as stack:
+            opened: list[pq.ParquetFile] = []
+
+            def parquet() -> pq.ParquetFile:  # the file is opened once, and only when needed
+                if not opened:
+                    opened.append(
+                        pq.ParquetFile(stack.enter_context(self.fs.open_input_file(path)))
+                    )
+                return opened[0]
+
+            if path != self._path:
+                self._path, self._groups = None, {}
+                meta = parquet().metadata
+                self._sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+                self._path = path
+            needed, start, first = [], 0, 0
+            for i, n in enumerate(self._sizes):
+                if start < offset + rows and start + n > offset:
+                    first = first if needed else start
+                    needed.append(i)
+                start += n
+            missing = [i for i in needed if i not in self._groups]
+            if missing or not needed:
+                names = self.columns(parquet()) if self.columns is not None else None
+                if not needed:
+                    return parquet().read_row_groups([], columns=names)
+                for i in missing:
+                    self._groups[i] = parquet().read_row_groups([i], columns=names)
+        self._groups = {i: self._groups[i] for i in needed}
+        parts = [self._groups[i] for i in needed]
+        table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+        return table.slice(offset - first, rows)
 
 
 def remove_temporaries(loc: Location) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -361,3 +363,23 @@ def test_a_siglip_directory_pads_texts_to_full_length_as_siglip_was_trained(tmp_
     assert clip.dim == 32
     np.testing.assert_allclose(clip.encode_images(images), ref_img.numpy(), atol=1e-5)
     np.testing.assert_allclose(clip.encode_texts(CAPTIONS), ref_txt.numpy(), atol=1e-5)
+
+
+def test_registered_open_clip_configs_leave_no_folder_behind(tmp_path):
+    """Each process that registers an architecture writes its config to a temp folder, which
+    must go when the process ends (one folder per test worker and Ray worker piled up before)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from warren.stages import models\n"
+        f"models.register_open_clip_config('leak-check', {TINY_OPEN_CLIP!r})\n"
+        "print(models._REGISTRY_DIR)\n"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    folder = Path(out.stdout.strip().splitlines()[-1])
+    assert folder.parent == tmp_path  # it was made, where the temp folder is
+    assert not folder.exists()

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from warren.pipelines import runner as runner_module
-from warren.pipelines.global_narrow import read_narrow
+from warren.pipelines.global_narrow import narrow_reader
 from warren.pipelines.run_global import piece_tag
 from warren.stages.base import IMAGES_WITHOUT_BYTES, GlobalStage
 from warren.stages.schema import IMAGE_TYPE
@@ -41,7 +41,7 @@ def test_the_image_list_without_bytes_keeps_every_list_and_path_and_no_byte(tmp_
         pq.write_table(table, path, row_group_size=16, use_compliant_nested_type=compliant)
         import pyarrow.fs as pafs
 
-        got = read_narrow(pafs.LocalFileSystem(), str(path), 5, 30, (IMAGES_WITHOUT_BYTES,))
+        got = narrow_reader(pafs.LocalFileSystem(), (IMAGES_WITHOUT_BYTES,)).read(str(path), 5, 30)
         assert got.column_names == ["id", "images"]
         assert got.column("id").to_pylist() == [f"r{i}" for i in range(5, 35)]
         item = got.schema.field("images").type.value_type
@@ -57,7 +57,7 @@ def test_a_named_column_the_input_lacks_is_left_out(tmp_path):
 
     path = tmp_path / "t.parquet"
     pq.write_table(_images_table(10), path)
-    got = read_narrow(pafs.LocalFileSystem(), str(path), 0, 10, ("caption", "source"))
+    got = narrow_reader(pafs.LocalFileSystem(), ("caption", "source")).read(str(path), 0, 10)
     assert got.column_names == ["id", "caption"]
 
 
@@ -207,3 +207,44 @@ def test_stages_that_drop_read_embeddings_still_write_them_and_score_them_right(
         for stage in stages:
             names = stage.run(ds, ctx).schema().names
             assert ("image_emb" in names) is not only, (stage.name, only, names)
+
+
+def test_consecutive_pieces_read_each_row_group_once_and_get_the_rows_a_whole_read_gives(
+    tmp_path, monkeypatch
+):
+    """Pieces one task reads in order (straddling files, cutting row groups in two) through one
+    RowReader: the rows of a whole-file read, sliced; and no row group read twice."""
+    import random
+
+    import pyarrow.fs as pafs
+
+    from warren.stages.shards import RowReader
+
+    rng = random.Random(3)
+    files = []
+    for f in range(4):
+        n = rng.randint(1, 90)
+        path = tmp_path / f"f{f}.parquet"
+        pq.write_table(_images_table(n), path, row_group_size=rng.choice([7, 16, 40, 100]))
+        files.append((str(path), n))
+    reads = []
+    real = pq.ParquetFile.read_row_groups
+
+    def counting(self, row_groups, *args, **kwargs):
+        reads.extend(row_groups)
+        return real(self, row_groups, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", counting)
+    for piece in (1, 5, 16, 33):
+        for wanted in (None, ("caption",)):
+            reader = narrow_reader(pafs.LocalFileSystem(), wanted)
+            reads.clear()
+            for path, n in files:
+                whole = pq.read_table(path, columns=None if wanted is None else ["id", "caption"])
+                for offset in range(0, n, piece):
+                    got = reader.read(path, offset, min(piece, n - offset))
+                    assert got.equals(whole.slice(offset, min(piece, n - offset)))
+            groups = sum(pq.ParquetFile(p).metadata.num_row_groups for p, _ in files)
+            assert len(reads) == groups  # each row group read once
+    # a reader with no projection reads like read_rows
+    assert RowReader(pafs.LocalFileSystem()).read(files[0][0], 0, 0).num_rows == 0
