@@ -8,7 +8,7 @@ filters, each optional and combinable:
 - a percentile window: `lo=0.4, hi=0.6` keeps ranks 40%-60% (Bunny).
 
 Ranks are exact and global over the rows that have a score (ties broken by id; rank 0 is the
-highest score), computed with the distributed selection in `stages.select`; the threshold does
+highest score), computed with the distributed sort of `stages.ranks`; the threshold does
 not change the ranks. Rows without an embedding are rejected (`clip_score: missing embedding`).
 Rows outside the window say which side and where they ranked:
 `clip_score: below window 40-60% (rank 87.3%, clip_score 0.1012)`. With a window, every scored row
@@ -24,9 +24,15 @@ import numpy as np
 import pyarrow as pa
 
 from warren.stages.base import GlobalContext, GlobalStage, Threshold, param, put_column, reject
-from warren.stages.cluster import embeddings_of
+from warren.stages.cluster import CHUNK_ROWS, embeddings_of
 from warren.stages.schema import column_type, rank_column
-from warren.stages.select import find_cutoffs, mark_outside, rank_rows, window_thresholds
+from warren.stages.select import (
+    mark_outside,
+    mark_ranked,
+    rank_rows,
+    window_ranks,
+    window_thresholds,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,19 +66,27 @@ def add_clip_score(
 ) -> pa.Table:
     """`clip_score`: the cosine of each row's image and text embeddings (null without both). With
     `drop` the two embedding columns are left out (`GlobalContext.decisions_only`)."""
-    img, img_ok = embeddings_of(batch, image_column)
-    txt, txt_ok = embeddings_of(batch, text_column)
+    # In the columns' own type (float16 as embed stores them), converted chunk by chunk below.
+    img, img_ok = embeddings_of(batch, image_column, dtype=None)
+    txt, txt_ok = embeddings_of(batch, text_column, dtype=None)
     n = batch.num_rows
     both = img_ok & txt_ok
     score = np.full(n, np.nan, dtype=np.float32)
     if both.any():
         # embeddings_of returns the present rows only; align both to the rows having both.
-        i = img[both[img_ok]]
-        t = txt[both[txt_ok]]
-        # Stored as float16; renormalise so rounding does not move scores off the cosine.
-        i /= np.maximum(np.linalg.norm(i, axis=1, keepdims=True), 1e-12)
-        t /= np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
-        score[both] = np.einsum("ij,ij->i", i, t)
+        if not both[img_ok].all():
+            img = img[both[img_ok]]
+        if not both[txt_ok].all():
+            txt = txt[both[txt_ok]]
+        scored = np.empty(len(img), dtype=np.float32)
+        for lo in range(0, len(img), CHUNK_ROWS):
+            i = img[lo : lo + CHUNK_ROWS].astype(np.float32)
+            t = txt[lo : lo + CHUNK_ROWS].astype(np.float32)
+            # Stored as float16; renormalise so rounding does not move scores off the cosine.
+            i /= np.maximum(np.linalg.norm(i, axis=1, keepdims=True), 1e-12)
+            t /= np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
+            scored[lo : lo + CHUNK_ROWS] = np.einsum("ij,ij->i", i, t)
+        score[both] = scored
     col = pa.array(score, pa.float32(), mask=~both)
     if drop:
         batch = batch.drop_columns(list(dict.fromkeys([image_column, text_column])))
@@ -131,18 +145,19 @@ class ClipScore(GlobalStage):
             apply_threshold, fn_args=(p.threshold, self.name), batch_format="pyarrow"
         )
         spec = ("column", "clip_score", True, 0)
-        cut_lo = cut_hi = sample = None
-        if self.windowed:
-            scored = rank_rows(scored, spec)
-            _, (cut_lo, cut_hi), sample = find_cutoffs(
-                scored, spec, ctx.num_rows, lambda n: [round(p.lo * n) or -1, round(p.hi * n)]
-            )
         window = f"{100 * p.lo:g}-{100 * p.hi:g}%"
         reasons = (
             f"{self.name}: missing embedding",
             f"{self.name}: above window {window}",
             f"{self.name}: below window {window}",
         )
+        if not self.windowed:
+            return scored.map_batches(
+                mark_outside, fn_args=(spec, None, None, reasons), batch_format="pyarrow"
+            )
+        scored, n = rank_rows(scored, spec)
         return scored.map_batches(
-            mark_outside, fn_args=(spec, cut_lo, cut_hi, reasons, sample), batch_format="pyarrow"
+            mark_ranked,
+            fn_args=(spec, *window_ranks(n, p.lo, p.hi), n, reasons),
+            batch_format="pyarrow",
         )

@@ -45,16 +45,23 @@ class ClusterParams:
     )
 
 
-def embeddings_of(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 matrix of the rows that have an embedding, boolean mask of those rows)."""
+#: Rows converted to float32 or float64 at once: a block's whole matrix in float64 is hundreds of
+#: MB of fresh memory, which costs more to touch than to compute with on a small machine.
+CHUNK_ROWS = 4096
+
+
+def embeddings_of(
+    table: pa.Table, column: str, dtype: type | None = np.float32
+) -> tuple[np.ndarray, np.ndarray]:
+    """(matrix of the rows that have an embedding, boolean mask of those rows). The matrix is
+    float32, or with `dtype` None in the column's own type (float16 stays float16)."""
     col = table.column(column).combine_chunks()
     valid = pc.is_valid(col).to_numpy(zero_copy_only=False)
     dim = col.type.list_size
     if not valid.any():
-        return np.zeros((0, dim), np.float32), valid
-    present = col.filter(pa.array(valid))
-    flat = present.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-    return flat.reshape(-1, dim), valid
+        return np.zeros((0, dim), dtype or np.float32), valid
+    emb = _matrix(col if valid.all() else col.filter(pa.array(valid)))
+    return (emb if dtype is None else emb.astype(dtype)), valid
 
 
 def _sample_embeddings(batch: pa.Table, column: str, fraction: float, seed: int) -> pa.Table:
@@ -94,9 +101,10 @@ def _smallest_keys(tables: list[pa.Table], n: int) -> tuple[np.ndarray, pa.Table
     return emb[order], head
 
 
-def _matrix(col: pa.ChunkedArray) -> np.ndarray:
+def _matrix(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A fixed-size-list column without nulls as a (rows, dim) matrix in its own float type."""
-    col = col.combine_chunks()
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
     values = col.values.slice(col.offset * col.type.list_size, len(col) * col.type.list_size)
     return values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
 
@@ -172,15 +180,16 @@ def nearest_centroids(emb: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarra
     A float32 matmul rounds a row's dot products differently depending on the other rows of the
     batch (BLAS blocking), so a row's cosine would change with Ray's block boundaries. In float64
     those differences are about 1e-16 and vanish when the cosine is rounded to float32; rows go
-    through in chunks to bound the rows x clusters matrix."""
-    x = emb.astype(np.float64)
-    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    through in chunks (converted to float64 chunk by chunk) to bound the rows x clusters matrix
+    and the float64 copy. `emb` may be float16: each value converts exactly."""
     c = centroids.astype(np.float64)
-    best = np.empty(len(x), dtype=np.int64)
-    cos = np.empty(len(x), dtype=np.float32)
-    step = max(1, ASSIGN_CELLS // max(1, len(c)))
-    for lo in range(0, len(x), step):
-        sims = x[lo : lo + step] @ c.T
+    best = np.empty(len(emb), dtype=np.int64)
+    cos = np.empty(len(emb), dtype=np.float32)
+    step = max(1, min(CHUNK_ROWS, ASSIGN_CELLS // max(1, len(c))))
+    for lo in range(0, len(emb), step):
+        x = emb[lo : lo + step].astype(np.float64)
+        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        sims = x @ c.T
         best[lo : lo + step] = sims.argmax(axis=1)
         cos[lo : lo + step] = sims[np.arange(len(sims)), best[lo : lo + step]]
     return best, cos
@@ -191,7 +200,7 @@ def assign(
 ) -> pa.Table:
     """Nearest centroid by cosine for every row; rows without an embedding are rejected. With
     `drop` the embedding column is left out of the result (`GlobalContext.decisions_only`)."""
-    emb, valid = embeddings_of(batch, column)
+    emb, valid = embeddings_of(batch, column, dtype=None)
     n = batch.num_rows
     ids = np.full(n, -1, dtype=np.int64)
     cos = np.full(n, np.nan, dtype=np.float32)

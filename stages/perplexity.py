@@ -58,9 +58,8 @@ Rejected rows of `ppl_filter`:
 
 - `ppl_filter: missing ppl`: ppl is null or NaN (or not positive, when normalising); such rows
   are not ranked and do not count in the kept fraction;
-- `ppl_filter: not in lowest 20% by ppl (rank 87.3%, ppl 412.0553)` (or `by ppl_norm`): the rank
-  (0% = lowest perplexity) is exact up to 20,000 ranked rows and within about a point beyond, the
-  decision itself always exact.
+- `ppl_filter: not in lowest 20% by ppl (rank 87.3%, ppl 412.0553)` (or `by ppl_norm`): the
+  row's exact rank (0% = lowest perplexity), as in `ppl_rank`.
 """
 
 from __future__ import annotations
@@ -85,7 +84,7 @@ from warren.stages.base import (
     reject,
 )
 from warren.stages.schema import CORE_FIELDS, column_type, rank_column
-from warren.stages.select import find_cutoffs, mark_outside, rank_rows
+from warren.stages.select import mark_ranked, rank_rows, window_ranks
 from warren.stages.token_nll import score_token_ids, tokenize
 
 RULE = "perplexity"
@@ -421,15 +420,14 @@ class PplFilter(GlobalStage):
             )
             column = NORM_COLUMN
         spec = ("column", column, False, 0)
-        ds = rank_rows(ds, spec)
-        _, (cut,), sample = find_cutoffs(
-            ds, spec, ctx.num_rows, lambda n: [round(p.keep_lowest * n)]
-        )
+        ds, n = rank_rows(ds, spec)
         reasons = (
             f"{self.name}: missing {PPL_COLUMN}",
             f"{self.name}: unreachable",
             f"{self.name}: not in lowest {100 * p.keep_lowest:g}% by {column}",
         )
         return ds.map_batches(
-            mark_outside, fn_args=(spec, None, cut, reasons, sample), batch_format="pyarrow"
+            mark_ranked,
+            fn_args=(spec, *window_ranks(n, 0.0, p.keep_lowest), n, reasons),
+            batch_format="pyarrow",
         )

@@ -103,15 +103,16 @@ def _put_ranks(block_index: int, block: pa.Table, column: str, *pieces: pa.Table
     return put_column(block, column, pa.array(rank, RANK_TYPE, mask=~has))
 
 
-def add_ranks(ds: Any, keys_of: Any, spec: tuple, column: str) -> Any:
-    """`ds` with `column`: the exact rank of each row that `keys_of(block, spec)` gives a key
-    (`stages.select.row_keys`' contract: keys of the valid rows, the mask, their ids); null for
-    the others. Materialises `ds` (its blocks are the unit of the last pass)."""
+def add_ranks(ds: Any, keys_of: Any, spec: tuple, column: str) -> tuple[Any, int]:
+    """(`ds` with `column`, the number of ranked rows): `column` holds the exact rank of each row
+    that `keys_of(block, spec)` gives a key (`stages.select.row_keys`' contract: keys of the valid
+    rows, the mask, their ids), null for the others. Materialises `ds` (its blocks are the unit
+    of the last pass)."""
     import ray
 
     blocks = ds.to_arrow_refs()
     if not blocks:
-        return ds
+        return ds, 0
     narrow = [ray.remote(_narrow).remote(i, ref, keys_of, spec) for i, ref in enumerate(blocks)]
     sizes = ray.get([ray.remote(_num_rows).remote(r) for r in narrow])
     total = sum(sizes)
@@ -134,6 +135,7 @@ def add_ranks(ds: Any, keys_of: Any, spec: tuple, column: str) -> Any:
     ranked = [number.remote(o, f, len(blocks)) for o, f in zip(ordered, firsts, strict=True)]
     ranked = [r if len(blocks) > 1 else [r] for r in ranked]
     put = ray.remote(_put_ranks)
-    return ray.data.from_arrow_refs(
+    ranked_ds = ray.data.from_arrow_refs(
         [put.remote(i, ref, column, *[r[i] for r in ranked]) for i, ref in enumerate(blocks)]
     )
+    return ranked_ds, total

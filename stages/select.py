@@ -5,17 +5,17 @@
 CLIP scores is the window 0-30% with `descending`). `sample` keeps N rows drawn uniformly at random
 without replacement, reproducibly for a seed (Bunny: 2M).
 
-Ranks are exact, with ties broken by id, and no pass holds the dataset: the cut-off rows are found
-by distributed selection. A seeded sample of the keys brackets each cut-off, one counting pass
-returns the number of rows before each bracket and the (key, id) pairs inside it (a few thousand),
-the cut-off is read off those exactly, and a last map pass marks the rows. If a bracket misses
-(a badly skewed sample), it is widened and the counting pass repeated.
+Ranks are exact, with ties broken by id, and no pass holds the dataset. A window stage writes the
+exact rank of every ranked row to `<column>_rank` (int64, 0 = the first row in the window's
+order; `stages.ranks`, a distributed sort of (key, id, row) only) and keeps the rows whose rank
+falls in the window. `sample` needs no ranks, only the row at rank N: the cut-off row is found by
+distributed selection. A seeded sample of the keys brackets it, one counting pass returns the
+number of rows before the bracket and the (key, id) pairs inside it (a few thousand), the cut-off
+is read off those exactly, and a last map pass marks the rows. If a bracket misses (a badly skewed
+sample), it is widened and the counting pass repeated.
 
-A rejected row's reason names the window, its rank (0% = first) and its value, e.g.
-`rank_window: below window 15-35% by cos_to_centroid (rank 61.2%, cos_to_centroid 0.4120)`. The
-decision is exact; the rank in the reason is read off the key sample, so it is exact up to 20,000
-ranked rows and within about a percentage point beyond. The exact rank of every ranked row is
-written to `<column>_rank` (int64, 0 = the first row in the window's order; `stages.ranks`).
+A rejected row's reason names the window, its exact rank (0% = first) and its value, e.g.
+`rank_window: below window 15-35% by cos_to_centroid (rank 61.2%, cos_to_centroid 0.4120)`.
 """
 
 from __future__ import annotations
@@ -67,9 +67,44 @@ def row_keys(batch: pa.Table, spec: tuple) -> tuple[np.ndarray, np.ndarray, list
 
 
 def rank_rows(ds, spec: tuple):
-    """`ds` with `<column>_rank`: each row's exact rank in the order `spec` ranks by (see
-    `stages.ranks`); null for rows without a value. Materialises `ds`."""
+    """(`ds` with `<column>_rank`, the number of ranked rows): each row's exact rank in the order
+    `spec` ranks by (see `stages.ranks`); null for rows without a value. Materialises `ds`."""
     return add_ranks(ds, row_keys, spec, rank_column(spec[1]))
+
+
+def window_ranks(n: int, lo: float, hi: float) -> tuple[int, int]:
+    """The ranks [first, end) a window [lo, hi) of `n` ranked rows keeps."""
+    return round(lo * n), round(hi * n)
+
+
+def mark_ranked(
+    batch: pa.Table,
+    spec: tuple,
+    first: int,
+    end: int,
+    n: int,
+    reasons: tuple[str, str, str],
+) -> pa.Table:
+    """Reject the rows ranked before `first` or at `end` and after (the ranks `rank_rows` wrote),
+    and rows without a value; a rejected row's reason gives its exact rank as a share of the `n`
+    ranked rows (0% = first) and its value: `"... (rank 87.3%, clip_score 0.1012)"`."""
+    _, column, _, _ = spec
+    rank_col = batch.column(rank_column(column))
+    valid = pc.is_valid(rank_col).to_numpy(zero_copy_only=False)
+    rank = pc.fill_null(rank_col, 0).to_numpy(zero_copy_only=False)
+    above = valid & (rank < first)
+    below = valid & (rank >= end)
+    missing_reason, above_reason, below_reason = reasons
+    out = reject(batch, ~valid, missing_reason)
+    if not (above.any() or below.any()):
+        return out
+    value = pc.fill_null(batch.column(column), 0).to_numpy(zero_copy_only=False)
+    details = [
+        f" (rank {100.0 * r / max(n, 1):.1f}%, {column} {v:.4f})"
+        for r, v in zip(rank.tolist(), value.astype(np.float64).tolist(), strict=True)
+    ]
+    out = reject(out, above, [above_reason + d for d in details])
+    return reject(out, below, [below_reason + d for d in details])
 
 
 def window_thresholds(thresholds: list[Threshold], lo: float, hi: float) -> list[Threshold]:
@@ -127,13 +162,10 @@ def _count_pass(batch: pa.Table, spec: tuple, brackets: list[tuple[float, float]
 
 def find_cutoffs(
     ds, spec: tuple, num_rows: int, ranks_of
-) -> tuple[int, list[tuple[float, str] | None], np.ndarray]:
-    """(number of ranked rows n, the (key, id) of the row at each rank in `ranks_of(n)`, the
-    sorted sample of keys).
+) -> tuple[int, list[tuple[float, str] | None]]:
+    """(number of ranked rows n, the (key, id) of the row at each rank in `ranks_of(n)`).
 
-    A rank outside [0, n) gives None (no cut-off on that side). The sample holds every key when
-    n <= SAMPLE_ROWS, and about SAMPLE_ROWS keys otherwise; `mark_outside` reads rows' ranks off it.
-    """
+    A rank outside [0, n) gives None (no cut-off on that side)."""
     rate = min(1.0, SAMPLE_ROWS / max(num_rows, 1))
     sample_keys, n = [], 0
     for b in ds.map_batches(
@@ -179,22 +211,12 @@ def find_cutoffs(
                 missed.append(i)
         todo = missed
         margin *= 16
-    return n, cutoffs, sample
+    return n, cutoffs
 
 
-def mark_outside(
-    batch: pa.Table,
-    spec: tuple,
-    cut_lo,
-    cut_hi,
-    reasons: tuple[str, str, str],
-    rank_sample: np.ndarray | None = None,
-) -> pa.Table:
-    """Reject rows before `cut_lo`, at or after `cut_hi`, and rows without a key.
-
-    With `rank_sample` (the sorted keys from `find_cutoffs`), a rejected row's reason also gives its
-    rank as a percentage (0% = first) and its value: `"... (rank 87.3%, clip_score 0.1012)"`.
-    """
+def mark_outside(batch: pa.Table, spec: tuple, cut_lo, cut_hi, reasons: tuple[str, str, str]):
+    """Reject rows before `cut_lo`, at or after `cut_hi` (the (key, id) rows `find_cutoffs`
+    found; None: no cut-off on that side), and rows without a key."""
     keys, valid, ids = row_keys(batch, spec)
     n = batch.num_rows
     above = np.zeros(n, bool)
@@ -205,15 +227,6 @@ def mark_outside(
         below[valid] = ~_before(keys, ids, cut_hi)
     missing_reason, above_reason, below_reason = reasons
     out = reject(batch, ~valid, missing_reason)
-    if rank_sample is not None and len(rank_sample) and (above.any() or below.any()):
-        kind, column, descending, _ = spec
-        pct = np.full(n, np.nan)
-        pct[valid] = 100.0 * np.searchsorted(rank_sample, keys, side="left") / len(rank_sample)
-        value = np.full(n, np.nan)
-        value[valid] = -keys if descending else keys
-        details = [f" (rank {r:.1f}%, {column} {v:.4f})" for r, v in zip(pct, value, strict=True)]
-        out = reject(out, above, [above_reason + d for d in details])
-        return reject(out, below, [below_reason + d for d in details])
     out = reject(out, above, above_reason)
     return reject(out, below, below_reason)
 
@@ -258,11 +271,7 @@ class RankWindow(GlobalStage):
     def run(self, ds, ctx: GlobalContext):
         p = self.params
         spec = ("column", p.column, p.descending, 0)
-        ds = rank_rows(ds, spec)
-        # rank 0 needs no lower cut-off (-1 means none); rank n none above
-        _, (cut_lo, cut_hi), sample = find_cutoffs(
-            ds, spec, ctx.num_rows, lambda n: [round(p.lo * n) or -1, round(p.hi * n)]
-        )
+        ds, n = rank_rows(ds, spec)
         window = f"{100 * p.lo:g}-{100 * p.hi:g}% by {p.column}"
         reasons = (
             f"{self.name}: missing {p.column}",
@@ -270,7 +279,9 @@ class RankWindow(GlobalStage):
             f"{self.name}: below window {window}",
         )
         return ds.map_batches(
-            mark_outside, fn_args=(spec, cut_lo, cut_hi, reasons, sample), batch_format="pyarrow"
+            mark_ranked,
+            fn_args=(spec, *window_ranks(n, p.lo, p.hi), n, reasons),
+            batch_format="pyarrow",
         )
 
 
@@ -294,7 +305,7 @@ class Sample(GlobalStage):
     def run(self, ds, ctx: GlobalContext):
         p = self.params
         spec = ("uniform", None, False, p.seed)
-        _, (cut,), _ = find_cutoffs(ds, spec, ctx.num_rows, lambda n: [p.n])
+        _, (cut,) = find_cutoffs(ds, spec, ctx.num_rows, lambda n: [p.n])
         reasons = (
             f"{self.name}: unreachable",
             f"{self.name}: unreachable",

@@ -38,11 +38,7 @@ def _brute_window(ids, scores, lo, hi, descending):
     return {i for i, _ in ranked[round(lo * n) : round(hi * n)]}
 
 
-@pytest.mark.parametrize("sample_rows", [20_000, 3])  # 3: brackets miss and must widen
-def test_rank_window_keeps_exactly_the_brute_force_ranks_with_ties_by_id(
-    ray_session, monkeypatch, sample_rows
-):
-    monkeypatch.setattr(select_mod, "SAMPLE_ROWS", sample_rows)
+def test_rank_window_keeps_exactly_the_brute_force_ranks_with_ties_by_id(ray_session):
     rng = np.random.default_rng(1)
     # coarse values so many rows tie, some rows have no score
     scores = [
@@ -82,7 +78,11 @@ def test_rank_window_reasons_say_which_side_of_the_window(ray_session):
     )
 
 
-def test_sample_draws_exactly_n_seeded_rows_the_same_way_every_time(ray_session):
+@pytest.mark.parametrize("sample_rows", [20_000, 3])  # 3: brackets miss and must widen
+def test_sample_draws_exactly_n_seeded_rows_the_same_way_every_time(
+    ray_session, monkeypatch, sample_rows
+):
+    monkeypatch.setattr(select_mod, "SAMPLE_ROWS", sample_rows)
     scores = [0.0] * 300
     ds, ids = _dataset(scores)
     got = _run(Sample(n=40, seed=5), ds, 300)
