@@ -102,6 +102,21 @@ def map_resources(stage: BatchStage) -> dict[str, Any]:
     return args
 
 
+def layout_of(stage: BatchStage) -> dict[str, Any]:
+    """What a map stage's workers get from Ray in this run (`map_resources`), as the manifest
+    records it: CPUs and GPUs per worker, and a model stage's actor pool bounds. The stage's
+    declared `resources` may differ: without a GPU the runner sizes model actors to the CPUs."""
+    args = map_resources(stage)
+    out: dict[str, Any] = {
+        "num_cpus": float(args["num_cpus"]),
+        "num_gpus": float(args.get("num_gpus", 0.0)),
+    }
+    compute = args.get("compute")
+    if compute is not None:
+        out["actors"] = [int(compute.min_size), int(compute.max_size)]
+    return out
+
+
 def _cpu_layout_is_ours(stage: BatchStage) -> bool:
     """Neither `--<stage>.num_cpus` nor `--<stage>.concurrency` was given (the stage's defaults
     stand), so the runner lays its actors over the CPUs."""

@@ -7,7 +7,8 @@ layout is `stages.run_layout`'s):
 - `OUTPUT/00-ingest/` holds the input as canonical rows; `OUTPUT/NN-<stage>/` each stage's kept
   rows as Parquet shards, `.../rejected/` its rejected rows with a `reason` column, and
   `.../_manifest.json` (name, version, parameters, resources, columns, thresholds, fingerprints,
-  counts, time, schema) once the stage completed.
+  counts, time, schema, and for a map stage the CPUs, GPUs and actors its workers ran with) once
+  the stage completed.
 - Before any work (before the lock, before Ray) the plan's columns are checked
   (`pipelines.plan.check_columns`): a stage requiring a column nothing before it adds fails then.
 - A stage's fingerprint hashes its name, version, parameters (never its resources) and the exact
@@ -47,7 +48,7 @@ from warren.pipelines.funnel import (
     sum_columns,
 )
 from warren.pipelines.plan import Pipeline, check_columns, fingerprint
-from warren.pipelines.ray_session import ensure_ray, quiet_ray_data
+from warren.pipelines.ray_session import ensure_ray, layout_of, quiet_ray_data
 from warren.pipelines.run_errors import PipelineError, failure_text, one_line, root_cause
 from warren.pipelines.run_global import run_global
 from warren.pipelines.run_ingest import run_ingest
@@ -362,6 +363,9 @@ class Runner:
             # the columns it read and added, and the thresholds the report draws.
             **{k: described[k] for k in _CONTRACT_KEYS if k in described},
         }
+        if isinstance(stage, BatchStage):
+            # What its workers got, where the runner chose it (model actors sized to the CPUs).
+            manifest["ran_with"] = layout_of(stage)
         self._check_lock()
         write_manifest(out, manifest)
         self.log(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import ray
 from PIL import Image
 from stages_for_tests import CaptionLength, DropsRows, ModuloModel
 from worker_env import worker_pythonpath
@@ -111,6 +112,19 @@ def test_every_stage_accounts_for_every_row_and_rejects_carry_reasons(ray_sessio
     )
     m = manifests(tmp_path / "out")["01-caption_length"]
     assert m["reasons"] == {"caption_length: too long": len(rejected)}
+    # The model stage declared 0.5 CPU; without a GPU the runner gave its actors every CPU (up to
+    # 8 a node), and the manifest says what ran, next to what was declared.
+    model = manifests(tmp_path / "out")["02-modulo_model"]
+    cpus = ray.cluster_resources()["CPU"]
+    assert model["resources"]["num_cpus"] == 0.5
+    per_actor = min(8.0, cpus)
+    assert model["ran_with"] == {
+        "num_cpus": per_actor,
+        "num_gpus": 0.0,
+        "actors": [1, int(cpus // per_actor)],
+    }
+    assert "actors" not in m["ran_with"]  # tasks, not actors
+    assert "ran_with" not in manifests(tmp_path / "out")["03-exact_dedup"]  # a global stage
     dedup_rej = pq.read_table(tmp_path / "out" / "03-exact_dedup" / "rejected").to_pylist()
     assert dedup_rej and all(
         r["reason"].startswith("exact_dedup: duplicate (of r-") for r in dedup_rej
