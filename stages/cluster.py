@@ -110,7 +110,9 @@ def _matrix(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 
 def gather_sample(ds, column: str, fraction: float, seed: int, max_rows: int) -> np.ndarray:
-    """A seeded sample of a column's embeddings on the driver (float32, at most `max_rows`).
+    """A seeded sample of a column's embeddings on the driver (at most `max_rows`), in the
+    column's own float type: float16 embeddings stay float16, half the bytes of float32 on the
+    driver and on their way to the k-means task, which converts them (`train_kmeans`).
 
     The sample, and its row order (k-means sums its points in that order), depend on the ids
     only: rows are drawn and ordered by a seeded hash of their id (ties by id), and beyond
@@ -136,7 +138,7 @@ def gather_sample(ds, column: str, fraction: float, seed: int, max_rows: int) ->
     if not tables:
         return np.zeros((0, 0), np.float32)
     emb, _ = _smallest_keys(tables, max_rows)
-    return emb.astype(np.float32)
+    return emb
 
 
 def kmeans_task(sample: np.ndarray, k: int, niter: int, seed: int, nredo: int = 1) -> np.ndarray:
@@ -153,6 +155,7 @@ def train_kmeans(sample: np.ndarray, k: int, niter: int, seed: int, nredo: int =
     merge two true clusters and split a third)."""
     import faiss
 
+    # float16 samples convert here, in the task, rather than on the driver before the put.
     sample = np.ascontiguousarray(sample, dtype=np.float32)
     k = max(1, min(k, len(sample)))
     use_gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
