@@ -17,6 +17,9 @@ JPEG quality; built once and cached under `--cache`). Printed, in rows/s:
   model runs (what the stage does); the faster is the ratio's baseline. The ratio is printed for
   the whole stage, beyond its fixed cost, and against the bare loop with its own model load
   counted (the stage's seconds include its load).
+
+With `--layouts` it also runs the stage as the runner lays it out without a GPU (one actor with a
+thread per CPU) and as one single-threaded actor per CPU, on the same rows in 4 files per CPU.
 """
 
 from __future__ import annotations
@@ -93,11 +96,34 @@ def bare_loop(blobs: list[bytes], threads: int, batch: int, overlap: bool) -> tu
     return time.perf_counter() - t0, load
 
 
-def run_stage(src: Path, out: Path) -> tuple[float, dict]:
+def run_stage(src: Path, out: Path, stage: Nsfw | None = None) -> tuple[float, dict]:
     """(the stage's seconds from its manifest, the manifest)."""
-    Runner(Pipeline("bench", [Nsfw()]), str(src), str(out), progress=False).run()
+    Runner(Pipeline("bench", [stage or Nsfw()]), str(src), str(out), progress=False).run()
     manifest = json.loads((out / "01-nsfw" / "_manifest.json").read_text())
     return manifest["seconds"], manifest
+
+
+def compare_layouts(pool: Path, work: Path, cores: int) -> None:
+    """The stage as the runner lays it out without a GPU (one actor holding every CPU, a thread
+    per CPU) against one single-threaded actor per CPU (`--nsfw.num_cpus 1 --nsfw.concurrency
+    N`), on the same rows cut into 4 files per CPU so every actor has pieces to take."""
+    table = pq.read_table(pool)
+    split = work / "split"
+    split.mkdir()
+    files = 4 * cores
+    step = -(-table.num_rows // files)
+    for i in range(files):
+        pq.write_table(table.slice(i * step, step), split / f"part-{i:03d}.parquet")
+    layouts = {
+        f"1 actor x {cores} threads (the runner's choice)": Nsfw(),
+        f"{cores} actors x 1 thread": Nsfw(resources={"num_cpus": 1, "concurrency": cores}),
+    }
+    for i, (what, stage) in enumerate(layouts.items()):
+        seconds, manifest = run_stage(split, work / f"out-layout-{i}", stage)
+        print(
+            f"layout {what}: {seconds:.1f} s, {manifest['rows_in'] / seconds:,.1f} rows/s "
+            f"(ran with {manifest.get('ran_with')})"
+        )
 
 
 def main() -> None:
@@ -107,6 +133,11 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2048)
     ap.add_argument("--model-batch-size", type=int, default=Nsfw().params.model_batch_size)
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "warren" / "bench"))
+    ap.add_argument(
+        "--layouts",
+        action="store_true",
+        help="also run the stage as one actor of N threads and as N actors of one thread",
+    )
     args = ap.parse_args()
 
     pool = Path(args.cache) / f"basic_filter-{args.rows}"
@@ -150,6 +181,8 @@ def main() -> None:
             )
             if best is None or seconds < best:
                 best, load = seconds, loaded
+        if args.layouts:
+            compare_layouts(pool, work, cores)
         share = rows / len(blobs)
         print(
             f"ratio runner stage / best bare loop (rows/s): {best / stage_s * share:.2f}"
