@@ -17,6 +17,11 @@ Three steps, each resumable, all under the stage folder's `_work/` until the sta
    columns and commits the piece to the ledger (`stages.ledger.commit_piece`). A resumed run
    skips the committed pieces.
 
+A stage that `fits` (its decision is a small fitted state, then a function of each row: k-means
+centroids and each row's nearest one) makes no per-piece decisions: step 2 runs its `fit` on the
+narrow rows and keeps the state in `_work/decisions/_state.pkl`, and step 3 runs its `transform` on
+each piece of wide rows. That saves a second read of the narrow columns and the regrouping.
+
 The wide rows (image bytes) are read once, in step 3, and never enter a shuffle or Ray's object
 store; only narrow rows and decisions do. Memory per task: a piece, or a regroup partition of
 decisions.
@@ -27,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import pickle
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +70,8 @@ WORK_DIR = "_work"
 DECISIONS_DIR = "decisions"
 CHECKPOINT_DIR = "checkpoint"
 DONE = "_done.json"
+# A stage that `fits`: its fitted state (pickled), in place of per-piece decisions.
+STATE = "_state.pkl"
 # The source every piece of a global stage's output is committed under.
 GLOBAL_SRC = "global"
 # Decisions per regroup task (narrow rows: a position, a reason, the added columns).
@@ -235,14 +243,24 @@ def _decide(
     try:
         # The stage's plan runs here (and its Ray tasks' errors arrive here): one line, as drain
         # gives for the other steps, with the traceback in the stage's log.
-        refs = stage.run(narrow, ctx).to_arrow_refs()
-        schemas = ray.get([ray.remote(_schema_of).remote(r) for r in refs])
+        if stage.fits:
+            state = stage.fit(narrow, ctx)
+        else:
+            refs = stage.run(narrow, ctx).to_arrow_refs()
+            schemas = ray.get([ray.remote(_schema_of).remote(r) for r in refs])
     except (PipelineError, ValueError) as exc:
         if isinstance(exc, PipelineError) or not _from_ray(exc):
             raise
         raise runner._failure(stage.name, exc) from exc
     except Exception as exc:
         raise runner._failure(stage.name, exc) from exc
+    pieces = -(-total // GLOBAL_ROWS_PER_PART)
+    if stage.fits:
+        # The state is all there is to decide: each piece is transformed as it is applied.
+        decisions.join(STATE).write_bytes_atomic(pickle.dumps(state))
+        decisions.join(DONE).write_json_atomic({"pieces": pieces, "fitted": True})
+        runner.log(f"  {stage.name}: fitted on {total:,} rows")
+        return
     if not refs:
         raise PipelineError(f"stage {stage.name}: run() returned no rows for {total:,} rows in")
     # The columns every decision file carries (and their types): what any block decided.
@@ -254,7 +272,6 @@ def _decide(
                 types[c] = schema.field(c).type
     columns = list(types.items())
     keep = list(types)
-    pieces = -(-total // GLOBAL_ROWS_PER_PART)
     per_task = max(1, DECISION_ROWS_PER_TASK // GLOBAL_ROWS_PER_PART)
     parts = max(1, math.ceil(pieces / per_task))
     runs = max(
@@ -302,25 +319,44 @@ def _apply_task(
     import pyarrow.parquet as pq
 
     reader = narrow_reader(fs, None)
+    state = pickle.loads(decisions.join(STATE).read_bytes()) if stage.fits else None
     for item in items.to_pylist():
         part = item["part"]
         table = read_piece(reader, json.loads(item["segments"]))
-        loc = decisions.join(f"{piece_name(part)}.parquet")
-        with loc.fs.open_input_file(loc.path) as f:
-            decided = pq.read_table(f)
-        if decided.num_rows != table.num_rows or not decided.column(POSITION_COLUMN).equals(
-            table.column(POSITION_COLUMN)
-        ):
-            raise PipelineError(
-                f"stage {stage.name}: the decisions for piece {part} do not match its "
-                f"{_piece_rows(part, total)} rows"
-            )
-        for c in decided.column_names:
-            if c != POSITION_COLUMN:
-                table = put_column(table, c, decided.column(c).combine_chunks())
+        if stage.fits:
+            table = _transformed(stage, table, state, part)
+        else:
+            loc = decisions.join(f"{piece_name(part)}.parquet")
+            with loc.fs.open_input_file(loc.path) as f:
+                decided = pq.read_table(f)
+            if decided.num_rows != table.num_rows or not decided.column(POSITION_COLUMN).equals(
+                table.column(POSITION_COLUMN)
+            ):
+                raise PipelineError(
+                    f"stage {stage.name}: the decisions for piece {part} do not match its "
+                    f"{_piece_rows(part, total)} rows"
+                )
+            for c in decided.column_names:
+                if c != POSITION_COLUMN:
+                    table = put_column(table, c, decided.column(c).combine_chunks())
         table = conform(table.drop_columns([POSITION_COLUMN]), where=f"stage {stage.name}")
         # One summary per piece as it is committed: progress moves within a task.
         yield summary_table([commit_piece(out, GLOBAL_SRC, table, piece=piece_name(part))])
+
+
+def _transformed(stage: GlobalStage, table: pa.Table, state: Any, part: int) -> pa.Table:
+    """A fitted stage's `transform` of one piece of wide rows, checked to keep every row."""
+    out = stage.transform(table, state, False)
+    if (
+        not isinstance(out, pa.Table)
+        or POSITION_COLUMN not in out.column_names
+        or not out.column(POSITION_COLUMN).equals(table.column(POSITION_COLUMN))
+    ):
+        raise PipelineError(
+            f"stage {stage.name}: transform() must return every row of piece {part} in order "
+            f"({table.num_rows}), got {getattr(out, 'num_rows', type(out).__name__)}"
+        )
+    return out
 
 
 def _committed(out: Location) -> set[str]:

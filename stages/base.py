@@ -324,6 +324,12 @@ class GlobalStage(Stage):
 
     #: True when `prepare` turns each piece of decision columns into the narrow rows `run` sees.
     prepares: ClassVar[bool] = False
+    #: True when the decision is a small state fitted on the narrow rows (k-means centroids, say)
+    #: and then a function of each row alone. Such a stage gives `fit` and `transform` instead of
+    #: `run`: the runner fits on the narrow rows and transforms each piece of wide rows as it
+    #: writes them, so the rows are not read once more to decide and no per-row decisions are
+    #: regrouped; the fitted state is kept on disk so that a resumed run does not fit again.
+    fits: ClassVar[bool] = False
 
     def decision_columns(self) -> tuple[str, ...]:
         """The input columns the decision reads (`id` always comes too); a name the input lacks is
@@ -336,8 +342,27 @@ class GlobalStage(Stage):
         same order; keep `id` and the position column, drop what the decision does not need)."""
         return table
 
-    def run(self, ds, ctx: GlobalContext):  # pragma: no cover - abstract
-        """Return a Dataset with every input row, rejected rows marked in the `_reject` column."""
+    def run(self, ds, ctx: GlobalContext):
+        """Return a Dataset with every input row, rejected rows marked in the `_reject` column.
+        A stage that `fits` need not write it: `fit`, then `transform` on every block."""
+        if not self.fits:  # pragma: no cover - abstract
+            raise NotImplementedError
+        state = self.fit(ds, ctx)
+        return ds.map_batches(
+            transform_batch, fn_args=(self, state, ctx.decisions_only), batch_format="pyarrow"
+        )
+
+    def fit(self, ds, ctx: GlobalContext) -> Any:  # pragma: no cover - abstract
+        """For a stage that `fits`: the state `transform` needs, from the narrow rows `ds` (small
+        and picklable: the runner keeps it on disk)."""
+        raise NotImplementedError
+
+    def transform(
+        self, table: pa.Table, state: Any, drop: bool = False
+    ) -> pa.Table:  # pragma: no cover - abstract
+        """For a stage that `fits`: every row of `table` with the stage's columns and `_reject`
+        set from `state`, each row's the same in any batch (the runner gives it the wide rows,
+        piece by piece). With `drop` it may leave out a decision column it read."""
         raise NotImplementedError
 
     def run_rows(self, ds, ctx: GlobalContext):
@@ -346,6 +371,11 @@ class GlobalStage(Stage):
         if self.prepares:
             ds = ds.map_batches(self.prepare, batch_format="pyarrow")
         return self.run(ds, ctx)
+
+
+def transform_batch(batch: pa.Table, stage: GlobalStage, state: Any, drop: bool) -> pa.Table:
+    """`stage.transform` as a Ray Data batch function."""
+    return stage.transform(batch, state, drop)
 
 
 def put_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:

@@ -2,11 +2,12 @@
 
 Two passes over the data, neither holding the dataset:
 
-1. a seeded sample (`sample_fraction` of the rows, at most `max_train_rows`) of the embeddings is
-   gathered and k-means is trained on it in one Ray task (on a GPU when the cluster has one and
-   faiss was built with CUDA: the `gpu` extra);
-2. a map pass assigns each row to its most similar centroid (inner product of unit vectors) and
-   writes `cluster_id` and `cos_to_centroid`.
+1. `fit`: a seeded sample (`sample_fraction` of the rows, at most `max_train_rows`) of the
+   embeddings is gathered and k-means is trained on it in one Ray task (on a GPU when the cluster
+   has one and faiss was built with CUDA: the `gpu` extra);
+2. `transform`: each row is assigned to its most similar centroid (inner product of unit vectors),
+   which writes `cluster_id` and `cos_to_centroid`. In the runner this happens as the rows are
+   written (the stage `fits`), so the embeddings are read once to train and once to write.
 
 The number of clusters defaults to rows / `rows_per_cluster` (Bunny: 100,000 clusters for 2B
 images, about 20k a cluster), at least 1, at most the number of training rows. Rows without an
@@ -69,18 +70,14 @@ def _sample_embeddings(batch: pa.Table, column: str, fraction: float, seed: int)
     embeddings, in the column's own type (float16 stays float16: half the bytes to the driver)."""
     col = batch.column(column).combine_chunks()
     ids = batch.column("id").combine_chunks()
-    has = pc.is_valid(col)
-    col, ids = col.filter(has), ids.filter(has)
+    if col.null_count:  # a filter copies its column: only when some row is left out
+        has = pc.is_valid(col)
+        col, ids = col.filter(has), ids.filter(has)
     keys = np.array([_unit_hash(i, seed) for i in ids.to_pylist()], dtype=np.float64)
     # Keyed by id, never by block or arrival: the same rows are drawn whatever Ray does.
-    keep = pa.array(keys < fraction)
-    return pa.table(
-        {
-            "key": pa.array(keys, pa.float64()).filter(keep),
-            "id": ids.filter(keep),
-            "emb": col.filter(keep),
-        }
-    )
+    table = pa.table({"key": pa.array(keys, pa.float64()), "id": ids, "emb": col})
+    keep = keys < fraction
+    return table if keep.all() else table.filter(pa.array(keep))
 
 
 def _unit_hash(text: str, seed: int) -> float:
@@ -90,15 +87,37 @@ def _unit_hash(text: str, seed: int) -> float:
     return int.from_bytes(h, "little") / 2**64
 
 
-def _smallest_keys(tables: list[pa.Table], n: int) -> tuple[np.ndarray, pa.Table]:
-    """The `n` rows with the smallest (key, id) of `tables`, in that order: their embeddings as a
-    matrix in the column's own float type, and (key, id) of those rows."""
-    keys = np.concatenate([t.column("key").to_numpy() for t in tables])
-    ids = np.concatenate([t.column("id").to_numpy(zero_copy_only=False) for t in tables])
-    order = np.lexsort((ids, keys))[:n]  # by key, ties by id
-    emb = np.concatenate([_matrix(t.column("emb")) for t in tables])
-    head = pa.table({"key": pa.array(keys[order]), "id": pa.array(ids[order], pa.string())})
-    return emb[order], head
+def _key_order(tables: list[pa.Table], n: int) -> np.ndarray:
+    """Row numbers (over `tables` in turn) of the `n` rows with the smallest (key, id)."""
+    keys = pa.concat_tables([t.select(["key", "id"]) for t in tables])
+    order = pc.sort_indices(keys, sort_keys=[("key", "ascending"), ("id", "ascending")])
+    return order.to_numpy().astype(np.int64)[:n]
+
+
+def _rows_in_order(tables: list[pa.Table], order: np.ndarray, dtype: type | None) -> np.ndarray:
+    """The embeddings of rows `order` (row numbers over `tables` in turn) as one matrix in that
+    order, in `dtype` (None: the column's own type). Filled table by table, so no concatenated
+    copy of the tables is made on the way (a sample is up to millions of rows)."""
+    starts = np.cumsum([0] + [t.num_rows for t in tables])
+    block = np.searchsorted(starts, order, side="right") - 1
+    by_block = np.argsort(block, kind="stable")
+    bounds = np.searchsorted(block[by_block], np.arange(len(tables) + 1))
+    first = _matrix(tables[0].column("emb"))
+    out = np.empty((len(order), first.shape[1]), dtype or first.dtype)
+    for b, t in enumerate(tables):
+        at = by_block[bounds[b] : bounds[b + 1]]
+        if len(at):
+            out[at] = _matrix(t.column("emb"))[order[at] - starts[b]]
+    return out
+
+
+def _smallest_keys(tables: list[pa.Table], n: int) -> pa.Table:
+    """The `n` rows of `tables` with the smallest (key, id), in that order, as one table."""
+    order = _key_order(tables, n)
+    emb = _rows_in_order(tables, order, None)
+    ids = pa.concat_tables([t.select(["key", "id"]) for t in tables]).take(pa.array(order))
+    flat = pa.array(emb.reshape(-1))
+    return ids.append_column("emb", pa.FixedSizeListArray.from_arrays(flat, emb.shape[1]))
 
 
 def _matrix(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -109,15 +128,15 @@ def _matrix(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
 
 
-def gather_sample(ds, column: str, fraction: float, seed: int, max_rows: int) -> np.ndarray:
-    """A seeded sample of a column's embeddings on the driver (at most `max_rows`), in the
-    column's own float type: float16 embeddings stay float16, half the bytes of float32 on the
-    driver and on their way to the k-means task, which converts them (`train_kmeans`).
+def sample_tables(ds, column: str, fraction: float, seed: int, max_rows: int) -> list[pa.Table]:
+    """The blocks of a seeded sample of a column's embeddings (`key`, `id`, `emb`), on the driver
+    as Ray hands them over; at most about 2 x `max_rows` rows are held, the rows with the
+    smallest keys.
 
-    The sample, and its row order (k-means sums its points in that order), depend on the ids
-    only: rows are drawn and ordered by a seeded hash of their id (ties by id), and beyond
-    `max_rows` the rows with the smallest keys are kept. The driver holds at most `max_rows` rows
-    plus one block."""
+    The sample depends on the ids only: a row is drawn when a seeded hash of its id (its key) is
+    below `fraction`, and beyond `max_rows` the rows with the smallest (key, id) are kept, which
+    neither block order nor block boundaries change. Embeddings keep the column's own type
+    (float16 stays float16: half the bytes of float32)."""
     sample = ds.select_columns(["id", column]).map_batches(
         _sample_embeddings, fn_args=(column, fraction, seed), batch_format="pyarrow"
     )
@@ -129,24 +148,52 @@ def gather_sample(ds, column: str, fraction: float, seed: int, max_rows: int) ->
         tables.append(batch)
         rows += batch.num_rows
         if rows > 2 * max_rows:  # keep the driver near max_rows rows, sorting seldom
-            emb, head = _smallest_keys(tables, max_rows)
-            flat = pa.array(emb.reshape(-1))
-            tables = [
-                head.append_column("emb", pa.FixedSizeListArray.from_arrays(flat, emb.shape[1]))
-            ]
+            tables = [_smallest_keys(tables, max_rows)]
             rows = tables[0].num_rows
+    return tables
+
+
+def gather_sample(ds, column: str, fraction: float, seed: int, max_rows: int) -> np.ndarray:
+    """The sample of `sample_tables` as one matrix on the driver, rows in (key, id) order (k-means
+    sums its points in that order), in the column's own float type."""
+    tables = sample_tables(ds, column, fraction, seed, max_rows)
     if not tables:
         return np.zeros((0, 0), np.float32)
-    emb, _ = _smallest_keys(tables, max_rows)
-    return emb
+    return _rows_in_order(tables, _key_order(tables, max_rows), None)
 
 
-def kmeans_task(sample: np.ndarray, k: int, niter: int, seed: int, nredo: int = 1) -> np.ndarray:
-    """`train_kmeans` as one Ray task, given a GPU when the cluster has one."""
+def fit_kmeans(
+    ds,
+    column: str,
+    fraction: float,
+    seed: int,
+    max_rows: int,
+    k: int,
+    niter: int,
+    nredo: int = 1,
+) -> np.ndarray | None:
+    """Centroids of k-means on the sample of `sample_tables` (None when no row has an embedding),
+    trained in one Ray task, given a GPU when the cluster has one.
+
+    The driver finds the sample's row order from its keys and hands the task the blocks as they
+    came; the task builds the float32 training matrix in that order in one pass, so the sample is
+    neither concatenated nor converted on the driver."""
     import ray
 
+    tables = sample_tables(ds, column, fraction, seed, max_rows)
+    if not tables:
+        return None
+    order = _key_order(tables, max_rows)
+    embs = [t.select(["emb"]) for t in tables]
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    return ray.get(ray.remote(num_gpus=gpus)(train_kmeans).remote(sample, k, niter, seed, nredo))
+    task = ray.remote(num_gpus=gpus)(_train_on_blocks)
+    return ray.get(task.remote(order, k, niter, seed, nredo, *embs))
+
+
+def _train_on_blocks(
+    order: np.ndarray, k: int, niter: int, seed: int, nredo: int, *tables: pa.Table
+) -> np.ndarray:
+    return train_kmeans(_rows_in_order(list(tables), order, np.float32), k, niter, seed, nredo)
 
 
 def train_kmeans(sample: np.ndarray, k: int, niter: int, seed: int, nredo: int = 1) -> np.ndarray:
@@ -231,6 +278,7 @@ class Cluster(GlobalStage):
     version = "1"
     Params = ClusterParams
     adds = ("cluster_id", "cos_to_centroid")
+    fits = True
 
     def required_columns(self) -> tuple[str, ...]:
         return (self.params.column,)
@@ -249,19 +297,22 @@ class Cluster(GlobalStage):
             return self.params.n_clusters
         return max(1, num_rows // self.params.rows_per_cluster)
 
-    def run(self, ds, ctx: GlobalContext):
+    def fit(self, ds, ctx: GlobalContext) -> np.ndarray:
+        """The unit centroids (one zero row when no row has an embedding: all are rejected)."""
         p = self.params
-        train_rows = gather_sample(ds, p.column, p.sample_fraction, p.seed, p.max_train_rows)
-        if not len(train_rows):
-            # Nothing to cluster: every row lacks an embedding; assign rejects them all.
-            dim = ds.schema().field(p.column).type.list_size
-            centroids = np.zeros((1, dim), np.float32)
-        else:
-            centroids = kmeans_task(
-                train_rows, self.n_clusters_for(ctx.num_rows), p.niter, p.seed, p.nredo
-            )
-        return ds.map_batches(
-            assign,
-            fn_args=(p.column, centroids, list(p.exclude_clusters), ctx.decisions_only),
-            batch_format="pyarrow",
+        centroids = fit_kmeans(
+            ds,
+            p.column,
+            p.sample_fraction,
+            p.seed,
+            p.max_train_rows,
+            self.n_clusters_for(ctx.num_rows),
+            p.niter,
+            p.nredo,
         )
+        if centroids is None:
+            return np.zeros((1, ds.schema().field(p.column).type.list_size), np.float32)
+        return centroids
+
+    def transform(self, table: pa.Table, state: np.ndarray, drop: bool = False) -> pa.Table:
+        return assign(table, self.params.column, state, list(self.params.exclude_clusters), drop)

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from warren.stages.base import GlobalContext, GlobalStage, param, put_column, reject
-from warren.stages.cluster import embeddings_of, gather_sample, kmeans_task, nearest_centroids
+from warren.stages.cluster import embeddings_of, fit_kmeans, nearest_centroids
 from warren.stages.shards import Location
 
 MIN_ROWS_PER_CLUSTER = 40
@@ -128,6 +128,7 @@ class ImageBased(GlobalStage):
     version = "1"
     Params = ImageBasedParams
     adds = ("image_cluster", "near_reference")
+    fits = True
 
     def required_columns(self) -> tuple[str, ...]:
         # Without a reference the stage is off and reads no embedding.
@@ -140,17 +141,17 @@ class ImageBased(GlobalStage):
                 "image_based: n_clusters, max_train_rows, niter and nredo must be >= 1"
             )
 
-    def run(self, ds, ctx: GlobalContext):
+    def fit(self, ds, ctx: GlobalContext) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(centroids, chosen cluster ids), or (None, None) when the filter is off."""
         p = self.params
-        centroids = chosen = None
-        if p.reference:
-            reference = read_reference(p.reference, p.reference_column)
-            train_rows = gather_sample(ds, p.column, 1.0, p.seed, p.max_train_rows)
-            if len(train_rows):
-                k = max(1, min(p.n_clusters, ctx.num_rows // MIN_ROWS_PER_CLUSTER))
-                centroids = kmeans_task(train_rows, k, p.niter, p.seed, p.nredo)
-                chosen = chosen_clusters(centroids, reference)
-            else:  # no row has an embedding: mark rejects them all
-                centroids = np.zeros((1, reference.shape[1]), np.float32)
-                chosen = np.zeros(0, np.int64)
-        return ds.map_batches(mark, fn_args=(p, centroids, chosen), batch_format="pyarrow")
+        if not p.reference:
+            return None, None
+        reference = read_reference(p.reference, p.reference_column)
+        k = max(1, min(p.n_clusters, ctx.num_rows // MIN_ROWS_PER_CLUSTER))
+        centroids = fit_kmeans(ds, p.column, 1.0, p.seed, p.max_train_rows, k, p.niter, p.nredo)
+        if centroids is None:  # no row has an embedding: mark rejects them all
+            return np.zeros((1, reference.shape[1]), np.float32), np.zeros(0, np.int64)
+        return centroids, chosen_clusters(centroids, reference)
+
+    def transform(self, table: pa.Table, state: tuple, drop: bool = False) -> pa.Table:
+        return mark(table, self.params, *state)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -120,3 +122,59 @@ def test_the_training_sample_does_not_depend_on_block_order_or_boundaries(ray_se
         b = gather_sample(backward, "image_emb", fraction, 0, most)
         assert a.shape == b.shape and len(a) == min(most, len(a)) > 0
         assert a.tobytes() == b.tobytes()
+        # By hand: every id's seeded hash, the rows below `fraction`, the `most` smallest.
+        drawn = []
+        for i, row_id in enumerate(table.column("id").to_pylist()):
+            digest = hashlib.blake2b(f"0\x1f{row_id}".encode(), digest_size=8).digest()
+            key = int.from_bytes(digest, "little") / 2**64
+            if key < fraction:
+                drawn.append((key, row_id, i))
+        want = [i for _, _, i in sorted(drawn)[:most]]
+        assert a.tobytes() == x[want].astype(np.float16).tobytes()
+
+
+def test_the_runner_writes_each_row_the_nearest_of_the_centroids_fit_gives(ray_session, tmp_path):
+    """cluster `fits`: the runner fits once on the narrow rows and assigns each piece of wide rows
+    as it writes them. Over several pieces and shards, with rows lacking an embedding, every row
+    written must carry its brute-force nearest centroid of those `fit` gives on the same rows."""
+    import outputs
+    import pyarrow.parquet as pq
+
+    from warren.pipelines.run_map import GLOBAL_ROWS_PER_PART
+    from warren.pipelines.runner import Pipeline, Runner
+
+    n = 2 * GLOBAL_ROWS_PER_PART + 333  # three output pieces
+    x, _ = _blobs(6, -(-n // 6), 16, seed=9)
+    x = x[:n]
+    table = _table(x, n, missing=(5, 2500, n - 1))
+    captions = pa.array([f"c{i}" for i in range(n)])
+    table = table.set_column(table.column_names.index("caption"), "caption", captions)
+    (tmp_path / "pool").mkdir()
+    for s, (a, b) in enumerate([(0, 1000), (1000, 3100), (3100, n)]):
+        pq.write_table(table.slice(a, b - a), tmp_path / "pool" / f"s{s}.parquet")
+    stage = Cluster(n_clusters=6, niter=10)
+    Runner(
+        Pipeline("t", [stage]),
+        str(tmp_path / "pool"),
+        str(tmp_path / "out"),
+        input_format="parquet",
+        progress=False,
+    ).run()
+    kept = outputs.table(tmp_path / "out" / "01-cluster")
+    rejected = outputs.table(tmp_path / "out" / "01-cluster", rejected=True)
+    assert sorted(rejected.column("id").to_pylist()) == ["r0005", "r2500", f"r{n - 1:04d}"]
+    assert set(rejected.column("reason").to_pylist()) == {"cluster: missing embedding"}
+    out = kept.sort_by("id")
+    assert out.num_rows == n - 3
+
+    ctx = GlobalContext(num_rows=n, num_shards=3, num_cpus=2)
+    centroids = stage.fit(ray.data.from_arrow(table.select(["id", "image_emb"])), ctx)
+    rows = [int(i[1:]) for i in out.column("id").to_pylist()]
+    emb = x[rows].astype(np.float16).astype(np.float64)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    sims = emb @ centroids.astype(np.float64).T
+    assert out.column("cluster_id").to_pylist() == sims.argmax(axis=1).tolist()
+    np.testing.assert_allclose(
+        out.column("cos_to_centroid").to_numpy(), sims.max(axis=1), atol=1e-6
+    )
+    assert out.column("caption").to_pylist() == [f"c{i}" for i in rows]

@@ -7,7 +7,9 @@ kill lands inside it, at a point the test picks by watching the stage's folder:
 
 - semdedup, once a shuffle partition's decisions are kept in `_work/checkpoint/`;
 - semdedup, once the first output piece is committed (the apply step);
-- phash_dedup, once the first piece's hashes are kept in `_work/narrow/` (the prepare step).
+- phash_dedup, once the first piece's hashes are kept in `_work/narrow/` (the prepare step);
+- cluster (a stage that `fits`), once its first output piece is committed: the resumed run keeps
+  the centroids it fitted (`_work/decisions/_state.pkl`) and transforms the pieces left.
 """
 
 from __future__ import annotations
@@ -68,11 +70,11 @@ def _any(folder: Path, pattern: str) -> bool:
     return folder.exists() and any(not p.name.startswith(".tmp") for p in folder.glob(pattern))
 
 
-def _embedding_pool(folder: Path) -> Path:
-    """1,500 rows of 32-d unit embeddings around 8 centres, a third of them near copies of another
+def _embedding_pool(folder: Path, n: int = 1500) -> Path:
+    """`n` rows of 32-d unit embeddings around 8 centres, a third of them near copies of another
     row, in 5 shards of uneven sizes."""
     rng = np.random.default_rng(7)
-    n, d = 1500, 32
+    d = 32
     centres = rng.normal(size=(8, d))
     x = centres[rng.integers(0, 8, n)] + 0.6 * rng.normal(size=(n, d))
     copies = rng.choice(n, n // 3, replace=False)
@@ -87,7 +89,8 @@ def _embedding_pool(folder: Path) -> Path:
         }
     )
     folder.mkdir()
-    for s, (a, b) in enumerate([(0, 200), (200, 650), (650, 700), (700, 1200), (1200, n)]):
+    cuts = [0, *(round(n * f) for f in (0.13, 0.43, 0.47, 0.8)), n]
+    for s, (a, b) in enumerate(zip(cuts, cuts[1:], strict=False)):
         pq.write_table(table.slice(a, b - a), folder / f"shard-{s}.parquet")
     return folder
 
@@ -162,4 +165,31 @@ def test_phash_dedup_killed_while_hashing_resumes_to_the_same_output(tmp_path):
     log = _run("phash", pool, tmp_path / "resumed")
     assert "pieces already prepared" in log
     assert _status(tmp_path / "resumed", "01-phash_dedup") == "resumed"
+    assert_same_output(plain, tmp_path / "resumed")
+
+
+def test_cluster_killed_while_applying_keeps_its_centroids_and_resumes_to_the_same_output(
+    tmp_path,
+):
+    """cluster `fits`: its centroids are kept once fitted, and each piece is transformed as it is
+    written. Killed after the first of three pieces, the resumed run fits nothing again."""
+    pool = _embedding_pool(tmp_path / "pool", n=2 * GLOBAL_ROWS_PER_PART + 900)
+    plain = tmp_path / "plain"
+    _run("cluster", pool, plain)
+    stage = tmp_path / "resumed" / "01-cluster"
+    ready = lambda out: _any(stage / "_progress", "*.json")  # noqa: E731
+    _kill_when(
+        "cluster",
+        pool,
+        tmp_path / "resumed",
+        2,
+        "warren.pipelines.run_global:read_piece:2.0",
+        ready,
+    )
+    assert (stage / "_work" / "decisions" / "_state.pkl").exists()
+    assert len(list((stage / "_progress").glob("*.json"))) < 3, "cluster finished before the kill"
+
+    log = _run("cluster", pool, tmp_path / "resumed")
+    assert _status(tmp_path / "resumed", "01-cluster") == "resumed"
+    assert "decisions already made" in log and "pieces already written" in log
     assert_same_output(plain, tmp_path / "resumed")
