@@ -185,14 +185,26 @@ def fit_kmeans(
         return None
     order = _key_order(tables, max_rows)
     embs = [t.select(["emb"]) for t in tables]
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    task = ray.remote(num_gpus=gpus)(_train_on_blocks)
-    return ray.get(task.remote(order, k, niter, seed, nredo, *embs))
+    if ray.cluster_resources().get("GPU", 0) >= 1:
+        gpus, cpus = 1, 1
+    else:
+        # The task runs alone (the sample is gathered): all of one node's CPUs are its to use.
+        gpus = 0
+        cpus = max(
+            [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")], default=1
+        )
+    task = ray.remote(num_gpus=gpus, num_cpus=max(1, cpus))(_train_on_blocks)
+    return ray.get(task.remote(order, k, niter, seed, nredo, max(1, cpus), *embs))
 
 
 def _train_on_blocks(
-    order: np.ndarray, k: int, niter: int, seed: int, nredo: int, *tables: pa.Table
+    order: np.ndarray, k: int, niter: int, seed: int, nredo: int, threads: int, *tables: pa.Table
 ) -> np.ndarray:
+    import faiss
+
+    # Ray starts workers with OMP_NUM_THREADS=1, and faiss's OpenMP keeps that whatever CPUs a
+    # task is given: k-means would run on one core of the node.
+    faiss.omp_set_num_threads(threads)
     return train_kmeans(_rows_in_order(list(tables), order, np.float32), k, niter, seed, nredo)
 
 

@@ -302,15 +302,21 @@ class Sample(GlobalStage):
         if self.params.n < 0:
             raise ValueError(f"{self.name}: n must be >= 0, got {self.params.n}")
 
-    def run(self, ds, ctx: GlobalContext):
-        p = self.params
-        spec = ("uniform", None, False, p.seed)
-        _, (cut,) = find_cutoffs(ds, spec, ctx.num_rows, lambda n: [p.n])
+    #: The draw is a cut-off (the (key, id) of the n-th row by a seeded hash of the id), then a
+    #: comparison per row: the runner marks the wide rows as it writes them.
+    fits = True
+
+    def _spec(self) -> tuple:
+        return ("uniform", None, False, self.params.seed)
+
+    def fit(self, ds, ctx: GlobalContext):
+        """The (key, id) of the first row not drawn, or None when every row is drawn."""
+        return find_cutoffs(ds, self._spec(), ctx.num_rows, lambda n: [self.params.n])[1][0]
+
+    def transform(self, table: pa.Table, state, drop: bool = False) -> pa.Table:
         reasons = (
             f"{self.name}: unreachable",
             f"{self.name}: unreachable",
-            f"{self.name}: not drawn (seed {p.seed})",
+            f"{self.name}: not drawn (seed {self.params.seed})",
         )
-        return ds.map_batches(
-            mark_outside, fn_args=(spec, None, cut, reasons), batch_format="pyarrow"
-        )
+        return mark_outside(table, self._spec(), None, state, reasons)
