@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from warren.stages.base import GlobalContext, GlobalStage, param, put_column, reject
 
-#: Rows x clusters similarities computed at once when assigning (float64: 8 bytes each).
+#: Rows x clusters similarities computed at once when assigning (float32: 4 bytes each).
 ASSIGN_CELLS = 4_000_000
 
 
@@ -237,24 +237,64 @@ def train_kmeans(sample: np.ndarray, k: int, niter: int, seed: int, nredo: int =
 
 
 def nearest_centroids(emb: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(index, cosine) of each row's most similar centroid, the same for a row in any batch.
+    """(index, cosine) of each row's most similar centroid: the float64 answer, the same for a row
+    in any batch, at float32's cost.
 
     A float32 matmul rounds a row's dot products differently depending on the other rows of the
-    batch (BLAS blocking), so a row's cosine would change with Ray's block boundaries. In float64
-    those differences are about 1e-16 and vanish when the cosine is rounded to float32; rows go
-    through in chunks (converted to float64 chunk by chunk) to bound the rows x clusters matrix
-    and the float64 copy. `emb` may be float16: each value converts exactly."""
-    c = centroids.astype(np.float64)
+    batch (BLAS blocking), so a near tie between two centroids could go either way with Ray's
+    block boundaries. So the similarities are computed in float32 (half of float64's cost on a
+    CPU, and what decides the cost of a pool's assignment at 100k clusters), and each row whose
+    runner-up lies within twice float32's worst rounding error of its best is decided again in
+    float64. Elsewhere the float32 winner is the float64 one. The cosine to the chosen centroid is
+    computed in float64 for every row, one row at a time. `emb` may be float16: each value
+    converts exactly. Rows go in chunks, to bound the rows x clusters matrix and the copies."""
+    c32 = np.ascontiguousarray(centroids, dtype=np.float32)
+    c64 = c32.astype(np.float64)
+    # Any order of summing d products in float32 is within d * 2^-24 * sum|x_i c_i| <= d * 2^-24
+    # * |x| * |c| of the exact dot product (Higham's gamma_d); doubled for margin.
+    tol = 2.0 * c32.shape[1] * 2.0**-24 * float(np.linalg.norm(c64, axis=1).max(initial=0.0))
     best = np.empty(len(emb), dtype=np.int64)
     cos = np.empty(len(emb), dtype=np.float32)
-    step = max(1, min(CHUNK_ROWS, ASSIGN_CELLS // max(1, len(c))))
+    step = max(1, min(CHUNK_ROWS, ASSIGN_CELLS // max(1, len(c32))))
     for lo in range(0, len(emb), step):
-        x = emb[lo : lo + step].astype(np.float64)
-        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        sims = x @ c.T
-        best[lo : lo + step] = sims.argmax(axis=1)
-        cos[lo : lo + step] = sims[np.arange(len(sims)), best[lo : lo + step]]
+        x = emb[lo : lo + step]
+        x64 = x.astype(np.float64)
+        norms = np.sqrt(np.einsum("ij,ij->i", x64, x64))
+        sims = x.astype(np.float32) @ c32.T  # not normalised: the winner is the same
+        b = sims.argmax(axis=1)
+        if len(c32) > 1:
+            _rescore_close(b, sims, x64, c64, 2 * tol * norms)
+        best[lo : lo + step] = b
+        cos[lo : lo + step] = np.einsum("ij,ij->i", x64, c64[b]) / np.maximum(norms, 1e-12)
     return best, cos
+
+
+#: A row with more centroids than this within float32's error of its best (a zero vector, or
+#: centroids that coincide) is re-scored against all of them in one float64 matmul.
+MANY_CLOSE = 64
+
+
+def _rescore_close(
+    best: np.ndarray, sims: np.ndarray, x64: np.ndarray, c64: np.ndarray, margin: np.ndarray
+) -> None:
+    """Decide again in float64 each row of `best` (float32 winners of `sims`) that has another
+    centroid within `margin` of its best: only those centroids are scored, one pair at a time
+    (the same value in any batch); ties go to the lowest index, as argmax gives them."""
+    top = sims[np.arange(len(best)), best].astype(np.float64)
+    near = sims >= (top - margin)[:, None]
+    counts = near.sum(axis=1)
+    many = np.flatnonzero(counts > MANY_CLOSE)
+    if len(many):
+        best[many] = (x64[many] @ c64.T).argmax(axis=1)
+    few = np.flatnonzero((counts > 1) & (counts <= MANY_CLOSE))
+    if not len(few):
+        return
+    rows, cols = np.nonzero(near[few])
+    vals = np.einsum("ij,ij->i", x64[few][rows], c64[cols])
+    order = np.lexsort((cols, -vals, rows))  # by row, then the largest value, then the lowest id
+    rows, cols = rows[order], cols[order]
+    first = np.r_[True, rows[1:] != rows[:-1]]
+    best[few[rows[first]]] = cols[first]
 
 
 def assign(
@@ -287,7 +327,7 @@ class Cluster(GlobalStage):
     """Spherical k-means (faiss) on an embedding column; writes cluster_id and cos_to_centroid."""
 
     name = "cluster"
-    version = "1"
+    version = "2"
     Params = ClusterParams
     adds = ("cluster_id", "cos_to_centroid")
     fits = True

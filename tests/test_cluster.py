@@ -178,3 +178,55 @@ def test_the_runner_writes_each_row_the_nearest_of_the_centroids_fit_gives(ray_s
         out.column("cos_to_centroid").to_numpy(), sims.max(axis=1), atol=1e-6
     )
     assert out.column("caption").to_pylist() == [f"c{i}" for i in rows]
+
+
+def test_near_ties_between_centroids_go_the_way_float64_says_in_any_batch():
+    """Rows a hair's breadth from the midpoint of two centroids: float32 similarities misorder
+    some of them, and how it rounds depends on the batch. The assignment must be the float64
+    argmax, row by row, whatever the rows around it."""
+    from warren.stages.cluster import nearest_centroids
+
+    rng = np.random.default_rng(11)
+    c = rng.normal(size=(12, 96))
+    c = (c / np.linalg.norm(c, axis=1, keepdims=True)).astype(np.float32)
+    rows = []
+    for _ in range(3000):
+        i, j = rng.choice(12, 2, replace=False)
+        mid = (c[i].astype(np.float64) + c[j]) / 2
+        rows.append(mid + rng.choice([-1, 1]) * 10 ** rng.uniform(-10, -6) * (c[i] - c[j]))
+    x = np.array(rows, dtype=np.float32)
+    # The slow, obvious answer: one row at a time in float64.
+    c64 = c.astype(np.float64)
+    want, want_cos = [], []
+    for row in x.astype(np.float64):
+        s = [float(row @ cc) / np.linalg.norm(row) for cc in c64]
+        want.append(int(np.argmax(s)))
+        want_cos.append(max(s))
+    assert (x @ c.T).argmax(axis=1).tolist() != want, "float32 alone must get some rows wrong"
+
+    best, cos = nearest_centroids(x, c)
+    assert best.tolist() == want
+    np.testing.assert_allclose(cos, want_cos, atol=1e-7)
+    for cuts in ([0, 1, 700, 701, 3000], [0, 1500, 3000], [0, 13, 2999, 3000]):
+        parts = [nearest_centroids(x[a:b], c) for a, b in zip(cuts, cuts[1:], strict=False)]
+        assert np.concatenate([p[0] for p in parts]).tolist() == want
+        assert np.concatenate([p[1] for p in parts]).tobytes() == cos.tobytes()
+
+
+def test_a_zero_row_and_coinciding_centroids_take_the_lowest_index_float64_gives():
+    """More centroids within float32's error of the best than are scored one by one: a row of
+    zeros (every centroid ties) and centroids that coincide go the float64 argmax's way, the
+    lowest index."""
+    from warren.stages.cluster import MANY_CLOSE, nearest_centroids
+
+    rng = np.random.default_rng(5)
+    v = rng.normal(size=32)
+    others = rng.normal(size=(5, 32))
+    c = np.vstack([others[:2], np.repeat(v[None], MANY_CLOSE + 6, axis=0), others[2:]])
+    c = (c / np.linalg.norm(c, axis=1, keepdims=True)).astype(np.float32)
+    x = np.vstack([np.zeros(32), v + 0.01 * rng.normal(size=(20, 32)), others[3] + 0 * v])
+    best, _ = nearest_centroids(x.astype(np.float32), c)
+    c64 = c.astype(np.float64)
+    want = [int(np.argmax(c64 @ row)) for row in x.astype(np.float32).astype(np.float64)]
+    assert want[0] == 0 and set(want[1:21]) == {2}
+    assert best.tolist() == want
