@@ -117,7 +117,8 @@ def _status(out: Path, folder: str) -> str:
 def semdedup_run(tmp_path_factory) -> tuple[Path, Path]:
     """The embedding pool and its uninterrupted run."""
     folder = tmp_path_factory.mktemp("semdedup")
-    pool = _embedding_pool(folder / "pool")
+    # Three output pieces: a kill after the first one is committed lands before the last one.
+    pool = _embedding_pool(folder / "pool", n=2 * GLOBAL_ROWS_PER_PART + 900)
     plain = folder / "plain"
     _run("semdedup", pool, plain)
     assert (plain / "02-semdedup" / "_manifest.json").exists()
@@ -139,6 +140,8 @@ def test_semdedup_killed_half_way_resumes_to_the_same_output(tmp_path, semdedup_
         slow = "warren.pipelines.run_global:read_piece:1.0"
     _kill_when("semdedup", pool, tmp_path / "resumed", 2, slow, ready)
     assert not (stage / "_manifest.json").exists(), "semdedup finished before the kill"
+    if point == "apply":
+        assert len(list((stage / "_progress").glob("*.json"))) < 3, "every piece was written"
 
     log = _run("semdedup", pool, tmp_path / "resumed")
     assert _status(tmp_path / "resumed", "02-semdedup") == "resumed"

@@ -267,10 +267,14 @@ def test_semdedup_eps_moves_the_cut():
     assert set(tight) < set(loose)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("block_size", [7, 4096])
 @pytest.mark.parametrize("keep", ["middle", "far", "near"])
 @pytest.mark.parametrize("name", sorted(CLUSTERS))
-def test_components_keep_the_brute_force_choice_of_each_component(name, keep, block_size):
+def test_components_keep_the_brute_force_choice_of_each_component(
+    name, keep, block_size, bf16, monkeypatch
+):
+    monkeypatch.setattr(cluster_dedup_module, "bf16_is_faster", lambda: bf16)
     cluster = CLUSTERS[name]
     components = brute_components(cluster)
     sizes = {len(m) for m in components}
@@ -412,6 +416,7 @@ def test_similarity_is_computed_in_tiles_of_at_most_block_size_over_the_lower_tr
 ):
     shapes = []
     real = cluster_dedup_module.similarity_tile
+    monkeypatch.setattr(cluster_dedup_module, "bf16_is_faster", lambda: False)  # float32 tiles
 
     def recording(a, b):
         shapes.append((len(a), len(b)))
@@ -424,6 +429,53 @@ def test_similarity_is_computed_in_tiles_of_at_most_block_size_over_the_lower_tr
         decide(to_table(CLUSTER), rule=rule, block_size=7)
         assert shapes and max(max(s) for s in shapes) <= 7
         assert sum(a * b for a, b in shapes) <= n * (n + 7) / 2
+
+
+def _brute_labels(x: np.ndarray, threshold: float) -> list[int]:
+    """Smallest member of each row's component, pairs linked on their float64 cosine."""
+    x64 = x.astype(np.float64)
+    n = len(x)
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i in range(n):
+        for j in range(i):
+            if float(x64[i] @ x64[j]) > threshold:
+                a, b = root(i), root(j)
+                parent[max(a, b)] = min(a, b)
+    return [root(i) for i in range(n)]
+
+
+@pytest.mark.parametrize("screen", ["float32", "bf16"])
+def test_pairs_a_hair_from_the_threshold_link_as_their_float64_cosine_says(screen):
+    """Pairs within 1e-7 to 1e-3 of the threshold (closer than a bf16 or float32 tile can tell),
+    and a clump where every pair is a candidate: the links are float64's, whatever the screen and
+    the tiling."""
+    from warren.stages.cluster_dedup import linked_components
+
+    rng = np.random.default_rng(8)
+    d = 64
+    rows = []
+    for _ in range(60):  # pairs at cos = THRESHOLD + delta
+        a = unit(rng.normal(size=d))
+        ortho = unit(rng.normal(size=d) - (rng.normal(size=d) @ a) * a)
+        ortho = unit(ortho - (ortho @ a) * a)
+        cos = THRESHOLD + rng.choice([-1, 1]) * 10 ** rng.uniform(-7, -3)
+        rows += [a, cos * a + math.sqrt(1 - cos**2) * ortho]
+    clump = unit(rng.normal(size=d))
+    rows += list(unit(clump + 0.02 * rng.normal(size=(70, d))))
+    rows += list(unit(rng.normal(size=(50, d))))
+    x = np.asarray(rows, dtype=np.float32)[rng.permutation(len(rows))]
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    want = _brute_labels(x, THRESHOLD)
+    assert len(set(want)) < len(x) - 60, "the clump and some pairs must link"
+    for block_size in (5, 64, 1000):
+        got = linked_components(x, THRESHOLD, block_size, screen=screen)
+        assert got.tolist() == want, block_size
 
 
 def test_union_pairs_agrees_with_a_simple_union_find():
