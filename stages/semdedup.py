@@ -136,9 +136,11 @@ def _embedding_matrix(column: pa.Array, name: str) -> np.ndarray:
     return values.reshape(len(column), dim)
 
 
-def dedup_cluster_table(group: pa.Table, params: SemDedupParams) -> pa.Table:
+def dedup_cluster_table(group: pa.Table, params: SemDedupParams, drop: bool = False) -> pa.Table:
     """Decide one cluster's rows (all sharing a `cluster_id`): every row comes back, duplicates
-    marked rejected, with the rule's statistic column added."""
+    marked rejected, with the rule's statistic column added. With `drop` the embedding column is
+    left out (`GlobalContext.decisions_only`): the runner takes only the decisions, and a
+    checkpointed partition then holds no embeddings."""
     for name in ("id", params.column, CLUSTER_COLUMN, CENTROID_COLUMN):
         if name not in group.column_names:
             raise ValueError(
@@ -230,7 +232,8 @@ def dedup_cluster_table(group: pa.Table, params: SemDedupParams) -> pa.Table:
     out = put_column(group, STAT_COLUMN[rule], pa.array(stat, type=STAT_TYPE[rule], mask=~has_stat))
     out = put_duplicates(out, dup_rows, dup_of, dup_cos)
     rejected = np.array([r is not None for r in reasons], dtype=bool)
-    return reject(out, rejected, [r or "" for r in reasons])
+    out = reject(out, rejected, [r or "" for r in reasons])
+    return out.drop_columns([params.column]) if drop else out
 
 
 def resolved_keep(params: SemDedupParams) -> str:
@@ -284,7 +287,7 @@ class SemDedup(GlobalStage):
             ds,
             CLUSTER_COLUMN,
             dedup_cluster_table,
-            (self.params,),
+            (self.params, ctx.decisions_only),
             num_partitions=ctx.partitions(),
             num_rows=ctx.num_rows,
             num_cpus=ctx.num_cpus,

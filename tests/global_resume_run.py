@@ -1,6 +1,6 @@
 """A run of one global stage (and what it needs before it) for tests/test_global_resume.py:
 
-python tests/global_resume_run.py semdedup|cluster|phash POOL OUTPUT NUM_CPUS
+python tests/global_resume_run.py semdedup|phash POOL OUTPUT NUM_CPUS
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from warren.stages.semdedup import SemDedup
 def pipeline(kind: str) -> Pipeline:
     if kind == "semdedup":
         return Pipeline("t", [Cluster(n_clusters=8, niter=5), SemDedup()])
-    if kind == "cluster":
-        return Pipeline("t", [Cluster(n_clusters=8, niter=5)])
     return Pipeline("t", [PhashDedup()])
 
 

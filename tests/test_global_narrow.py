@@ -154,7 +154,7 @@ def test_image_bytes_never_go_through_the_object_store_in_a_global_stage(ray_ses
 def test_stages_that_drop_read_embeddings_still_write_them_and_score_them_right(
     ray_session, tmp_path
 ):
-    """cluster and clip_score leave the embeddings out of their decisions in the runner
+    """cluster, semdedup and clip_score leave the embeddings out of their decisions in the runner
     (`decisions_only`); the rows they write keep them, with scores computed on them."""
     import ray
 
@@ -162,6 +162,7 @@ def test_stages_that_drop_read_embeddings_still_write_them_and_score_them_right(
     from warren.stages.base import GlobalContext
     from warren.stages.clip_score import ClipScore
     from warren.stages.cluster import Cluster
+    from warren.stages.semdedup import SemDedup
 
     rng = np.random.default_rng(2)
     n, d = 200, 8
@@ -183,14 +184,15 @@ def test_stages_that_drop_read_embeddings_still_write_them_and_score_them_right(
     (tmp_path / "pool").mkdir()
     pq.write_table(table, tmp_path / "pool" / "a.parquet")
     stages = [Cluster(n_clusters=3), ClipScore(lo=0.0, hi=1.0)]
+    # A threshold no pair of these random rows reaches: semdedup passes every row through.
     Runner(
-        Pipeline("t", stages),
+        Pipeline("t", [stages[0], SemDedup(rule="components", threshold=0.9999), stages[1]]),
         str(tmp_path / "pool"),
         str(tmp_path / "out"),
         input_format="parquet",
         progress=False,
     ).run()
-    out = pq.read_table(tmp_path / "out" / "02-clip_score").sort_by("id")
+    out = pq.read_table(tmp_path / "out" / "03-clip_score").sort_by("id")
     assert out.num_rows == n
     assert out.column("image_emb").equals(table.column("image_emb"))
     assert out.column("text_emb").equals(table.column("text_emb"))
@@ -200,6 +202,7 @@ def test_stages_that_drop_read_embeddings_still_write_them_and_score_them_right(
     cos = (i16 * t16).sum(1) / np.linalg.norm(i16, axis=1) / np.linalg.norm(t16, axis=1)
     np.testing.assert_allclose(out.column("clip_score").to_numpy(), cos, atol=1e-5)
     assert set(out.column("cluster_id").to_pylist()) <= {0, 1, 2}
+    assert out.column("component_size").to_pylist() == [1] * n
 
     ds = ray.data.from_arrow(table)
     for only in (True, False):

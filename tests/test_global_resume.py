@@ -117,8 +117,8 @@ def _status(out: Path, folder: str) -> str:
 def semdedup_run(tmp_path_factory) -> tuple[Path, Path]:
     """The embedding pool and its uninterrupted run."""
     folder = tmp_path_factory.mktemp("semdedup")
-    # Three output pieces: a kill after the first one is committed lands before the last one.
-    pool = _embedding_pool(folder / "pool", n=2 * GLOBAL_ROWS_PER_PART + 900)
+    # Two output pieces: a kill after the first one is committed lands before the second.
+    pool = _embedding_pool(folder / "pool", n=GLOBAL_ROWS_PER_PART + 600)
     plain = folder / "plain"
     _run("semdedup", pool, plain)
     assert (plain / "02-semdedup" / "_manifest.json").exists()
@@ -141,7 +141,7 @@ def test_semdedup_killed_half_way_resumes_to_the_same_output(tmp_path, semdedup_
     _kill_when("semdedup", pool, tmp_path / "resumed", 2, slow, ready)
     assert not (stage / "_manifest.json").exists(), "semdedup finished before the kill"
     if point == "apply":
-        assert len(list((stage / "_progress").glob("*.json"))) < 3, "every piece was written"
+        assert len(list((stage / "_progress").glob("*.json"))) < 2, "every piece was written"
 
     log = _run("semdedup", pool, tmp_path / "resumed")
     assert _status(tmp_path / "resumed", "02-semdedup") == "resumed"
@@ -172,27 +172,19 @@ def test_phash_dedup_killed_while_hashing_resumes_to_the_same_output(tmp_path):
 
 
 def test_cluster_killed_while_applying_keeps_its_centroids_and_resumes_to_the_same_output(
-    tmp_path,
+    tmp_path, semdedup_run
 ):
     """cluster `fits`: its centroids are kept once fitted, and each piece is transformed as it is
-    written. Killed after the first of three pieces, the resumed run fits nothing again."""
-    pool = _embedding_pool(tmp_path / "pool", n=2 * GLOBAL_ROWS_PER_PART + 900)
-    plain = tmp_path / "plain"
-    _run("cluster", pool, plain)
+    written. Killed after the first of two pieces, the resumed run fits nothing again."""
+    pool, plain = semdedup_run
     stage = tmp_path / "resumed" / "01-cluster"
     ready = lambda out: _any(stage / "_progress", "*.json")  # noqa: E731
-    _kill_when(
-        "cluster",
-        pool,
-        tmp_path / "resumed",
-        2,
-        "warren.pipelines.run_global:read_piece:2.0",
-        ready,
-    )
+    slow = "warren.pipelines.run_global:read_piece:2.0"
+    _kill_when("semdedup", pool, tmp_path / "resumed", 2, slow, ready)
     assert (stage / "_work" / "decisions" / "_state.pkl").exists()
-    assert len(list((stage / "_progress").glob("*.json"))) < 3, "cluster finished before the kill"
+    assert len(list((stage / "_progress").glob("*.json"))) < 2, "cluster finished before the kill"
 
-    log = _run("cluster", pool, tmp_path / "resumed")
+    log = _run("semdedup", pool, tmp_path / "resumed")
     assert _status(tmp_path / "resumed", "01-cluster") == "resumed"
     assert "decisions already made" in log and "pieces already written" in log
     assert_same_output(plain, tmp_path / "resumed")
