@@ -229,10 +229,9 @@ def linked_components(
         xs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16)
         margin = BF16_MARGIN
     else:
-        xs = x
         # Any order of summing d float32 products is within d * 2^-24 of the exact unit dot
         # product (Higham's gamma_d); doubled for margin.
-        margin = 2.0 * x.shape[1] * 2.0**-24 if x.ndim == 2 else 0.0
+        margin = 2.0 * x.shape[1] * 2.0**-24
     floor = threshold - margin
     for r0 in range(0, n, block_size):
         r1 = min(r0 + block_size, n)
