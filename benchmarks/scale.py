@@ -12,7 +12,10 @@ clip_score (rank window 40-60%), centroid_window (15-35%) and sample (a hundredt
 
 For each stage it prints the rows in, wall seconds, the split between the decision (narrow
 columns, `decide`) and its application to the wide rows (`apply`), the stage's read -> write floor
-(a plain pyarrow copy of its input on every core, `--floor`), the bytes through Ray's object store,
+(a plain pyarrow copy of its input on every core, written as warren writes, `--floor`), for
+cluster and semdedup the same work as a plain script (`bare`: their narrow read, their arithmetic
+on every core and the read -> write, benchmarks/bare_global.py, `--bare`), the bytes through Ray's
+object store,
 and peak memory: the driver's RSS, the largest RSS of one Ray worker, and all workers together
 (sampled every 0.2 s; shared object-store pages count in each process that maps them, so the sum
 is an upper bound). With more than one size it fits t = a * rows^k per stage (least squares on the
@@ -46,6 +49,7 @@ import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
+from bare_global import BARE
 from global_stages import _jpeg, _unit, column_sizes, floor_seconds, narrow_bytes, store_bytes
 
 from warren.pipelines import run_global
@@ -196,6 +200,9 @@ def run_size(rows: int, args: argparse.Namespace, work: Path) -> list[dict]:
         m["apply"] = seconds - m["decide"]
         if args.floor:
             m["floor"] = floor_seconds(files, work / "floor")
+        if args.bare and stage.name in BARE:
+            m["bare_steps"] = BARE[stage.name](files, stage, work / "bare")
+            m["bare"] = m["bare_steps"]["total"]
         measured.append(m)
         print(_row(m), flush=True)
         if upstream.index > 0:  # read by no one now: deleted, so that the next size fits
@@ -223,17 +230,20 @@ def run_size(rows: int, args: argparse.Namespace, work: Path) -> list[dict]:
 def _header() -> str:
     return (
         f"{'stage':<16}{'rows in':>11}{'s':>8}{'decide':>8}{'apply':>8}{'floor':>8}{'/floor':>7}"
+        f"{'bare':>7}{'/bare':>6}"
         f"{'store MiB':>10}{'narrow MiB':>11}{'driver GiB':>11}{'worker GiB':>11}{'all w GiB':>10}"
     )
 
 
 def _row(m: dict) -> str:
     gib, mib = 1 << 30, 1 << 20
-    floor = m.get("floor")
+    floor, bare = m.get("floor"), m.get("bare")
     return (
         f"{m['stage']:<16}{m['rows_in']:>11,}{m['seconds']:>8.1f}{m['decide']:>8.1f}"
         f"{m['apply']:>8.1f}{floor if floor is not None else math.nan:>8.1f}"
-        f"{m['seconds'] / floor if floor else math.nan:>7.2f}{m['store'] / mib:>10.0f}"
+        f"{m['seconds'] / floor if floor else math.nan:>7.2f}"
+        f"{bare if bare is not None else math.nan:>7.1f}"
+        f"{m['seconds'] / bare if bare else math.nan:>6.2f}{m['store'] / mib:>10.0f}"
         f"{m['narrow'] / mib:>11.0f}{m['driver_rss'] / gib:>11.2f}{m['worker_rss'] / gib:>11.2f}"
         f"{m['workers_rss'] / gib:>10.2f}"
     )
@@ -264,6 +274,12 @@ def main() -> None:
     ap.add_argument("--distinct-payloads", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument(
+        "--bare",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time cluster and semdedup as a plain script (benchmarks/bare_global.py)",
+    )
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--json", default=None, help="also write every figure to this file")
     ap.add_argument("--one-size", action="store_true", help=argparse.SUPPRESS)
@@ -285,6 +301,7 @@ def main() -> None:
         out = work / f"{rows}.json"
         flags = [f"--payload-kb={args.payload_kb}", f"--distinct-payloads={args.distinct_payloads}"]
         flags += [f"--seed={args.seed}", "--floor" if args.floor else "--no-floor"]
+        flags += ["--bare" if args.bare else "--no-bare"]
         cmd = [sys.executable, __file__, "--one-size", "--rows", str(rows), *flags]
         subprocess.run([*cmd, "--work", str(work), "--json", str(out)], check=True)
         results.extend(json.loads(out.read_text()))
