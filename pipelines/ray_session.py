@@ -44,6 +44,12 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1.0))
 
 
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
 def node_cpus() -> float:
     """CPUs of the biggest live node (an actor cannot span nodes)."""
     import ray

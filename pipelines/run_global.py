@@ -48,7 +48,7 @@ from warren.pipelines.global_narrow import (
     read_names,
     read_piece,
 )
-from warren.pipelines.ray_session import READ_CPUS, cluster_cpus
+from warren.pipelines.ray_session import READ_CPUS, cluster_cpus, cluster_gpus
 from warren.pipelines.run_errors import PipelineError, compact_errors
 from warren.pipelines.run_map import (
     GLOBAL_ROWS_PER_PART,
@@ -239,6 +239,7 @@ def _decide(
         num_cpus=cluster_cpus(),
         checkpoint=work.join(CHECKPOINT_DIR),
         decisions_only=True,
+        num_gpus=cluster_gpus(),
     )
     try:
         # The stage's plan runs here (and its Ray tasks' errors arrive here): one line, as drain

@@ -304,6 +304,16 @@ class GlobalContext:
     #: (an embedding turned into a score), so its later passes and Ray's object store carry less.
     #: False outside the runner (`run_rows`), where every input column must come back.
     decisions_only: bool = False
+    #: GPUs in the cluster: a stage whose decision is arithmetic a GPU does better (semdedup's
+    #: pair screen) asks for a share of one per task (`gpu_share`).
+    num_gpus: float = 0.0
+
+    def gpu_share(self) -> float:
+        """A task's share of a GPU when every CPU runs one task and the GPUs are split evenly
+        among them (0 without GPUs; at most one whole GPU)."""
+        if self.num_gpus <= 0:
+            return 0.0
+        return min(1.0, self.num_gpus / max(1.0, self.num_cpus))
 
     def partitions(self, rows_per_partition: int = 50_000, most: int = 1000) -> int:
         """A shuffle width: enough partitions to keep each small, no more than there is work for."""

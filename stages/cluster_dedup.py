@@ -207,8 +207,27 @@ def _above_exactly(x: np.ndarray, a: np.ndarray, b: np.ndarray, threshold: float
     return out
 
 
+#: Rows per tile on a GPU, whatever `block_size` says: a 512-row tile is far too small to keep a GPU
+#: busy, and a 4096^2 float32 tile is 64 MB of its memory.
+GPU_BLOCK = 4096
+
+
+@functools.cache
+def cuda_is_usable() -> bool:
+    """Whether this process sees a CUDA device (a Ray task sees one only when it was given one)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    return torch.cuda.is_available()
+
+
 def linked_components(
-    x: np.ndarray, threshold: float, block_size: int, screen: str | None = None
+    x: np.ndarray,
+    threshold: float,
+    block_size: int,
+    screen: str | None = None,
+    device: str | None = None,
 ) -> np.ndarray:
     """Component label (its smallest member) of each unit row, linking pairs whose cosine (the
     float64 dot product of the float32 rows) is above `threshold`.
@@ -218,8 +237,16 @@ def linked_components(
     a bfloat16 matmul where this CPU runs it faster than float32 (`bf16_is_faster`; `screen`
     "bf16" or "float32" forces one). Every link is decided on its own pair's float64 cosine, so
     the links are the same with either screen and in any tiling, up to float64's rounding of a
-    cosine (about 1e-16; a tile with many candidates is scored by one float64 matmul)."""
+    cosine (about 1e-16; a tile with many candidates is scored by one float64 matmul).
+
+    With `device` (a torch device; by default "cuda" when this process sees a GPU and the cluster
+    spans more than one tile) both the float32 screen and the float64 decisions run there
+    (`linked_on_device`)."""
     n = len(x)
+    if device is None and screen is None and n > block_size and cuda_is_usable():
+        device = "cuda"
+    if device is not None:
+        return linked_on_device(x, threshold, max(block_size, GPU_BLOCK), device)
     parent = np.arange(n, dtype=np.int64)
     if screen is None:
         screen = "bf16" if n > block_size and bf16_is_faster() else "float32"
@@ -256,6 +283,43 @@ def linked_components(
                 linked = _above_exactly(x, i + r0, j + c0, threshold)
             if linked.any():
                 union_pairs(parent, i[linked] + r0, j[linked] + c0)
+    return parent
+
+
+def linked_on_device(x: np.ndarray, threshold: float, block_size: int, device: str) -> np.ndarray:
+    """`linked_components` with torch on `device`: each tile screened in float32 (TF32 off, so the
+    float32 error bound holds), its candidates decided on their float64 cosine, one by one or,
+    above PAIRS_ONE_BY_ONE, by the tile's float64 matmul, all on the device; only the linked
+    pairs come back to the host for the union-find."""
+    import torch
+
+    n = len(x)
+    parent = np.arange(n, dtype=np.int64)
+    if not n:
+        return parent
+    # TF32 rounds inputs to 10 bits: far outside the float32 bound the margin is made for.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    xs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    x64 = xs.double()
+    floor = threshold - 2.0 * x.shape[1] * 2.0**-24
+    for r0 in range(0, n, block_size):
+        r1 = min(r0 + block_size, n)
+        for c0 in range(0, r0 + 1, block_size):
+            c1 = min(c0 + block_size, r1)
+            near = xs[r0:r1] @ xs[c0:c1].T > floor
+            if c0 == r0:  # diagonal tile: each pair once, no self pairs
+                near = torch.tril(near, diagonal=-1)
+            i, j = torch.nonzero(near, as_tuple=True)
+            if not i.numel():
+                continue
+            if i.numel() > PAIRS_ONE_BY_ONE:
+                linked = (x64[r0:r1] @ x64[c0:c1].T)[i, j] > threshold
+            else:
+                linked = (x64[i + r0] * x64[j + c0]).sum(dim=1) > threshold
+            if bool(linked.any()):
+                a = (i[linked] + r0).cpu().numpy().astype(np.int64)
+                b = (j[linked] + c0).cpu().numpy().astype(np.int64)
+                union_pairs(parent, a, b)
     return parent
 
 

@@ -30,7 +30,9 @@ n x n matrix is ever built. For `semdedup` the tiles are float32 (numpy matmul, 
 running maximum (and the item it came from) is carried across the tiles of a row block. For
 `components` a tile only screens for candidate pairs, those within the tile's rounding error of
 the threshold or above, in bfloat16 where the CPU does that faster than float32 (AVX512-BF16,
-AMX: 3x on a 20k-row cluster here) and in float32 elsewhere; each candidate pair is then linked
+AMX: 3x on a 20k-row cluster here) and in float32 elsewhere, or in float32 on a GPU when the
+cluster has one (each task then holds a share of one, `GlobalContext.gpu_share`, and tiles of
+4096 rows); each candidate pair is then linked
 on its own float64 cosine, so the links do not depend on the screen, the tiling or the CPU. The
 links of each tile are merged at once into a vectorised union-find, so the edge list held at any
 time is bounded by one tile. Memory per task: the cluster's embeddings in
@@ -292,6 +294,8 @@ class SemDedup(GlobalStage):
             num_rows=ctx.num_rows,
             num_cpus=ctx.num_cpus,
             checkpoint=ctx.checkpoint,
+            # The components rule's pair screen runs on a GPU where the task has one.
+            num_gpus=ctx.gpu_share() if self.params.rule == "components" else 0.0,
         )
 
 

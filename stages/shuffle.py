@@ -140,13 +140,14 @@ def map_groups(
     num_cpus: float,
     whole_partitions: bool = False,
     checkpoint: Location | None = None,
+    num_gpus: float = 0.0,
 ) -> Any:
     """A Dataset of `fn(group, *fn_args)` for every group of rows of `ds` sharing `key`.
 
     With `whole_partitions`, `fn(partition, bounds, *fn_args)` is called once per partition
     instead, with the partition sorted by key and the (start, stop) rows of each of its groups:
     for many tiny groups (exact duplicates are mostly groups of one) a call per group costs far
-    more than the work."""
+    more than the work. Each partition's task holds `num_gpus` of a GPU (`fn` then sees it)."""
     import ray
 
     parts = max(1, int(num_partitions))
@@ -171,8 +172,9 @@ def map_groups(
         for r in range(runs):
             out = split.remote(key, parts, *refs[bounds[r] : bounds[r + 1]])
             pieces.append(out if parts > 1 else [out])
-        reduce = ray.remote(_reduce)
-        reduce_saved = ray.remote(_reduce_saved)
+        gpus = {"num_gpus": num_gpus} if num_gpus > 0 else {}
+        reduce = ray.remote(_reduce).options(**gpus)
+        reduce_saved = ray.remote(_reduce_saved).options(**gpus)
         for i in todo:
             inputs = [p[i] for p in pieces]
             if saved[i] is None:

@@ -450,12 +450,13 @@ def _brute_labels(x: np.ndarray, threshold: float) -> list[int]:
     return [root(i) for i in range(n)]
 
 
-@pytest.mark.parametrize("screen", ["float32", "bf16"])
+@pytest.mark.parametrize("screen", ["float32", "bf16", "device"])
 def test_pairs_a_hair_from_the_threshold_link_as_their_float64_cosine_says(screen):
     """Pairs within 1e-7 to 1e-3 of the threshold (closer than a bf16 or float32 tile can tell),
     and a clump where every pair is a candidate: the links are float64's, whatever the screen and
-    the tiling."""
-    from warren.stages.cluster_dedup import linked_components
+    the tiling. "device" is the torch path a GPU takes (`linked_on_device`), run here on the CPU;
+    its clump tile has more candidates than PAIRS_ONE_BY_ONE, so both ways of deciding run."""
+    from warren.stages.cluster_dedup import linked_components, linked_on_device
 
     rng = np.random.default_rng(8)
     d = 64
@@ -474,7 +475,10 @@ def test_pairs_a_hair_from_the_threshold_link_as_their_float64_cosine_says(scree
     want = _brute_labels(x, THRESHOLD)
     assert len(set(want)) < len(x) - 60, "the clump and some pairs must link"
     for block_size in (5, 64, 1000):
-        got = linked_components(x, THRESHOLD, block_size, screen=screen)
+        if screen == "device":
+            got = linked_on_device(x, THRESHOLD, block_size, "cpu")
+        else:
+            got = linked_components(x, THRESHOLD, block_size, screen=screen)
         assert got.tolist() == want, block_size
 
 
@@ -573,3 +577,22 @@ def test_stage_through_ray_returns_every_row_and_rejects_the_brute_force_duplica
     assert len(rows) == n
     assert {r["id"]: r["component_size"] for r in rows}["solo"] == 1
     assert {r["id"]: r[REJECT_COLUMN] for r in rows if r[REJECT_COLUMN]} == want
+
+
+def test_a_gpu_is_shared_evenly_among_a_task_per_cpu_and_semdedup_asks_for_its_share(monkeypatch):
+    def ctx(cpus: float, gpus: float) -> GlobalContext:
+        return GlobalContext(num_rows=10, num_shards=1, num_cpus=cpus, num_gpus=gpus)
+
+    assert ctx(2, 0).gpu_share() == 0.0
+    assert ctx(16, 2).gpu_share() == 0.125
+    assert ctx(4, 8).gpu_share() == 1.0  # a task never holds more than one GPU
+    seen = {}
+
+    def fake_map_groups(ds, key, fn, fn_args, **kw):
+        seen[fn_args[0].rule] = kw["num_gpus"]
+
+    monkeypatch.setattr("warren.stages.semdedup.map_groups", fake_map_groups)
+    SemDedup(rule="components").run(None, ctx(16, 2))
+    SemDedup(rule="semdedup").run(None, ctx(16, 2))
+    # Only the components rule has a GPU path (its pair screen); the eps rule runs on CPUs.
+    assert seen == {"components": 0.125, "semdedup": 0.0}
