@@ -13,8 +13,11 @@ else:
 2. compute: cluster trains faiss k-means (`train_kmeans`, all cores) on the rows the stage would
    train on; semdedup sorts the rows by cluster and decides each cluster
    (`dedup_cluster_table`) in a process per core;
-3. read -> decide -> write each file (a thread per core; cluster assigns each row its nearest
+3. read -> decide -> write each file in a process per core (cluster assigns each row its nearest
    centroid there), with the settings warren writes with.
+
+Processes, each with one BLAS thread, as Ray runs its workers: threads would share one GIL over
+the numpy bookkeeping, and each would start a BLAS thread per core.
 
 Each returns the seconds of the three steps and their total. No checkpoints, no resume, no
 progress, no rejected-row folder, no Ray: the least a correct script does.
@@ -22,13 +25,15 @@ progress, no rejected-row folder, no Ray: the least a correct script does.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -45,6 +50,29 @@ def _cores() -> int:
     return os.cpu_count() or 1
 
 
+@contextlib.contextmanager
+def _processes() -> Iterator[ProcessPoolExecutor]:
+    """A process per core, each with one BLAS/OpenMP thread (as Ray runs its workers): the
+    variables are read when a child imports numpy, so they are set before the children start."""
+    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update({k: "1" for k in names})
+    try:
+        with ProcessPoolExecutor(_cores(), get_context("spawn")) as pool:
+            yield pool
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _own(table: pa.Table) -> pa.Table:
+    """A copy holding only its own rows: a pickled slice would carry its parent's whole buffers."""
+    return table.take(pa.array(np.arange(table.num_rows)))
+
+
 def read_narrow(files: list[str], columns: list[str]) -> pa.Table:
     """`columns` of every file, with each row's file and row number."""
 
@@ -59,26 +87,27 @@ def read_narrow(files: list[str], columns: list[str]) -> pa.Table:
         return pa.concat_tables(list(pool.map(one, enumerate(files))))
 
 
+def _write_one(path: str, out: str, decide: Callable[[pa.Table, Any], pa.Table], arg: Any) -> None:
+    table = decide(pq.read_table(path), arg)
+    pq.write_table(
+        table,
+        out,
+        compression="zstd",
+        row_group_size=4096,
+        use_dictionary=dictionary_columns(table.schema),
+    )
+
+
 def write_files(
-    files: list[str], scratch: Path, decide: Callable[[int, pa.Table], pa.Table]
+    files: list[str], scratch: Path, decide: Callable[[pa.Table, Any], pa.Table], args: list
 ) -> None:
-    """Read each whole file, `decide(i, table)`, write the result as warren writes a shard."""
+    """Read each whole file, `decide(table, args[i])`, write the result as warren writes a shard;
+    a process per core."""
     scratch.mkdir(parents=True, exist_ok=True)
-
-    def one(i_f: tuple[int, str]) -> None:
-        i, f = i_f
-        table = decide(i, pq.read_table(f))
-        pq.write_table(
-            table,
-            scratch / f"{i:06d}.parquet",
-            compression="zstd",
-            row_group_size=4096,
-            use_dictionary=dictionary_columns(table.schema),
-        )
-
+    outs = [str(scratch / f"{i:06d}.parquet") for i in range(len(files))]
     try:
-        with ThreadPoolExecutor(_cores()) as pool:
-            list(pool.map(one, enumerate(files)))
+        with _processes() as pool:
+            list(pool.map(_write_one, files, outs, [decide] * len(files), args))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -89,10 +118,17 @@ def _timed(steps: dict[str, float], name: str, start: float) -> float:
     return now
 
 
+def _assign_file(table: pa.Table, arg: tuple) -> pa.Table:
+    from warren.stages.cluster import assign
+
+    column, centroids, exclude = arg
+    return assign(table, column, centroids, exclude)
+
+
 def bare_cluster(files: list[str], stage: GlobalStage, scratch: Path) -> dict[str, float]:
     import faiss
 
-    from warren.stages.cluster import assign, embeddings_of, train_kmeans
+    from warren.stages.cluster import embeddings_of, train_kmeans
 
     p = stage.params
     steps: dict[str, float] = {}
@@ -107,25 +143,28 @@ def bare_cluster(files: list[str], stage: GlobalStage, scratch: Path) -> dict[st
     centroids = train_kmeans(x, stage.n_clusters_for(narrow.num_rows), p.niter, p.seed, p.nredo)
     del x, narrow
     t = _timed(steps, "compute", t)
-    exclude = list(p.exclude_clusters)
-    write_files(files, scratch, lambda i, table: assign(table, p.column, centroids, exclude))
+    arg = (p.column, centroids, list(p.exclude_clusters))
+    write_files(files, scratch, _assign_file, [arg] * len(files))
     _timed(steps, "wide", t)
     steps["total"] = time.perf_counter() - start
     return steps
 
 
 def _decide_clusters(groups: list[pa.Table], params) -> list[pa.Table]:
-    # Ray's workers run one thread each (OMP_NUM_THREADS=1); so do these, one per core.
-    import torch
-
     from warren.stages.semdedup import dedup_cluster_table
 
-    torch.set_num_threads(1)
     return [dedup_cluster_table(g, params, True) for g in groups]
 
 
-def _single_threaded() -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
+def _put_decisions(table: pa.Table, decided: pa.Table) -> pa.Table:
+    assert decided.num_rows == table.num_rows, "bare semdedup lost rows"
+    for c in decided.column_names:
+        col = decided.column(c)
+        if c in table.column_names:
+            table = table.set_column(table.column_names.index(c), c, col)
+        else:
+            table = table.append_column(c, col)
+    return table
 
 
 def bare_semdedup(files: list[str], stage: GlobalStage, scratch: Path) -> dict[str, float]:
@@ -136,43 +175,32 @@ def bare_semdedup(files: list[str], stage: GlobalStage, scratch: Path) -> dict[s
     start = t = time.perf_counter()
     narrow = read_narrow(files, ["id", p.column, CLUSTER_COLUMN, CENTROID_COLUMN])
     t = _timed(steps, "narrow", t)
-    narrow = narrow.take(
-        pc.sort_indices(narrow, [(CLUSTER_COLUMN, "ascending"), (ROW, "ascending")])
-    )
     keys = pc.fill_null(narrow.column(CLUSTER_COLUMN), -1).to_numpy()
-    cuts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1], True])
-    groups = [narrow.slice(a, b - a) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    order = np.argsort(keys, kind="stable")  # by cluster, then file and row
+    cuts = np.flatnonzero(np.r_[True, keys[order][1:] != keys[order][:-1], True])
+    groups = [narrow.take(pa.array(order[a:b])) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
     del narrow
     # Largest clusters first, dealt round-robin: each process gets about the same pair count.
     groups.sort(key=lambda g: -g.num_rows)
     cores = _cores()
     deals = [groups[k::cores] for k in range(cores)]
-    with ProcessPoolExecutor(cores, get_context("spawn"), initializer=_single_threaded) as pool:
+    with _processes() as pool:
         decided = [d for out in pool.map(_decide_clusters, deals, [p] * cores) for d in out]
-    del groups
+    del groups, deals
     decided = pa.concat_tables(decided, promote_options="default")
     decided = decided.take(pc.sort_indices(decided, [(FILE, "ascending"), (ROW, "ascending")]))
     offsets = np.searchsorted(decided.column(FILE).to_numpy(), np.arange(len(files) + 1))
-    t = _timed(steps, "compute", t)
-    added = [
+    keep = [
         c
         for c in decided.column_names
         if c not in ("id", CLUSTER_COLUMN, CENTROID_COLUMN, FILE, ROW)
     ]
-
-    def apply(i: int, table: pa.Table) -> pa.Table:
-        mine = decided.slice(offsets[i], offsets[i + 1] - offsets[i])
-        assert mine.num_rows == table.num_rows, "bare semdedup lost rows"
-        for c in added:
-            col = mine.column(c)
-            table = (
-                table.set_column(table.column_names.index(c), c, col)
-                if c in table.column_names
-                else table.append_column(c, col)
-            )
-        return table
-
-    write_files(files, scratch, apply)
+    decided = decided.select(keep)
+    per_file = [
+        _own(decided.slice(a, b - a)) for a, b in zip(offsets[:-1], offsets[1:], strict=True)
+    ]
+    t = _timed(steps, "compute", t)
+    write_files(files, scratch, _put_decisions, per_file)
     _timed(steps, "wide", t)
     steps["total"] = time.perf_counter() - start
     return steps

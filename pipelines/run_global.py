@@ -360,6 +360,18 @@ def _transformed(stage: GlobalStage, table: pa.Table, state: Any, part: int) -> 
     return out
 
 
+def apply_resources(stage: GlobalStage) -> dict[str, float]:
+    """The apply tasks' GPU share: none, unless the stage's transform uses a GPU and the cluster
+    has some (then split evenly among a task per CPU, as `GlobalContext.gpu_share` splits them)."""
+    if not (stage.fits and stage.transform_uses_gpu):
+        return {}
+    share = GlobalContext(
+        num_rows=0, num_shards=0, num_cpus=cluster_cpus(), num_gpus=cluster_gpus()
+    )
+    gpus = share.gpu_share()
+    return {"num_gpus": gpus} if gpus > 0 else {}
+
+
 def _committed(out: Location) -> set[str]:
     import pyarrow.fs as pafs
 
@@ -402,6 +414,7 @@ def run_global(
             fn_args=(runner.output.fs, out, decisions, stage, total),
             batch_size=None,  # a block of pieces per task, as from_items cut them
             batch_format="pyarrow",
+            **apply_resources(stage),
         )
         runner.drain(ds, stage.name, sum(_piece_rows(it["part"], total) for it in pending))
     work.rmtree()

@@ -340,6 +340,10 @@ class GlobalStage(Stage):
     #: writes them, so the rows are not read once more to decide and no per-row decisions are
     #: regrouped; the fitted state is kept on disk so that a resumed run does not fit again.
     fits: ClassVar[bool] = False
+    #: True when a fitted stage's `transform` is arithmetic a GPU does better (cluster's nearest
+    #: centroid among many): where the cluster has GPUs, each apply task then holds an even share
+    #: of one (`GlobalContext.gpu_share`), and the transform finds it.
+    transform_uses_gpu: ClassVar[bool] = False
 
     def decision_columns(self) -> tuple[str, ...]:
         """The input columns the decision reads (`id` always comes too); a name the input lacks is

@@ -236,7 +236,16 @@ def train_kmeans(sample: np.ndarray, k: int, niter: int, seed: int, nredo: int =
     return centroids
 
 
-def nearest_centroids(emb: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+#: On a GPU, similarities per chunk (rows x clusters float32: 1 GiB).
+GPU_ASSIGN_CELLS = 1 << 28
+#: Fewer centroids than this are scored on the CPU even where a GPU is at hand: the copy to the
+#: device costs more than the matmul.
+GPU_MIN_CENTROIDS = 256
+
+
+def nearest_centroids(
+    emb: np.ndarray, centroids: np.ndarray, device: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(index, cosine) of each row's most similar centroid: the float64 answer, the same for a row
     in any batch, at float32's cost.
 
@@ -247,7 +256,16 @@ def nearest_centroids(emb: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarra
     runner-up lies within twice float32's worst rounding error of its best is decided again in
     float64. Elsewhere the float32 winner is the float64 one. The cosine to the chosen centroid is
     computed in float64 for every row, one row at a time. `emb` may be float16: each value
-    converts exactly. Rows go in chunks, to bound the rows x clusters matrix and the copies."""
+    converts exactly. Rows go in chunks, to bound the rows x clusters matrix and the copies.
+
+    With `device` (a torch device; by default "cuda" when this process sees a GPU and there are
+    at least GPU_MIN_CENTROIDS centroids) the float32 similarities, their best and the count of
+    near ties are computed there; only the rows with a near tie bring their similarities back to
+    be decided in float64, so the answer is the same."""
+    from warren.stages.cluster_dedup import cuda_is_usable
+
+    if device is None and len(centroids) >= GPU_MIN_CENTROIDS and len(emb) and cuda_is_usable():
+        device = "cuda"
     c32 = np.ascontiguousarray(centroids, dtype=np.float32)
     c64 = c32.astype(np.float64)
     # Any order of summing d products in float32 is within d * 2^-24 * sum|x_i c_i| <= d * 2^-24
@@ -255,18 +273,59 @@ def nearest_centroids(emb: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarra
     tol = 2.0 * c32.shape[1] * 2.0**-24 * float(np.linalg.norm(c64, axis=1).max(initial=0.0))
     best = np.empty(len(emb), dtype=np.int64)
     cos = np.empty(len(emb), dtype=np.float32)
-    step = max(1, min(CHUNK_ROWS, ASSIGN_CELLS // max(1, len(c32))))
+    if device is not None:
+        scorer = _DeviceScorer(c32, device)
+        step = max(1, GPU_ASSIGN_CELLS // max(1, len(c32)))
+    else:
+        step = max(1, min(CHUNK_ROWS, ASSIGN_CELLS // max(1, len(c32))))
     for lo in range(0, len(emb), step):
         x = emb[lo : lo + step]
         x64 = x.astype(np.float64)
         norms = np.sqrt(np.einsum("ij,ij->i", x64, x64))
-        sims = x.astype(np.float32) @ c32.T  # not normalised: the winner is the same
-        b = sims.argmax(axis=1)
-        if len(c32) > 1:
-            _rescore_close(b, sims, x64, c64, 2 * tol * norms)
+        if device is not None:
+            b = scorer.best(x, x64, c64, 2 * tol * norms)
+        else:
+            sims = x.astype(np.float32) @ c32.T  # not normalised: the winner is the same
+            b = sims.argmax(axis=1)
+            if len(c32) > 1:
+                _rescore_close(b, sims, x64, c64, 2 * tol * norms)
         best[lo : lo + step] = b
         cos[lo : lo + step] = np.einsum("ij,ij->i", x64, c64[b]) / np.maximum(norms, 1e-12)
     return best, cos
+
+
+class _DeviceScorer:
+    """The float32 part of `nearest_centroids` with torch on a device: the centroids go there once
+    per call, each chunk's similarities stay there, and only rows with a near tie come back."""
+
+    def __init__(self, c32: np.ndarray, device: str) -> None:
+        import torch
+
+        # TF32 rounds inputs to 10 bits, far outside the float32 bound `tol` is made for.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        self.torch = torch
+        self.device = device
+        self.c = torch.from_numpy(c32).to(device)
+
+    def best(self, x: np.ndarray, x64: np.ndarray, c64: np.ndarray, margin: np.ndarray):
+        torch = self.torch
+        xs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+        sims = xs @ self.c.T
+        top, b = sims.max(dim=1)
+        # The rows `_rescore_close` would find close, and maybe a few more (it decides again on
+        # the host, exactly): the float32 cut is lowered by 1% of the margin, far more than the
+        # cut's own rounding (2^-24 of the top value, against a margin of ~2^-13 of it).
+        m = torch.from_numpy(1.01 * margin).to(self.device, torch.float64)
+        cut = (top.double() - m).float()
+        close = (sims >= cut[:, None]).sum(dim=1) > 1
+        best = b.cpu().numpy().astype(np.int64)
+        rows = torch.nonzero(close).flatten()
+        if rows.numel() and len(c64) > 1:
+            r = rows.cpu().numpy()
+            sub = best[r]
+            _rescore_close(sub, sims[rows].cpu().numpy(), x64[r], c64, margin[r])
+            best[r] = sub
+        return best
 
 
 #: A row with more centroids than this within float32's error of its best (a zero vector, or
@@ -331,6 +390,8 @@ class Cluster(GlobalStage):
     Params = ClusterParams
     adds = ("cluster_id", "cos_to_centroid")
     fits = True
+    # At 100k centroids (a 2B pool) the assignment is the pool's largest arithmetic.
+    transform_uses_gpu = True
 
     def required_columns(self) -> tuple[str, ...]:
         return (self.params.column,)

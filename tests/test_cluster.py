@@ -180,10 +180,12 @@ def test_the_runner_writes_each_row_the_nearest_of_the_centroids_fit_gives(ray_s
     assert out.column("caption").to_pylist() == [f"c{i}" for i in rows]
 
 
-def test_near_ties_between_centroids_go_the_way_float64_says_in_any_batch():
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_near_ties_between_centroids_go_the_way_float64_says_in_any_batch(device):
     """Rows a hair's breadth from the midpoint of two centroids: float32 similarities misorder
     some of them, and how it rounds depends on the batch. The assignment must be the float64
-    argmax, row by row, whatever the rows around it."""
+    argmax, row by row, whatever the rows around it. device "cpu" is the torch path a GPU takes,
+    run on the CPU."""
     from warren.stages.cluster import nearest_centroids
 
     rng = np.random.default_rng(11)
@@ -204,16 +206,17 @@ def test_near_ties_between_centroids_go_the_way_float64_says_in_any_batch():
         want_cos.append(max(s))
     assert (x @ c.T).argmax(axis=1).tolist() != want, "float32 alone must get some rows wrong"
 
-    best, cos = nearest_centroids(x, c)
+    best, cos = nearest_centroids(x, c, device)
     assert best.tolist() == want
     np.testing.assert_allclose(cos, want_cos, atol=1e-7)
     for cuts in ([0, 1, 700, 701, 3000], [0, 1500, 3000], [0, 13, 2999, 3000]):
-        parts = [nearest_centroids(x[a:b], c) for a, b in zip(cuts, cuts[1:], strict=False)]
+        parts = [nearest_centroids(x[a:b], c, device) for a, b in zip(cuts, cuts[1:], strict=False)]
         assert np.concatenate([p[0] for p in parts]).tolist() == want
         assert np.concatenate([p[1] for p in parts]).tobytes() == cos.tobytes()
 
 
-def test_a_zero_row_and_coinciding_centroids_take_the_lowest_index_float64_gives():
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_a_zero_row_and_coinciding_centroids_take_the_lowest_index_float64_gives(device):
     """More centroids within float32's error of the best than are scored one by one: a row of
     zeros (every centroid ties) and centroids that coincide go the float64 argmax's way, the
     lowest index."""
@@ -225,8 +228,20 @@ def test_a_zero_row_and_coinciding_centroids_take_the_lowest_index_float64_gives
     c = np.vstack([others[:2], np.repeat(v[None], MANY_CLOSE + 6, axis=0), others[2:]])
     c = (c / np.linalg.norm(c, axis=1, keepdims=True)).astype(np.float32)
     x = np.vstack([np.zeros(32), v + 0.01 * rng.normal(size=(20, 32)), others[3] + 0 * v])
-    best, _ = nearest_centroids(x.astype(np.float32), c)
+    best, _ = nearest_centroids(x.astype(np.float32), c, device)
     c64 = c.astype(np.float64)
     want = [int(np.argmax(c64 @ row)) for row in x.astype(np.float32).astype(np.float64)]
     assert want[0] == 0 and set(want[1:21]) == {2}
     assert best.tolist() == want
+
+
+def test_apply_tasks_hold_a_gpu_share_only_for_a_transform_that_uses_one(monkeypatch):
+    from warren.pipelines import run_global
+    from warren.stages.select import Sample
+
+    monkeypatch.setattr(run_global, "cluster_cpus", lambda: 16.0)
+    monkeypatch.setattr(run_global, "cluster_gpus", lambda: 0.0)
+    assert run_global.apply_resources(Cluster()) == {}
+    monkeypatch.setattr(run_global, "cluster_gpus", lambda: 2.0)
+    assert run_global.apply_resources(Cluster()) == {"num_gpus": 0.125}
+    assert run_global.apply_resources(Sample(n=5)) == {}  # fits, but its transform is a compare
