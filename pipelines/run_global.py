@@ -48,7 +48,7 @@ from warren.pipelines.global_narrow import (
     read_names,
     read_piece,
 )
-from warren.pipelines.ray_session import READ_CPUS, cluster_cpus, cluster_gpus
+from warren.pipelines.ray_session import cluster_cpus, cluster_gpus
 from warren.pipelines.run_errors import PipelineError, compact_errors
 from warren.pipelines.run_map import (
     GLOBAL_ROWS_PER_PART,
@@ -76,6 +76,11 @@ STATE = "_state.pkl"
 GLOBAL_SRC = "global"
 # Decisions per regroup task (narrow rows: a position, a reason, the added columns).
 DECISION_ROWS_PER_TASK = 500_000
+# CPUs a narrow read task asks for. No actor pool runs beside a global stage's reads, so they need
+# not take the quarter CPU map stages' reads do (ray_session.READ_CPUS), which let Ray Data run
+# four tasks a core: reading 1M narrow rows (id and a 768-d float16 embedding) took 7-10 s so
+# on 2 cores, 5 s at half a CPU, 6.3 s at one (its slow start then weighs more).
+NARROW_READ_CPUS = 0.5
 
 
 def global_pieces(files: list[tuple[str, int]], total: int) -> list[dict[str, Any]]:
@@ -231,7 +236,7 @@ def _decide(
         fn_args=(fs, stage, saved),
         batch_size=None,  # a block of pieces per task, as from_items cut them
         batch_format="pyarrow",
-        num_cpus=READ_CPUS,
+        num_cpus=NARROW_READ_CPUS,
     )
     ctx = GlobalContext(
         num_rows=total,
