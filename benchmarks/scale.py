@@ -43,6 +43,8 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -201,7 +203,10 @@ def run_size(rows: int, args: argparse.Namespace, work: Path) -> list[dict]:
         if args.floor:
             m["floor"] = floor_seconds(files, work / "floor")
         if args.bare and stage.name in BARE:
-            m["bare_steps"] = BARE[stage.name](files, stage, work / "bare")
+            # In a process of its own: its arrays would stay in this one's RSS, the driver's
+            # peak that the later stages report.
+            with ProcessPoolExecutor(1, get_context("spawn")) as one:
+                m["bare_steps"] = one.submit(BARE[stage.name], files, stage, work / "bare").result()
             m["bare"] = m["bare_steps"]["total"]
         measured.append(m)
         print(_row(m), flush=True)
