@@ -236,8 +236,10 @@ def train_kmeans(sample: np.ndarray, k: int, niter: int, seed: int, nredo: int =
     return centroids
 
 
-#: On a GPU, similarities per chunk (rows x clusters float32: 1 GiB).
+#: On a GPU, similarities per chunk (rows x clusters float32: 1 GiB), and at most this many rows
+#: (their float64 copy on the host: 400 MB at 768-d).
 GPU_ASSIGN_CELLS = 1 << 28
+GPU_CHUNK_ROWS = 65_536
 #: Fewer centroids than this are scored on the CPU even where a GPU is at hand: the copy to the
 #: device costs more than the matmul.
 GPU_MIN_CENTROIDS = 256
@@ -274,8 +276,8 @@ def nearest_centroids(
     best = np.empty(len(emb), dtype=np.int64)
     cos = np.empty(len(emb), dtype=np.float32)
     if device is not None:
-        scorer = _DeviceScorer(c32, device)
-        step = max(1, GPU_ASSIGN_CELLS // max(1, len(c32)))
+        scorer = _DeviceScorer.of(centroids, c32, device)
+        step = max(1, min(GPU_CHUNK_ROWS, GPU_ASSIGN_CELLS // max(1, len(c32))))
     else:
         step = max(1, min(CHUNK_ROWS, ASSIGN_CELLS // max(1, len(c32))))
     for lo in range(0, len(emb), step):
@@ -296,7 +298,21 @@ def nearest_centroids(
 
 class _DeviceScorer:
     """The float32 part of `nearest_centroids` with torch on a device: the centroids go there once
-    per call, each chunk's similarities stay there, and only rows with a near tie come back."""
+    per centroid array (an apply task calls once per piece with the same state: 100k centroids
+    are 300 MB to copy), each chunk's similarities stay there, and only rows with a near tie come
+    back."""
+
+    #: The last scorer made, with the centroid array it was made for (kept, so its id stays its).
+    _last: tuple[np.ndarray, str, _DeviceScorer] | None = None
+
+    @classmethod
+    def of(cls, centroids: np.ndarray, c32: np.ndarray, device: str) -> _DeviceScorer:
+        last = cls._last
+        if last is not None and last[0] is centroids and last[1] == device:
+            return last[2]
+        scorer = cls(c32, device)
+        cls._last = (centroids, device, scorer)
+        return scorer
 
     def __init__(self, c32: np.ndarray, device: str) -> None:
         import torch

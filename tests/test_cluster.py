@@ -215,6 +215,36 @@ def test_near_ties_between_centroids_go_the_way_float64_says_in_any_batch(device
         assert np.concatenate([p[1] for p in parts]).tobytes() == cos.tobytes()
 
 
+def test_the_device_copy_of_the_centroids_is_made_once_per_centroid_array():
+    """An apply task assigns piece after piece with the same fitted centroids: they go to the
+    device once, not once per piece; other centroids get their own copy."""
+    from warren.stages import cluster as cluster_module
+
+    rng = np.random.default_rng(2)
+    c = rng.normal(size=(300, 16)).astype(np.float32)
+    x = rng.normal(size=(50, 16)).astype(np.float32)
+    made = []
+    real_init = cluster_module._DeviceScorer.__init__
+
+    def counting_init(self, *a, **k):
+        made.append(1)
+        real_init(self, *a, **k)
+
+    cluster_module._DeviceScorer.__init__ = counting_init
+    try:
+        first = cluster_module.nearest_centroids(x, c, "cpu")
+        cluster_module.nearest_centroids(x[:7], c, "cpu")
+        assert len(made) == 1
+        other = c.copy()
+        again = cluster_module.nearest_centroids(x, other, "cpu")
+        assert len(made) == 2
+    finally:
+        cluster_module._DeviceScorer.__init__ = real_init
+    assert (
+        first[0].tolist() == again[0].tolist() == cluster_module.nearest_centroids(x, c)[0].tolist()
+    )
+
+
 @pytest.mark.parametrize("device", [None, "cpu"])
 def test_a_zero_row_and_coinciding_centroids_take_the_lowest_index_float64_gives(device):
     """More centroids within float32's error of the best than are scored one by one: a row of
