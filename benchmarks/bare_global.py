@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from warren.stages.base import GlobalStage
-from warren.stages.shards import dictionary_columns
+from warren.stages.shards import parquet_write_options
 
 FILE, ROW = "_bare_file", "_bare_row"
 
@@ -89,13 +89,7 @@ def read_narrow(files: list[str], columns: list[str]) -> pa.Table:
 
 def _write_one(path: str, out: str, decide: Callable[[pa.Table, Any], pa.Table], arg: Any) -> None:
     table = decide(pq.read_table(path), arg)
-    pq.write_table(
-        table,
-        out,
-        compression="zstd",
-        row_group_size=4096,
-        use_dictionary=dictionary_columns(table.schema),
-    )
+    pq.write_table(table, out, **parquet_write_options(table))
 
 
 def write_files(

@@ -48,7 +48,7 @@ from warren.stages.phash_dedup import PhashDedup
 from warren.stages.schema import IMAGE_TYPE, conform
 from warren.stages.select import RankWindow, Sample
 from warren.stages.semdedup import SemDedup
-from warren.stages.shards import dictionary_columns
+from warren.stages.shards import parquet_write_options
 
 DIM = 768
 
@@ -165,13 +165,7 @@ def floor_seconds(files: list[str], scratch: Path) -> float:
     def copy(i_f: tuple[int, str]) -> None:
         i, f = i_f
         table = pq.read_table(f)
-        pq.write_table(
-            table,
-            scratch / f"{i:06d}.parquet",
-            compression="zstd",
-            row_group_size=4096,
-            use_dictionary=dictionary_columns(table.schema),
-        )
+        pq.write_table(table, scratch / f"{i:06d}.parquet", **parquet_write_options(table))
 
     start = time.perf_counter()
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:

@@ -56,7 +56,13 @@ from warren.pipelines.run_map import (
     pieces_per_task,
     upstream_rows,
 )
-from warren.stages.base import POSITION_COLUMN, GlobalContext, GlobalStage, put_column
+from warren.stages.base import (
+    POSITION_COLUMN,
+    GlobalContext,
+    GlobalStage,
+    gpu_share,
+    put_column,
+)
 from warren.stages.ledger import PROGRESS_DIR, commit_piece, source_tag
 from warren.stages.run_layout import StageFolder
 from warren.stages.schema import REJECT_COLUMN, conform
@@ -367,13 +373,10 @@ def _transformed(stage: GlobalStage, table: pa.Table, state: Any, part: int) -> 
 
 def apply_resources(stage: GlobalStage) -> dict[str, float]:
     """The apply tasks' GPU share: none, unless the stage's transform uses a GPU and the cluster
-    has some (then split evenly among a task per CPU, as `GlobalContext.gpu_share` splits them)."""
+    has some (then split evenly among a task per CPU, `stages.base.gpu_share`)."""
     if not (stage.fits and stage.transform_uses_gpu):
         return {}
-    share = GlobalContext(
-        num_rows=0, num_shards=0, num_cpus=cluster_cpus(), num_gpus=cluster_gpus()
-    )
-    gpus = share.gpu_share()
+    gpus = gpu_share(cluster_gpus(), cluster_cpus())
     return {"num_gpus": gpus} if gpus > 0 else {}
 
 

@@ -289,6 +289,14 @@ class BatchStage(Stage):
         raise NotImplementedError
 
 
+def gpu_share(num_gpus: float, num_cpus: float) -> float:
+    """A task's share of a GPU when every CPU runs one task and the GPUs are split evenly among
+    them (0 without GPUs; at most one whole GPU)."""
+    if num_gpus <= 0:
+        return 0.0
+    return min(1.0, num_gpus / max(1.0, num_cpus))
+
+
 @dataclasses.dataclass(frozen=True)
 class GlobalContext:
     """What a global stage may know about its input before it runs (to size shuffles), and where
@@ -309,11 +317,8 @@ class GlobalContext:
     num_gpus: float = 0.0
 
     def gpu_share(self) -> float:
-        """A task's share of a GPU when every CPU runs one task and the GPUs are split evenly
-        among them (0 without GPUs; at most one whole GPU)."""
-        if self.num_gpus <= 0:
-            return 0.0
-        return min(1.0, self.num_gpus / max(1.0, self.num_cpus))
+        """`gpu_share` of this cluster's GPUs and CPUs."""
+        return gpu_share(self.num_gpus, self.num_cpus)
 
     def partitions(self, rows_per_partition: int = 50_000, most: int = 1000) -> int:
         """A shuffle width: enough partitions to keep each small, no more than there is work for."""

@@ -264,10 +264,10 @@ def nearest_centroids(
     at least GPU_MIN_CENTROIDS centroids) the float32 similarities, their best and the count of
     near ties are computed there; only the rows with a near tie bring their similarities back to
     be decided in float64, so the answer is the same."""
-    from warren.stages.cluster_dedup import cuda_is_usable
+    if device is None and len(centroids) >= GPU_MIN_CENTROIDS and len(emb):
+        from warren.stages.models import default_device
 
-    if device is None and len(centroids) >= GPU_MIN_CENTROIDS and len(emb) and cuda_is_usable():
-        device = "cuda"
+        device = "cuda" if default_device() == "cuda" else None
     c32 = np.ascontiguousarray(centroids, dtype=np.float32)
     c64 = c32.astype(np.float64)
     # Any order of summing d products in float32 is within d * 2^-24 * sum|x_i c_i| <= d * 2^-24

@@ -212,14 +212,10 @@ def _above_exactly(x: np.ndarray, a: np.ndarray, b: np.ndarray, threshold: float
 GPU_BLOCK = 4096
 
 
-@functools.cache
-def cuda_is_usable() -> bool:
-    """Whether this process sees a CUDA device (a Ray task sees one only when it was given one)."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return False
-    return torch.cuda.is_available()
+def _float32_margin(dim: int) -> float:
+    # Any order of summing d float32 products is within d * 2^-24 of the exact unit dot product
+    # (Higham's gamma_d); doubled for margin.
+    return 2.0 * dim * 2.0**-24
 
 
 def linked_components(
@@ -242,38 +238,27 @@ def linked_components(
     With `device` (a torch device; by default "cuda" when this process sees a GPU and the cluster
     spans more than one tile) both the float32 screen and the float64 decisions run there
     (`linked_on_device`)."""
+    from warren.stages.models import default_device
+
     n = len(x)
-    if device is None and screen is None and n > block_size and cuda_is_usable():
+    if device is None and screen is None and n > block_size and default_device() == "cuda":
         device = "cuda"
     if device is not None:
         return linked_on_device(x, threshold, max(block_size, GPU_BLOCK), device)
-    parent = np.arange(n, dtype=np.int64)
     if screen is None:
         screen = "bf16" if n > block_size and bf16_is_faster() else "float32"
     if screen == "bf16":
-        import torch
-
-        xs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16)
-        margin = BF16_MARGIN
-    else:
-        # Any order of summing d float32 products is within d * 2^-24 of the exact unit dot
-        # product (Higham's gamma_d); doubled for margin.
-        margin = 2.0 * x.shape[1] * 2.0**-24
-    floor = threshold - margin
+        return _linked_with_torch(x, threshold, block_size, "cpu", bf16=True)
+    parent = np.arange(n, dtype=np.int64)
+    floor = threshold - _float32_margin(x.shape[1])
     for r0 in range(0, n, block_size):
         r1 = min(r0 + block_size, n)
         for c0 in range(0, r0 + 1, block_size):
             c1 = min(c0 + block_size, r1)
-            if screen == "bf16":
-                near = xs[r0:r1] @ xs[c0:c1].T > floor
-                if c0 == r0:  # diagonal tile: each pair once, no self pairs
-                    near = torch.tril(near, diagonal=-1)
-                i, j = (t.numpy() for t in torch.nonzero(near, as_tuple=True))
-            else:
-                near = similarity_tile(x[r0:r1], x[c0:c1]) > floor
-                if c0 == r0:
-                    near = np.tril(near, k=-1)
-                i, j = np.nonzero(near)
+            near = similarity_tile(x[r0:r1], x[c0:c1]) > floor
+            if c0 == r0:  # diagonal tile: each pair once, no self pairs
+                near = np.tril(near, k=-1)
+            i, j = np.nonzero(near)
             if not i.size:
                 continue
             if i.size > PAIRS_ONE_BY_ONE:
@@ -288,9 +273,18 @@ def linked_components(
 
 def linked_on_device(x: np.ndarray, threshold: float, block_size: int, device: str) -> np.ndarray:
     """`linked_components` with torch on `device`: each tile screened in float32 (TF32 off, so the
-    float32 error bound holds), its candidates decided on their float64 cosine, one by one or,
-    above PAIRS_ONE_BY_ONE, by the tile's float64 matmul, all on the device; only the linked
-    pairs come back to the host for the union-find."""
+    float32 error bound holds), its candidates decided on their float64 cosine on the device;
+    only the linked pairs come back to the host for the union-find."""
+    return _linked_with_torch(x, threshold, block_size, device, bf16=False)
+
+
+def _linked_with_torch(
+    x: np.ndarray, threshold: float, block_size: int, device: str, bf16: bool
+) -> np.ndarray:
+    """The tile loop in torch: screened in bfloat16 (`bf16`, BF16_MARGIN) or float32, candidates
+    decided on their float64 cosine, one by one or, above PAIRS_ONE_BY_ONE, by the tile's
+    float64 matmul. float32 rows convert to float64 exactly, so only the candidates' rows are
+    converted."""
     import torch
 
     n = len(x)
@@ -299,9 +293,9 @@ def linked_on_device(x: np.ndarray, threshold: float, block_size: int, device: s
         return parent
     # TF32 rounds inputs to 10 bits: far outside the float32 bound the margin is made for.
     torch.backends.cuda.matmul.allow_tf32 = False
-    xs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
-    x64 = xs.double()
-    floor = threshold - 2.0 * x.shape[1] * 2.0**-24
+    x32 = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    xs = x32.to(torch.bfloat16) if bf16 else x32
+    floor = threshold - (BF16_MARGIN if bf16 else _float32_margin(x.shape[1]))
     for r0 in range(0, n, block_size):
         r1 = min(r0 + block_size, n)
         for c0 in range(0, r0 + 1, block_size):
@@ -313,9 +307,10 @@ def linked_on_device(x: np.ndarray, threshold: float, block_size: int, device: s
             if not i.numel():
                 continue
             if i.numel() > PAIRS_ONE_BY_ONE:
-                linked = (x64[r0:r1] @ x64[c0:c1].T)[i, j] > threshold
+                tile = x32[r0:r1].double() @ x32[c0:c1].double().T
+                linked = tile[i, j] > threshold
             else:
-                linked = (x64[i + r0] * x64[j + c0]).sum(dim=1) > threshold
+                linked = (x32[i + r0].double() * x32[j + c0].double()).sum(dim=1) > threshold
             if bool(linked.any()):
                 a = (i[linked] + r0).cpu().numpy().astype(np.int64)
                 b = (j[linked] + c0).cpu().numpy().astype(np.int64)

@@ -137,6 +137,16 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
     return out
 
 
+def parquet_write_options(table: pa.Table) -> dict:
+    """How warren writes a shard: zstd, row groups of up to 4096 rows, dictionary encoding on
+    every column but the embeddings (`dictionary_columns`)."""
+    return {
+        "compression": "zstd",
+        "row_group_size": max(1, min(table.num_rows, 4096)),
+        "use_dictionary": dictionary_columns(table.schema),
+    }
+
+
 def write_table_atomic(table: pa.Table, loc: Location) -> int:
     """Write a Parquet file under a temporary name and rename it, so readers never see half a file.
 
@@ -145,13 +155,7 @@ def write_table_atomic(table: pa.Table, loc: Location) -> int:
     parent = loc.path.rsplit("/", 1)[0]
     tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex}.parquet"
     with loc.fs.open_output_stream(tmp) as sink:
-        pq.write_table(
-            table,
-            sink,
-            compression="zstd",
-            row_group_size=max(1, min(table.num_rows, 4096)),
-            use_dictionary=dictionary_columns(table.schema),
-        )
+        pq.write_table(table, sink, **parquet_write_options(table))
     loc.fs.move(tmp, loc.path)
     return loc.fs.get_file_info(loc.path).size
 
