@@ -6,7 +6,8 @@ and every other wide column stay in the input's Parquet files until the decision
 `run_global.global_pieces`) is read with Parquet column projection, so a column not named is never
 read from storage. A stage with a `prepare` step (hashing image bytes, say) runs it once per piece
 here and its narrow output is kept under the stage's work folder: a resumed run reads it back
-instead of hashing again.
+instead of hashing again. A cheap `prepare` (`keeps_prepared = False`) runs in the read task and
+is not kept.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ Three steps, each resumable, all under the stage folder's `_work/` until the sta
 
 1. Narrow (`pipelines.global_narrow`): each piece's `id`, position and the stage's
    `decision_columns()`, read with Parquet column projection. A stage with a `prepare` step runs it
-   once per piece and its output is kept in `_work/narrow/` (a resumed run reads it back).
+   once per piece and its output is kept in `_work/narrow/` (a resumed run reads it back), or,
+   when it `keeps_prepared = False` (clip_score's dot product), runs it in the read task.
 2. Decide: the stage's `run` on the narrow rows (its shuffles move only those); it may keep
    finished partitions in `_work/checkpoint/` (`GlobalContext.checkpoint`). The decisions (the
    position, `_reject` and the columns the stage adds, never the columns it read) are regrouped by
@@ -219,7 +220,7 @@ def _decide(
     work.join(NARROW_DIR).mkdir()
     work.join(CHECKPOINT_DIR).mkdir()
     saved = None
-    if stage.prepares:
+    if stage.prepares and stage.keeps_prepared:
         saved = work
         pending = [it for it in items if not narrow_file(work, it["part"]).exists()]
         if len(pending) < len(items):

@@ -331,14 +331,19 @@ class GlobalStage(Stage):
 
     Decide narrow, apply wide: the runner reads only `id` and `decision_columns()` of the input
     (Parquet column projection: image bytes are not read unless named), passes each piece through
-    `prepare` when the stage has one (`prepares = True`; its output is kept on disk so that a
-    resumed run does not redo it), and gives `run` a Dataset of those narrow rows. `run` returns
+    `prepare` when the stage has one (`prepares = True`; unless `keeps_prepared` is False its
+    output is kept on disk so that a resumed run does not redo it), and gives `run` a Dataset of
+    those narrow rows. `run` returns
     every row with `_reject` set on rejected rows and the columns it adds; the runner then reads
     the wide rows piece by piece, sets those columns on them and writes them. Image bytes never
     enter a shuffle or Ray's object store."""
 
     #: True when `prepare` turns each piece of decision columns into the narrow rows `run` sees.
     prepares: ClassVar[bool] = False
+    #: False when `prepare` is cheaper than keeping its output (a dot product, not hashing image
+    #: bytes): it then runs inside each narrow read task, so what leaves the task (into Ray's
+    #: object store) is only its small output, and a resumed run prepares again.
+    keeps_prepared: ClassVar[bool] = True
     #: True when the decision is a small state fitted on the narrow rows (k-means centroids, say)
     #: and then a function of each row alone. Such a stage gives `fit` and `transform` instead of
     #: `run`: the runner fits on the narrow rows and transforms each piece of wide rows as it

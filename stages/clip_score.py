@@ -93,6 +93,16 @@ def add_clip_score(
     return put_column(batch, "clip_score", col)
 
 
+def _scored(batch: pa.Table, image_column: str, text_column: str, drop: bool) -> pa.Table:
+    """`add_clip_score`, unless `ClipScore.prepare` already scored the rows and left the
+    embeddings behind."""
+    if "clip_score" in batch.column_names and not {image_column, text_column} & set(
+        batch.column_names
+    ):
+        return batch
+    return add_clip_score(batch, image_column, text_column, drop)
+
+
 def apply_threshold(batch: pa.Table, threshold: float, name: str) -> pa.Table:
     if threshold <= -1.0:
         return batch
@@ -109,6 +119,10 @@ class ClipScore(GlobalStage):
     name = "clip_score"
     version = "1"
     Params = ClipScoreParams
+    # The score is computed in the runner's narrow read task, so only it (not two embeddings a
+    # row, 3 KB at 768-d float16) goes on to the ranks; a resumed run recomputes it (cheap).
+    prepares = True
+    keeps_prepared = False
 
     @property
     def windowed(self) -> bool:
@@ -134,10 +148,14 @@ class ClipScore(GlobalStage):
                 f"{self.name}: threshold must be a cosine in [-1, 1], got {p.threshold}"
             )
 
+    def prepare(self, table: pa.Table) -> pa.Table:
+        # Only the runner and `run_rows` prepare: the embeddings are left behind.
+        return add_clip_score(table, self.params.image_column, self.params.text_column, drop=True)
+
     def run(self, ds, ctx: GlobalContext):
         p = self.params
         scored = ds.map_batches(
-            add_clip_score,
+            _scored,
             fn_args=(p.image_column, p.text_column, ctx.decisions_only),
             batch_format="pyarrow",
         )

@@ -251,3 +251,58 @@ def test_consecutive_pieces_read_each_row_group_once_and_get_the_rows_a_whole_re
             assert len(reads) == groups  # each row group read once
     # a reader with no projection reads like read_rows
     assert RowReader(pafs.LocalFileSystem()).read(files[0][0], 0, 0).num_rows == 0
+
+
+def test_clip_score_scores_in_the_read_task_so_no_embedding_enters_the_object_store(
+    ray_session, tmp_path
+):
+    """clip_score's decision needs one float a row: it is computed where the embeddings are read
+    (`keeps_prepared = False`), so the ranks' passes move scores, not two vectors a row."""
+    from warren.pipelines.runner import Pipeline, Runner
+    from warren.stages.clip_score import ClipScore
+
+    rng = np.random.default_rng(3)
+    n, d = 4000, 512
+    img, txt = rng.normal(size=(2, n, d))
+
+    def column(x):
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        return pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float16).ravel()), d)
+
+    table = pa.table(
+        {
+            "id": [f"r{i:05d}" for i in range(n)],
+            "caption": ["c"] * n,
+            "image_emb": column(img),
+            "text_emb": column(txt),
+        }
+    )
+    (tmp_path / "pool").mkdir()
+    pq.write_table(table.slice(0, n // 2), tmp_path / "pool" / "a.parquet")
+    pq.write_table(table.slice(n // 2), tmp_path / "pool" / "b.parquet")
+    through: list[int] = []
+    run_global = runner_module.EXECUTORS[GlobalStage]
+
+    def measuring(runner, stage, out, upstream):
+        before = _store_bytes()
+        result = run_global(runner, stage, out, upstream)
+        through.append(_store_bytes() - before)
+        return result
+
+    runner_module.EXECUTORS[GlobalStage] = measuring
+    try:
+        Runner(
+            Pipeline("t", [ClipScore(lo=0.25, hi=0.75)]),
+            str(tmp_path / "pool"),
+            str(tmp_path / "out"),
+            input_format="parquet",
+            progress=False,
+        ).run()
+    finally:
+        runner_module.EXECUTORS[GlobalStage] = run_global
+    written = pq.read_table(tmp_path / "out" / "01-clip_score")  # kept and rejected rows
+    rejected = pq.read_table(tmp_path / "out" / "01-clip_score" / "rejected")
+    assert (written.num_rows, rejected.num_rows) == (n, n // 2)
+    assert written.column("image_emb").null_count == 0
+    embeddings = 2 * n * d * 2  # 8 MB of float16; the scores, ranks and reasons are < 1 MB
+    assert through[0] < embeddings / 8, f"{through[0]:,} bytes through the object store"
