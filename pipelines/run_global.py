@@ -226,8 +226,14 @@ def _decide(
         if len(pending) < len(items):
             runner.log(f"  {len(items) - len(pending)} of {len(items)} pieces already prepared")
         if pending:
-            ds = ray.data.from_items(pending, override_num_blocks=len(pending)).map_batches(
-                _prepare_task, fn_args=(fs, stage, work), batch_size=1, batch_format="pyarrow"
+            # Consecutive pieces per task, as the narrow read takes them: a row group two pieces
+            # share is read once, and tasks are tens per million rows, not one per piece. Each
+            # piece is still kept on its own, so a resumed run redoes only unfinished pieces.
+            per_block = pieces_per_task(pending, cluster_cpus())
+            ds = ray.data.from_items(
+                pending, override_num_blocks=-(-len(pending) // per_block)
+            ).map_batches(
+                _prepare_task, fn_args=(fs, stage, work), batch_size=None, batch_format="pyarrow"
             )
             runner.drain(
                 ds, f"{stage.name} (prepare)", sum(_piece_rows(it["part"], total) for it in pending)
