@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 from basic_filter import build_pool
+from cpu_split import CpuSplit
 from PIL import Image
 
 from warren.pipelines.ray_session import map_resources
@@ -151,7 +152,8 @@ def main() -> None:
         pq.write_table(pq.read_table(pool).slice(0, FIXED_ROWS), small / "part.parquet")
         cores = os.cpu_count() or 1
         ensure_ray(cores)
-        stage_s, manifest = run_stage(pool, work / "out")
+        with CpuSplit() as split:
+            stage_s, manifest = run_stage(pool, work / "out")
         fixed_s, _ = run_stage(small, work / "out-small")
         rows = manifest["rows_in"]
         marginal = (rows - FIXED_ROWS) / max(stage_s - fixed_s, 1e-9)
@@ -165,6 +167,7 @@ def main() -> None:
             f"  the stage's actors: {layout['num_cpus']:g} CPUs each, "
             f"at most {layout['compute'].max_size}"
         )
+        print(f"  the whole run's {split.line()}")
         blobs = blobs_of(pool, args.rows)
         # Ray runs its workers at niceness 15 (RAY_worker_niceness): on a machine others load,
         # a bare loop at niceness 0 would get the CPUs the stage's actor is denied. The bare

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from cpu_split import CpuSplit
 
 from warren.pipelines.ray_session import map_resources
 from warren.pipelines.recipe import DEMO_DATA
@@ -224,13 +225,15 @@ def main() -> None:
                 f"(max relative difference to the plain loop {diff:.1e})"
             )
 
-        stage_s, manifest, seconds = run_stage(args.model, src, work / "out")
+        with CpuSplit() as split:
+            stage_s, manifest, seconds = run_stage(args.model, src, work / "out")
         print(
             f"runner: perplexity stage {stage_s:.1f} s ({len(texts) / stage_s:,.1f} texts/s, "
             f"{manifest['kept']:,} kept, {manifest['rejected']:,} rejected, "
             f"{manifest['sums'].get('ppl_tokens', 0):,.0f} tokens scored); "
             f"whole run {seconds:.1f} s"
         )
+        print(f"  the whole run's {split.line()}")
         small = work / "small"
         small.mkdir()
         pq.write_table(
