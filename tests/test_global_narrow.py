@@ -94,8 +94,31 @@ def _store_bytes() -> int:
     )
 
 
-def test_image_bytes_never_go_through_the_object_store_in_a_global_stage(ray_session, tmp_path):
+def _run_counting_store_bytes(stages: list, pool, out) -> dict[str, int]:
+    """Run `stages` on the Parquet files in `pool`; the bytes each global stage created in Ray's
+    object store, by stage name."""
     from warren.pipelines.runner import Pipeline, Runner
+
+    through: dict[str, int] = {}
+    run_global = runner_module.EXECUTORS[GlobalStage]
+
+    def measuring(runner, stage, loc, upstream):
+        before = _store_bytes()
+        result = run_global(runner, stage, loc, upstream)
+        through[stage.name] = _store_bytes() - before
+        return result
+
+    runner_module.EXECUTORS[GlobalStage] = measuring
+    try:
+        Runner(
+            Pipeline("t", stages), str(pool), str(out), input_format="parquet", progress=False
+        ).run()
+    finally:
+        runner_module.EXECUTORS[GlobalStage] = run_global
+    return through
+
+
+def test_image_bytes_never_go_through_the_object_store_in_a_global_stage(ray_session, tmp_path):
     from warren.stages.cluster import Cluster
     from warren.stages.exact_dedup import ExactDedup
     from warren.stages.phash_dedup import PhashDedup
@@ -121,27 +144,8 @@ def test_image_bytes_never_go_through_the_object_store_in_a_global_stage(ray_ses
     pq.write_table(table.slice(0, 150), pool / "a.parquet")
     pq.write_table(table.slice(150), pool / "b.parquet")
 
-    through: dict[str, int] = {}
-    run_global = runner_module.EXECUTORS[GlobalStage]
-
-    def measuring(runner, stage, out, upstream):
-        before = _store_bytes()
-        result = run_global(runner, stage, out, upstream)
-        through[stage.name] = _store_bytes() - before
-        return result
-
     stages = [Cluster(n_clusters=4), SemDedup(), ExactDedup(key="image"), PhashDedup()]
-    runner_module.EXECUTORS[GlobalStage] = measuring
-    try:
-        Runner(
-            Pipeline("t", stages),
-            str(pool),
-            str(tmp_path / "out"),
-            input_format="parquet",
-            progress=False,
-        ).run()
-    finally:
-        runner_module.EXECUTORS[GlobalStage] = run_global
+    through = _run_counting_store_bytes(stages, pool, tmp_path / "out")
     rejected = pq.read_table(tmp_path / "out" / "03-exact_dedup" / "rejected")
     assert rejected.column("id").to_pylist() == ["r0007"]
     assert set(through) == {s.name for s in stages}
@@ -258,7 +262,6 @@ def test_clip_score_scores_in_the_read_task_so_no_embedding_enters_the_object_st
 ):
     """clip_score's decision needs one float a row: it is computed where the embeddings are read
     (`keeps_prepared = False`), so the ranks' passes move scores, not two vectors a row."""
-    from warren.pipelines.runner import Pipeline, Runner
     from warren.stages.clip_score import ClipScore
 
     rng = np.random.default_rng(3)
@@ -280,29 +283,13 @@ def test_clip_score_scores_in_the_read_task_so_no_embedding_enters_the_object_st
     (tmp_path / "pool").mkdir()
     pq.write_table(table.slice(0, n // 2), tmp_path / "pool" / "a.parquet")
     pq.write_table(table.slice(n // 2), tmp_path / "pool" / "b.parquet")
-    through: list[int] = []
-    run_global = runner_module.EXECUTORS[GlobalStage]
-
-    def measuring(runner, stage, out, upstream):
-        before = _store_bytes()
-        result = run_global(runner, stage, out, upstream)
-        through.append(_store_bytes() - before)
-        return result
-
-    runner_module.EXECUTORS[GlobalStage] = measuring
-    try:
-        Runner(
-            Pipeline("t", [ClipScore(lo=0.25, hi=0.75)]),
-            str(tmp_path / "pool"),
-            str(tmp_path / "out"),
-            input_format="parquet",
-            progress=False,
-        ).run()
-    finally:
-        runner_module.EXECUTORS[GlobalStage] = run_global
+    through = _run_counting_store_bytes(
+        [ClipScore(lo=0.25, hi=0.75)], tmp_path / "pool", tmp_path / "out"
+    )
     written = pq.read_table(tmp_path / "out" / "01-clip_score")  # kept and rejected rows
     rejected = pq.read_table(tmp_path / "out" / "01-clip_score" / "rejected")
     assert (written.num_rows, rejected.num_rows) == (n, n // 2)
     assert written.column("image_emb").null_count == 0
     embeddings = 2 * n * d * 2  # 8 MB of float16; the scores, ranks and reasons are < 1 MB
-    assert through[0] < embeddings / 8, f"{through[0]:,} bytes through the object store"
+    nbytes = through["clip_score"]
+    assert nbytes < embeddings / 8, f"{nbytes:,} bytes through the object store"
