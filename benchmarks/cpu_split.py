@@ -25,16 +25,24 @@ import psutil
 RAY_SYSTEM = ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env")
 
 
+def is_ray_worker(proc: psutil.Process) -> bool:
+    """A Ray worker process (a task's or an actor's): named `ray::...`."""
+    try:
+        return proc.name().startswith("ray::") or "default_worker" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+
+
 def _kind(proc: psutil.Process, me: int) -> str | None:
     if proc.pid == me:
         return "driver"
+    if is_ray_worker(proc):
+        return "workers"
     try:
         name = proc.name()
         cmd = " ".join(proc.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
+    except psutil.Error:
         return None
-    if name.startswith("ray::") or cmd.startswith("ray::") or "default_worker.py" in cmd:
-        return "workers"
     if any(s in name or s in cmd for s in RAY_SYSTEM) or ("/ray/" in cmd and "python" in name):
         return "ray"
     return None
@@ -49,7 +57,7 @@ def _cpu_by_pid() -> dict[int, tuple[str, float]]:
             continue
         try:
             t = proc.cpu_times()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+        except psutil.Error:
             continue
         out[proc.pid] = (kind, t.user + t.system)
     return out

@@ -52,6 +52,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 from bare_global import BARE
+from cpu_split import is_ray_worker
 from global_stages import _jpeg, _unit, column_sizes, floor_seconds, narrow_bytes, store_bytes
 
 from warren.pipelines import run_global
@@ -119,19 +120,12 @@ class PeakMemory:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    @staticmethod
-    def _is_worker(p: psutil.Process) -> bool:
-        try:
-            return p.name().startswith("ray::") or "default_worker" in " ".join(p.cmdline())
-        except psutil.Error:
-            return False
-
     def _run(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
             rss = []
             for p in me.children(recursive=True):
-                if self._is_worker(p):
+                if is_ray_worker(p):
                     try:
                         rss.append(p.memory_info().rss)
                     except psutil.Error:
