@@ -333,10 +333,9 @@ class GlobalStage(Stage):
     (Parquet column projection: image bytes are not read unless named), passes each piece through
     `prepare` when the stage has one (`prepares = True`; unless `keeps_prepared` is False its
     output is kept on disk so that a resumed run does not redo it), and gives `run` a Dataset of
-    those narrow rows. `run` returns
-    every row with `_reject` set on rejected rows and the columns it adds; the runner then reads
-    the wide rows piece by piece, sets those columns on them and writes them. Image bytes never
-    enter a shuffle or Ray's object store."""
+    those narrow rows. `run` returns every row with `_reject` set on rejected rows and the columns
+    it adds; the runner then reads the wide rows piece by piece, sets those columns on them and
+    writes them. Image bytes never enter a shuffle or Ray's object store."""
 
     #: True when `prepare` turns each piece of decision columns into the narrow rows `run` sees.
     prepares: ClassVar[bool] = False

@@ -152,6 +152,10 @@ class ClipScore(GlobalStage):
         # Only the runner and `run_rows` prepare: the embeddings are left behind.
         return add_clip_score(table, self.params.image_column, self.params.text_column, drop=True)
 
+    def run_rows(self, ds, ctx: GlobalContext):
+        # `run` scores whole rows itself and, outside the runner, keeps their embeddings.
+        return self.run(ds, ctx)
+
     def run(self, ds, ctx: GlobalContext):
         p = self.params
         scored = ds.map_batches(

@@ -214,6 +214,12 @@ def test_stages_that_drop_read_embeddings_still_write_them_and_score_them_right(
         for stage in stages:
             names = stage.run(ds, ctx).schema().names
             assert ("image_emb" in names) is not only, (stage.name, only, names)
+    # Outside the runner every input column comes back, scored as in the runner.
+    whole = stages[1].run_rows(ds, GlobalContext(num_rows=n, num_shards=1, num_cpus=1))
+    rows = whole.to_arrow_refs()
+    got = pa.concat_tables(ray.get(rows)).sort_by("id")
+    assert got.column("image_emb").equals(table.column("image_emb"))
+    np.testing.assert_allclose(got.column("clip_score").to_numpy(), cos, atol=1e-5)
 
 
 def test_consecutive_pieces_read_each_row_group_once_and_get_the_rows_a_whole_read_gives(
