@@ -15,6 +15,7 @@ from warren.trainers.templates import (
     ConversationEncoder,
     EncodedSample,
     TemplateError,
+    serving_chat_template,
 )
 
 SYSTEM = (
@@ -311,3 +312,75 @@ def test_an_encoder_refuses_a_tokenizer_that_cannot_serve_its_template():
         ConversationEncoder(tiny_tokenizer(chat_template=None), "chat_template", num_image_tokens=1)
     with pytest.raises(ValueError, match="unknown template 'llama_2'"):
         ConversationEncoder(tiny_tokenizer(), "llama_2", num_image_tokens=1)
+
+
+# --- The chat template a checkpoint carries -------------------------------------------------
+
+
+def serving_tokenizer(template: str, system_prompt: str | None = None):
+    tok = tiny_tokenizer()
+    tok.chat_template = serving_chat_template(template, tok, system_prompt=system_prompt)
+    return tok
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "plain", "chat_template"])
+def test_a_checkpoints_chat_template_encodes_rows_exactly_as_training_did(template):
+    # Rendering through the carried template (as `--template chat_template` on the checkpoint,
+    # or serving, does) must give the ids and labels the model was trained on.
+    rows = [two_turn_row()]
+    with_system = two_turn_row("r2")
+    with_system["conversations"].insert(0, {"from": "system", "value": "you are a terse bot"})
+    rows.append(with_system)
+    if template == "plain":
+        rows = [{"id": "c1", "images": [IMAGE], "caption": "a red cat sits on a mat."}]
+        pair = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": rows[0]["caption"]}]
+        served_rows = [{**rows[0], "conversations": pair}]
+    else:
+        served_rows = rows
+    trained = ConversationEncoder(tiny_tokenizer(), template, num_image_tokens=N_IMG)
+    served = ConversationEncoder(
+        serving_tokenizer(template), "chat_template", num_image_tokens=N_IMG
+    )
+    for row, served_row in zip(rows, served_rows, strict=True):
+        a, b = trained.encode(row), served.encode(served_row)
+        assert (b.input_ids, b.labels) == (a.input_ids, a.labels)
+
+
+def test_the_carried_template_renders_content_parts_in_llavas_order():
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a cat."}]},
+        {"role": "user", "content": "and its colour?"},
+    ]
+    vicuna = serving_tokenizer("vicuna_v1").apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    assert vicuna == (
+        f"{SYSTEM} USER: <image>\nwhat is it? ASSISTANT: a cat.</s>USER: and its colour? ASSISTANT:"
+    )
+    plain = serving_tokenizer("plain").apply_chat_template(messages[:1], tokenize=False)
+    assert plain == "<image>"
+    chat = serving_tokenizer("chat_template").apply_chat_template(
+        messages[:2], tokenize=False, add_generation_prompt=False
+    )
+    assert chat == "<s><|user|> <image>\nwhat is it?<|end|>\n<|assistant|> a cat.<|end|>\n"
+
+
+def test_the_carried_template_keeps_a_system_prompt_that_looks_like_jinja():
+    odd = 'say "{{ hi }}" {% raw %} \\ ünïcode \U0001f600\nnext line'
+    tok = serving_tokenizer("vicuna_v1", system_prompt=odd)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == odd + " USER: hi ASSISTANT:"
+
+
+def test_wrapping_an_lms_template_twice_changes_nothing_and_bad_parts_are_errors():
+    tok = serving_tokenizer("chat_template")
+    assert serving_chat_template("chat_template", tok) == tok.chat_template
+    with pytest.raises(Exception, match="content parts of type video are not supported"):
+        tok.apply_chat_template([{"role": "user", "content": [{"type": "video"}]}], tokenize=False)
+    with pytest.raises(Exception, match="role tool is not supported"):
+        serving_tokenizer("vicuna_v1").apply_chat_template(
+            [{"role": "tool", "content": "x"}], tokenize=False
+        )

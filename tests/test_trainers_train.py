@@ -121,12 +121,22 @@ def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> 
 
 
 def describe(path: Path, template: str, system: str = VICUNA_V1_SYSTEM) -> dict[str, str]:
-    """Greedy answers of the checkpoint at `path` for an image of each colour."""
+    """Greedy answers of the checkpoint at `path` for an image of each colour, asked through
+    the chat template the checkpoint carries, which must render the training format."""
     model = LlavaForConditionalGeneration.from_pretrained(path)
     processor = AutoProcessor.from_pretrained(path)
-    prompt = "<image>"
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "what color is the picture?"}],
+        }
+    ]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    # The training format, written out by hand (plain: the image alone).
+    expected = "<image>"
     if template == "vicuna_v1":
-        prompt = f"{system} USER: <image>\nwhat color is the picture? ASSISTANT:"
+        expected = f"{system} USER: <image>\nwhat color is the picture? ASSISTANT:"
+    assert prompt == expected
     out = {}
     for color, rgb in COLORS.items():
         inputs = processor(

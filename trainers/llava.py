@@ -89,7 +89,7 @@ from warren.trainers.data import (
 )
 from warren.trainers.model import LlavaParts, _num_image_tokens, build_llava, load_llava
 from warren.trainers.ranks import Ranks
-from warren.trainers.templates import ConversationEncoder
+from warren.trainers.templates import ConversationEncoder, serving_chat_template
 
 log = logging.getLogger("warren.trainers.llava")
 
@@ -255,6 +255,16 @@ def _build(c: TrainConfig, dtype: torch.dtype, device: torch.device) -> LlavaPar
             PROJECTOR_FILE,
         )
     return parts
+
+
+def _carry_template(parts: LlavaParts, c: TrainConfig) -> None:
+    """Give the processor (and its tokenizer, which saves the same file) the chat template of
+    the training format, so every checkpoint and the final model serve the prompts they learned."""
+    template = serving_chat_template(
+        c.template, parts.tokenizer, image_token=parts.image_token, system_prompt=c.system_prompt
+    )
+    parts.processor.chat_template = template
+    parts.tokenizer.chat_template = template
 
 
 def _load_4bit(path: str, dtype: torch.dtype, device: torch.device) -> LlavaParts:
@@ -462,6 +472,7 @@ def run_loop(
 
     torch.manual_seed(c.seed)
     parts = _build(c, dtype, device)
+    _carry_template(parts, c)
     model = _prepare(parts, c, out, ranks)
     if not c.qlora:
         model.to(device)

@@ -14,6 +14,15 @@ Three templates, named as the trainers' `--template` flag takes them:
   ship one (Qwen, Llama 3, Phi, ...). The loss covers what the model has to generate after the
   template's generation prompt, up to and including its end-of-turn token.
 
+Checkpoints carry the template they were trained with: `serving_chat_template` writes it as a
+Jinja chat template, which the trainer gives the processor (and so the saved
+`chat_template.jinja`). `processor.apply_chat_template`, lmms-eval's `llava_hf` and vLLM's chat
+endpoint then build the prompt the model was trained on, from plain-string contents (with
+`<image>` markers, as in the data) or from content parts (`{"type": "image"}` renders as
+`<image>` and a newline, LLaVA's order; `{"type": "text"}` as its text). It leaves bos to the
+tokenizer, as llava-hf's templates do, so `processor(text=prompt, images=...)` and
+`processor.apply_chat_template(..., tokenize=True)` give the training ids.
+
 How the loss is placed: each template renders the whole conversation to one string and records
 the character spans the model has to generate; the string is tokenized once with offsets, and a
 token is in the loss when its characters overlap a span. Tokenizing the whole string (rather than
@@ -44,6 +53,7 @@ which names the row id and what is wrong.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -270,8 +280,11 @@ class ConversationEncoder:
             if end <= len(prompt):
                 raise TemplateError(row_id, f"the chat template renders answer {k} as nothing")
             spans.append((len(prompt), end))
-        # The template writes bos itself when the model wants one, as apply_chat_template assumes.
-        return _Rendered(full, spans, add_special_tokens=False)
+        # A template that writes bos gets no second one; one that leaves it to the tokenizer (as
+        # llava-hf's and our checkpoints' do) gets the tokenizer's, as the processor's
+        # apply_chat_template(tokenize=True) decides at inference.
+        bos = self.tokenizer.bos_token
+        return _Rendered(full, spans, add_special_tokens=not (bos and full.startswith(bos)))
 
     def _apply(self, row_id: str, messages: list[dict], add_generation_prompt: bool) -> str:
         try:
@@ -282,6 +295,99 @@ class ConversationEncoder:
             raise TemplateError(
                 row_id, f"the chat template failed: {type(exc).__name__}: {exc}"
             ) from exc
+
+
+# Marks a template as warren's wrapper around an LM's own, so wrapping is done once.
+_WRAPPED = "{#- warren: content parts as text, then the LM's template -#}\n"
+
+
+def serving_chat_template(
+    template: str,
+    tokenizer: Any,
+    *,
+    image_token: str = IMAGE_MARKER,
+    system_prompt: str | None = None,
+) -> str:
+    """The Jinja chat template that renders a conversation as `template` renders it in training
+    (see the module's docstring), for a checkpoint's processor and tokenizer.
+
+    `plain`: the user turns' images, each as `image_token` (their text is dropped: an align
+    checkpoint learned to caption an image and nothing else), then the assistant turn and eos.
+    `vicuna_v1`: LLaVA-1.5's format with `system_prompt` (or a leading system message).
+    `chat_template`: the tokenizer's own template, after content parts are joined into text."""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
+    image = _jinja_string(image_token)
+    text = (
+        "{%- macro warren_text(content) -%}"
+        "{%- if content is string -%}{{ content }}"
+        "{%- else -%}{%- for part in content -%}"
+        "{%- if part['type'] in ('image', 'image_url') -%}{{ " + image + " + '\n' }}"
+        "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
+        "{%- else -%}{{ raise_exception('content parts of type ' + part['type'] "
+        "+ ' are not supported; this model takes images and text') }}"
+        "{%- endif -%}{%- endfor -%}{%- endif -%}"
+        "{%- endmacro -%}"
+    )
+    if template == "chat_template":
+        own = getattr(tokenizer, "chat_template", None)
+        if not own:
+            raise ValueError("template 'chat_template' needs a tokenizer with a chat template")
+        if own.startswith(_WRAPPED):
+            return own
+        # Hand the LM's template string contents: it was written for them.
+        return (
+            _WRAPPED
+            + text
+            + "{%- set ns = namespace(messages=[]) -%}{%- for message in messages -%}"
+            "{%- set ns.messages = ns.messages + [{'role': message['role'], "
+            "'content': warren_text(message['content'])}] -%}{%- endfor -%}"
+            "{%- set messages = ns.messages -%}\n" + own
+        )
+    if tokenizer.eos_token is None:
+        raise ValueError(f"template {template!r} ends answers with eos; the tokenizer has none")
+    eos = _jinja_string(tokenizer.eos_token)
+    unexpected = (
+        "{{ raise_exception('role ' + message['role'] + ' is not supported; "
+        "use system, user and assistant') }}"
+    )
+    if template == "plain":
+        images = (
+            "{%- macro warren_images(content) -%}"
+            "{%- if content is string -%}{{ " + image + " * content.count(" + image + ") }}"
+            "{%- else -%}{%- for part in content -%}"
+            "{%- if part['type'] in ('image', 'image_url') -%}{{ " + image + " }}"
+            "{%- elif part['type'] == 'text' -%}"
+            "{{ " + image + " * part['text'].count(" + image + ") }}"
+            "{%- endif -%}{%- endfor -%}{%- endif -%}"
+            "{%- endmacro -%}"
+        )
+        return (
+            text + images + "{%- for message in messages -%}"
+            "{%- if message['role'] == 'user' -%}{{ warren_images(message['content']) }}"
+            "{%- elif message['role'] == 'assistant' -%}"
+            "{{ warren_text(message['content']) + " + eos + " }}"
+            "{%- elif message['role'] != 'system' -%}" + unexpected + "{%- endif -%}"
+            "{%- endfor -%}"
+        )
+    system = _jinja_string(VICUNA_V1_SYSTEM if system_prompt is None else system_prompt)
+    return (
+        text + "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{{ warren_text(messages[0]['content']) + ' ' }}{%- set turns = messages[1:] -%}"
+        "{%- else -%}{{ " + system + " + ' ' }}{%- set turns = messages -%}{%- endif -%}"
+        "{%- for message in turns -%}"
+        "{%- if message['role'] == 'user' -%}{{ 'USER: ' + warren_text(message['content']) }}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{{ ' ASSISTANT: ' + warren_text(message['content']) + " + eos + " }}"
+        "{%- else -%}" + unexpected + "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
+    )
+
+
+def _jinja_string(value: str) -> str:
+    """`value` as a Jinja string literal (Jinja unescapes literals as Python does)."""
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _parse_turns(
