@@ -6,6 +6,7 @@ warren run bunny_pretrain --output out/bunny     # the flags of python pipelines
 warren run bunny_pretrain --embed.num_gpus 0.5 --embed.concurrency 8 --embed.batch_size 256
 warren describe bunny_pretrain                   # stages, parameters, resources, columns; no Ray
 warren train --data out/bunny --output runs/align --vision V --llm L   # a run's final stage
+warren eval runs/align --tasks pope,gqa --data /data/eval   # a checkpoint on benchmark files
 warren mixture pipelines/mixtures/demo.yaml      # flags as pipelines/mixture.py
 warren report OUT [--to report.html] [--seed 0]  # the run's HTML report (OUT/report.html)
 warren explain OUT ID                            # one row's journey: stages, scores, its removal
@@ -46,6 +47,17 @@ PARAM_HELP: dict[str, dict[str, str]] = {
         "name": "sharegpt: the dataset's name in dataset_info.json",
         "caption_template": 'the human turn of caption rows (default "<image>\\n{instruction}", '
         "as LCS-558K)",
+    },
+    "eval": {
+        "checkpoint": "a LLaVA checkpoint folder or hub id (with --endpoint: the served name)",
+        "tasks": "comma-separated tasks",
+        "data": "a folder of task folders, or TASK=FOLDER,...",
+        "output": "the results folder (default CHECKPOINT/eval)",
+        "endpoint": "an OpenAI-compatible base URL serving the model, e.g. vLLM's",
+        "batch_size": "generation batch (in-process) or concurrent requests (endpoint)",
+        "max_new_tokens": "0: each task's own",
+        "limit": "the first N items of each task (0: all)",
+        "device": "auto (the GPU when there is one), cpu or cuda[:N]",
     },
     "describe": {
         "recipe": "a registered recipe (warren recipes)",

@@ -301,6 +301,53 @@ def train(
     return 0
 
 
+def evaluate(
+    checkpoint: str,
+    *,
+    tasks: str,
+    data: str,
+    output: str | None = None,
+    endpoint: str | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 0,
+    limit: int = 0,
+    device: str = "auto",
+) -> int:
+    """Evaluate a checkpoint on benchmark files: `warren eval CHECKPOINT --tasks pope,gqa --data DIR`.
+
+    `tasks`: comma-separated (vqav2, gqa, textvqa, vizwiz, pope, scienceqa, mmbench, seedbench,
+    coco_caption, nocaps, flickr30k). `data`: a folder holding one folder per task, named as the
+    task, or comma-separated `TASK=FOLDER` (warren.trainers.eval_tasks lists each task's files).
+    `output`: where results.json, results.md and predictions/ go (default CHECKPOINT/eval).
+    `endpoint`: an OpenAI-compatible URL serving the model as CHECKPOINT (`vllm serve CHECKPOINT`)
+    instead of loading it here. `max_new_tokens` 0 keeps each task's own; `limit` N asks the first
+    N items of each task (0: all). Exit 2 with the error for tasks, data or settings that cannot
+    run, or a task with no answered item."""
+    from warren.trainers.evaluate import default_output
+    from warren.trainers.evaluate import evaluate as run_eval
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    folders = [d.strip() for d in data.split(",") if d.strip()]
+    try:
+        _log_to_console()
+        run_eval(
+            checkpoint,
+            names,
+            folders,
+            output or default_output(checkpoint),
+            endpoint=endpoint,
+            model=checkpoint if endpoint else None,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens or None,
+            limit=limit or None,
+            device=device,
+        )
+    except (ValueError, OSError) as exc:
+        print(f"warren eval: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def train_parser() -> argparse.ArgumentParser:
     """The flags of `warren train` (pipelines/cli.py): the trainer's (warren.trainers.config), with stage `align`
     unless --stage says otherwise; imported only when asked for (torch)."""
@@ -339,6 +386,7 @@ COMMANDS = {
     "describe": describe,
     "recipes": recipes,
     "train": train,
+    "eval": evaluate,
     "mixture": mixture,
     "report": report,
     "explain": explain,
@@ -349,6 +397,7 @@ __all__ = [
     "COMMANDS",
     "train_parser",
     "describe",
+    "evaluate",
     "explain",
     "export",
     "mixture",

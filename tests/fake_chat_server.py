@@ -83,7 +83,7 @@ class FakeChatServer:
         self.httpd.server_close()
 
     def _next_answer(self, content: str) -> Any:
-        queue = self.script.get(content)
+        queue = self.script.get(text_of(content))
         if queue:
             return queue.pop(0)
         if self.rate_429 and self.rng.random() < self.rate_429:
@@ -141,7 +141,7 @@ class FakeChatServer:
                     else:
                         if kind == "stall":
                             time.sleep(answer[1])
-                        completion = f"answer to {content}"
+                        completion = f"answer to {text_of(content)}"
                         with server.lock:
                             # Paid: an endpoint bills an answer it generated, whether or not
                             # the client is still there to read it.

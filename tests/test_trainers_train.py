@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from test_eval_metrics import _cider_d
 from test_trainers_data import (
     COLORS,
     CORPUS,
@@ -31,6 +32,7 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
+from warren.pipelines.cli import main as main_cli
 from warren.trainers.data import DataProblemError
 from warren.trainers.llava import PROJECTOR_FILE, TrainConfig, build_parser, main, resolve, train
 from warren.trainers.model import build_llava
@@ -474,3 +476,40 @@ def test_warren_train_takes_a_run_folder_for_its_final_stage(models, shards, tmp
     # a setting that cannot run: exit 2, the trainer's message naming the flag
     assert cli.main(["train", *common[:2], "--output", str(tmp_path / "o2"), "--llm", "x"]) == 2
     assert "give --vision and --llm" in capsys.readouterr().err
+
+
+def test_warren_eval_scores_the_aligned_checkpoint_in_process(aligned, tmp_path, capsys):
+    # A caption task in COCO's format, one image of each colour, its reference the caption the
+    # model was aligned to say: the checkpoint, loaded as `warren eval` loads it, says each.
+    output, _ = aligned
+    root = tmp_path / "data" / "coco_caption"
+    root.mkdir(parents=True)
+    references = {str(k): [f"this is a {c} picture ."] for k, c in enumerate(COLORS)}
+    refs_json = {
+        "images": [{"id": k, "file_name": f"{c}.png"} for k, c in enumerate(COLORS)],
+        "annotations": [{"image_id": k, "caption": references[str(k)][0]} for k in range(4)],
+    }
+    (root / "captions.json").write_text(json.dumps(refs_json))
+    for color, rgb in COLORS.items():
+        Image.new("RGB", (40, 48), rgb).save(root / f"{color}.png")
+    code = main_cli(
+        ["eval", str(output), "--tasks", "coco_caption", "--data", str(tmp_path / "data"),
+         "--output", str(tmp_path / "eval"), "--batch-size", "3", "--max-new-tokens", "7"]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    said = {
+        json.loads(line)["id"]: json.loads(line)["prediction"]
+        for line in (tmp_path / "eval" / "predictions" / "coco_caption.jsonl")
+        .read_text()
+        .split("\n")
+        if line
+    }
+    assert said == {k: refs[0] for k, refs in references.items()}
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    # Each prediction is its reference, but every reference shares "this is a ... picture .":
+    # CIDEr-D's idf weighs only the colour word, so the score is finite, not a fixed maximum.
+    expected = _cider_d(said, references)
+    assert results["tasks"]["coco_caption"]["metrics"]["cider"] == pytest.approx(
+        100 * sum(expected.values()) / 4
+    )
+    assert "| coco_caption | cider |" in capsys.readouterr().out
