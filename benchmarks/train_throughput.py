@@ -1,15 +1,21 @@
-"""The `instruct` stage's training loop against a plain Hugging Face `transformers.Trainer`.
+"""warren's `instruct` training (transformers' Trainer over warren's data stream) against two
+baselines: the plain PyTorch loop warren had before it rode the Trainer, and a plain Hugging Face
+`transformers.Trainer` over an in-memory list.
 
     python benchmarks/train_throughput.py --steps 30 --batch-size 8
 
-Both train the same tiny LLaVA model (a CLIP tower and a Llama LM built from configs, with the
-test suite's word tokenizer; full fine-tuning of projector and LM, vision frozen) on the CPU, one
-thread, in this process, for the same number of steps at the same batch size, from the same
-encoded samples (trainers.templates' vicuna_v1 encoding of the same canonical rows): ours streams
-them from Parquet shards through trainers.data; the Trainer gets them as a list, and its
-collator decodes the images and pads with trainers.data's `collate`, the same work per batch.
-Prints samples/s and tokens/s (attended positions, image tokens included) of each, over the
-training steps only (model loading excluded), and their ratio. Numbers only: it asserts nothing.
+All three train the same tiny LLaVA model (a CLIP tower and a Llama LM built from configs, with
+the test suite's word tokenizer; full fine-tuning of projector and LM, vision frozen) on the CPU,
+one thread, in this process, for the same number of steps at the same batch size, from the same
+encoded samples (trainers.templates' vicuna_v1 encoding of the same canonical rows). warren and
+the plain loop stream them from Parquet shards through trainers.data (the same loader: the loop
+is warren's former one on one process, its per-step work kept and its logging files left out:
+AdamW, warmup and cosine decay, the loss over the step's answer tokens, clipping, the loss, norm
+and rate read back each step); the
+plain Trainer gets them as a list, and its collator decodes the images and pads with
+trainers.data's `collate`, the same work per batch. Prints samples/s and tokens/s (attended
+positions, image tokens included) of each, over the training steps only (model loading
+excluded), and warren's ratio to each. Numbers only: it asserts nothing.
 """
 
 from __future__ import annotations
@@ -35,7 +41,14 @@ from transformers import (
     TrainingArguments,
 )
 
-from warren.trainers.data import collate, iter_rows, plan_units
+from warren.trainers.data import (
+    LlavaStream,
+    StreamingLoader,
+    StreamOptions,
+    collate,
+    iter_rows,
+    plan_units,
+)
 from warren.trainers.llava import TrainConfig, train
 from warren.trainers.model import build_llava, load_llava
 from warren.trainers.templates import ConversationEncoder
@@ -97,11 +110,8 @@ class _Clock(TrainerCallback):
 
 
 def hf_trainer(base: Path, data: Path, steps: int, batch_size: int, lr: float) -> dict[str, float]:
-    parts = load_llava(base)
+    parts = _instruct_model(base)
     model = parts.model
-    model.requires_grad_(False)
-    for module in (model.model.multi_modal_projector, model.model.language_model, model.lm_head):
-        module.requires_grad_(True)
     encoder = ConversationEncoder(
         parts.tokenizer,
         "vicuna_v1",
@@ -148,6 +158,77 @@ def hf_trainer(base: Path, data: Path, steps: int, batch_size: int, lr: float) -
     return {"samples_per_s": steps * batch_size / seconds, "tokens_per_s": tokens[0] / seconds}
 
 
+def _instruct_model(base: Path) -> Any:
+    parts = load_llava(base)
+    model = parts.model
+    model.requires_grad_(False)
+    for module in (model.model.multi_modal_projector, model.model.language_model, model.lm_head):
+        module.requires_grad_(True)
+    return parts
+
+
+def plain_loop(base: Path, data: Path, steps: int, batch_size: int, lr: float) -> dict:
+    """warren's training loop before the Trainer: the same stream, AdamW, cosine, clipping."""
+    import math
+
+    from transformers import get_cosine_schedule_with_warmup
+
+    parts = _instruct_model(base)
+    model = parts.model
+    model.train()
+    encoder = ConversationEncoder(
+        parts.tokenizer,
+        "vicuna_v1",
+        num_image_tokens=parts.num_image_tokens,
+        image_token=parts.image_token,
+        max_length=2048,
+    )
+    options = StreamOptions(
+        batch_size=batch_size,
+        seed=0,
+        shuffle_buffer=1024,
+        length_group_batches=16,
+        max_bad_share=0.01,
+        rank=0,
+        world_size=1,
+    )
+    stream = LlavaStream(
+        plan_units(data), encoder, parts.image_processor, parts.tokenizer.pad_token_id, options
+    )
+    loader = StreamingLoader(stream, num_workers=0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(0.03 * steps), steps)
+    pixel_dtype = next(model.model.vision_tower.parameters()).dtype
+    losses: list[float] = []
+    norms: list[float] = []
+    rates: list[float] = []
+    done, tokens, epoch = 0, 0, 0
+    start = time.perf_counter()
+    while done < steps:
+        loader.set_epoch(epoch)
+        for batch in loader:
+            # As the former loop did each step: the loss over the step's answer tokens, its
+            # value read back, the gradient norm, the rate of the step.
+            inputs = dict(batch.inputs)
+            inputs["pixel_values"] = inputs["pixel_values"].to(pixel_dtype)
+            out = model(**inputs, num_items_in_batch=batch.num_loss_tokens, use_cache=False)
+            out.loss.backward()
+            losses.append(float(out.loss.detach()))
+            norms.append(float(torch.nn.utils.clip_grad_norm_(trainable, 1.0)))
+            rates.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens += batch.num_tokens
+            done += 1
+            if done == steps:
+                break
+        epoch += 1
+    seconds = time.perf_counter() - start
+    return {"samples_per_s": steps * batch_size / seconds, "tokens_per_s": tokens / seconds}
+
+
 def ours(base: Path, data: Path, out: Path, steps: int, batch_size: int, lr: float) -> dict:
     summary = train(
         TrainConfig(
@@ -182,22 +263,25 @@ def main() -> None:
         base = build_models(root, args.hidden)
         data = root / "shards"
         write_shards(data, [color_row(i) for i in range(args.rows)], 64, 16)
+        loop = plain_loop(base, data, args.steps, args.batch_size, 2e-5)
         mine = ours(base, data, root / "run", args.steps, args.batch_size, 2e-5)
         theirs = hf_trainer(base, data, args.steps, args.batch_size, 2e-5)
     print(
         f"instruct, tiny model (hidden {args.hidden}), CPU, {args.threads} thread(s), "
         f"{args.steps} steps of {args.batch_size}"
     )
-    print(f"{'loop':<24}{'samples/s':>12}{'tokens/s':>12}")
-    print(f"{'trainers.llava':<24}{mine['samples_per_s']:>12.1f}{mine['tokens_per_s']:>12.0f}")
-    print(
-        f"{'transformers.Trainer':<24}{theirs['samples_per_s']:>12.1f}"
-        f"{theirs['tokens_per_s']:>12.0f}"
-    )
-    print(
-        f"{'ratio (ours / Trainer)':<24}{mine['samples_per_s'] / theirs['samples_per_s']:>12.2f}"
-        f"{mine['tokens_per_s'] / theirs['tokens_per_s']:>12.2f}"
-    )
+    print(f"{'':<28}{'samples/s':>12}{'tokens/s':>12}")
+    for name, got in (
+        ("warren (Trainer + stream)", mine),
+        ("former plain loop", loop),
+        ("plain transformers.Trainer", theirs),
+    ):
+        print(f"{name:<28}{got['samples_per_s']:>12.1f}{got['tokens_per_s']:>12.0f}")
+    for name, base_line in (("former loop", loop), ("plain Trainer", theirs)):
+        print(
+            f"{'warren / ' + name:<28}{mine['samples_per_s'] / base_line['samples_per_s']:>12.2f}"
+            f"{mine['tokens_per_s'] / base_line['tokens_per_s']:>12.2f}"
+        )
 
 
 if __name__ == "__main__":

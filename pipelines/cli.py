@@ -186,7 +186,13 @@ def describe_parser(recipe: str, shown: Any) -> argparse.ArgumentParser:
 
 
 def _train(rest: list[str]) -> int:
-    return commands.train(**vars(commands.train_parser().parse_args(rest)))
+    parser = commands.train_parser()
+    args, unknown = parser.parse_known_args(rest)
+    # The flags that are not warren's are transformers TrainingArguments' (an unknown one is an
+    # error naming it).
+    from warren.trainers.config import trainer_flags
+
+    return commands.train(**vars(args), training_args=trainer_flags(unknown, parser))
 
 
 if __name__ == "__main__":

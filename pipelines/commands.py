@@ -275,6 +275,7 @@ def train(
     use_gpu: bool | None = None,
     fsdp: bool | None = None,
     cpus_per_worker: float | None = None,
+    training_args: dict[str, Any] | None = None,
 ) -> int:
     """Train a LLaVA model on warren output: `warren train --data OUTPUT --output DIR`.
 
@@ -282,7 +283,9 @@ def train(
     conversations).
     `data`: run folders (their final stage), stage folders or Parquet files. Every other
     parameter is the trainer's flag of the same name (warren.trainers.config.TrainConfig, which
-    documents them); None keeps the trainer's default. Prints the run's JSON summary; exit 2 with
+    documents them); None keeps the trainer's default. `training_args`: transformers
+    `TrainingArguments` settings over warren's (on the command line, any Trainer flag after
+    warren's: `--deepspeed ds.json --report_to wandb`). Prints the run's JSON summary; exit 2 with
     the error for settings or data that cannot run."""
     given = {k: v for k, v in locals().items() if v is not None}
     # The trainer is imported here only: the recipe layer does not depend on it (or on torch).

@@ -120,7 +120,8 @@ def test_train_takes_exactly_the_trainers_flags():
     from warren.trainers.config import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    assert _dests(commands.train_parser()) == fields == _params(commands.train)
+    # training_args: the TrainingArguments flags that follow warren's, parsed apart.
+    assert _dests(commands.train_parser()) | {"training_args"} == fields == _params(commands.train)
     assert commands.train_parser().parse_args(["--data", "d", "--output", "o"]).stage == "align"
 
 

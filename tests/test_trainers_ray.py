@@ -111,7 +111,7 @@ def test_both_ranks_run_the_step_count_of_the_rank_with_fewer_rows(shards, whole
     steps = [math.ceil(math.ceil(n / BATCH_SIZE) / GRAD_ACCUM) for n in good]
     assert steps[0] != steps[1]  # the data makes the ranks disagree, or the test proves nothing
     checkpoint = Path(summary["checkpoint"])
-    state = json.loads((checkpoint / "state.json").read_text())
+    state = json.loads((checkpoint / "warren_state.json").read_text())
     assert state["step"] == summary["steps"] == min(steps)
     assert (state["world_size"], summary["world_size"], summary["parallelism"]) == (2, 2, "ddp")
     # Every good row was batched once: trained on, or left over by the rank with more.
@@ -163,7 +163,7 @@ def test_a_resumed_two_worker_run_reaches_the_unbroken_runs_weights(
 ):
     output, summary = whole
     broken = tmp_path / "broken"
-    step = Path("checkpoints") / "step-00000002"  # mid-epoch: the run has 3 steps
+    step = Path("checkpoints") / "checkpoint-2"  # mid-epoch: the run has 3 steps
     shutil.copytree(output / step, broken / step)
     resumed = train(config(models, shards, broken, resume=True))
     assert resumed["steps"] == summary["steps"]

@@ -375,8 +375,8 @@ def test_resume_from_a_checkpoint_reaches_the_weights_of_an_unbroken_run(aligned
     broken = tmp_path / "broken"
     broken.mkdir()
     shutil.copytree(
-        tmp_path / "whole" / "checkpoints" / "step-00000005",
-        broken / "checkpoints" / "step-00000005",
+        tmp_path / "whole" / "checkpoints" / "checkpoint-5",
+        broken / "checkpoints" / "checkpoint-5",
     )
     # What the interrupted run logged, up to its last step (10); resuming drops steps 6 to 10,
     # and the skipped rows of the epoch it goes back into.
@@ -421,7 +421,9 @@ def test_the_command_line_trains_and_prints_the_summary(models, shards, tmp_path
     assert (summary["steps"], summary["samples"]) == (3, 12)
     assert summary["config"]["template"] == "plain" and summary["config"]["lr"] == 1e-3
     assert {"config.json", "model.safetensors", PROJECTOR_FILE} <= set(summary["files"])
-    assert [p.name for p in (output / "checkpoints").iterdir()] == ["step-00000002"]
+    # Every 2 steps, and (the Trainer's way) at the last step.
+    names = sorted(p.name for p in (output / "checkpoints").iterdir())
+    assert names == ["checkpoint-2", "checkpoint-3"]
     with pytest.raises(ValueError, match="holds an earlier run"):
         main(argv)
 
@@ -513,3 +515,33 @@ def test_warren_eval_scores_the_aligned_checkpoint_in_process(aligned, tmp_path,
         100 * sum(expected.values()) / 4
     )
     assert "| coco_caption | cider |" in capsys.readouterr().out
+
+
+def test_trainer_flags_pass_through_after_warrens_own(models, shards, tmp_path, capsys):
+    # transformers' own spelling, after warren's flags: a constant schedule without warmup keeps
+    # the rate at --lr on every step (warren's default is warmup and cosine decay), and a
+    # logging interval of 2 logs steps 2 and 4.
+    def argv(output: Path, *trainer_flags: str) -> list[str]:
+        return [
+            "--stage", "align", "--data", str(shards), "--output", str(output),
+            "--vision", str(models / "vision"), "--llm", str(models / "llm"), "--max-steps", "4",
+            "--batch-size", "4", "--num-workers", "0", "--max-bad-share", "0.05", *trainer_flags,
+        ]  # fmt: skip
+
+    output = tmp_path / "passthrough"
+    flags = ["--lr_scheduler_type", "constant", "--warmup_steps", "0", "--logging_steps", "2"]
+    summary = main(argv(output, *flags))
+    capsys.readouterr()
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["lr"]) for r in records] == [(2, 1e-3), (4, 1e-3)]
+    given = summary["config"]["training_args"]
+    assert (given["lr_scheduler_type"], given["warmup_steps"], given["logging_steps"]) == (
+        "constant",
+        0,
+        2,
+    )
+    with pytest.raises(SystemExit):
+        main(argv(tmp_path / "o1", "--no_such_trainer_flag", "1"))
+    assert "unrecognized arguments: --no_such_trainer_flag" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--max_steps: set by warren"):
+        main(argv(tmp_path / "o2", "--max_steps", "3"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -117,6 +118,10 @@ class TrainConfig:
         default=False,
     )
     cpus_per_worker: float = _opt("CPUs each Ray Train worker asks for", default=1.0)
+    training_args: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "transformers TrainingArguments settings, over warren's", "flag": False},
+    )
 
 
 def build_parser(prog: str = "python -m warren.trainers.llava") -> argparse.ArgumentParser:
@@ -127,6 +132,8 @@ def build_parser(prog: str = "python -m warren.trainers.llava") -> argparse.Argu
     )
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
+        if f.metadata.get("flag") is False:
+            continue
         kind = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -156,4 +163,39 @@ def build_parser(prog: str = "python -m warren.trainers.llava") -> argparse.Argu
     return parser
 
 
-__all__ = ["CHECKPOINTS", "LORA_TARGETS", "PROJECTOR_FILE", "STAGES", "TrainConfig", "build_parser"]
+def parse_args(argv: Sequence[str] | None, prog: str | None = None) -> TrainConfig:
+    """warren's flags, and after them any `TrainingArguments` flag in the Trainer's own spelling
+    (`--deepspeed ds.json --report_to wandb ...`), which go to `training_args`."""
+    parser = build_parser(prog) if prog else build_parser()
+    args, rest = parser.parse_known_args(argv)
+    config = TrainConfig(**vars(args))
+    config.training_args = trainer_flags(rest, parser)
+    return config
+
+
+def trainer_flags(argv: Sequence[str], ours: argparse.ArgumentParser) -> dict[str, Any]:
+    """The TrainingArguments settings that `argv` gives, and only those (a flag not given keeps
+    warren's value); an unknown flag is an error naming it."""
+    if not argv:
+        return {}
+    from transformers import HfArgumentParser, TrainingArguments
+
+    parser = HfArgumentParser(TrainingArguments, add_help=False)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    given, unknown = parser.parse_known_args(list(argv))
+    if unknown:
+        ours.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return vars(given)
+
+
+__all__ = [
+    "CHECKPOINTS",
+    "LORA_TARGETS",
+    "PROJECTOR_FILE",
+    "STAGES",
+    "TrainConfig",
+    "build_parser",
+    "parse_args",
+]

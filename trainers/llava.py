@@ -26,25 +26,36 @@ A model comes from `--from-checkpoint` (any Hugging Face LLaVA checkpoint) or is
 `--vision` and `--llm` (hub ids or local directories; see trainers.model). torch is seeded with
 `--seed` before the model is built, so the projector's initial weights are a function of the seed.
 
-The loop is one plain PyTorch loop (AdamW, warmup then cosine decay, gradient clipping, gradient
-accumulation with the loss averaged over all answer tokens of the accumulated batches), on CUDA
-with bf16 autocast when there is a GPU (frozen weights stored in bf16, trained ones in fp32), else
-on the CPU in fp32. It logs steps, loss, learning rate, samples/s and tokens/s every `--log-every`
+Training runs on transformers' `Trainer` (trainers.hf_trainer says why not TRL's SFTTrainer, and
+what warren adds): cosine decay after `--warmup-ratio` of linear warmup, gradient clipping,
+gradient accumulation with the loss averaged over all answer tokens of the accumulated batches
+and all ranks, bf16 autocast on a GPU that has it (frozen weights stored in bf16, trained ones in
+fp32), fp32 on the CPU. Every `TrainingArguments` flag passes through as itself, in the Trainer's
+spelling, after warren's flags: `--deepspeed ds.json`, `--report_to wandb`,
+`--lr_scheduler_type linear`, `--optim adamw_8bit`, `--logging_steps`, `--save_steps`, ... (they
+win over warren's equivalents; `--output_dir`, `--max_steps` and `--ignore_data_skip` are
+warren's own). It logs steps, loss, learning rate, samples/s and tokens/s every `--log-every`
 steps (also to `OUTPUT/metrics.jsonl`); skipped rows go to `OUTPUT/data_problems.jsonl`; the run
-ends with a JSON summary (steps, samples, tokens, losses, the data counts of trainers.data), printed
-and saved as `OUTPUT/train_summary.json`.
+ends with a JSON summary (steps, samples, tokens, losses, the data counts of trainers.data),
+printed and saved as `OUTPUT/train_summary.json`.
 
-`--save-every N` writes a resumable checkpoint every N optimizer steps under
-`OUTPUT/checkpoints/step-NNNNNNNN/` (the trained tensors, optimizer, scheduler, RNG, and where each
-data worker is in the epoch); `--resume` continues from the newest, reading on from where each
-data worker stopped (it reads the rows again without decoding their images; an image whose header
-opens but whose pixels do not decode, in the part skipped, is then not counted again).
+Micro-batches run back to back across epochs, `--grad-accum` to an optimizer step (the last step
+of the run may be short); `--epochs` plans ceil(micro-batches / grad-accum) steps.
 
-`train(config)` is the same thing from Python. `--workers N` runs the same loop on N Ray Train
-workers (`--use-gpu`, the default when the cluster has GPUs: one GPU each; DDP, or FSDP with
-`--fsdp`); see trainers.ray_train and docs/trainers.md. Each rank reads its own share of the row
-groups, and all ranks run the step count of the rank with the fewest rows (`unused_samples` in
-the summary counts what the others had batched beyond it).
+`--save-every N` writes a resumable checkpoint every N optimizer steps,
+`OUTPUT/checkpoints/checkpoint-N/` (the Trainer's: optimizer, scheduler, RNG and its state; the
+trained tensors as `trainable.safetensors` when they are part of the model, the adapter for LoRA;
+and where each data worker is in the epoch); `--resume` continues from the newest, reading on
+from where each data worker stopped (it reads the rows again without decoding their images; an
+image whose header opens but whose pixels do not decode, in the part skipped, is then not
+counted again).
+
+`train(config)` is the same thing from Python (`TrainConfig.training_args` holds Trainer
+settings). `--workers N` runs the same loop on N Ray Train workers (`--use-gpu`, the default when
+the cluster has GPUs: one GPU each; DDP, or FSDP with `--fsdp`); see trainers.ray_train and
+docs/trainers.md. Each rank reads its own share of the row groups, and all ranks run as many
+micro-batches as the rank with the fewest rows (`unused_samples` in the summary counts what the
+others had batched beyond it).
 """
 
 from __future__ import annotations
@@ -56,14 +67,9 @@ import logging
 import math
 import os
 import re
-import shutil
 import sys
-import time
 import typing
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass, field
-from itertools import islice
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +82,9 @@ from warren.trainers.config import (
     STAGES,
     TrainConfig,
     build_parser,
+    parse_args,
 )
 from warren.trainers.data import (
-    Batch,
     DataStats,
     LlavaStream,
     StreamingLoader,
@@ -87,11 +93,21 @@ from warren.trainers.data import (
     plan_units,
     rank_rows,
 )
+from warren.trainers.hf_trainer import (
+    RUN_STATE,
+    LlavaTrainer,
+    StepStream,
+    WarrenLog,
+    checkpoints_in,
+    link_model_files,
+    read_data_state,
+)
 from warren.trainers.model import LlavaParts, _num_image_tokens, build_llava, load_llava
 from warren.trainers.ranks import Ranks
 from warren.trainers.templates import ConversationEncoder, serving_chat_template
 
 log = logging.getLogger("warren.trainers.llava")
+__all__ = ["PROJECTOR_FILE", "TrainConfig", "build_parser", "main", "resolve", "train"]
 
 PROJECTOR = "multi_modal_projector"
 PROJECTOR_PREFIX = f"model.{PROJECTOR}."
@@ -135,7 +151,7 @@ RESUME_MUST_MATCH = (
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run `python -m warren.trainers.llava` with `argv`; print and return the summary."""
-    config = TrainConfig(**vars(build_parser().parse_args(argv)))
+    config = parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     summary = train(config)
@@ -327,15 +343,7 @@ def _prepare(parts: LlavaParts, c: TrainConfig, out: Path, ranks: Ranks) -> torc
     `parts.model` (whose modules it changes in place)."""
     model = parts.model
     model.requires_grad_(False)
-    inner = model.model
-    if c.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:  # transformers >= 5 names it so
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+    inner = model.model  # gradient checkpointing: the Trainer turns it on (training_arguments)
     if c.stage == "align":
         inner.multi_modal_projector.requires_grad_(True)
         return model
@@ -371,21 +379,6 @@ def _prepare(parts: LlavaParts, c: TrainConfig, out: Path, ranks: Ranks) -> torc
     return get_peft_model(model, lora)
 
 
-def _param_groups(model: torch.nn.Module, c: TrainConfig) -> list[dict[str, Any]]:
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    projector = [p for n, p in trainable if f".{PROJECTOR}." in f".{n}"]
-    rest = [p for n, p in trainable if f".{PROJECTOR}." not in f".{n}"]
-    groups = [
-        {"name": "model", "params": rest, "lr": c.lr},
-        {
-            "name": "projector",
-            "params": projector,
-            "lr": c.lr if c.projector_lr is None else c.projector_lr,
-        },
-    ]
-    return [g for g in groups if g["params"]]
-
-
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
@@ -412,19 +405,6 @@ def projector_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Progress:
-    step: int = 0
-    epoch: int = 0
-    positions: dict[int, int] = field(default_factory=dict)  # {worker: batches consumed}
-    stats_before_epoch: DataStats = field(default_factory=DataStats)
-    samples: int = 0  # trained on, all ranks
-    tokens: int = 0
-    seconds: float = 0.0
-    first_loss: float | None = None
-    unused_samples: int = 0  # this rank's samples batched but not trained on (see _steps)
-
-
 # Called on every rank at the same steps: (metrics, checkpoint folder or None).
 Report = typing.Callable[[dict[str, Any], "Path | None"], None]
 
@@ -444,12 +424,89 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 "call it from one process, or call run_loop() from each"
             )
     plan_units(c.data)  # footers only: bad data paths fail before a model loads
+    training_arguments(c, max_steps=1)  # bad Trainer flags fail here too
     resume_from = _prepare_output(Path(c.output), c)
     if c.workers > 0:
         from warren.trainers.ray_train import train_on_ray
 
         return train_on_ray(c, resume_from, run_loop)
     return run_loop(c, resume_from, Ranks())
+
+
+def training_arguments(c: TrainConfig, *, max_steps: int) -> Any:
+    """The `TrainingArguments` of a run: warren's flags as their Trainer equivalents, then the
+    user's own Trainer settings (`c.training_args`, `--deepspeed`, `--report_to`, ...) over
+    them. Checkpoints go to OUTPUT/checkpoints/checkpoint-N."""
+    from transformers import TrainingArguments
+
+    device = _device(c.device)
+    if device.type == "cuda" and device.index not in (None, 0):
+        raise ValueError(
+            f"--device {c.device}: the Trainer takes the first GPU it sees; choose it with "
+            f"CUDA_VISIBLE_DEVICES={device.index} and --device cuda"
+        )
+    ours: dict[str, Any] = {
+        "output_dir": str(Path(c.output) / CHECKPOINTS),
+        "per_device_train_batch_size": c.batch_size,
+        "gradient_accumulation_steps": c.grad_accum,
+        "max_steps": max_steps,
+        "learning_rate": c.lr,
+        "weight_decay": c.weight_decay,
+        "warmup_steps": c.warmup_ratio,  # below 1: a share of the steps
+        "lr_scheduler_type": "cosine",
+        "max_grad_norm": c.max_grad_norm,
+        "logging_steps": c.log_every,
+        "logging_first_step": False,
+        "save_strategy": "steps" if c.save_every else "no",
+        "save_steps": c.save_every or 500,
+        "save_total_limit": c.keep_checkpoints,
+        "seed": c.seed,
+        "bf16": _precision(c.precision, device) == torch.bfloat16,
+        **_checkpointing(c.gradient_checkpointing),
+        "use_cpu": device.type == "cpu",
+        "report_to": "none",
+        "remove_unused_columns": False,
+        # warren's stream resumes where each data worker was, without decoding what it skips.
+        "ignore_data_skip": True,
+        "average_tokens_across_devices": True,
+        "dataloader_pin_memory": False,  # trainers.data's loader pins, when it should
+        "ddp_find_unused_parameters": c.unfreeze_vision,
+        "disable_tqdm": True,
+    }
+    if c.fsdp:
+        ours["fsdp"] = "full_shard auto_wrap"
+        ours["fsdp_config"] = {"use_orig_params": True}
+    given = dict(c.training_args or {})
+    overridden = sorted(set(given) & {"output_dir", "max_steps", "ignore_data_skip"})
+    if overridden:
+        raise ValueError(
+            f"{', '.join('--' + k for k in overridden)}: set by warren (OUTPUT/checkpoints, "
+            "--max-steps or --epochs, and its own resume of the data); use warren's flags"
+        )
+    try:
+        args = TrainingArguments(**{**ours, **given})
+    except (TypeError, ValueError, ImportError) as exc:
+        raise ValueError(f"Trainer settings: {exc}") from exc
+    if args.n_gpu > 1 and args.local_rank == -1:
+        # One process uses one GPU, as before the Trainer (whose default would be DataParallel
+        # over all of them); several GPUs are Ray Train workers (--workers N), one each.
+        args._n_gpu = 1
+    return args
+
+
+def _checkpointing(on: bool) -> dict[str, Any]:
+    """Gradient checkpointing in the spelling of the installed transformers (5.x renamed it)."""
+    import dataclasses as dc
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dc.fields(TrainingArguments)}
+    name = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in names
+        else "gradient_checkpointing"
+    )
+    return {name: on, f"{name}_kwargs": {"use_reentrant": False}}
 
 
 def run_loop(
@@ -460,38 +517,27 @@ def run_loop(
     device: torch.device | None = None,
     report: Report | None = None,
 ) -> dict[str, Any]:
-    """The training loop of one process: rank `ranks.rank` of `ranks.world_size`, with
-    torch.distributed already set up when there are more. `c` is resolved and OUTPUT prepared
-    (as train() does); `report` is called on every rank at each log line and checkpoint. Rank 0
-    writes the logs, checkpoints and the final model; every rank returns the summary."""
+    """One training process: rank `ranks.rank` of `ranks.world_size`, with torch.distributed
+    already set up when there are more. `c` is resolved and OUTPUT prepared (as train() does);
+    `report` is called on every rank at each checkpoint and at the end. Rank 0 writes the logs,
+    checkpoints and the final model; every rank returns the summary."""
     out = Path(c.output)
     units = plan_units(c.data)
     device = device or _device(c.device)
     dtype = _precision(c.precision, device)
     lead = ranks.rank == 0
 
+    saved = _read_run_state(resume_from, c, ranks) if resume_from is not None else None
     torch.manual_seed(c.seed)
     parts = _build(c, dtype, device)
     _carry_template(parts, c)
     model = _prepare(parts, c, out, ranks)
-    if not c.qlora:
-        model.to(device)
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             # Trained weights stay in fp32 (bf16 autocast computes in bf16 where it pays).
             p.data = p.data.float()
-    saved = _read_checkpoint(resume_from, c, ranks) if resume_from is not None else None
-    if saved is not None:
-        _load_trainable(model, saved.tensors, resume_from)
-    pixel_dtype = next(_unwrap(model).model.vision_tower.parameters()).dtype
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
-    # Replicas must start equal (DDP broadcasts rank 0's weights; FSDP shards them), then each
-    # rank draws its own dropout.
-    engine = _distribute(model, c, device, ranks)
-    if ranks.distributed:
-        torch.manual_seed(c.seed + ranks.rank)
-    trainable = [p for p in engine.parameters() if p.requires_grad]
     encoder = ConversationEncoder(
         parts.tokenizer,
         c.template,
@@ -518,138 +564,105 @@ def run_loop(
         pin_memory=device.type == "cuda",
         problems_path=out / _problems_file(ranks),
     )
-    total_steps = c.max_steps if c.max_steps is not None else _planned_steps(stream, c)
-    optimizer = torch.optim.AdamW(_param_groups(engine, c), weight_decay=c.weight_decay)
-    from transformers import get_cosine_schedule_with_warmup
-
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, math.ceil(c.warmup_ratio * total_steps), max(total_steps, 1)
+    planned = planned_batches(units, c, ranks.world_size)
+    if c.max_steps is not None:
+        total_steps = c.max_steps
+        length = max(c.max_steps * c.grad_accum, 1)
+    else:
+        total_steps = math.ceil(planned / c.grad_accum)
+        length = max(planned, 1)
+    resumed = read_data_state(resume_from, ranks.rank) if saved is not None else {}
+    steps = StepStream(
+        loader,
+        ranks,
+        epochs=None if c.max_steps is not None else c.epochs,
+        length=length,
+        start_epoch=resumed.get("start_epoch", 0),
+        skip=resumed.get("skip"),
+        stats_before_epoch=resumed.get("stats_before_epoch"),
     )
-    progress = _Progress()
+    steps.unused = resumed.get("unused", 0)
+    # --max-steps 0 saves the assembled model untrained (the Trainer reads 0 as "use epochs").
+    args = training_arguments(c, max_steps=max(total_steps, 1))
+    progress = {"samples": 0, "tokens": 0, "seconds": 0.0, "first_loss": None, "last_loss": None}
     if saved is not None:
-        _load_optimizer(saved, engine, optimizer, scheduler)
-        progress = saved.progress
-        loader.stats = progress.stats_before_epoch.copy()
-        _rewind_logs(out, progress, ranks)
-        if lead:
-            log.info(
-                "resuming from %s (step %d, epoch %d)", resume_from, progress.step, progress.epoch
-            )
-    if lead:
-        log.info(
-            "stage %s on %s x%d (%s%s): %s of %s parameters trained; %d rows in %d row groups; "
-            "%d steps",
-            c.stage,
-            device.type,
-            ranks.world_size,
-            str(dtype).removeprefix("torch."),
-            ", FSDP" if _uses_fsdp(c, ranks) else (", DDP" if ranks.distributed else ""),
-            f"{n_trainable:,}",
-            f"{n_total:,}",
-            stream.total_rows,
-            len(stream.units),
-            total_steps,
-        )
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if dtype == torch.bfloat16
-        else nullcontext()
+        progress.update({k: saved[k] for k in progress if k in saved})
+        _rewind_logs(out, saved["step"], steps.epoch, ranks)
+    logger = WarrenLog(steps, ranks, out, progress, dataclasses.asdict(c))
+    callbacks: list[Any] = [logger]
+    if report is not None:
+        from warren.trainers.ray_train import report_callback
+
+        callbacks.append(report_callback(report, logger))
+    trainer = LlavaTrainer(
+        model=model,
+        args=args,
+        processing_class=parts.processor,
+        stream=steps,
+        projector_lr=c.projector_lr,
+        callbacks=callbacks,
     )
-    engine.train()
-    window = _Window()
-    last_loss: float | None = None
-    saved_at: Path | None = None
-    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if lead else None
-    try:
-        # Throughput is wall time from step to step, waiting for data included.
-        tick = time.perf_counter()
-        for micro in _steps(loader, progress, c, ranks):
-            # Every answer token of the step weighs the same, on whichever rank it is: each
-            # micro-batch's loss is summed over its answer tokens and divided by those of the
-            # whole step, all ranks together; DDP/FSDP average gradients over ranks, so the loss
-            # is scaled back up by the world size.
-            n_loss, samples, tokens = ranks.sum(
-                [
-                    sum(b.num_loss_tokens for b in micro),
-                    sum(len(b.ids) for b in micro),
-                    sum(b.num_tokens for b in micro),
-                ]
-            )
-            loss_sum = 0.0
-            for i, b in enumerate(micro):
-                inputs = {k: v.to(device, non_blocking=True) for k, v in b.inputs.items()}
-                if "pixel_values" in inputs:
-                    inputs["pixel_values"] = inputs["pixel_values"].to(pixel_dtype)
-                # Gradients are exchanged once per step, on its last micro-batch.
-                sync = i == len(micro) - 1 or not ranks.distributed
-                with nullcontext() if sync else engine.no_sync():
-                    with autocast:
-                        outputs = engine(**inputs, num_items_in_batch=int(n_loss), use_cache=False)
-                    (outputs.loss * ranks.world_size).backward()
-                loss_sum += float(outputs.loss.detach())
-            grad_norm = _clip(engine, trainable, c, ranks)
-            lr = scheduler.get_last_lr()[0]  # the rate this step used (the first group's)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            (loss_sum,) = ranks.sum([loss_sum])  # the step's loss over all ranks' answer tokens
-            progress.step += 1
-            progress.samples += int(samples)
-            progress.tokens += int(tokens)
-            now = time.perf_counter()
-            elapsed, tick = now - tick, now
-            progress.seconds += elapsed
-            if progress.first_loss is None:
-                progress.first_loss = loss_sum
-            last_loss = loss_sum
-            window.add(loss_sum, int(samples), int(tokens), elapsed, grad_norm)
-            record = None
-            if progress.step % c.log_every == 0 or progress.step == total_steps:
-                record = window.flush(progress, lr, total_steps, lead)
-                if metrics is not None:
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-            saved_at = None
-            if c.save_every and progress.step % c.save_every == 0:
-                saved_at = _save_checkpoint(out, progress, engine, optimizer, scheduler, c, ranks)
-            if report is not None and (record is not None or saved_at is not None):
-                report(record or {"step": progress.step, "epoch": progress.epoch}, saved_at)
-    finally:
-        if metrics is not None:
-            metrics.close()
+    logger.trainer = trainer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    # warren logs each step itself (and prints only the summary on stdout).
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if report is not None:
+        from ray.train.huggingface.transformers import prepare_trainer
+
+        trainer = prepare_trainer(trainer)
+    if lead:
+        where = f", resuming from {resume_from}" if resume_from is not None else ""
+        log.info(
+            "stage %s on %s x%d: %s of %s parameters trained; %d rows; %d steps%s",
+            c.stage, device.type, ranks.world_size, f"{n_trainable:,}", f"{n_total:,}",
+            stream.total_rows, total_steps, where,
+        )  # fmt: skip
+    if total_steps > 0:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    engine = trainer.model_wrapped
+    if c.max_steps is None:
+        steps.finish()  # to the end of the last epoch: what other ranks hold there is unused
+    else:
+        # Batched but never stepped on (a short last group of a --max-steps run).
+        steps.unused += sum(s for s, _ in steps.pending)
     check_skipped_share(loader.stats, c.max_bad_share, f"training data{_where(ranks)}: ")
-    if report is not None and saved_at is None:
+    saved_at = _last_checkpoint(out)
+    if report is not None and (saved_at is None or _step_of(saved_at) != trainer.state.global_step):
         # A Ray Train run ends on a checkpoint, which Result.checkpoint points at.
-        saved_at = _save_checkpoint(out, progress, engine, optimizer, scheduler, c, ranks)
+        # (Reported with the summary, below: Ray's Result holds the last report's checkpoint.)
+        trainer._save_checkpoint(engine, trial=None)
+        logger.on_save(args, trainer.state, trainer.control)
+        saved_at = _last_checkpoint(out)
     # DDP keeps the replicas equal by construction; the digests show it (FSDP holds shards).
     replicas = (
-        ranks.gather(_sha256(_trainable_state(_unwrap_ddp(engine))))
+        ranks.gather(_sha256(_trainable_state(trainer.accelerator.unwrap_model(engine))))
         if ranks.distributed and not _uses_fsdp(c, ranks)
         else None
     )
-    files = _save_final(parts, model, engine, c, out, dtype, ranks)
+    files = _save_final(parts, trainer, c, out, dtype, ranks)
     data = DataStats()
     for stats in ranks.gather(loader.stats):
         data.add(stats)
-    (unused,) = ranks.sum([progress.unused_samples])
+    (unused,) = ranks.sum([steps.unused])
+    seconds = progress["seconds"]
     summary = {
         "stage": c.stage,
         "output": str(out),
-        "steps": progress.step,
-        "epochs_completed": progress.epoch,
-        "samples": progress.samples,
+        "steps": trainer.state.global_step,
+        "epochs_completed": steps.epoch,
+        "samples": progress["samples"],
         "unused_samples": int(unused),
-        "tokens": progress.tokens,
-        "first_loss": progress.first_loss,
-        "last_loss": last_loss,
-        "train_seconds": round(progress.seconds, 3),
-        "samples_per_s": round(progress.samples / progress.seconds, 3)
-        if progress.seconds
-        else None,
-        "tokens_per_s": round(progress.tokens / progress.seconds, 3) if progress.seconds else None,
+        "tokens": progress["tokens"],
+        "first_loss": progress["first_loss"],
+        "last_loss": progress["last_loss"],
+        "train_seconds": round(seconds, 3),
+        "samples_per_s": round(progress["samples"] / seconds, 3) if seconds else None,
+        "tokens_per_s": round(progress["tokens"] / seconds, 3) if seconds else None,
         "trainable_params": n_trainable,
         "total_params": n_total,
-        "device": str(device),
+        "device": str(args.device),
         "world_size": ranks.world_size,
         "parallelism": "fsdp" if _uses_fsdp(c, ranks) else ("ddp" if ranks.distributed else None),
         "dtype": str(dtype).removeprefix("torch."),
@@ -665,16 +678,16 @@ def run_loop(
         summary["checkpoint"] = str(saved_at)
     if lead:
         if saved_at is not None and report is not None:
-            _link_model_files(out, saved_at)
+            link_model_files(out, saved_at)
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
         log.info(
             "done: %d steps, %d samples (%d batched but unused to keep ranks in step), "
             "loss %s -> %s; data: %s",
-            progress.step,
-            progress.samples,
+            summary["steps"],
+            summary["samples"],
             int(unused),
-            _fmt(progress.first_loss),
-            _fmt(last_loss),
+            _fmt(progress["first_loss"]),
+            _fmt(progress["last_loss"]),
             data.summary(),
         )
     ranks.barrier()  # the checkpoint is whole before any rank reports it
@@ -696,162 +709,18 @@ def _uses_fsdp(c: TrainConfig, ranks: Ranks) -> bool:
     return c.fsdp and ranks.distributed
 
 
-def _distribute(
-    model: torch.nn.Module, c: TrainConfig, device: torch.device, ranks: Ranks
-) -> torch.nn.Module:
-    """The module the loop calls: `model` itself on one process, else wrapped in DDP (a
-    replica per rank) or, with --fsdp, FSDP (each rank holds a shard of every layer)."""
-    if not ranks.distributed:
-        return model
-    ids = [device.index] if device.type == "cuda" else None
-    if not c.fsdp:
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(
-            model,
-            device_ids=ids,
-            # Layers after the tower's feature layer get no gradient when the tower is trained.
-            find_unused_parameters=c.unfreeze_vision,
-        )
-    from torch.distributed.fsdp import FullyShardedDataParallel
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-    # One FSDP unit per transformer layer (the classes transformers keeps whole on a device).
-    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
-    layers = {type(m) for m in model.modules() if type(m).__name__ in names}
-    return FullyShardedDataParallel(
-        model,
-        auto_wrap_policy=ModuleWrapPolicy(layers) if layers else None,
-        # Frozen and trained weights share units (the tower is frozen, the projector is not).
-        use_orig_params=True,
-        device_id=device,  # named even for the CPU, which FSDP otherwise refuses
-    )
-
-
-def _clip(
-    engine: torch.nn.Module, trainable: list[torch.nn.Parameter], c: TrainConfig, ranks: Ranks
-) -> float | None:
-    if c.max_grad_norm <= 0:
-        return None
-    if _uses_fsdp(c, ranks):
-        return float(engine.clip_grad_norm_(c.max_grad_norm))  # the norm over all shards
-    return float(torch.nn.utils.clip_grad_norm_(trainable, c.max_grad_norm))
-
-
-def _steps(
-    loader: StreamingLoader, progress: _Progress, c: TrainConfig, ranks: Ranks
-) -> Iterator[list[Batch]]:
-    """The micro-batches of each optimizer step, epoch after epoch, until `epochs` epochs or
-    `max_steps` steps; `progress.epoch` counts finished epochs.
-
-    Ranks run the same number of micro-batches in every step, the fewest any rank has, and the
-    epoch ends when one rank has none left: ranks read different numbers of rows (row groups
-    differ in size, rows are skipped), and each forward and backward of DDP or FSDP waits for
-    every rank. What the other ranks batched beyond that is read to the end (so its rows are
-    counted) and added to `progress.unused_samples`."""
-    skip = progress.positions
-    while _more_epochs(progress, c):
-        loader.set_epoch(progress.epoch, skip)
-        resumed = bool(skip)
-        skip = {}
-        progress.stats_before_epoch = loader.stats.copy()
-        batches = iter(loader)
-        carried: list[Batch] = []
-        steps = 0
-        while c.max_steps is None or progress.step < c.max_steps:
-            micro = carried + list(islice(batches, c.grad_accum - len(carried)))
-            n = ranks.min(len(micro))
-            micro, carried = micro[:n], micro[n:]
-            if not micro:
-                break
-            steps += 1
-            progress.positions = dict(loader.positions)
-            for b in carried:  # batched, not yet trained on: a resumed run reads them again
-                progress.positions[b.worker] = min(progress.positions[b.worker], b.index)
-            yield micro
-        else:
-            return  # max_steps reached inside the epoch
-        progress.unused_samples += sum(len(b.ids) for b in carried)
-        progress.unused_samples += sum(len(b.ids) for b in batches)
-        if not steps and not resumed:
-            raise ValueError(
-                f"epoch {progress.epoch} gave no optimizer steps{_where(ranks)}: "
-                f"{loader.epoch_stats.summary()}"
-            )
-        progress.epoch += 1
-        progress.positions = {}
-
-
-def _more_epochs(progress: _Progress, c: TrainConfig) -> bool:
-    if c.max_steps is not None:
-        return progress.step < c.max_steps
-    return progress.epoch < c.epochs
-
-
-def planned_steps(
-    units: Sequence[Any], c: TrainConfig, world_size: int = 1, epochs: int | None = None
-) -> int:
-    """Optimizer steps for `epochs` (default: `c.epochs`) epochs over `world_size` ranks, from
-    the deterministic plan: every rank runs as many as the rank with the fewest rows. The
-    cosine schedule's length; rows that are skipped make the real run a little shorter."""
-    steps = 0
-    for epoch in range(c.epochs if epochs is None else epochs):
+def planned_batches(units: Sequence[Any], c: TrainConfig, world_size: int = 1) -> int:
+    """Micro-batches every rank runs over `c.epochs` epochs, from the deterministic plan: each
+    epoch, as many as the rank with the fewest rows has. The Trainer's schedule is
+    ceil(this / grad_accum) steps; rows that are skipped make the real run a little shorter."""
+    total = 0
+    for epoch in range(c.epochs):
         fewest = min(
             rank_rows(units, seed=c.seed, epoch=epoch, rank=r, world_size=world_size)
             for r in range(world_size)
         )
-        steps += math.ceil(math.ceil(fewest / c.batch_size) / c.grad_accum)
-    return steps
-
-
-def _planned_steps(stream: LlavaStream, c: TrainConfig) -> int:
-    return planned_steps(stream.units, c, stream.options.world_size)
-
-
-class _Window:
-    """Sums since the last log line."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.steps, self.loss, self.samples, self.tokens, self.seconds = 0, 0.0, 0, 0, 0.0
-        self.grad_norm: float | None = None
-
-    def add(self, loss: float, samples: int, tokens: int, seconds: float, norm: float | None):
-        self.steps += 1
-        self.loss += loss
-        self.samples += samples
-        self.tokens += tokens
-        self.seconds += seconds
-        self.grad_norm = norm
-
-    def flush(
-        self, progress: _Progress, lr: float, total_steps: int, lead: bool = True
-    ) -> dict[str, Any]:
-        seconds = max(self.seconds, 1e-9)
-        record = {
-            "step": progress.step,
-            "epoch": progress.epoch,
-            "loss": self.loss / self.steps,
-            "lr": lr,
-            "grad_norm": self.grad_norm,
-            "samples_per_s": self.samples / seconds,
-            "tokens_per_s": self.tokens / seconds,
-        }
-        if lead:
-            log.info(
-                "step %d/%d epoch %d loss %.4f lr %.2e samples/s %.1f tokens/s %.0f",
-                progress.step,
-                total_steps,
-                progress.epoch,
-                record["loss"],
-                lr,
-                record["samples_per_s"],
-                record["tokens_per_s"],
-            )
-        self.reset()
-        return record
+        total += math.ceil(fewest / c.batch_size)
+    return total
 
 
 def _fmt(x: float | None) -> str:
@@ -866,7 +735,7 @@ def _fmt(x: float | None) -> str:
 def _prepare_output(out: Path, c: TrainConfig) -> Path | None:
     """Create OUTPUT; the newest checkpoint when resuming. A folder with an earlier run's
     checkpoints or summary is only continued with --resume, never overwritten."""
-    checkpoints = sorted((out / CHECKPOINTS).glob("step-*")) if out.exists() else []
+    checkpoints = checkpoints_in(out / CHECKPOINTS) if out.exists() else []
     if c.resume:
         if not checkpoints:
             raise ValueError(f"--resume: no checkpoints in {out / CHECKPOINTS}")
@@ -883,15 +752,24 @@ def _prepare_output(out: Path, c: TrainConfig) -> Path | None:
     return None
 
 
-def _rewind_logs(out: Path, progress: _Progress, ranks: Ranks) -> None:
+def _last_checkpoint(out: Path) -> Path | None:
+    found = checkpoints_in(out / CHECKPOINTS)
+    return found[-1] if found else None
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[-1])
+
+
+def _rewind_logs(out: Path, step: int, epoch: int, ranks: Ranks) -> None:
     """Drop what an interrupted run logged after the checkpoint it resumes from: metrics of later
     steps, and skipped rows of the epoch it is in (which is read again, and logs them again).
     Each rank rewinds its own problems file; rank 0 the metrics."""
     files: list[tuple[str, Callable[[dict[str, Any]], bool]]] = [
-        (_problems_file(ranks), lambda r: r["epoch"] < progress.epoch)
+        (_problems_file(ranks), lambda r: r["epoch"] < epoch)
     ]
     if ranks.rank == 0:
-        files.append(("metrics.jsonl", lambda r: r["step"] <= progress.step))
+        files.append(("metrics.jsonl", lambda r: r["step"] <= step))
     for name, keep in files:
         path = out / name
         if path.exists():
@@ -906,132 +784,13 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-_FSDP_PREFIX = "_fsdp_wrapped_module."
-
-
-def _full_state(engine: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """An FSDP model's whole state dict, gathered on rank 0 (in CPU memory) under the names of
-    the unwrapped model; empty on other ranks. Every rank must call it."""
-    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-    with FSDP.state_dict_type(engine, StateDictType.FULL_STATE_DICT, config):
-        return engine.state_dict()
-
-
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().clone()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
-    return obj
-
-
-def _trained_names(engine: torch.nn.Module) -> list[str]:
-    return [n.replace(_FSDP_PREFIX, "") for n, p in engine.named_parameters() if p.requires_grad]
-
-
-def _save_checkpoint(
-    out: Path,
-    progress: _Progress,
-    engine: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    c: TrainConfig,
-    ranks: Ranks,
-) -> Path:
-    """Write OUTPUT/checkpoints/step-N (rank 0; every rank calls it, for the gathers) and
-    return its path. Where each rank is in the epoch and its RNG are kept per rank."""
-    final = out / CHECKPOINTS / f"step-{progress.step:08d}"
-    fsdp = _uses_fsdp(c, ranks)
-    if fsdp:
-        from torch.distributed.fsdp import FullOptimStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        full = _full_state(engine)
-        tensors = {n: full[n].contiguous() for n in _trained_names(engine) if n in full}
-        with FSDP.state_dict_type(
-            engine,
-            StateDictType.FULL_STATE_DICT,
-            # offload_to_cpu=True saved exp_avg in place of exp_avg_sq (torch 2.14, gloo):
-            # gather on the device, then copy.
-            optim_state_dict_config=FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True),
-        ):
-            optim_state = _to_cpu(FSDP.optim_state_dict(engine, optimizer))
-    else:
-        tensors = _trainable_state(_unwrap_ddp(engine))
-        optim_state = optimizer.state_dict()
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    mine = {
-        "positions": {str(k): v for k, v in progress.positions.items()},
-        "stats_before_epoch": progress.stats_before_epoch.to_dict(),
-        "unused_samples": progress.unused_samples,
-    }
-    per_rank = ranks.gather((mine, rng))
-    if ranks.rank == 0:
-        tmp = out / CHECKPOINTS / f".tmp-step-{progress.step:08d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(tensors, str(tmp / "trainable.safetensors"))
-        torch.save(optim_state, tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save({**rng, "ranks": [r for _, r in per_rank]}, tmp / "rng.pt")
-        state = {
-            "step": progress.step,
-            "epoch": progress.epoch,
-            # Rank 0's, at the top level as a one-process run writes them.
-            **mine,
-            "world_size": ranks.world_size,
-            "fsdp": fsdp,
-            "ranks": [m for m, _ in per_rank],
-            "samples": progress.samples,
-            "tokens": progress.tokens,
-            "seconds": progress.seconds,
-            "first_loss": progress.first_loss,
-            "config": dataclasses.asdict(c),
-        }
-        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)  # a checkpoint is there whole or not at all
-        for old in sorted((out / CHECKPOINTS).glob("step-*"))[: -c.keep_checkpoints]:
-            shutil.rmtree(old)
-        log.info("saved checkpoint %s", final)
-    ranks.barrier()
-    return final
-
-
-def _sha256(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        digest.update(name.encode())
-        digest.update(tensors[name].numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _unwrap_ddp(engine: torch.nn.Module) -> torch.nn.Module:
-    if isinstance(engine, torch.nn.parallel.DistributedDataParallel):
-        return engine.module
-    return engine
-
-
-@dataclass
-class _Saved:
-    path: Path
-    progress: _Progress
-    tensors: dict[str, torch.Tensor]
-    rng: dict[str, Any]
-    fsdp: bool
-
-
-def _read_checkpoint(path: Path, c: TrainConfig, ranks: Ranks) -> _Saved:
-    """What `path` holds for this rank; a ValueError when it was written with settings this run
+def _read_run_state(path: Path, c: TrainConfig, ranks: Ranks) -> dict[str, Any]:
+    """The run state `path` holds; a ValueError when it was written with settings this run
     cannot continue."""
-    state = json.loads((path / "state.json").read_text())
+    state_file = path / RUN_STATE
+    if not state_file.exists():
+        raise ValueError(f"{path}: not a checkpoint of warren train (no {RUN_STATE})")
+    state = json.loads(state_file.read_text())
     saved = state["config"]
     now = dataclasses.asdict(c)
     defaults = dataclasses.asdict(TrainConfig(stage="align", data=[], output=""))
@@ -1048,79 +807,41 @@ def _read_checkpoint(path: Path, c: TrainConfig, ranks: Ranks) -> _Saved:
             f"resume with --workers {world if world > 1 else 0} (each rank is partway through "
             "its own share of the epoch)"
         )
-    if state.get("fsdp", False) != _uses_fsdp(c, ranks):
-        raise ValueError(f"{path}: --fsdp differs from the run that wrote it")
-    mine = (state.get("ranks") or [state])[ranks.rank]
-    rng = torch.load(path / "rng.pt", weights_only=False)
-    progress = _Progress(
-        step=state["step"],
-        epoch=state["epoch"],
-        positions={int(k): v for k, v in mine["positions"].items()},
-        stats_before_epoch=DataStats.from_dict(mine["stats_before_epoch"]),
-        samples=state["samples"],
-        tokens=state["tokens"],
-        seconds=state["seconds"],
-        first_loss=state["first_loss"],
-        unused_samples=mine.get("unused_samples", 0),
-    )
-    return _Saved(
-        path,
-        progress,
-        load_file(str(path / "trainable.safetensors")),
-        rng["ranks"][ranks.rank] if "ranks" in rng else rng,
-        state.get("fsdp", False),
-    )
+    return state
 
 
-def _load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(tensors) != set(params):
-        missing = sorted(set(params) - set(tensors))[:3]
-        extra = sorted(set(tensors) - set(params))[:3]
-        raise ValueError(f"{path}: trained tensors differ (missing {missing}, unexpected {extra})")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(tensors[name])
-
-
-def _load_optimizer(
-    saved: _Saved,
-    engine: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-) -> None:
-    """Optimizer, scheduler and RNG of this rank; after the model is wrapped (FSDP's optimizer
-    state is keyed by parameter name and resharded here)."""
-    optim_state = torch.load(saved.path / "optimizer.pt", weights_only=False)
-    if saved.fsdp:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        optim_state = FSDP.optim_state_dict_to_load(engine, optimizer, optim_state)
-    optimizer.load_state_dict(optim_state)
-    scheduler.load_state_dict(torch.load(saved.path / "scheduler.pt", weights_only=False))
-    torch.set_rng_state(saved.rng["cpu"])
-    if "cuda" in saved.rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved.rng["cuda"])
+def _sha256(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _save_final(
     parts: LlavaParts,
-    model: torch.nn.Module,
-    engine: torch.nn.Module,
+    trainer: Any,
     c: TrainConfig,
     out: Path,
     dtype: torch.dtype,
     ranks: Ranks,
 ) -> list[str]:
-    """Write the trained model to OUTPUT (rank 0; every rank calls it); return the names of
-    what OUTPUT then holds."""
-    if _uses_fsdp(c, ranks):
-        full = _full_state(engine)  # a collective: before rank 0 goes its own way
+    """Write the trained model to OUTPUT (rank 0; every rank calls it, for the gathers of a
+    sharded model); return the names of what OUTPUT then holds."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        # A collective: every rank takes part, rank 0 gets the whole state.
+        full = trainer.accelerator.get_state_dict(trainer.model_wrapped)
         if ranks.rank == 0:
-            parts.model.save_pretrained(out, state_dict={k: v.to(dtype) for k, v in full.items()})
+            if c.lora:
+                # The adapter (the projector inside it): DeepSpeed with LoRA is not merged here.
+                model.save_pretrained(out, state_dict=full)
+            else:
+                weights = {k: v.to(dtype) for k, v in full.items()}
+                parts.model.save_pretrained(out, state_dict=weights)
+                projector = {k: v for k, v in full.items() if k.startswith(PROJECTOR_PREFIX)}
+                save_file(projector, str(out / PROJECTOR_FILE))
             parts.processor.save_pretrained(out)
-            projector = {k: v for k, v in full.items() if k.startswith(PROJECTOR_PREFIX)}
-            save_file(projector, str(out / PROJECTOR_FILE))
     elif ranks.rank == 0:
         projector = projector_state(model)
         if not c.lora:
@@ -1140,23 +861,6 @@ def _save_final(
         save_file(projector, str(out / PROJECTOR_FILE))
     ranks.barrier()
     return sorted(os.listdir(out))
-
-
-def _link_model_files(out: Path, checkpoint: Path) -> None:
-    """Make the final checkpoint a loadable model too: hard links to OUTPUT's model files (a
-    copy where the file system has no links), so it costs no second copy of the weights."""
-    for f in out.iterdir():
-        if (
-            f.is_file()
-            and f.name not in ("metrics.jsonl", "train_summary.json")
-            and (not f.name.startswith("data_problems"))
-        ):
-            target = checkpoint / f.name
-            target.unlink(missing_ok=True)
-            try:
-                os.link(f, target)
-            except OSError:
-                shutil.copy2(f, target)
 
 
 def _save_qlora(

@@ -1,24 +1,28 @@
-"""ray_train: run trainers.llava's training loop on N processes through Ray Train.
+"""ray_train: run trainers.llava's training on N processes through Ray Train.
 
 `python -m warren.trainers.llava ... --workers N` (or `train(TrainConfig(..., workers=N))`) hands the run
 to a `ray.train.torch.TorchTrainer` with N workers. Each worker is one process with one device
 (a GPU with `--use-gpu`, which is the default when the Ray cluster has GPUs; else the CPU, over
 gloo), which runs the loop it is given (`trainers.llava.run_loop`, passed in by `trainers.llava.train`:
-this module never imports trainers.llava) as rank `ray.train.get_context().get_world_rank()`:
+this module never imports trainers.llava) as rank `ray.train.get_context().get_world_rank()`.
+The loop's `transformers.Trainer` goes through Ray Train's transformers integration
+(`ray.train.huggingface.transformers.prepare_trainer`, and `report_callback`, a
+`RayTrainReportCallback` that reports each checkpoint where the Trainer wrote it):
 
-- the model is wrapped in DDP (a replica per rank), or with `--fsdp` in FSDP (one unit per
-  transformer layer, weights, gradients and optimizer state sharded over the ranks);
+- the Trainer wraps the model in DDP (a replica per rank), or with `--fsdp` in FSDP (weights,
+  gradients and optimizer state sharded over the ranks), or runs DeepSpeed (`--deepspeed`);
 - each rank reads its own share of the row groups (trainers.data's plan for `rank` of
   `world_size`), and all ranks run the same number of optimizer steps: each step takes as many
   micro-batches as the rank with the fewest, and an epoch ends when one rank runs out (the
   summary's `unused_samples` counts what the others had batched beyond that);
 - rank 0 logs, writes `metrics.jsonl`, the checkpoints under `OUTPUT/checkpoints/` and the final
   model; each rank writes the rows it skipped to `OUTPUT/data_problems.rankK.jsonl`;
-- every log line and checkpoint goes to `ray.train.report`, a checkpoint as a
-  `ray.train.Checkpoint` of its folder. Ray Train's run folder is `OUTPUT/checkpoints`, so Ray
-  tracks the checkpoints where they are written (no copy). The run ends on a checkpoint of the
-  last step, which also holds the final model's files (hard links to OUTPUT's), so
-  `Result.checkpoint` loads with `LlavaForConditionalGeneration.from_pretrained` and resumes.
+- every checkpoint goes to `ray.train.report`, as a `ray.train.Checkpoint` of its folder. Ray
+  Train's run folder is `OUTPUT/checkpoints`, the Trainer's output folder, so Ray tracks the
+  checkpoints where they are written (RayTrainReportCallback itself would copy each one). The
+  run ends on a checkpoint of the last step, which also holds the final model's files (hard
+  links to OUTPUT's), so `Result.checkpoint` loads with
+  `LlavaForConditionalGeneration.from_pretrained` and resumes.
 
 OUTPUT must be a folder every worker can write and the driver can read (a shared file system on a
 multi-node cluster). Ray is the cluster a job runs on (`ray job submit`, RAY_ADDRESS), the one
@@ -130,6 +134,22 @@ def _worker(loop_config: dict[str, Any]) -> None:
         device=device if c.device == "auto" else torch.device(c.device),
         report=report,
     )
+
+
+def report_callback(report: Callable[[dict[str, Any], Path | None], None], logger: Any) -> Any:
+    """Ray Train's `RayTrainReportCallback`, reporting the checkpoint the Trainer just saved in
+    place (through `report`) instead of a copy of it."""
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    class ReportInPlace(RayTrainReportCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            metrics: dict[str, Any] = {}
+            for entry in state.log_history:
+                metrics.update(entry)
+            metrics["step"] = state.global_step
+            report(metrics, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    return ReportInPlace()
 
 
 def _ensure_ray() -> None:
