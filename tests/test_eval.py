@@ -436,3 +436,34 @@ def test_an_endpoint_is_asked_with_the_image_and_a_failed_request_is_not_scored(
     rows = {r["id"]: r for r in predictions(tmp_path, "gqa")}
     assert rows["q1"]["prediction"] is None and "401" in rows["q1"]["problem"]
     assert rows["q0"]["prediction"] == f"answer to what color is it?\n{SHORT_ANSWER}"
+
+
+def test_an_evaluation_is_noted_in_the_run_its_checkpoint_was_trained_on(tmp_path):
+    from warren.pipelines.report.page import _evaluations_section
+
+    run = tmp_path / "run"
+    (run / "01-sample").mkdir(parents=True)
+    (run / "01-sample" / "_manifest.json").write_text(json.dumps({"stage": "sample"}))
+    (run / "run.json").write_text(json.dumps({"final": {"folder": "01-sample"}}))
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    summary = {"config": {"data": [str(run / "01-sample")]}}
+    (checkpoint / "train_summary.json").write_text(json.dumps(summary))
+    gqa_folder(tmp_path, ["what color is it?", "which side?"])
+    backend = Scripted(lambda item: "red" if item.id == "q0" else "left")
+    evaluate(
+        str(checkpoint), ["gqa"], [str(tmp_path / "data")], str(tmp_path / "out"), backend=backend
+    )
+    [entry] = json.loads((run / "evaluations.json").read_text())
+    assert entry["checkpoint"] == str(checkpoint.resolve())
+    assert entry["results"] == str((tmp_path / "out" / "results.json").resolve())
+    assert entry["metrics"] == {"gqa": {"accuracy": 50.0}}
+    # The run's report links it.
+    section = _evaluations_section(str(run))
+    assert "gqa: accuracy 50.00" in section
+    assert (tmp_path / "out" / "results.json").resolve().as_uri() in section
+    # Evaluated again into the same folder: one entry, the newer.
+    evaluate(
+        str(checkpoint), ["gqa"], [str(tmp_path / "data")], str(tmp_path / "out"), backend=backend
+    )
+    assert len(json.loads((run / "evaluations.json").read_text())) == 1

@@ -418,6 +418,8 @@ def evaluate(
                 name, len(missing) + len(failed), len(items), len(missing), len(failed), name,
             )  # fmt: skip
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    if checkpoint:
+        record_in_runs(checkpoint, out / "results.json", results)
     table = results_table(results)
     (out / "results.md").write_text(table + "\n")
     print(table)
@@ -465,6 +467,52 @@ def results_table(results: dict[str, Any]) -> str:
         if not entry["metrics"]:
             lines.append(f"| {name} | - | - | {counts} |")
     return "\n".join(lines)
+
+
+EVALUATIONS = "evaluations.json"
+
+
+def record_in_runs(checkpoint: str, results_path: Path, results: dict[str, Any]) -> list[Path]:
+    """Note this evaluation in the output folder of every warren run the checkpoint was trained
+    on (from its train_summary.json), as OUTPUT/evaluations.json, which the run's report links.
+    Returns the files written; a checkpoint not trained by warren, or on data that is not a
+    run's, writes none."""
+    from warren.stages.run_layout import is_run
+    from warren.stages.shards import Location
+
+    summary_file = Path(checkpoint) / "train_summary.json"
+    if not summary_file.is_file():
+        return []
+    try:
+        data = json.loads(summary_file.read_text())["config"]["data"]
+    except (KeyError, ValueError, TypeError):
+        return []
+    entry = {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "results": str(results_path.resolve()),
+        "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "metrics": {t: r["metrics"] for t, r in results["tasks"].items()},
+    }
+    written = []
+    for d in data if isinstance(data, list) else [data]:
+        path = Path(str(d).removeprefix("file://"))
+        for folder in (path, path.parent):
+            try:
+                run = folder.is_dir() and is_run(Location.of(str(folder)))
+            except (OSError, ValueError):
+                run = False
+            if not run:
+                continue
+            file = folder / EVALUATIONS
+            try:
+                entries = json.loads(file.read_text()) if file.exists() else []
+            except ValueError:
+                entries = []
+            entries = [e for e in entries if e.get("results") != entry["results"]] + [entry]
+            file.write_text(json.dumps(entries, indent=2))
+            written.append(file)
+            break
+    return written
 
 
 def default_output(checkpoint: str | None) -> str:

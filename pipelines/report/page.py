@@ -23,6 +23,7 @@ import html
 import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -245,6 +246,38 @@ def _not_recorded_note(stages: Sequence[StageView]) -> list[str]:
     return [f'<p class="note" data-note="thresholds">{_e(NOT_RECORDED)}</p>']
 
 
+def _evaluations_section(output: str | os.PathLike | Location) -> str:
+    """Models trained on this output and evaluated (`warren eval` notes each one in
+    OUTPUT/evaluations.json): their headline metrics and a link to each evaluation."""
+    loc = output if isinstance(output, Location) else Location.of(output)
+    file = loc.join("evaluations.json")
+    if not file.exists():
+        return ""
+    from warren.stages.run_layout import read_json
+
+    try:
+        entries = read_json(file)
+    except (ValueError, OSError):
+        return ""
+    rows = []
+    for e in entries:
+        metrics = "; ".join(
+            f"{_e(task)}: " + ", ".join(f"{_e(k)} {v:.2f}" for k, v in list(m.items())[:3])
+            for task, m in e.get("metrics", {}).items()
+        )
+        href = _e(Path(str(e.get("results", ""))).as_uri()) if e.get("results") else ""
+        rows.append(
+            f"<tr><td>{_e(e.get('checkpoint'))}</td><td>{metrics}</td>"
+            f'<td><a href="{href}">results.json</a></td><td>{_e(e.get("evaluated_at"))}</td></tr>'
+        )
+    return (
+        '<section id="evaluations"><h2>Models trained on this output</h2><table>'
+        "<tr><th>checkpoint</th><th>metrics</th><th>evaluation</th><th>when</th></tr>"
+        + "".join(rows)
+        + "</table></section>"
+    )
+
+
 def render(output: str | os.PathLike | Location, seed: int = 0) -> str:
     """The report's HTML for a run output folder."""
     run, stages = read_stages(output)
@@ -279,6 +312,7 @@ def render(output: str | os.PathLike | Location, seed: int = 0) -> str:
     body.append("</section>")
     budget = Budget()
     body.extend(_stage_section(st, seed, budget) for st in stages)
+    body.append(_evaluations_section(output))
     body.append(f'<section id="params"><h2>Parameters and timings</h2>{_params_table(stages)}')
     body.append("</section></main>")
     return (
