@@ -7,6 +7,7 @@ warren run bunny_pretrain --embed.num_gpus 0.5 --embed.concurrency 8 --embed.bat
 warren describe bunny_pretrain                   # stages, parameters, resources, columns; no Ray
 warren train --data out/bunny --output runs/align --vision V --llm L   # a run's final stage
 warren eval runs/align --tasks pope,gqa --data /data/eval   # a checkpoint on benchmark files
+warren compare --demo --output out/compare    # recipes judged by the models they train
 warren mixture pipelines/mixtures/demo.yaml      # flags as pipelines/mixture.py
 warren report OUT [--to report.html] [--seed 0]  # the run's HTML report (OUT/report.html)
 warren explain OUT ID                            # one row's journey: stages, scores, its removal
@@ -58,6 +59,23 @@ PARAM_HELP: dict[str, dict[str, str]] = {
         "max_new_tokens": "0: each task's own",
         "limit": "the first N items of each task (0: all)",
         "device": "auto (the GPU when there is one), cpu or cuda[:N]",
+    },
+    "compare": {
+        "recipes": "NAME=FOLDER,NAME=FOLDER,... (run outputs or stage folders)",
+        "output": "the comparison folder (compare.html, compare.json, runs/)",
+        "tasks": "comma-separated evaluation tasks (warren eval's)",
+        "data": "the benchmark files, as warren eval's --data",
+        "demo": "two bunny_pretrain variants on the demo pool, with a tiny proxy",
+        "vision": "the proxy's vision tower (hub id or folder)",
+        "llm": "the proxy's LM (hub id or folder)",
+        "from_checkpoint": "the proxy as a LLaVA checkpoint, instead of --vision/--llm",
+        "stage": "align or instruct",
+        "steps": "optimizer steps per run (the budget)",
+        "batch_size": "samples per step",
+        "lr": "learning rate (0: the stage's default)",
+        "seeds": "runs per recipe (at least 2; 3 or more to trust the spread)",
+        "limit": "evaluate the first N items of each task (0: all)",
+        "device": "auto, cpu or cuda",
     },
     "describe": {
         "recipe": "a registered recipe (warren recipes)",

@@ -336,7 +336,9 @@ class WarrenLog(TrainerCallback):
             for rank, data in enumerate(every):
                 (folder / DATA_STATE.format(rank=rank)).write_text(json.dumps(data))
             run = {**self.progress, "step": state.global_step, "world_size": self.ranks.world_size}
-            (folder / RUN_STATE).write_text(json.dumps({**run, "config": self.config}, indent=2))
+            (folder / RUN_STATE).write_text(
+                json.dumps({**run, "config": self.config}, indent=2, default=str)
+            )
         self.ranks.barrier()
 
 

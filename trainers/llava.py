@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     summary = train(config)
-    print(json.dumps(summary, indent=2, sort_keys=True))
+    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
     return summary
 
 
@@ -679,7 +679,9 @@ def run_loop(
     if lead:
         if saved_at is not None and report is not None:
             link_model_files(out, saved_at)
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        (out / "train_summary.json").write_text(
+            json.dumps(summary, indent=2, sort_keys=True, default=str)
+        )
         log.info(
             "done: %d steps, %d samples (%d batched but unused to keep ranks in step), "
             "loss %s -> %s; data: %s",
@@ -692,7 +694,7 @@ def run_loop(
         )
     ranks.barrier()  # the checkpoint is whole before any rank reports it
     if report is not None:
-        report({"summary": json.dumps(summary, sort_keys=True)}, saved_at)
+        report({"summary": json.dumps(summary, sort_keys=True, default=str)}, saved_at)
     return summary
 
 
