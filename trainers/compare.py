@@ -360,25 +360,26 @@ def _q(q: Mapping[str, float] | None, digits: int) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def tiny_proxy(root: Path, texts: Sequence[str], seed: int = 0) -> tuple[str, str]:
-    """A tiny CLIP tower and Llama LM from configs (random weights, `seed`), with a word-level
-    tokenizer over `texts`: a proxy that trains in seconds on a CPU, for the demo."""
-    import torch
+def word_level_tokenizer(
+    corpus: Sequence[str],
+    special: Sequence[str] = ("<image>",),
+    plain: Sequence[str] = (),
+    lowercase: bool = False,
+) -> Any:
+    """A word-level tokenizer over the corpus's words that, like Llama's, puts bos in front of
+    what it encodes; `special` are added as special tokens (as llava-hf adds `<image>`), `plain`
+    as ordinary added tokens (e.g. a newline). The demo's proxy and the tests' tiny models use
+    it: no download."""
     from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        CLIPVisionModel,
-        LlamaConfig,
-        LlamaForCausalLM,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import PreTrainedTokenizerFast
 
     pre = pre_tokenizers.Whitespace()
-    words = sorted({w.lower() for t in texts for w, _ in pre.pre_tokenize_str(t)})
+    fold = str.lower if lowercase else str
+    words = sorted({fold(w) for text in corpus for w, _ in pre.pre_tokenize_str(text)})
     vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "<pad>", *words])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
+    if lowercase:
+        backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre
     backend.post_processor = processors.TemplateProcessing(
         single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
@@ -390,7 +391,28 @@ def tiny_proxy(root: Path, texts: Sequence[str], seed: int = 0) -> tuple[str, st
         pad_token="<pad>",
         unk_token="<unk>",
     )
-    tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    if special:
+        tok.add_tokens(
+            [AddedToken(t, special=True, normalized=False) for t in special], special_tokens=True
+        )
+    if plain:
+        tok.add_tokens([AddedToken(t, normalized=False) for t in plain])
+    return tok
+
+
+def tiny_proxy(root: Path, texts: Sequence[str], seed: int = 0) -> tuple[str, str]:
+    """A tiny CLIP tower and Llama LM from configs (random weights, `seed`), with a word-level
+    tokenizer over `texts`: a proxy that trains in seconds on a CPU, for the demo."""
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    tok = word_level_tokenizer(texts, lowercase=True)
     torch.manual_seed(seed)
     tower = dict(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128)
     vision = CLIPVisionModel(CLIPVisionConfig(**tower, num_hidden_layers=2, num_attention_heads=4))
