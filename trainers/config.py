@@ -129,6 +129,9 @@ def build_parser(prog: str = "python -m warren.trainers.llava") -> argparse.Argu
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Train a LLaVA model on warren shards: align (projector) or instruct.",
+        epilog="Any transformers TrainingArguments flag, in its own spelling, may follow "
+        "warren's (--deepspeed ds.json, --report_to wandb, --lr_scheduler_type linear, "
+        "--optim ..., --logging_steps N, ...); it wins over warren's equivalent.",
     )
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
