@@ -372,7 +372,8 @@ def compare(
 ) -> int:
     """Compare curation recipes by the models they train: `warren compare --recipes A=O1,B=O2`.
 
-    `recipes`: comma-separated NAME=FOLDER (a run's output or a stage folder). The same proxy
+    `recipes`: comma-separated NAME=FOLDER (a run's output or a stage folder) or NAME=SPEC.yaml
+    (a mixture spec, built into OUTPUT/recipes/NAME first). The same proxy
     (`vision` and `llm`, or `from_checkpoint`) is trained on each with the same budget (`stage`,
     `steps` of `batch_size`, `lr`; 0 keeps the stage's default) once per seed (`seeds` of them,
     0, 1, ...), and every checkpoint is evaluated on `tasks` with the benchmark files of `data`
@@ -394,7 +395,20 @@ def compare(
             named = {}
             for k, entry in enumerate(e.strip() for e in recipes.split(",") if e.strip()):
                 name, sep, folder = entry.partition("=")
-                named[name if sep else f"recipe{k + 1}"] = _final_stage(folder if sep else name)
+                name, folder = (name, folder) if sep else (f"recipe{k + 1}", name)
+                if folder.endswith((".yaml", ".yml")):
+                    # A mixture spec: build the mixture first (cached like any run), then
+                    # compare what it made.
+                    built = out / "recipes" / name
+                    code = mixture(
+                        folder, output=str(built), no_export=True, quiet=True, no_report=True
+                    )
+                    if code != 0:
+                        raise ValueError(
+                            f"recipe {name}: the mixture {folder} failed (exit {code})"
+                        )
+                    folder = str(built)
+                named[name] = _final_stage(folder)
         config = TrainConfig(
             stage=stage,
             data=[],
