@@ -463,15 +463,17 @@ def _demo_recipes(out: Path, caption_task: Any, tiny_proxy: Any) -> tuple[dict, 
         if code != 0:
             raise ValueError(f"the demo recipe {name} failed (exit {code})")
         named[name] = _final_stage(str(folder))
-    kept = set().union(*(data_stats(d)[1] for d in named.values()))
+    # One read of each recipe: its ids (held out of the task) and its captions (the vocabulary).
+    read = [data_stats(d, captions=True) for d in named.values()]
+    kept = set().union(*(ids for _, ids in read))
     pool = open_run(str(out / "recipes" / "clip-40-60")).stages[0].loc.uri
     eval_root = out / "eval-data"
     caption_task(pool, eval_root / "coco_caption", 40, exclude=kept)
     # The proxy's vocabulary: every word of the recipes' captions and of the references.
     refs = json.loads((eval_root / "coco_caption" / "captions.json").read_text())
     words = [a["caption"] for a in refs["annotations"]]
-    for d in named.values():
-        words += data_stats(d, captions=True)[0]["captions"]
+    for stats, _ in read:
+        words += stats["captions"]
     vision, llm = tiny_proxy(out / "proxy", words)
     return named, str(eval_root), vision, llm
 

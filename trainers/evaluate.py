@@ -24,7 +24,6 @@ Tasks and their files: trainers/eval_tasks.py; metrics: trainers/eval_metrics.py
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -137,13 +136,13 @@ class Endpoint:
         self.errors: dict[str, str] = {}
 
     def answer(self, items: Sequence[EvalItem], max_new_tokens: int) -> list[str | None]:
+        from warren.prompts import image_data_url
         from warren.stages.images import endpoint_image_bytes
         from warren.stages.llm_client import ChatRequest, run_requests
 
         requests = []
         for item in items:
-            data = endpoint_image_bytes(_image_bytes(item))
-            url = f"data:{_mime(data)};base64,{_b64(data)}"
+            url = image_data_url(endpoint_image_bytes(_image_bytes(item)))
             content = [
                 {"type": "image_url", "image_url": {"url": url}},
                 {"type": "text", "text": item.prompt},
@@ -167,19 +166,6 @@ class Endpoint:
 
 def _messages(prompt: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-
-
-def _b64(data: bytes) -> str:
-    import base64
-
-    return base64.b64encode(data).decode("ascii")
-
-
-def _mime(data: bytes) -> str:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        return Image.MIME.get(img.format or "PNG", "image/png")
 
 
 # --------------------------------------------------------------------------------------------

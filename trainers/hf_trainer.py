@@ -207,7 +207,8 @@ class LlavaTrainer(Trainer):
 
     def training_step(self, model: torch.nn.Module, inputs: Any, num_items_in_batch: Any = None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self.step_loss += float(loss)
+        # Summed on the device: read once per optimizer step (WarrenLog), not per micro-batch.
+        self.step_loss = self.step_loss + loss.detach()
         return loss
 
     # --- checkpoints of the trained tensors only -------------------------------------------
@@ -284,7 +285,7 @@ class WarrenLog(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         assert self.trainer is not None
         samples, tokens = self.stream.step_done()
-        loss = self.trainer.step_loss
+        loss = float(self.trainer.step_loss)
         self.trainer.step_loss = 0.0
         # Each rank's micro-batch losses are its share of the step's mean loss times the
         # world size (the Trainer undoes DDP's averaging so): their sum over ranks / world.
