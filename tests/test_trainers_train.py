@@ -171,6 +171,18 @@ def test_align_lowers_the_loss_and_trains_the_projector_alone(models, aligned):
     assert all(torch.equal(projector[k], after[k]) for k in PROJECTOR_NAMES)
 
 
+def test_a_token_budget_ends_the_run_at_the_step_that_reaches_it(models, shards, aligned, tmp_path):
+    output, summary = aligned
+    # The unbroken run's running token totals, step by step: the budget is one token past
+    # step 2's, so the budgeted run takes a third step and stops there.
+    seen = [
+        json.loads(line)["tokens"] for line in (output / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert seen[-1] == summary["tokens"] and len(set(seen)) == len(seen)
+    run = train(config(models, shards, tmp_path / "run", max_steps=40, max_tokens=seen[1] + 1))
+    assert (run["steps"], run["tokens"], run["max_tokens_reached"]) == (3, seen[2], True)
+
+
 def test_the_aligned_checkpoint_reloads_and_names_each_colour(aligned):
     output, _ = aligned
     assert describe(output, "plain") == {c: f"this is a {c} picture ." for c in COLORS}

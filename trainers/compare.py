@@ -1,7 +1,9 @@
 """compare: `warren compare`, curation recipes judged by the models they train.
 
 The same proxy model is trained on each recipe's output with the same budget (stage, steps, batch
-size, learning rate: the same number of samples), once per seed, and each checkpoint is
+size, learning rate: the same number of samples; or, with a token budget (`max_tokens` of the
+training config), the same number of tokens, each run ending at the step that reaches it), once
+per seed, and each checkpoint is
 evaluated on the same tasks (trainers.evaluate). The report (`compare.html`, `compare.json`)
 gives, per task, each recipe's metric over the seeds (mean, standard deviation, range, every
 value), the data behind each recipe (rows, sources, caption length, CLIP score, how many rows the
@@ -9,7 +11,7 @@ recipes share) and a verdict only where two recipes' ranges over the seeds do no
 anything closer is reported as within the seed spread, not as a win.
 
 Seeds pair up: seed k trains every recipe from the same initial projector, in the same data
-order. Tokens differ when captions do (the budget is in samples); the report shows them.
+order. With a budget in samples, tokens differ when captions do; the report shows both.
 """
 
 from __future__ import annotations
@@ -174,6 +176,7 @@ def compare(
             runs[name][seed] = {
                 "tokens": summary["tokens"],
                 "samples": summary["samples"],
+                "steps": summary["steps"],
                 "last_loss": summary["last_loss"],
                 "metrics": {t: r["metrics"] for t, r in results["tasks"].items()},
             }
@@ -195,8 +198,9 @@ def compare(
             "grad_accum": train.grad_accum,
             "lr": resolve(dataclasses.replace(train, data=["-"], output="-")).lr,
             "samples": train.max_steps * train.batch_size * train.grad_accum
-            if train.max_steps
+            if train.max_steps and not train.max_tokens
             else None,
+            "tokens": train.max_tokens,
         },
         "tasks": list(tasks),
         "metric": metric_names,
@@ -281,8 +285,13 @@ def render_html(report: Mapping[str, Any]) -> str:
         f"<h1>Which recipe made the better model: {' vs '.join(_e(n) for n in names)}</h1>",
     ]
     b = report["budget"]
+    length = (
+        f"up to {_e(b['steps'])} steps, each run ending at {b['tokens']:,} tokens, "
+        if b.get("tokens")
+        else f"{_e(b['steps'])} steps "
+    )
     out.append(
-        f"<p class='note'>The same proxy, {_e(b['stage'])} stage, {_e(b['steps'])} steps of "
+        f"<p class='note'>The same proxy, {_e(b['stage'])} stage, {length}of "
         f"{_e(b['batch_size'])} x {_e(b['grad_accum'])} samples at lr {_e(b['lr'])}, on each "
         f"recipe, once per seed ({', '.join(map(str, seeds))}). A recipe wins a task only when "
         "every seed of it beats every seed of the other.</p>"

@@ -58,6 +58,11 @@ class TrainConfig:
     grad_accum: int = _opt("micro-batches per optimizer step", default=1)
     epochs: int = _opt("passes over the data (unless --max-steps)", default=1)
     max_steps: int | None = _opt("optimizer steps to run, across epochs", default=None)
+    max_tokens: int | None = _opt(
+        "stop after the step that reaches this many tokens, all ranks, image tokens included "
+        "(the schedule is still planned over --max-steps or --epochs)",
+        default=None,
+    )
     lr: float | None = _opt(
         "learning rate (default: 1e-3 align, 2e-4 instruct LoRA, 2e-5 instruct)", default=None
     )
@@ -105,7 +110,9 @@ class TrainConfig:
         "write a resumable checkpoint every N steps (0: at the end only)", default=0
     )
     keep_checkpoints: int = _opt("resumable checkpoints kept (the newest)", default=2)
-    resume: bool = _opt(f"continue from the newest OUTPUT/{CHECKPOINTS}/step-*", default=False)
+    resume: bool = _opt(
+        f"continue from the newest OUTPUT/{CHECKPOINTS}/checkpoint-N", default=False
+    )
     workers: int = _opt(
         "Ray Train workers (one process per GPU); 0: train in this process", default=0
     )

@@ -38,7 +38,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
+from warren.trainers.config import CHECKPOINTS
 from warren.trainers.data import DataStats, StreamingLoader
 from warren.trainers.ranks import Ranks
 
@@ -246,14 +248,11 @@ class LlavaTrainer(Trainer):
 
 
 def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(tensors) != set(params):
-        missing = sorted(set(params) - set(tensors))[:3]
-        extra = sorted(set(tensors) - set(params))[:3]
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(tensors) != trained:
+        missing, extra = sorted(trained - set(tensors))[:3], sorted(set(tensors) - trained)[:3]
         raise ValueError(f"{path}: trained tensors differ (missing {missing}, unexpected {extra})")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(tensors[name])
+    model.load_state_dict(tensors, strict=False)
 
 
 class WarrenLog(TrainerCallback):
@@ -303,6 +302,10 @@ class WarrenLog(TrainerCallback):
         self.window[0] += int(samples)
         self.window[1] += int(tokens)
         self.window[2] += elapsed
+        budget = self.config.get("max_tokens")
+        if budget and p["tokens"] >= budget:
+            # The same on every rank: the token count is summed over all of them.
+            control.should_training_stop = True
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
         if not logs or "loss" not in logs:
@@ -314,6 +317,8 @@ class WarrenLog(TrainerCallback):
             "step": state.global_step,
             "epoch": self.stream.epoch,
             "loss": logs["loss"],
+            "samples": self.progress["samples"],  # so far, all ranks
+            "tokens": self.progress["tokens"],
             "lr": logs.get("learning_rate"),
             "grad_norm": logs.get("grad_norm"),
             "samples_per_s": samples / seconds,
@@ -353,10 +358,11 @@ def read_data_state(checkpoint: Path, rank: int) -> dict[str, Any]:
     }
 
 
-def checkpoints_in(folder: Path) -> list[Path]:
-    """The Trainer's `checkpoint-N` folders, oldest first."""
-    found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+def newest_checkpoint(out: Path) -> Path | None:
+    """The Trainer's newest `checkpoint-N` folder in OUTPUT/checkpoints, if any."""
+    folder = out / CHECKPOINTS
+    found = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    return Path(found) if found else None
 
 
 def link_model_files(out: Path, checkpoint: Path) -> None:

@@ -98,11 +98,11 @@ from warren.trainers.hf_trainer import (
     LlavaTrainer,
     StepStream,
     WarrenLog,
-    checkpoints_in,
     link_model_files,
+    newest_checkpoint,
     read_data_state,
 )
-from warren.trainers.model import LlavaParts, _num_image_tokens, build_llava, load_llava
+from warren.trainers.model import LlavaParts, build_llava, load_llava
 from warren.trainers.ranks import Ranks
 from warren.trainers.templates import ConversationEncoder, serving_chat_template
 
@@ -111,37 +111,13 @@ __all__ = ["PROJECTOR_FILE", "TrainConfig", "build_parser", "main", "resolve", "
 
 PROJECTOR = "multi_modal_projector"
 PROJECTOR_PREFIX = f"model.{PROJECTOR}."
-# Settings a resumed run must share with the run it continues (the rest, e.g. logging, may change).
-RESUME_MUST_MATCH = (
-    "stage",
-    "data",
-    "vision",
-    "llm",
-    "from_checkpoint",
-    "projector",
-    "template",
-    "system_prompt",
-    "max_length",
-    "batch_size",
-    "grad_accum",
-    "epochs",
-    "max_steps",
-    "lr",
-    "projector_lr",
-    "weight_decay",
-    "warmup_ratio",
-    "lora",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "lora_target_modules",
-    "qlora",
-    "unfreeze_vision",
-    "seed",
-    "num_workers",
-    "shuffle_buffer",
-    "length_group_batches",
-)
+# Settings a resumed run may change: how it runs, logs and saves. All others decide what is
+# trained on what, and must be those of the run it continues.
+RESUME_MAY_CHANGE = {
+    *("output", "resume", "log_every", "save_every", "keep_checkpoints", "lora_merge"),
+    *("device", "workers", "use_gpu", "cpus_per_worker", "max_bad_share", "training_args"),
+    "gradient_checkpointing",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,6 +186,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if c.max_steps is not None and c.max_steps < 0:
         raise ValueError("--max-steps must not be negative")
+    if c.max_tokens is not None and c.max_tokens < 1:
+        raise ValueError("--max-tokens must be at least 1")
     if c.save_every < 0 or c.num_workers < 0 or c.workers < 0:
         raise ValueError("--save-every, --num-workers and --workers must not be negative")
     if c.cpus_per_worker < 0:
@@ -286,10 +264,9 @@ def _carry_template(parts: LlavaParts, c: TrainConfig) -> None:
 def _load_4bit(path: str, dtype: torch.dtype, device: torch.device) -> LlavaParts:
     try:
         import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
     except ImportError as exc:
         raise ValueError("--qlora needs bitsandbytes: pip install bitsandbytes") from exc
-    from transformers import AutoProcessor, BitsAndBytesConfig, LlavaForConditionalGeneration
-
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -298,15 +275,9 @@ def _load_4bit(path: str, dtype: torch.dtype, device: torch.device) -> LlavaPart
         # The tower, the projector and the output layer stay in full precision, as in QLoRA.
         llm_int8_skip_modules=["vision_tower", PROJECTOR, "lm_head"],
     )
-    model = LlavaForConditionalGeneration.from_pretrained(
-        path,
-        quantization_config=quantization,
-        dtype=dtype,
-        device_map={"": device.index or 0},
+    return load_llava(
+        path, dtype=dtype, quantization_config=quantization, device_map={"": device.index or 0}
     )
-    processor = AutoProcessor.from_pretrained(path)
-    strategy = model.config.vision_feature_select_strategy
-    return LlavaParts(model, processor, _num_image_tokens(model.config.vision_config, strategy))
 
 
 def load_projector(model: torch.nn.Module, path: str | os.PathLike) -> None:
@@ -379,17 +350,11 @@ def _prepare(parts: LlavaParts, c: TrainConfig, out: Path, ranks: Ranks) -> torc
     return get_peft_model(model, lora)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if get_base is not None else model
-
-
 def projector_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The projector's tensors under the model's names (`model.multi_modal_projector.*`); for
     a peft model, those of its trained copy."""
-    module = _unwrap(model).model.multi_modal_projector
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    module = base.model.multi_modal_projector
     trained = getattr(module, "modules_to_save", None)  # peft's ModulesToSaveWrapper
     if trained is not None:
         module = trained[getattr(module, "active_adapter", None) or "default"]
@@ -628,13 +593,14 @@ def run_loop(
         # Batched but never stepped on (a short last group of a --max-steps run).
         steps.unused += sum(s for s, _ in steps.pending)
     check_skipped_share(loader.stats, c.max_bad_share, f"training data{_where(ranks)}: ")
-    saved_at = _last_checkpoint(out)
-    if report is not None and (saved_at is None or _step_of(saved_at) != trainer.state.global_step):
+    saved_at = newest_checkpoint(out)
+    step_name = f"checkpoint-{trainer.state.global_step}"
+    if report is not None and (saved_at is None or saved_at.name != step_name):
         # A Ray Train run ends on a checkpoint, which Result.checkpoint points at.
         # (Reported with the summary, below: Ray's Result holds the last report's checkpoint.)
         trainer._save_checkpoint(engine, trial=None)
         logger.on_save(args, trainer.state, trainer.control)
-        saved_at = _last_checkpoint(out)
+        saved_at = newest_checkpoint(out)
     # DDP keeps the replicas equal by construction; the digests show it (FSDP holds shards).
     replicas = (
         ranks.gather(_sha256(_trainable_state(trainer.accelerator.unwrap_model(engine))))
@@ -672,6 +638,8 @@ def run_loop(
         "data": data.to_dict(),
         "config": dataclasses.asdict(c),
     }
+    if c.max_tokens is not None:
+        summary["max_tokens_reached"] = progress["tokens"] >= c.max_tokens
     if replicas is not None:
         summary["replica_sha256"] = replicas
     if saved_at is not None:
@@ -737,11 +705,11 @@ def _fmt(x: float | None) -> str:
 def _prepare_output(out: Path, c: TrainConfig) -> Path | None:
     """Create OUTPUT; the newest checkpoint when resuming. A folder with an earlier run's
     checkpoints or summary is only continued with --resume, never overwritten."""
-    checkpoints = checkpoints_in(out / CHECKPOINTS) if out.exists() else []
     if c.resume:
-        if not checkpoints:
+        newest = newest_checkpoint(out)
+        if newest is None:
             raise ValueError(f"--resume: no checkpoints in {out / CHECKPOINTS}")
-        return checkpoints[-1]
+        return newest
     earlier = [p for p in (out / CHECKPOINTS, out / "train_summary.json") if p.exists()]
     if earlier:
         raise ValueError(
@@ -752,15 +720,6 @@ def _prepare_output(out: Path, c: TrainConfig) -> Path | None:
     for name in ("metrics.jsonl", "data_problems.jsonl"):
         (out / name).unlink(missing_ok=True)
     return None
-
-
-def _last_checkpoint(out: Path) -> Path | None:
-    found = checkpoints_in(out / CHECKPOINTS)
-    return found[-1] if found else None
-
-
-def _step_of(checkpoint: Path) -> int:
-    return int(checkpoint.name.split("-")[-1])
 
 
 def _rewind_logs(out: Path, step: int, epoch: int, ranks: Ranks) -> None:
@@ -796,7 +755,7 @@ def _read_run_state(path: Path, c: TrainConfig, ranks: Ranks) -> dict[str, Any]:
     saved = state["config"]
     now = dataclasses.asdict(c)
     defaults = dataclasses.asdict(TrainConfig(stage="align", data=[], output=""))
-    changed = [k for k in RESUME_MUST_MATCH if saved.get(k, defaults[k]) != now.get(k)]
+    changed = [k for k in now if k not in RESUME_MAY_CHANGE and saved.get(k, defaults[k]) != now[k]]
     if changed:
         diffs = "; ".join(
             f"{k}: {saved.get(k, defaults[k])!r} then, {now.get(k)!r} now" for k in changed

@@ -203,11 +203,14 @@ def build_llava(
     return LlavaParts(model, processor, num_image_tokens)
 
 
-def load_llava(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> LlavaParts:
-    """Load a Hugging Face LLaVA checkpoint (model and processor) to continue training it."""
+def load_llava(
+    path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, **load: Any
+) -> LlavaParts:
+    """Load a Hugging Face LLaVA checkpoint (model and processor) to continue training it;
+    `load` goes to the model's `from_pretrained` (a quantization config, a device map)."""
     spec = os.fspath(path)
     model = _pretrained(
-        LlavaForConditionalGeneration.from_pretrained, spec, "LLaVA checkpoint", dtype=dtype
+        LlavaForConditionalGeneration.from_pretrained, spec, "LLaVA checkpoint", dtype=dtype, **load
     )
     _check_layout(model)
     processor = _pretrained(AutoProcessor.from_pretrained, spec, "LLaVA checkpoint")
