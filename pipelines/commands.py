@@ -364,6 +364,7 @@ def compare(
     from_checkpoint: str | None = None,
     stage: str = "align",
     steps: int = 200,
+    tokens: int = 0,
     batch_size: int = 8,
     lr: float = 0.0,
     seeds: int = 3,
@@ -375,7 +376,9 @@ def compare(
     `recipes`: comma-separated NAME=FOLDER (a run's output or a stage folder) or NAME=SPEC.yaml
     (a mixture spec, built into OUTPUT/recipes/NAME first). The same proxy
     (`vision` and `llm`, or `from_checkpoint`) is trained on each with the same budget (`stage`,
-    `steps` of `batch_size`, `lr`; 0 keeps the stage's default) once per seed (`seeds` of them,
+    `steps` of `batch_size`, `lr`; 0 keeps the stage's default; `tokens` > 0 ends each run at
+    that many tokens instead, with `steps` as the cap its schedule is planned over, for recipes
+    whose captions differ in length) once per seed (`seeds` of them,
     0, 1, ...), and every checkpoint is evaluated on `tasks` with the benchmark files of `data`
     (as `warren eval`; `limit` asks the first N items). Writes OUTPUT/compare.html and
     compare.json. `demo`: two variants of bunny_pretrain on the bundled pool (CLIP-score ranks
@@ -417,6 +420,7 @@ def compare(
             llm=llm,
             from_checkpoint=from_checkpoint,
             max_steps=steps,
+            max_tokens=tokens or None,
             batch_size=batch_size,
             lr=lr or None,
             device=device,

@@ -88,10 +88,15 @@ def proxy(tmp_path_factory) -> Path:
 def test_two_recipes_are_trained_per_seed_evaluated_and_reported(proxy, tmp_path):
     from warren.pipelines.cli import main as cli
 
-    # Recipe "red" keeps red and green rows, "blue" blue and yellow ones; 6 rows shared.
+    # Recipe "red" keeps red and green rows, "blue" blue and yellow ones, with captions six
+    # words longer; 6 rows shared.
     rows = [color_row(i) for i in range(24)]
     red = [r for r in rows if "red" in r["caption"] or "green" in r["caption"]]
-    blue = [r for r in rows if "blue" in r["caption"] or "yellow" in r["caption"]] + red[:6]
+    blue = [
+        {**r, "caption": r["caption"] + " it is a very bright one ."}
+        for r in rows
+        if "blue" in r["caption"] or "yellow" in r["caption"]
+    ] + red[:6]
     write_shards(tmp_path / "red", red, 6, 6)
     write_shards(tmp_path / "blue", blue, 6, 6)
     task = tmp_path / "eval" / "coco_caption"
@@ -112,21 +117,36 @@ def test_two_recipes_are_trained_per_seed_evaluated_and_reported(proxy, tmp_path
         )
     )
     out = tmp_path / "cmp"
+    # A red row is 16 image tokens + bos + 6 words + eos = 24 tokens (`plain` template), a blue
+    # one 31: 96 a step of 4 red rows, so the budget takes 4 steps of them, fewer of blue rows.
+    budget = 300
     code = cli(
         ["compare", "--recipes", f"red={tmp_path / 'red'},blue={tmp_path / 'blue'}",
          "--output", str(out),
          "--tasks", "coco_caption", "--data", str(tmp_path / "eval"),
          "--vision", str(proxy / "vision"), "--llm", str(proxy / "llm"),
-         "--steps", "2", "--batch-size", "4", "--seeds", "2", "--device", "cpu"]
+         "--steps", "8", "--tokens", str(budget), "--batch-size", "4", "--seeds", "2",
+         "--device", "cpu"]
     )  # fmt: skip
     assert code == 0
     report = json.loads((out / "compare.json").read_text())
     assert set(report["runs"]) == {"red", "blue"} and report["seeds"] == [0, 1]
+    assert report["budget"]["tokens"] == budget
     for name in ("red", "blue"):
         for seed in (0, 1):
-            assert (out / "runs" / name / f"seed-{seed}" / "eval" / "results.json").exists()
-            # Two steps of at most 4 (a batch that ends a row group can be shorter).
-            assert 0 < report["runs"][name][str(seed)]["samples"] <= 2 * 4
+            folder = out / "runs" / name / f"seed-{seed}"
+            assert (folder / "eval" / "results.json").exists()
+            # The token budget: each run ends at the first step whose running total reaches it.
+            seen = [
+                json.loads(line)["tokens"]
+                for line in (folder / "model" / "metrics.jsonl").read_text().splitlines()
+            ]
+            run = report["runs"][name][str(seed)]
+            assert seen[-1] == run["tokens"] >= budget > seen[-2]
+            assert run["steps"] == len(seen) < 8
+    # Same tokens, so the recipe of longer captions trained on fewer samples.
+    samples = {n: sum(r["samples"] for r in report["runs"][n].values()) for n in ("red", "blue")}
+    assert samples["blue"] < samples["red"]
     values = report["scores"]["coco_caption"]["red"]["values"]
     assert len(values) == 2 and report["metric"]["coco_caption"] == "cider"
     assert report["data"]["red"]["rows"] == 12 and report["data"]["blue"]["rows"] == 18
