@@ -135,9 +135,17 @@ def test_gqa_textvqa_and_vizwiz_read_their_own_formats(tmp_path):
             ]
         },
     )
+    # The Rosetta OCR file TextVQA publishes beside the questions: its tokens go in the prompt.
+    write_json(
+        text / "TextVQA_Rosetta_OCR_v0.2_val.json",
+        {"data": [{"image_id": "abc", "ocr_tokens": ["coca", "cola"]}]},
+    )
     image(text / "train_images" / "abc.jpg")
-    got, _ = run(tmp_path, "textvqa", {"5": "Coke"})
+    got, backend = run(tmp_path, "textvqa", {"5": "Coke"})
     assert got["metrics"] == pytest.approx({"accuracy": 90.0})  # (3 * 2/3 + 7 * 1) / 10
+    assert backend.asked[0].prompt == (
+        f"What brand?\nReference OCR token: coca, cola\n{SHORT_ANSWER}"
+    )
 
     viz = tmp_path / "data" / "vizwiz"
     write_json(

@@ -7,7 +7,7 @@ TASK=FOLDER`) holding the benchmark's own files; images are found by name anywhe
 |---|---|---|
 | vqav2 | `*questions*.json` and `*annotations*.json` (VQAv2's) | `COCO_<subtype>_<id:012>.jpg` |
 | gqa | `*questions*.json` (e.g. testdev_balanced_questions.json) | `<imageId>.jpg` |
-| textvqa | `TextVQA_*.json` (`{"data": [...]}`) | `<image_id>.jpg` |
+| textvqa | `TextVQA_<version>_*.json` (`{"data": [...]}`); OCR tokens from the questions or `TextVQA_Rosetta_OCR_*.json` when there | `<image_id>.jpg` |
 | vizwiz | `val.json` (or one `*.json`: a list with `answers`) | by `image` |
 | pope | `*pope*.json` (JSON lines; the file's last `_` part is the split) | by `image` |
 | scienceqa | `problems.json` (the test split, problems with an image) | `<split>/<pid>/image.png` |
@@ -187,13 +187,29 @@ def load_gqa(folder: Path, limit: int | None) -> list[EvalItem]:
 
 
 def load_textvqa(folder: Path, limit: int | None) -> list[EvalItem]:
-    path = _one(folder, "TextVQA_*.json", "*textvqa*.json")
+    """TextVQA's questions; the OCR tokens of each image (a question's own `ocr_tokens`, or
+    the Rosetta OCR file TextVQA publishes beside them) go in the prompt as LLaVA-1.5's
+    evaluation puts them: "Reference OCR token: a, b, c"."""
+    path = _one(folder, "TextVQA_[0-9]*.json", "*textvqa*.json")
+    ocr: dict[str, list[str]] = {}
+    rosetta = sorted(folder.rglob("*Rosetta_OCR*.json"))
+    if len(rosetta) > 1:
+        raise TaskDataError(f"{folder}: {len(rosetta)} Rosetta OCR files; keep the split's one")
+    for record in _key(rosetta[0], _json(rosetta[0]), "data") if rosetta else []:
+        ocr[str(_key(rosetta[0], record, "image_id"))] = list(record.get("ocr_tokens") or [])
     images = _Images(folder)
+
+    def prompt(q: dict) -> str:
+        question = str(_key(path, q, "question")).strip()
+        tokens = q.get("ocr_tokens", ocr.get(str(q["image_id"])))
+        reference = f"\nReference OCR token: {', '.join(map(str, tokens))}" if tokens else ""
+        return f"{question}{reference}\n{SHORT_ANSWER}"
+
     items = (
         EvalItem(
             id=str(_key(path, q, "question_id")),
             image=images.find(f"{_key(path, q, 'image_id')}.jpg"),
-            prompt=_short(_key(path, q, "question")),
+            prompt=prompt(q),
             answers=tuple(_key(path, q, "answers")),
         )
         for q in _key(path, _json(path), "data")
