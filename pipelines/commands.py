@@ -247,6 +247,7 @@ def train(
     grad_accum: int | None = None,
     epochs: int | None = None,
     max_steps: int | None = None,
+    max_tokens: int | None = None,
     lr: float | None = None,
     projector_lr: float | None = None,
     weight_decay: float | None = None,

@@ -67,6 +67,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -331,7 +332,7 @@ def _prepare(parts: LlavaParts, c: TrainConfig, out: Path, ranks: Ranks) -> torc
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=c.gradient_checkpointing
         )
-    elif not c.lora_merge and not c.from_checkpoint:
+    elif (not c.lora_merge or _merges_from_disk(c)) and not c.from_checkpoint:
         # The adapter needs a base checkpoint to point at; this model exists only in memory.
         if ranks.rank == 0:
             log.info("saving the base model to %s for the adapter to point at", out / "base")
@@ -448,6 +449,8 @@ def training_arguments(c: TrainConfig, *, max_steps: int) -> Any:
             f"{', '.join('--' + k for k in overridden)}: set by warren (OUTPUT/checkpoints, "
             "--max-steps or --epochs, and its own resume of the data); use warren's flags"
         )
+    if given.get("deepspeed"):
+        given["deepspeed"] = _deepspeed_config(given["deepspeed"])
     try:
         args = TrainingArguments(**{**ours, **given})
     except (TypeError, ValueError, ImportError) as exc:
@@ -457,6 +460,26 @@ def training_arguments(c: TrainConfig, *, max_steps: int) -> Any:
         # over all of them); several GPUs are Ray Train workers (--workers N), one each.
         args._n_gpu = 1
     return args
+
+
+def _deepspeed_config(spec: str | dict[str, Any]) -> dict[str, Any]:
+    """`--deepspeed`'s config, with ZeRO-3's weights gathered on save: the final model is a
+    whole checkpoint, which a partitioned model gives only so (LLaVA's zero3.json sets it too)."""
+    try:
+        config = spec if isinstance(spec, dict) else json.loads(Path(spec).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--deepspeed {spec}: {exc}") from exc
+    zero = config.get("zero_optimization") or {}
+    gather = "stage3_gather_16bit_weights_on_model_save"
+    if zero.get("stage") != 3 or zero.get(gather):
+        return config
+    if gather in zero:
+        raise ValueError(
+            f"--deepspeed {spec}: {gather} is false, and warren saves the final model whole, "
+            "which ZeRO-3 gives only with it true"
+        )
+    log.info("--deepspeed: ZeRO-3 with %s on, to save the final model whole", gather)
+    return {**config, "zero_optimization": {**zero, gather: True}}
 
 
 def _checkpointing(on: bool) -> dict[str, Any]:
@@ -630,7 +653,9 @@ def run_loop(
         "total_params": n_total,
         "device": str(args.device),
         "world_size": ranks.world_size,
-        "parallelism": "fsdp" if _uses_fsdp(c, ranks) else ("ddp" if ranks.distributed else None),
+        "parallelism": "deepspeed"
+        if trainer.is_deepspeed_enabled
+        else ("fsdp" if _uses_fsdp(c, ranks) else ("ddp" if ranks.distributed else None)),
         "dtype": str(dtype).removeprefix("torch."),
         "lora": c.lora,
         "lora_merged": c.lora and c.lora_merge,
@@ -790,57 +815,72 @@ def _save_final(
     """Write the trained model to OUTPUT (rank 0; every rank calls it, for the gathers of a
     sharded model); return the names of what OUTPUT then holds."""
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-        # A collective: every rank takes part, rank 0 gets the whole state.
-        full = trainer.accelerator.get_state_dict(trainer.model_wrapped)
-        if ranks.rank == 0:
-            if c.lora:
-                # The adapter (the projector inside it): DeepSpeed with LoRA is not merged here.
-                model.save_pretrained(out, state_dict=full)
-            else:
-                weights = {k: v.to(dtype) for k, v in full.items()}
-                parts.model.save_pretrained(out, state_dict=weights)
-                projector = {k: v for k, v in full.items() if k.startswith(PROJECTOR_PREFIX)}
-                save_file(projector, str(out / PROJECTOR_FILE))
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    # A collective for a sharded model: every rank takes part, rank 0 gets the whole state.
+    full = trainer.accelerator.get_state_dict(trainer.model_wrapped) if sharded else None
+    if ranks.rank == 0:
+        if _merges_from_disk(c):
+            _save_adapter(parts, model, c, out, dtype, full)
+        elif full is not None:
+            parts.model.save_pretrained(out, state_dict={k: v.to(dtype) for k, v in full.items()})
             parts.processor.save_pretrained(out)
-    elif ranks.rank == 0:
-        projector = projector_state(model)
-        if not c.lora:
-            parts.model.to(dtype)
-            parts.save_pretrained(out)
-        elif c.qlora:
-            _save_qlora(parts, model, c, out, dtype)
-        elif c.lora_merge:
-            parts.model = model.merge_and_unload()
-            parts.model.to(dtype)
-            parts.save_pretrained(out)
+            projector = {k: v for k, v in full.items() if k.startswith(PROJECTOR_PREFIX)}
+            save_file(projector, str(out / PROJECTOR_FILE))
         else:
-            base = os.path.abspath(c.from_checkpoint or out / "base")
-            model.peft_config["default"].base_model_name_or_path = base
-            model.save_pretrained(out)
-            parts.processor.save_pretrained(out)
-        save_file(projector, str(out / PROJECTOR_FILE))
+            save_file(projector_state(model), str(out / PROJECTOR_FILE))
+            if c.lora and c.lora_merge:
+                parts.model = model.merge_and_unload()
+            if c.lora and not c.lora_merge:
+                model.peft_config["default"].base_model_name_or_path = _lora_base(c, out)
+                model.save_pretrained(out)
+                parts.processor.save_pretrained(out)
+            else:
+                parts.model.to(dtype)
+                parts.save_pretrained(out)
     ranks.barrier()
     return sorted(os.listdir(out))
 
 
-def _save_qlora(
-    parts: LlavaParts, model: torch.nn.Module, c: TrainConfig, out: Path, dtype: torch.dtype
+def _lora_base(c: TrainConfig, out: Path) -> str:
+    """The base checkpoint an adapter points at: --from-checkpoint, or the assembled model that
+    _prepare saved to OUTPUT/base."""
+    return os.path.abspath(c.from_checkpoint or out / "base")
+
+
+def _merges_from_disk(c: TrainConfig) -> bool:
+    """LoRA whose adapter is merged onto the base read back from disk, not in memory: a 4-bit
+    base (merging into it would round the update away) or DeepSpeed's (its weights are
+    partitioned, or held by the engine)."""
+    return c.lora and (c.qlora or bool((c.training_args or {}).get("deepspeed")))
+
+
+def _save_adapter(
+    parts: LlavaParts,
+    model: torch.nn.Module,
+    c: TrainConfig,
+    out: Path,
+    dtype: torch.dtype,
+    state_dict: dict[str, torch.Tensor] | None,
 ) -> None:
-    """Merging into 4-bit weights would round the update away: the adapter is saved, then
-    merged into the base loaded in `dtype` (on the CPU) unless --no-lora-merge."""
-    adapter = out / ("adapter" if c.lora_merge else ".")
-    model.peft_config["default"].base_model_name_or_path = os.path.abspath(c.from_checkpoint)
-    model.save_pretrained(adapter)
-    parts.processor.save_pretrained(out)
-    if not c.lora_merge:
-        return
+    """Save the adapter (from `state_dict`, the gathered state of a sharded model, when given),
+    load it onto the base in `dtype` on the CPU for the projector, and merge it there unless
+    --no-lora-merge."""
     from peft import PeftModel
     from transformers import LlavaForConditionalGeneration
 
-    base = LlavaForConditionalGeneration.from_pretrained(c.from_checkpoint, dtype=dtype)
-    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-    merged.save_pretrained(out)
+    base = _lora_base(c, out)
+    adapter = out / ("adapter" if c.lora_merge else ".")
+    model.peft_config["default"].base_model_name_or_path = base
+    model.save_pretrained(adapter, state_dict=state_dict)
+    parts.processor.save_pretrained(out)
+    loaded = PeftModel.from_pretrained(
+        LlavaForConditionalGeneration.from_pretrained(base, dtype=dtype), adapter
+    )
+    save_file(projector_state(loaded), str(out / PROJECTOR_FILE))
+    if c.lora_merge:
+        loaded.merge_and_unload().save_pretrained(out)
+        if not c.from_checkpoint:
+            shutil.rmtree(out / "base")  # saved only for this merge; the output is whole
 
 
 if __name__ == "__main__":
