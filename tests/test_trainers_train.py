@@ -455,6 +455,13 @@ def test_flags_come_from_the_config_and_bad_combinations_name_the_flag(tmp_path)
         resolve(TrainConfig(stage="align", vision="v", llm="l", from_checkpoint="c", **common))
     with pytest.raises(ValueError, match="give --vision and --llm"):
         resolve(TrainConfig(stage="instruct", llm="l", **common))
+    # accelerate would replicate the model on CPU workers: --fsdp there is refused, not ignored.
+    with pytest.raises(ValueError, match="--fsdp shards over GPU workers only"):
+        resolve(
+            TrainConfig(
+                stage="align", vision="v", llm="l", fsdp=True, workers=2, use_gpu=False, **common
+            )
+        )
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="--qlora needs a CUDA GPU"):
             resolve(TrainConfig(stage="instruct", from_checkpoint="c", qlora=True, **common))

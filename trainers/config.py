@@ -20,6 +20,12 @@ STAGES = ("align", "instruct")
 PROJECTOR_FILE = "mm_projector.safetensors"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CHECKPOINTS = "checkpoints"
+# accelerate builds FSDP on GPUs only: on CPUs the Trainer would replicate the model (DDP)
+# without a word, so --fsdp there is refused.
+FSDP_NEEDS_GPUS = (
+    "--fsdp shards over GPU workers only (accelerate replicates the model on CPUs instead): "
+    "drop --fsdp to train replicas (DDP) on CPU workers"
+)
 
 
 def _opt(help: str, **kw: Any) -> Any:
@@ -120,8 +126,8 @@ class TrainConfig:
         "Ray Train workers take a GPU each (default: when the Ray cluster has GPUs)", default=None
     )
     fsdp: bool = _opt(
-        "shard weights, gradients and optimizer state over the Ray Train workers (FSDP) instead "
-        "of keeping a replica on each (DDP); for models that do not fit on one device",
+        "shard weights, gradients and optimizer state over the Ray Train GPU workers (FSDP) "
+        "instead of keeping a replica on each (DDP); for models that do not fit on one GPU",
         default=False,
     )
     cpus_per_worker: float = _opt("CPUs each Ray Train worker asks for", default=1.0)

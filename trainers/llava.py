@@ -79,6 +79,7 @@ from safetensors.torch import load_file, save_file
 
 from warren.trainers.config import (
     CHECKPOINTS,
+    FSDP_NEEDS_GPUS,
     PROJECTOR_FILE,
     STAGES,
     TrainConfig,
@@ -197,6 +198,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise ValueError(
             "--fsdp and --use-gpu/--no-use-gpu are for Ray Train runs: add --workers N"
         )
+    if c.fsdp and c.use_gpu is False:
+        raise ValueError(FSDP_NEEDS_GPUS)
     if c.fsdp and c.lora:
         raise ValueError(
             "--fsdp shards full-weight training; LoRA trains few weights and runs with DDP: drop "
@@ -627,7 +630,7 @@ def run_loop(
     # DDP keeps the replicas equal by construction; the digests show it (FSDP holds shards).
     replicas = (
         ranks.gather(_sha256(_trainable_state(trainer.accelerator.unwrap_model(engine))))
-        if ranks.distributed and not _uses_fsdp(c, ranks)
+        if ranks.distributed and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
         else None
     )
     files = _save_final(parts, trainer, c, out, dtype, ranks)
@@ -655,7 +658,7 @@ def run_loop(
         "world_size": ranks.world_size,
         "parallelism": "deepspeed"
         if trainer.is_deepspeed_enabled
-        else ("fsdp" if _uses_fsdp(c, ranks) else ("ddp" if ranks.distributed else None)),
+        else ("fsdp" if trainer.is_fsdp_enabled else ("ddp" if ranks.distributed else None)),
         "dtype": str(dtype).removeprefix("torch."),
         "lora": c.lora,
         "lora_merged": c.lora and c.lora_merge,
@@ -698,10 +701,6 @@ def _where(ranks: Ranks) -> str:
 def _problems_file(ranks: Ranks) -> str:
     # One file per rank: ranks may run on different machines over a shared OUTPUT.
     return f"data_problems.rank{ranks.rank}.jsonl" if ranks.distributed else "data_problems.jsonl"
-
-
-def _uses_fsdp(c: TrainConfig, ranks: Ranks) -> bool:
-    return c.fsdp and ranks.distributed
 
 
 def planned_batches(units: Sequence[Any], c: TrainConfig, world_size: int = 1) -> int:

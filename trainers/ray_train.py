@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from warren.trainers.config import CHECKPOINTS, TrainConfig
+from warren.trainers.config import CHECKPOINTS, FSDP_NEEDS_GPUS, TrainConfig
 from warren.trainers.ranks import Ranks
 
 #: `trainers.llava.run_loop`: (config, resume_from, ranks, *, device, report) -> summary.
@@ -60,6 +60,8 @@ def train_on_ray(c: TrainConfig, resume_from: Path | None, loop: Loop) -> dict[s
     use_gpu = gpus >= 1 if c.use_gpu is None else c.use_gpu
     if use_gpu and gpus < 1:
         raise ValueError("--use-gpu: the Ray cluster has no GPUs; drop it to train on CPUs")
+    if c.fsdp and not use_gpu:
+        raise ValueError(FSDP_NEEDS_GPUS)
     resources: dict[str, float] = {"CPU": c.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
