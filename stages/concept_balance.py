@@ -84,14 +84,16 @@ def parse_vocabulary(text: str) -> Vocabulary:
     return Vocabulary(tuple(seen))
 
 
-def load_vocabulary(uri: str) -> Vocabulary:
+def load_vocabulary(uri: str, rule: str = RULE, what: str = "concept vocabulary") -> Vocabulary:
+    """The vocabulary file at `uri`; a ValueError, named for `rule`, when it cannot be read or
+    has no entries."""
     try:
         data = Location.of(uri).read_bytes()
     except OSError as exc:
-        raise ValueError(f"{RULE}: cannot read the concept vocabulary {uri} ({exc})") from exc
+        raise ValueError(f"{rule}: cannot read the {what} {uri} ({exc})") from exc
     vocab = parse_vocabulary(data.decode("utf-8", "replace"))
     if not vocab.entries:
-        raise ValueError(f"{RULE}: the concept vocabulary {uri} has no entries")
+        raise ValueError(f"{rule}: the {what} {uri} has no entries")
     return vocab
 
 

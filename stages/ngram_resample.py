@@ -1,0 +1,188 @@
+"""ngram_resample: Llama 3's caption n-gram resampling, exactly and reproducibly for a seed.
+
+The Llama 3 paper (section 7.1.1, "Resampling") samples image-text pairs down where their
+captions say only what many other captions say, in the spirit of MetaCLIP:
+
+- a vocabulary of n-grams (`ngrams`: a file, one entry per line, e.g. from high-quality text) is
+  matched in each row's caption as whole lower-cased words (concept_balance's matching: the entry
+  "hot dog" matches the words "hot dog", never "hotdogs");
+- over the whole input each entry counts the rows whose caption holds it (its frequency f);
+- a row holding an entry with f < T (`ngram_threshold`) is always kept;
+- otherwise each of its entries is drawn independently with probability sqrt(T / f), and the row
+  is kept when any is drawn: it is kept with p = 1 - prod(1 - sqrt(T / f_i));
+- a row whose caption holds no entry is rejected (nothing of it is drawn), unless
+  `keep_unmatched`.
+
+Each row's keep probability is kept on the row as `ngram_keep_p`. The draws are seeded uniform
+keys (`stages.select.uniform_key`) of the row's id and the entry, with a seed of the rule's own
+(`sub_seed(seed, "ngrams")`): the same input and seed keep the same rows, in any run.
+
+What is concept_balance's, reused: the vocabulary file and its parsing, the word matching, the
+counting pass (rows per entry, reading only the text columns), the text a row is matched in.
+What differs: MetaCLIP keeps a row with min(1, t / f) of its rarest entry, in one draw; Llama 3
+draws every entry, at sqrt(T / f), keeps the row when any is drawn, and keeps it outright when one
+entry is below T. Rejected rows:
+
+- `ngram_resample: frequent n-grams only (rarest 'dog': 1,234 rows, T 100, kept with p 0.41)`;
+- `ngram_resample: no vocabulary n-gram`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+
+import numpy as np
+import pyarrow as pa
+
+from warren.stages.base import GlobalContext, GlobalStage, param, reject, stable_hash
+from warren.stages.concept_balance import (
+    Vocabulary,
+    concept_count_pass,
+    load_vocabulary,
+    row_texts,
+    sub_seed,
+)
+from warren.stages.group_select import project
+from warren.stages.select import uniform_key
+from warren.stages.shards import Location
+
+
+@dataclasses.dataclass(frozen=True)
+class NgramRule:
+    """The rule, ready to apply to a batch: the vocabulary, each entry's row count over the
+    input, T and the seed."""
+
+    vocab: Vocabulary
+    counts: tuple[int, ...]
+    threshold: int
+    seed: int
+    text: str
+    keep_unmatched: bool
+    name: str = "ngram_resample"
+
+    def keep_p(self, found: set[int]) -> float:
+        """The probability a row holding the entries `found` is kept."""
+        counts = [self.counts[j] for j in found]
+        if any(f < self.threshold for f in counts):
+            return 1.0
+        return 1.0 - math.prod(1.0 - math.sqrt(self.threshold / f) for f in counts)
+
+    def decide(self, batch: pa.Table) -> tuple[list[str | None], list[float | None]]:
+        """Per row: None (kept) or why it is rejected, and its keep probability (None for a row
+        that holds no entry)."""
+        ids = batch.column("id").to_pylist()
+        found = [self.vocab.matches(t) for t in row_texts(batch, self.text)]
+        # one draw per (row, entry): the key of the id and the entry, in a batch of its own
+        pairs = [(i, j) for i, js in enumerate(found) for j in sorted(js)]
+        keys = uniform_key(
+            [f"{ids[i]}\x1f{self.vocab.entries[j]}" for i, j in pairs],
+            sub_seed(self.seed, "ngrams"),
+        )
+        drawn = [False] * len(ids)
+        for (i, j), key in zip(pairs, keys.tolist(), strict=True):
+            if key < math.sqrt(self.threshold / self.counts[j]):
+                drawn[i] = True
+        reasons: list[str | None] = []
+        probs: list[float | None] = []
+        for i, js in enumerate(found):
+            if not js:
+                probs.append(None)
+                reasons.append(
+                    None if self.keep_unmatched else f"{self.name}: no vocabulary n-gram"
+                )
+                continue
+            p = self.keep_p(js)
+            probs.append(p)
+            if p >= 1.0 or drawn[i]:
+                reasons.append(None)
+                continue
+            rarest = min(js, key=lambda j: (self.counts[j], j))
+            reasons.append(
+                f"{self.name}: frequent n-grams only (rarest {self.vocab.entries[rarest]!r}: "
+                f"{self.counts[rarest]:,} rows, T {self.threshold:,}, kept with p {p:.3g})"
+            )
+        return reasons, probs
+
+
+def mark_ngrams(batch: pa.Table, rule: NgramRule) -> pa.Table:
+    """Every row of `batch` with `ngram_keep_p`, the rows the rule does not keep rejected."""
+    reasons, probs = rule.decide(batch)
+    marked = batch.append_column("ngram_keep_p", pa.array(probs, pa.float32()))
+    return reject(marked, np.array([r is not None for r in reasons], bool), reasons)
+
+
+@dataclasses.dataclass(frozen=True)
+class NgramResampleParams:
+    ngrams: str = param("", "vocabulary of n-grams: a file, one entry per line")
+    ngram_threshold: int = param(
+        0, "T: a row with an n-gram in fewer than T rows is kept; the rest with sqrt(T / f) draws"
+    )
+    ngram_text: str = param(
+        "caption", "text matched against the vocabulary: caption, conversations, or auto"
+    )
+    keep_unmatched: bool = param(False, "keep rows whose caption holds no vocabulary n-gram")
+    seed: int = param(0, "seed of the draws")
+
+
+class NgramResample(GlobalStage):
+    """Llama 3's resampling: rows whose caption n-grams are all frequent are sampled down."""
+
+    name = "ngram_resample"
+    version = "1"
+    Params = NgramResampleParams
+    adds = ("ngram_keep_p",)
+
+    def decision_columns(self) -> tuple[str, ...]:
+        return ("caption", "conversations")
+
+    def check_params(self) -> None:
+        p = self.params
+        if not p.ngrams:
+            raise ValueError(f"{self.name}: ngrams must name a vocabulary file")
+        if p.ngram_threshold < 1:
+            raise ValueError(f"{self.name}: ngram_threshold (Llama 3's T) must be at least 1")
+        if p.ngram_text not in ("auto", "caption", "conversations"):
+            raise ValueError(
+                f"{self.name}: ngram_text must be auto, caption or conversations, "
+                f"got {p.ngram_text!r}"
+            )
+        if not -(2**63) <= p.seed < 2**63:
+            raise ValueError(f"{self.name}: seed must fit in 64 bits, got {p.seed}")
+
+    @property
+    def params_hash(self) -> str:
+        # The vocabulary is data the decision depends on: a changed file must invalidate the cache.
+        try:
+            digest = hashlib.sha256(Location.of(self.params.ngrams).read_bytes()).hexdigest()
+        except OSError:
+            digest = "unreadable"
+        return stable_hash({"params": super().params_hash, "ngrams": digest})
+
+    def rule(self, ds) -> NgramRule:
+        """The rule with each entry's row count over `ds` (one counting pass)."""
+        p = self.params
+        vocab = load_vocabulary(p.ngrams, self.name, "n-gram vocabulary")
+        counts = np.zeros(len(vocab.entries), np.int64)
+        texts = project(ds, ["caption", "conversations"])
+        for b in texts.map_batches(
+            concept_count_pass, fn_args=(vocab, p.ngram_text), batch_format="pyarrow"
+        ).iter_batches(batch_size=None, batch_format="pyarrow"):
+            np.add.at(counts, b.column("entry").to_numpy(), b.column("n").to_numpy())
+        return NgramRule(
+            vocab,
+            tuple(int(c) for c in counts),
+            p.ngram_threshold,
+            p.seed,
+            p.ngram_text,
+            p.keep_unmatched,
+            self.name,
+        )
+
+    def run(self, ds, ctx: GlobalContext):
+        rule = self.rule(ds)
+        return ds.map_batches(mark_ngrams, fn_args=(rule,), batch_format="pyarrow")
+
+
+__all__ = ["NgramResample", "NgramResampleParams", "NgramRule", "mark_ngrams"]
