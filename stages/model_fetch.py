@@ -13,6 +13,7 @@ import os
 import socket
 import urllib.parse
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 # The models module's logger: its messages stay where they were logged before.
@@ -60,17 +61,81 @@ def may_download() -> bool:
     return not is_offline() and hub_resolves()
 
 
-def not_found(spec: str, why: str, flag: str = DEFAULT_FLAG) -> ModelNotFoundError:
+def not_found(
+    spec: str, why: str, flag: str = DEFAULT_FLAG, example: str | None = None
+) -> ModelNotFoundError:
+    """The error for a model spec that cannot be had here; `example` replaces the CLIP examples
+    of what to give instead."""
     if is_offline():
         offline = " (offline: HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set)"
     else:
         offline = "" if hub_resolves() else " (offline: the hub cannot be reached)"
     why = " ".join(why.split()).rstrip(". ")
+    example = example or (
+        f"{flag} open_clip:ViT-B-32:laion2b_s34b_b79k once its weights are cached, {flag} "
+        f"open_clip:<arch>:/path/to/checkpoint.pt, or {flag} hf:/path/to/model_dir"
+    )
     return ModelNotFoundError(
         f"model {spec!r} is not available{offline}: {why}. Give a model that is on this machine "
-        f"with {flag}, e.g. {flag} open_clip:ViT-B-32:laion2b_s34b_b79k once its weights are "
-        f"cached, {flag} open_clip:<arch>:/path/to/checkpoint.pt, or {flag} hf:/path/to/model_dir"
+        f"with {flag}, e.g. {example}"
     )
+
+
+def weights_cache() -> Path:
+    """Where downloaded weight files are kept: $WARREN_WEIGHTS_CACHE, else
+    ~/.cache/warren/weights."""
+    return Path(os.environ.get("WARREN_WEIGHTS_CACHE") or "~/.cache/warren/weights").expanduser()
+
+
+def weights_file(spec: str, flag: str) -> str:
+    """The local file a weights spec names: a path on this machine; `hf:ORG/REPO/FILE`, from the
+    Hugging Face cache, else the hub; an http(s) URL, from warren's weights cache
+    (`weights_cache()`), else downloaded into it. Offline, only what is on this machine is used;
+    anything else is a ModelNotFoundError naming `flag`."""
+    example = f"{flag} /path/to/weights.pth"
+    if spec.startswith("hf:"):
+        from huggingface_hub import hf_hub_download
+
+        repo, _, name = spec[3:].rpartition("/")
+        last: BaseException | None = None
+        for local_only in [True] + ([False] if may_download() else []):
+            try:
+                return hf_hub_download(repo, name, local_files_only=local_only)
+            except fetch_errors() as exc:
+                last = exc
+        raise not_found(spec, f"{type(last).__name__}: {last}", flag, example) from last
+    if spec.startswith(("http://", "https://")):
+        name = os.path.basename(urllib.parse.urlparse(spec).path) or "weights"
+        key = hashlib.sha256(spec.encode()).hexdigest()[:12]
+        path = weights_cache() / f"{key}-{urllib.parse.unquote(name)}"
+        if path.is_file():
+            return str(path)
+        if is_offline():
+            raise not_found(spec, f"it is not in {weights_cache()}", flag, example)
+        return str(_download(spec, path, flag, example))
+    if os.path.isfile(spec):
+        return spec
+    raise not_found(spec, "no such file", flag, example)
+
+
+def _download(url: str, path: Path, flag: str, example: str) -> Path:
+    """`url` into `path`, whole or not at all (a temporary name, then a rename)."""
+    import shutil
+    import tempfile
+    import urllib.request
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s to %s", url, path)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as tmp:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                shutil.copyfileobj(response, tmp)
+        except OSError as exc:  # URLError, HTTPError and time-outs are OSErrors
+            tmp.close()
+            os.unlink(tmp.name)
+            raise not_found(url, f"the download failed ({exc})", flag, example) from exc
+    os.replace(tmp.name, path)
+    return path
 
 
 def checked_cache_file(path: str, url: str) -> str:

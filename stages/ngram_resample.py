@@ -36,7 +36,7 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from warren.stages.base import GlobalContext, GlobalStage, param, reject, stable_hash
+from warren.stages.base import GlobalContext, GlobalStage, param, put_column, reject, stable_hash
 from warren.stages.concept_balance import (
     Vocabulary,
     concept_count_pass,
@@ -109,7 +109,7 @@ class NgramRule:
 def mark_ngrams(batch: pa.Table, rule: NgramRule) -> pa.Table:
     """Every row of `batch` with `ngram_keep_p`, the rows the rule does not keep rejected."""
     reasons, probs = rule.decide(batch)
-    marked = batch.append_column("ngram_keep_p", pa.array(probs, pa.float32()))
+    marked = put_column(batch, "ngram_keep_p", pa.array(probs, pa.float32()))
     return reject(marked, np.array([r is not None for r in reasons], bool), reasons)
 
 

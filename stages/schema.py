@@ -66,6 +66,9 @@ SIGNAL_FIELDS: list[pa.Field] = [
     pa.field("nsfw_score", pa.float32()),
     # ngram_resample's keep probability (Llama 3's caption n-gram resampling)
     pa.field("ngram_keep_p", pa.float32()),
+    # LAION's aesthetic score (aesthetic) and watermark probability (watermark)
+    pa.field("aesthetic_score", pa.float32()),
+    pa.field("watermark_prob", pa.float32()),
     # exact_dedup's content hashes and phash_dedup's perceptual hash and group
     pa.field("image_sha256", pa.string()),
     pa.field("pixel_hash", pa.string()),
