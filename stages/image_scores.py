@@ -81,35 +81,13 @@ class ImageScoreStage(BatchStage):
     def _prepare(self, blob: Any) -> tuple[np.ndarray | None, str | None]:
         """The model's input for one encoded image, or why there is none; never raises for bad
         data."""
-        if blob is None or len(memoryview(blob)) == 0:
-            return None, f"empty image ({'null' if blob is None else '0'} bytes)"
-        raw = memoryview(blob)
-        try:
-            img = decode_image(
-                raw,
-                reduce_to=self.decode_side,
-                max_pixels=self.params.max_pixels,
-                max_pixels_flag=f"--{self.name}.max_pixels",
-            )
-            return self.preprocess(img), None
-        except ImageTooLargeError as exc:
-            return None, f"too many pixels: {exc.detail}"
-        except MemoryError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - untrusted bytes: any decoder error is bad data
-            return None, self._unreadable(raw, exc)
-
-    def _unreadable(self, raw: memoryview, exc: Exception) -> str:
-        """image_check's words for what is wrong with an image (not an image, truncated, ...), so
-        both stages name one file the same way; only called for images that failed."""
-        found = ImageCheck(max_pixels=self.params.max_pixels).check_one(pa.py_buffer(raw), None)
-        if found.reason is not None:
-            # "image_check: truncated image (details)" -> "truncated image: details"
-            category, _, details = found.reason.split(": ", 1)[1].partition(" (")
-            return f"{category}: {details[:-1]}" if details else category
-        # image_check could decode it: the failure is in the conversion (an exotic mode).
-        message = " ".join(str(exc).split())[:200] or type(exc).__name__
-        return f"{type(exc).__name__}: {message}"
+        img, problem = decode_blob(
+            blob,
+            reduce_to=self.decode_side,
+            max_pixels=self.params.max_pixels,
+            flag=f"--{self.name}.max_pixels",
+        )
+        return (None, problem) if img is None else (self.preprocess(img), None)
 
     def process(self, batch: pa.Table) -> pa.Table:
         p = self.params
@@ -144,3 +122,36 @@ class ImageScoreStage(BatchStage):
         out = put_column(batch, self.score_column, column)
         mask = np.array([r is not None for r in reasons], dtype=bool)
         return reject(out, mask, reasons) if mask.any() else out
+
+
+def decode_blob(
+    blob: Any, *, reduce_to: int | None, max_pixels: int, flag: str
+) -> tuple[Any, str | None]:
+    """(the picture, None) for one encoded image (bytes or a buffer), or (None, why not) in
+    image_check's words; never raises for bad data. `flag` names the pixel limit's flag."""
+    if blob is None or len(memoryview(blob)) == 0:
+        return None, f"empty image ({'null' if blob is None else '0'} bytes)"
+    raw = memoryview(blob)
+    try:
+        return decode_image(
+            raw, reduce_to=reduce_to, max_pixels=max_pixels, max_pixels_flag=flag
+        ), None
+    except ImageTooLargeError as exc:
+        return None, f"too many pixels: {exc.detail}"
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any decoder error is bad data
+        return None, unreadable_reason(raw, exc, max_pixels)
+
+
+def unreadable_reason(raw: memoryview, exc: Exception, max_pixels: int) -> str:
+    """image_check's words for what is wrong with an image (not an image, truncated, ...), so
+    every stage names one file the same way; only called for images that failed."""
+    found = ImageCheck(max_pixels=max_pixels).check_one(pa.py_buffer(raw), None)
+    if found.reason is not None:
+        # "image_check: truncated image (details)" -> "truncated image: details"
+        category, _, details = found.reason.split(": ", 1)[1].partition(" (")
+        return f"{category}: {details[:-1]}" if details else category
+    # image_check could decode it: the failure is in the conversion (an exotic mode).
+    message = " ".join(str(exc).split())[:200] or type(exc).__name__
+    return f"{type(exc).__name__}: {message}"
