@@ -14,7 +14,7 @@ import numpy as np
 
 KEEP_CHOICES: dict[str, tuple[str, ...]] = {
     "semdedup": ("hard", "easy", "random"),
-    "components": ("middle", "far", "near", "random"),
+    "components": ("middle", "far", "near", "random", "first"),
 }
 #: Similarities closer than this are ties when naming the most similar earlier item.
 TIE_TOL = 1e-5
@@ -271,6 +271,34 @@ def linked_components(
     return parent
 
 
+def knn_linked(x: np.ndarray, threshold: float, k: int, chunk: int = 8192) -> np.ndarray:
+    """Component label (its smallest member) of each unit row, linking each row to those of its
+    `k` nearest neighbours (faiss, exact inner-product search) whose cosine, computed again in
+    float64, is above `threshold`: Llama 3's copy-detection dedup, nearest-neighbour search and
+    connected components. Memory: the rows, and n * (k + 1) neighbour ids."""
+    import faiss
+
+    n = len(x)
+    parent = np.arange(n, dtype=np.int64)
+    if n < 2:
+        return parent
+    x32 = np.ascontiguousarray(x, dtype=np.float32)
+    index = faiss.IndexFlatIP(x32.shape[1])
+    index.add(x32)
+    _, neighbours = index.search(x32, min(k + 1, n))  # + 1: a row is its own nearest
+    a = np.repeat(np.arange(n, dtype=np.int64), neighbours.shape[1])
+    b = neighbours.ravel().astype(np.int64)
+    valid = (b >= 0) & (b != a)
+    a, b = a[valid], b[valid]
+    for lo in range(0, len(a), chunk):
+        ca, cb = a[lo : lo + chunk], b[lo : lo + chunk]
+        cos = np.einsum("ij,ij->i", x32[ca].astype(np.float64), x32[cb].astype(np.float64))
+        linked = cos > threshold
+        if linked.any():
+            union_pairs(parent, ca[linked], cb[linked])
+    return parent
+
+
 def linked_on_device(x: np.ndarray, threshold: float, block_size: int, device: str) -> np.ndarray:
     """`linked_components` with torch on `device`: each tile screened in float32 (TF32 off, so the
     float32 error bound holds), its candidates decided on their float64 cosine on the device;
@@ -328,11 +356,14 @@ def components_cluster(
     seed: int = 0,
     cluster_id: int = 0,
     block_size: int = 512,
+    k: int = 0,
 ) -> ComponentDecision:
-    """Bunny's rule on one cluster: one item kept per connected component of near duplicates."""
+    """Bunny's rule on one cluster: one item kept per connected component of near duplicates.
+    With `k` > 0 an item is linked only to those of its k nearest neighbours above the threshold
+    (`knn_linked`), else to every item above it (`linked_components`)."""
     x = unit_rows(emb)
     n = len(x)
-    labels = linked_components(x, threshold, block_size)
+    labels = knn_linked(x, threshold, k) if k > 0 else linked_components(x, threshold, block_size)
     cos = np.asarray(cos_to_centroid, dtype=np.float64)
     if keep == "random":
         keys: tuple[np.ndarray, ...] = (random_keys(ids, seed, cluster_id),)
@@ -340,6 +371,8 @@ def components_cluster(
         keys = (id_ranks(ids), cos)
     elif keep == "near":
         keys = (id_ranks(ids), -cos)
+    elif keep == "first":
+        keys = (id_ranks(ids),)
     else:
         raise ValueError(
             f"semdedup: keep must be one of {KEEP_CHOICES['components']}, got {keep!r}"

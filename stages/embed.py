@@ -96,6 +96,10 @@ class Embed(BatchStage):
     Params = EmbedParams
     uses_model = True
     resources = Resources(num_cpus=1.0, num_gpus=1.0, batch_size=256)
+    #: The columns it writes (the `sscd` stage writes its own).
+    image_output = "image_emb"
+    text_output = "text_emb"
+    model_output = MODEL_COLUMN
 
     def required_columns(self) -> tuple[str, ...]:
         p = self.params
@@ -103,7 +107,7 @@ class Embed(BatchStage):
 
     def added_columns(self) -> dict[str, Any]:
         p = self.params
-        names = ["image_emb"] * p.images + ["text_emb"] * p.texts + [MODEL_COLUMN]
+        names = [self.image_output] * p.images + [self.text_output] * p.texts + [self.model_output]
         return {name: column_type(name) for name in names}
 
     def check_params(self) -> None:
@@ -168,14 +172,14 @@ class Embed(BatchStage):
         out = batch
         if p.images:
             column, image_reasons = self._embed_images(batch)
-            out = put_column(out, "image_emb", column)
+            out = put_column(out, self.image_output, column)
             reasons = image_reasons
         if p.texts:
             column, has_text = self._embed_texts(batch)
-            out = put_column(out, "text_emb", column)
-            missing = f"{RULE}: missing caption"
+            out = put_column(out, self.text_output, column)
+            missing = f"{self.name}: missing caption"
             reasons = [r if r or ok else missing for r, ok in zip(reasons, has_text, strict=True)]
-        out = put_column(out, MODEL_COLUMN, pa.array([model.name] * n, pa.string()))
+        out = put_column(out, self.model_output, pa.array([model.name] * n, pa.string()))
         mask = np.array([r is not None for r in reasons], dtype=bool)
         return reject(out, mask, reasons) if mask.any() else out
 
@@ -189,7 +193,7 @@ class Embed(BatchStage):
         # struct_field propagates null structs to their children: a null image has null bytes.
         blobs = pc.struct_field(images.flatten(), "bytes").take(pa.array(starts[rows]))
 
-        reasons: list[str | None] = [f"{RULE}: no image" if c == 0 else None for c in counts]
+        reasons: list[str | None] = [f"{self.name}: no image" if c == 0 else None for c in counts]
         vectors = np.zeros((n, self.model.dim), dtype=np.float32)
         ok = np.zeros(n, dtype=bool)
         buffers = [blobs[k].as_buffer() for k in range(len(rows))]
@@ -231,7 +235,7 @@ class Embed(BatchStage):
         prepare = self.model.image_input
 
         def load(buffer: pa.Buffer | None) -> tuple[Any, str | None]:
-            image, reason = _decode(buffer, reduce_to)
+            image, reason = _decode(buffer, reduce_to, self.name)
             return (None if image is None else prepare(image)), reason
 
         def submit(chunk: list[int]) -> list[Future]:
@@ -339,17 +343,18 @@ def reduction_side(model: Any) -> int | None:
 
 
 def _decode(
-    data: pa.Buffer | None, reduce_to: int | None = None
+    data: pa.Buffer | None, reduce_to: int | None = None, rule: str = RULE
 ) -> tuple[Image.Image | None, str | None]:
-    """An RGB image from `data`, or the reason it cannot be had; never raises for bad data."""
+    """An RGB image from `data`, or the reason it cannot be had (named for the stage `rule`);
+    never raises for bad data."""
     if data is None or data.size == 0:
-        return None, f"{RULE}: undecodable image ({'null' if data is None else '0'} bytes)"
+        return None, f"{rule}: undecodable image ({'null' if data is None else '0'} bytes)"
     raw = memoryview(data)
     try:
         return decode_image(raw, reduce_to=reduce_to), None
     except UnidentifiedImageError:
         head = bytes(raw[:8]).hex()
-        return None, f"{RULE}: undecodable image (unknown format, {len(raw)} bytes, starts {head})"
+        return None, f"{rule}: undecodable image (unknown format, {len(raw)} bytes, starts {head})"
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - untrusted bytes: any decoder error is bad data
@@ -357,7 +362,7 @@ def _decode(
         message = _ADDRESS.sub(">", " ".join(str(exc).split())) or type(exc).__name__
         if not isinstance(exc, OSError | SyntaxError | ValueError):
             message = f"{type(exc).__name__}: {message}"
-        return None, f"{RULE}: undecodable image ({message[:200]})"
+        return None, f"{rule}: undecodable image ({message[:200]})"
 
 
 def _embedding_column(vectors: np.ndarray, ok: np.ndarray) -> pa.Array:

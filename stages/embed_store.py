@@ -123,7 +123,7 @@ def weights_digest(spec: str) -> str:
     of a model directory), "" when it names none (a pretrained tag, a hub id, random weights: the
     spec itself then names the weights)."""
     path = spec.strip()
-    for prefix in ("hf:", "open_clip:"):
+    for prefix in ("hf:", "open_clip:", "sscd:"):
         if path.startswith(prefix):
             path = path[len(prefix) :]
             if prefix == "open_clip:":

@@ -12,7 +12,10 @@ Specs:
 - `hf:<model id or local dir>`: a transformers CLIP-style model (CLIP, SigLIP, SigLIP 2, ...),
   chosen from its config's `model_type`, with its processor;
 - a bare local directory: a transformers model directory, or an open_clip one (a directory holding
-  `open_clip_config.json` and its weights).
+  `open_clip_config.json` and its weights);
+- `sscd:<name>` (`sscd_disc_mixup`, ...; downloaded once into the weights cache of
+  `stages.model_fetch.weights_file`) or `sscd:<TorchScript file or URL>`: Meta's SSCD
+  copy-detection descriptors, images only (`SscdModel`; the `sscd` stage).
 
 Weights already in a local cache (the Hugging Face cache, `~/.cache/clip`) are used without a
 network round trip. Nothing is downloaded when the user is offline (`HF_HUB_OFFLINE` or
@@ -185,6 +188,65 @@ class HfClipModel(ClipModel):
         return _pooled(self.module.get_text_features(**keep))
 
 
+class SscdModel(ClipModel):
+    """SSCD (Pizzi et al. 2022), Meta's self-supervised copy-detection descriptors: a TorchScript
+    ResNet whose image descriptor (512-d for the `disc` models) is L2-normalised; copies of an
+    image (crops, re-encodes, resizes, flips, overlays) lie close to it. Images only. Inputs are
+    the SSCD README's batch preprocessing, `skew_320`: resized to 320x320 (bilinear, aspect ratio
+    not kept), ImageNet normalisation."""
+
+    SIDE = 320
+    #: For the embedding store's key: what the model is given.
+    preprocess = "resize 320x320 bilinear, to [0, 1], ImageNet mean/std (SSCD's skew_320)"
+
+    def image_input(self, image: Any) -> Any:
+        import torch
+        from PIL import Image
+
+        pixels = np.asarray(image.resize((self.SIDE, self.SIDE), Image.BILINEAR), np.float32)
+        pixels = (pixels / 255.0 - _IMAGENET_MEAN) / _IMAGENET_STD
+        return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
+
+    def encode_image_inputs(self, inputs: Sequence[Any]) -> np.ndarray:
+        return self._encode(self._pixel_features, list(inputs), None)
+
+    def _pixel_features(self, tensors: Sequence[Any]):
+        import torch
+
+        return self.module(torch.stack(list(tensors)).to(self.device))
+
+    def _image_features(self, images: Sequence[Any]):
+        return self._pixel_features([self.image_input(i) for i in images])
+
+    def _text_features(self, texts: list[str]):
+        raise ValueError(f"{self.name}: SSCD embeds images only (it has no text tower)")
+
+
+_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+_IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+#: Meta's published SSCD TorchScript models, by name (`sscd:<name>`).
+SSCD_URL = "https://dl.fbaipublicfiles.com/sscd-copy-detection/{name}.torchscript.pt"
+SSCD_NAMES = ("sscd_disc_mixup", "sscd_disc_large", "sscd_disc_blur", "sscd_imagenet_mixup")
+
+
+def _load_sscd(spec: str, ident: str, device: str, batch_size: int, flag: str) -> ClipModel:
+    """`sscd:<name>` (one of SSCD_NAMES: downloaded once into the weights cache), or
+    `sscd:<path or URL of a TorchScript file>`."""
+    import torch
+
+    from warren.stages.model_fetch import weights_file
+
+    source = SSCD_URL.format(name=ident) if ident in SSCD_NAMES else ident
+    path = weights_file(source, flag)
+    try:
+        module = torch.jit.load(path, map_location=device).eval()
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for files of another kind
+        raise ValueError(f"{spec}: {path} is not a TorchScript model ({exc}); give {flag}") from exc
+    with torch.inference_mode():
+        probe = module(torch.zeros(1, 3, SscdModel.SIDE, SscdModel.SIDE, device=device))
+    return SscdModel(spec, int(probe.shape[-1]), module, device, batch_size)
+
+
 def _pooled(out):
     """transformers 5 returns a model output whose pooler_output is the projected feature."""
     import torch
@@ -213,6 +275,11 @@ def load_clip(
         if not arch:
             raise not_found(spec, "no architecture after 'open_clip:'", flag)
         return _load_open_clip(spec, arch, rest or None, device, batch_size, flag)
+    if spec.startswith("sscd:"):
+        ident = spec[len("sscd:") :]
+        if not ident:
+            raise not_found(spec, "no model name, path or URL after 'sscd:'", flag)
+        return _load_sscd(spec, ident, device, batch_size, flag)
     if spec.startswith("hf:"):
         ident = spec[len("hf:") :]
         if not ident:

@@ -40,6 +40,8 @@ SIGNAL_FIELDS: list[pa.Field] = [
     pa.field("ppl_model", pa.string()),
     pa.field("ppl_norm", pa.float32()),
     pa.field("emb_model", pa.string()),
+    # the sscd stage's copy-detection model (its descriptors are `sscd_emb`)
+    pa.field("sscd_model", pa.string()),
     pa.field("gen_model", pa.string()),
     pa.field("gen_prompt", pa.string()),
     pa.field("gen_params", pa.string()),
@@ -105,7 +107,7 @@ SIGNAL_FIELDS: list[pa.Field] = [
     pa.field("fusion_completion_tokens", pa.int64()),
     pa.field("fusion_cache_hits", pa.int32()),
 ]
-EMBEDDING_COLUMNS = ("image_emb", "text_emb")
+EMBEDDING_COLUMNS = ("image_emb", "text_emb", "sscd_emb")
 
 CORE_SCHEMA = pa.schema(CORE_FIELDS)
 KNOWN_TYPES: dict[str, pa.DataType] = {f.name: f.type for f in CORE_FIELDS + SIGNAL_FIELDS}

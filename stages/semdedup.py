@@ -20,7 +20,11 @@ Two rules (`rule`):
 - `components` (Bunny's coreset): two items are linked when their cosine similarity exceeds
   `threshold`; in every connected component one item is kept by `keep`: `"middle"` (the item at the
   median `cos_to_centroid` of its component; for an even count the lower middle in ascending order,
-  ties by id), `"far"` (smallest `cos_to_centroid`), `"near"` (largest) or `"random"` (seeded). The
+  ties by id), `"far"` (smallest `cos_to_centroid`), `"near"` (largest), `"random"` (seeded) or
+  `"first"` (the smallest id; what the copy-detection recipe keeps). With `k` > 0 an item is linked
+  only to those of its k nearest neighbours (faiss, exact inner product) above the threshold, as
+  Llama 3 deduplicates SSCD descriptors: nearest-neighbour search inside k-means clusters, then
+  connected components; k = 0 links every pair above it. The
   others are rejected as `semdedup: duplicate (of <kept id>, cos <to it>, component of <n>)`; every row gets its
   component's size in `component_size` (int64).
 
@@ -62,8 +66,10 @@ from warren.stages.base import (
     GlobalStage,
     Threshold,
     param,
+    params_to_dict,
     put_column,
     reject,
+    stable_hash,
 )
 from warren.stages.cluster_dedup import (
     KEEP_CHOICES,
@@ -112,10 +118,15 @@ class SemDedupParams:
     keep: str = param(
         "auto",
         "which item survives; rule semdedup: 'hard' (far from the centroid first), 'easy' (near "
-        "first) or 'random'; rule components: 'middle' (median cos_to_centroid), 'far', 'near' or "
-        "'random'; 'auto': 'hard' for semdedup, 'middle' for components",
+        "first) or 'random'; rule components: 'middle' (median cos_to_centroid), 'far', 'near', "
+        "'random' or 'first' (smallest id); 'auto': 'hard' for semdedup, 'middle' for components",
     )
     seed: int = param(0, "seed for keep='random' (combined with the cluster id)")
+    k: int = param(
+        0,
+        "rule components: link an item only to those of its k nearest neighbours (faiss, exact) "
+        "above the threshold, as Llama 3's copy-detection dedup; 0 links every pair above it",
+    )
     block_size: int = param(
         512,
         "rows per similarity block; memory per task holds one block_size^2 float32 tile. Small "
@@ -214,6 +225,7 @@ def dedup_cluster_table(group: pa.Table, params: SemDedupParams, drop: bool = Fa
                 seed=params.seed,
                 cluster_id=cluster_id,
                 block_size=params.block_size,
+                k=params.k,
             )
             removed = np.flatnonzero(c.removed)
             # The kept item may be linked only through others, so its cosine can be below the
@@ -283,6 +295,20 @@ class SemDedup(GlobalStage):
             raise ValueError(f"semdedup: seed must be an int, got {p.seed!r}")
         if not p.column:
             raise ValueError("semdedup: column must name the embedding column")
+        if isinstance(p.k, bool) or not isinstance(p.k, int) or p.k < 0:
+            raise ValueError(f"semdedup: k must be an int >= 0, got {p.k!r}")
+        if p.k and p.rule != "components":
+            raise ValueError("semdedup: k is for rule components (nearest neighbours linked)")
+
+    @property
+    def params_hash(self) -> str:
+        # k came later: at its default (every pair linked) the hash is the one runs had before,
+        # so their cached outputs stay valid.
+        if self.params.k:
+            return super().params_hash
+        params = params_to_dict(self.params)
+        del params["k"]
+        return stable_hash({"params": params, "version": self.version})
 
     def run(self, ds, ctx: GlobalContext):
         return map_groups(
