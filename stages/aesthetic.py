@@ -163,7 +163,8 @@ class Aesthetic(BatchStage):
             score[ok] = self.scores(emb)
         out = put_column(batch, SCORE_COLUMN, pa.array(score, pa.float32(), mask=~ok))
         out = reject(out, ~ok, f"{self.name}: missing embedding")
-        low = ok & (score < self.params.min_score)
+        # 0 is "off" (the threshold's `off` value), whatever a predictor scores.
+        low = ok & (score < self.params.min_score) if self.params.min_score > 0 else ok & False
         reasons = [
             f"{self.name}: below min_score ({SCORE_COLUMN} {s:.3g} < {self.params.min_score:g})"
             for s in score

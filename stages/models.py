@@ -229,13 +229,32 @@ SSCD_URL = "https://dl.fbaipublicfiles.com/sscd-copy-detection/{name}.torchscrip
 SSCD_NAMES = ("sscd_disc_mixup", "sscd_disc_large", "sscd_disc_blur", "sscd_imagenet_mixup")
 
 
+def demo_copy_descriptor() -> Any:
+    """`sscd:demo`, the offline demo's stand-in for SSCD: no weights, a flip-symmetric 8x8
+    thumbnail of the normalised image, centred and unit-normed. Re-encodes, resizes, small crops
+    and mirror images land close to their original, distinct pictures far, so the demo recipe's
+    copy dedup has something to find; it is no copy detector for real data."""
+    import torch
+
+    class Thumbnail(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            t = torch.nn.functional.adaptive_avg_pool2d(x, 8)
+            v = (t + torch.flip(t, dims=[3])).flatten(1)
+            return torch.nn.functional.normalize(v - v.mean(dim=1, keepdim=True), dim=1)
+
+    return Thumbnail()
+
+
 def _load_sscd(spec: str, ident: str, device: str, batch_size: int, flag: str) -> ClipModel:
-    """`sscd:<name>` (one of SSCD_NAMES: downloaded once into the weights cache), or
-    `sscd:<path or URL of a TorchScript file>`."""
+    """`sscd:<name>` (one of SSCD_NAMES: downloaded once into the weights cache),
+    `sscd:<path or URL of a TorchScript file>`, or `sscd:demo` (`demo_copy_descriptor`)."""
     import torch
 
     from warren.stages.model_fetch import weights_file
 
+    if ident == "demo":
+        module = demo_copy_descriptor().to(device).eval()
+        return SscdModel(spec, 192, module, device, batch_size)
     source = SSCD_URL.format(name=ident) if ident in SSCD_NAMES else ident
     path = weights_file(source, flag)
     try:

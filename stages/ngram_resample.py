@@ -5,7 +5,9 @@ captions say only what many other captions say, in the spirit of MetaCLIP:
 
 - a vocabulary of n-grams (`ngrams`: a file, one entry per line, e.g. from high-quality text) is
   matched in each row's caption as whole lower-cased words (concept_balance's matching: the entry
-  "hot dog" matches the words "hot dog", never "hotdogs");
+  "hot dog" matches the words "hot dog", never "hotdogs"); without a file the vocabulary is the
+  pool's own: every run of 1 to `ngram_max` words of its captions that occurs in at least two rows
+  (a word seen once, often a number or a file name, says nothing about frequency);
 - over the whole input each entry counts the rows whose caption holds it (its frequency f);
 - a row holding an entry with f < T (`ngram_threshold`) is always kept;
 - otherwise each of its entries is drawn independently with probability sqrt(T / f), and the row
@@ -29,6 +31,7 @@ entry is below T. Rejected rows:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import math
@@ -40,6 +43,7 @@ from warren.stages.base import GlobalContext, GlobalStage, param, put_column, re
 from warren.stages.concept_balance import (
     Vocabulary,
     concept_count_pass,
+    concept_words,
     load_vocabulary,
     row_texts,
     sub_seed,
@@ -106,6 +110,26 @@ class NgramRule:
         return reasons, probs
 
 
+def pool_count_pass(batch: pa.Table, ngram_max: int, which: str) -> pa.Table:
+    """Rows per n-gram (1 to `ngram_max` words) in one block's texts."""
+    counter: collections.Counter[str] = collections.Counter()
+    for text in row_texts(batch, which):
+        words = concept_words(text)
+        counter.update(
+            {
+                " ".join(words[i : i + n])
+                for n in range(1, ngram_max + 1)
+                for i in range(len(words) - n + 1)
+            }
+        )
+    return pa.table(
+        {
+            "ngram": pa.array(list(counter), pa.string()),
+            "n": pa.array(list(counter.values()), pa.int64()),
+        }
+    )
+
+
 def mark_ngrams(batch: pa.Table, rule: NgramRule) -> pa.Table:
     """Every row of `batch` with `ngram_keep_p`, the rows the rule does not keep rejected."""
     reasons, probs = rule.decide(batch)
@@ -115,7 +139,10 @@ def mark_ngrams(batch: pa.Table, rule: NgramRule) -> pa.Table:
 
 @dataclasses.dataclass(frozen=True)
 class NgramResampleParams:
-    ngrams: str = param("", "vocabulary of n-grams: a file, one entry per line")
+    ngrams: str = param(
+        "", "vocabulary of n-grams: a file, one entry per line; empty: the pool's own n-grams"
+    )
+    ngram_max: int = param(1, "without a vocabulary file: the longest n-gram counted, in words")
     ngram_threshold: int = param(
         0, "T: a row with an n-gram in fewer than T rows is kept; the rest with sqrt(T / f) draws"
     )
@@ -139,8 +166,8 @@ class NgramResample(GlobalStage):
 
     def check_params(self) -> None:
         p = self.params
-        if not p.ngrams:
-            raise ValueError(f"{self.name}: ngrams must name a vocabulary file")
+        if p.ngram_max < 1:
+            raise ValueError(f"{self.name}: ngram_max must be at least 1")
         if p.ngram_threshold < 1:
             raise ValueError(f"{self.name}: ngram_threshold (Llama 3's T) must be at least 1")
         if p.ngram_text not in ("auto", "caption", "conversations"):
@@ -154,6 +181,8 @@ class NgramResample(GlobalStage):
     @property
     def params_hash(self) -> str:
         # The vocabulary is data the decision depends on: a changed file must invalidate the cache.
+        if not self.params.ngrams:
+            return super().params_hash
         try:
             digest = hashlib.sha256(Location.of(self.params.ngrams).read_bytes()).hexdigest()
         except OSError:
@@ -163,9 +192,11 @@ class NgramResample(GlobalStage):
     def rule(self, ds) -> NgramRule:
         """The rule with each entry's row count over `ds` (one counting pass)."""
         p = self.params
+        texts = project(ds, ["caption", "conversations"])
+        if not p.ngrams:
+            return self._pool_rule(texts)
         vocab = load_vocabulary(p.ngrams, self.name, "n-gram vocabulary")
         counts = np.zeros(len(vocab.entries), np.int64)
-        texts = project(ds, ["caption", "conversations"])
         for b in texts.map_batches(
             concept_count_pass, fn_args=(vocab, p.ngram_text), batch_format="pyarrow"
         ).iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -179,6 +210,24 @@ class NgramResample(GlobalStage):
             p.keep_unmatched,
             self.name,
         )
+
+    def _pool_rule(self, texts) -> NgramRule:
+        """The rule over the pool's own n-grams: every run of up to `ngram_max` words counted
+        (in how many rows it occurs), those in two rows or more the vocabulary."""
+        p = self.params
+        counter: collections.Counter[str] = collections.Counter()
+        for b in texts.map_batches(
+            pool_count_pass, fn_args=(p.ngram_max, p.ngram_text), batch_format="pyarrow"
+        ).iter_batches(batch_size=None, batch_format="pyarrow"):
+            counter.update(
+                dict(zip(b.column("ngram").to_pylist(), b.column("n").to_pylist(), strict=True))
+            )
+        entries = sorted(k for k, n in counter.items() if n >= 2)
+        counts = tuple(counter[e] for e in entries)
+        return NgramRule(
+            Vocabulary(tuple(entries)), counts, p.ngram_threshold, p.seed, p.ngram_text,
+            p.keep_unmatched, self.name,
+        )  # fmt: skip
 
     def run(self, ds, ctx: GlobalContext):
         rule = self.rule(ds)

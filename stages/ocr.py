@@ -28,6 +28,9 @@ Columns, per row (over all of its images):
   there is no caption: high for alt-text that transcribes a sign, low for a caption that ignores
   the text.
 
+With `append_text` (the Llama 3 recipe's setting) the text read is appended to the caption, on a
+line of its own, and the caption as it was is kept in `original_caption`.
+
 Filters, each off by default: `max_area` drops text-heavy images (screenshots, documents, slides)
 from a caption pool; `min_area` keeps only images with text, for OCR-rich sets; `min_overlap` keeps
 rows whose caption agrees with their text. An image that cannot be read rejects its row, in
@@ -94,6 +97,10 @@ class OcrParams:
         "images claiming more pixels than this are unreadable (never decoded), as image_check",
     )
     threads: int = param(0, "onnxruntime threads; 0: OMP_NUM_THREADS (Ray's CPU share), else all")
+    append_text: bool = param(
+        False,
+        "append the text read to the caption (Llama 3), keeping the caption in original_caption",
+    )
 
 
 def text_area(boxes: list[list[list[float]]], width: int, height: int) -> float:
@@ -139,12 +146,15 @@ class Ocr(BatchStage):
         self._engine: Any = None
 
     def added_columns(self) -> dict[str, Any]:
-        return {
+        added = {
             "ocr_text": pa.string(),
             "ocr_boxes": pa.list_(BOX_TYPE),
             "ocr_area": pa.float32(),
             "ocr_caption_overlap": pa.float32(),
         }
+        if self.params.append_text:
+            added["original_caption"] = pa.string()
+        return added
 
     def check_params(self) -> None:
         p = self.params
@@ -244,6 +254,26 @@ class Ocr(BatchStage):
                 "ocr_caption_overlap": pa.array(overlaps, pa.float32()),
             },
         )
+        if p.append_text:
+            # Llama 3 concatenates the text in the image with the caption. A caption an earlier
+            # stage replaced (recaption) keeps the original it recorded.
+            joined = [
+                f"{c}\n{t}" if c and t else (c or t or c)
+                for c, t in zip(captions, texts, strict=True)
+            ]
+            before = (
+                batch.column("original_caption").to_pylist()
+                if "original_caption" in batch.column_names
+                else [None] * n
+            )
+            originals = [o if o is not None else c for o, c in zip(before, captions, strict=True)]
+            out = put_columns(
+                out,
+                {
+                    "original_caption": pa.array(originals, pa.string()),
+                    "caption": pa.array(joined, pa.string()),
+                },
+            )
         mask = np.array([r is not None for r in reasons], dtype=bool)
         return reject(out, mask, reasons) if mask.any() else out
 

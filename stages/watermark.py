@@ -12,7 +12,8 @@ maximum and the unreadable-image rule are `stages.image_scores`', as for `nsfw`.
 
 `--watermark.model` is the weights file: the default URL is downloaded once into warren's weights
 cache (`stages.model_fetch.weights_file`; offline, a clear error naming the flag), or a local file,
-or `hf:ORG/REPO/FILE`; `--watermark.arch` another timm backbone under the same head (the tests use
+or `hf:ORG/REPO/FILE`, or `demo` (timm's tiny `test_efficientnet` under the same head with seeded
+random weights: the offline demo runs, its scores mean nothing); `--watermark.arch` another timm backbone under the same head (the tests use
 timm's tiny `test_efficientnet`). The model runs on the GPU when there is one.
 
 Score and threshold. `watermark_prob` (float32, in [0, 1]): the maximum over a row's images; a row
@@ -39,6 +40,10 @@ DEFAULT_MODEL = (
     "https://github.com/LAION-AI/LAION-5B-WatermarkDetection/raw/main/models/watermark_model_v1.pt"
 )
 DEFAULT_ARCH = "efficientnet_b3a"
+#: `--watermark.model demo`: timm's tiny test EfficientNet under LAION's head, seeded random
+#: weights, for the offline demo (its scores mean nothing).
+DEMO = "demo"
+DEMO_ARCH = "test_efficientnet"
 SIDE = 256
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -129,6 +134,12 @@ class Watermark(ImageScoreStage):
         from warren.stages.models import default_device
 
         flag = f"--{self.name}.model"
+        self.device = default_device()
+        self._threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+        if self.params.model == DEMO:
+            torch.manual_seed(0)
+            self._model = detector(DEMO_ARCH).eval().to(self.device)
+            return
         path = weights_file(self.params.model, flag)
         model = detector(self.params.arch)
         try:
@@ -139,10 +150,7 @@ class Watermark(ImageScoreStage):
                 f"{self.name}: {path} is not a {self.params.arch} watermark detector "
                 f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); give {flag}"
             ) from exc
-        self.device = default_device()
         self._model = model.eval().to(self.device)
-        # Threads that decode the next chunk while the model scores this one.
-        self._threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
 
     def preprocess(self, img: Any) -> np.ndarray:
         """LAION's preprocessing: 256x256 bilinear (torchvision's Resize on a PIL image), [0, 1],

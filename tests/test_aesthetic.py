@@ -45,6 +45,7 @@ def test_the_predictor_has_the_published_weights_keys():
 def test_scores_are_the_layers_applied_to_the_embedding_and_the_threshold_rejects(tmp_path):
     torch.manual_seed(3)
     state = predictor(16).state_dict()
+    state["layers.7.bias"] += 5.0  # scores around 5, as the real predictor's
     torch.save(state, tmp_path / "aesthetic.pth")
     table = embeddings(40, 16, missing={5})
     stage = Aesthetic(model=str(tmp_path / "aesthetic.pth"), min_score=0.0)
@@ -81,8 +82,10 @@ def test_embeddings_of_another_width_and_weights_not_here_are_clear_errors(tmp_p
         Aesthetic(model=str(tmp_path / "nope.pth")).setup()
 
 
-def test_the_demo_predictor_scores_any_width_the_same_every_time():
+def test_the_demo_predictor_scores_any_width_the_same_every_time_and_0_filters_nothing():
     table = embeddings(8, 32)
-    a = Aesthetic(model="demo").process(table).column("aesthetic_score").to_pylist()
+    a = Aesthetic(model="demo").process(table)
     b = Aesthetic(model="demo").process(table).column("aesthetic_score").to_pylist()
-    assert a == b and all(v is not None for v in a)
+    assert a.column("aesthetic_score").to_pylist() == b and all(v is not None for v in b)
+    # min_score 0 is off, even for scores below it (the demo predictor's are near 0).
+    assert "_reject" not in a.column_names or a.column("_reject").null_count == 8

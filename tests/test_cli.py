@@ -29,6 +29,7 @@ SHIPPED = {
     "bunny_pretrain",
     "datacomp_filter",
     "demo",
+    "llama3_pretrain",
     "llava_instruct",
     "points_pretrain",
     "semdedup",

@@ -36,7 +36,7 @@ def pool() -> list[dict]:
     return [rows[i] for i in np.random.default_rng(7).permutation(len(rows))]
 
 
-def brute(rows, threshold, seed, keep_unmatched=False):
+def brute(rows, threshold, seed, keep_unmatched=False, vocab=VOCAB):
     """Plain word lists, every entry counted by a scan of every caption, every draw by hand."""
     words = {
         r["id"]: "".join(c if c.isalnum() else " " for c in r["caption"].lower()).split()
@@ -47,10 +47,10 @@ def brute(rows, threshold, seed, keep_unmatched=False):
         e = entry.split()
         return any(w[i : i + len(e)] == e for i in range(len(w)))
 
-    count = {e: sum(holds(w, e) for w in words.values()) for e in VOCAB}
+    count = {e: sum(holds(w, e) for w in words.values()) for e in vocab}
     out = {}
     for r in rows:
-        found = [e for e in VOCAB if holds(words[r["id"]], e)]
+        found = [e for e in vocab if holds(words[r["id"]], e)]
         if not found:
             out[r["id"]] = (
                 None if keep_unmatched else "ngram_resample: no vocabulary n-gram",
@@ -63,7 +63,7 @@ def brute(rows, threshold, seed, keep_unmatched=False):
         p = 1 - math.prod(1 - math.sqrt(threshold / count[e]) for e in found)
         keys = uniform_key([f"{r['id']}\x1f{e}" for e in found], sub_seed(seed, "ngrams"))
         drawn = any(k < math.sqrt(threshold / count[e]) for k, e in zip(keys, found, strict=True))
-        rarest = min(found, key=lambda e: (count[e], VOCAB.index(e)))
+        rarest = min(found, key=lambda e: (count[e], vocab.index(e)))
         why = (
             f"ngram_resample: frequent n-grams only (rarest {rarest!r}: {count[rarest]:,} rows, "
             f"T {threshold:,}, kept with p {p:.3g})"
@@ -75,9 +75,10 @@ def brute(rows, threshold, seed, keep_unmatched=False):
 def run(rows, tmp_path, **params):
     vocab = tmp_path / "ngrams.txt"
     vocab.write_text("\n".join(VOCAB) + "\n")
+    params = {"ngrams": str(vocab), **params}
     tbl = rows_to_table(rows)
     ds = ray.data.from_arrow([tbl.slice(i, 100) for i in range(0, tbl.num_rows, 100)])
-    out = NgramResample(ngrams=str(vocab), **params).run(ds, GlobalContext(len(rows), 5, 2))
+    out = NgramResample(**params).run(ds, GlobalContext(len(rows), 5, 2))
     return {r["id"]: (r["_reject"], r["ngram_keep_p"]) for r in out.take_all()}
 
 
@@ -131,8 +132,8 @@ def test_a_rows_keep_rate_over_seeds_is_one_minus_the_product_of_its_misses():
 
 
 def test_params_that_cannot_work_are_refused_and_the_vocabulary_is_in_the_cache_key(tmp_path):
-    with pytest.raises(ValueError, match="ngrams must name a vocabulary file"):
-        NgramResample(ngram_threshold=5).check_params()
+    with pytest.raises(ValueError, match="ngram_max must be at least 1"):
+        NgramResample(ngram_threshold=5, ngram_max=0)
     vocab = tmp_path / "v.txt"
     vocab.write_text("cat\n")
     with pytest.raises(ValueError, match="ngram_threshold"):
@@ -140,3 +141,22 @@ def test_params_that_cannot_work_are_refused_and_the_vocabulary_is_in_the_cache_
     before = NgramResample(ngrams=str(vocab), ngram_threshold=5).params_hash
     vocab.write_text("cat\ndog\n")
     assert NgramResample(ngrams=str(vocab), ngram_threshold=5).params_hash != before
+
+
+def test_without_a_vocabulary_the_pools_own_ngrams_in_two_rows_or_more_are_counted(
+    ray_session, tmp_path
+):
+    rows = pool()
+    got = run(rows, tmp_path, ngrams="", ngram_max=2, ngram_threshold=40, seed=5)
+    # The vocabulary by hand: every run of one or two words, in how many captions it occurs.
+    per_row = []
+    for r in rows:
+        w = "".join(c if c.isalnum() else " " for c in r["caption"].lower()).split()
+        per_row.append({" ".join(w[i : i + n]) for n in (1, 2) for i in range(len(w) - n + 1)})
+    rows_with = {g: sum(g in grams for grams in per_row) for g in set().union(*per_row)}
+    vocab = sorted(g for g, n in rows_with.items() if n >= 2)
+    # "hotdogs" and "redcar" occur in 5 rows: in the vocabulary, so those rows are kept (5 < T).
+    assert "redcar hotdogs" in vocab and "see" in vocab
+    assert {k: v[0] for k, v in got.items()} == {
+        k: v[0] for k, v in brute(rows, 40, 5, vocab=vocab).items()
+    }

@@ -121,3 +121,15 @@ def test_area_and_overlap_by_hand():
     assert caption_overlap("SALE 50% off", "Big sale, half off a") == pytest.approx(7 / 9)
     assert caption_overlap("HelloWarren", "hello warren") == 1.0
     assert caption_overlap("", "x") is None and caption_overlap("a", None) is None
+
+
+def test_append_text_puts_the_text_read_after_the_caption_and_keeps_the_caption(stage):
+    sign, _ = rendered(["Hello warren 2026"])
+    out = Ocr(append_text=True).process(table([[png(sign)], None], ["a sign", "no image"]))
+    caption, original = (
+        out.column("caption").to_pylist(),
+        out.column("original_caption").to_pylist(),
+    )
+    assert original == ["a sign", "no image"] and caption[1] == "no image"
+    head, text = caption[0].split("\n", 1)
+    assert head == "a sign" and words(text).replace(" ", "") == "hellowarren2026"
