@@ -6,7 +6,7 @@ Model. The LAION-Aesthetics v2 predictor (christophschuhmann/improved-aesthetic-
 L2-normalised CLIP ViT-L/14 image embedding, fitted to human 1-10 ratings (SAC, LAION-Logos, AVA).
 It reads `image_emb` as `embed` wrote it (unit norm), so there is no second pass over the images:
 run `embed` with CLIP ViT-L/14 (`--embed.model open_clip:ViT-L-14:openai`) first. Embeddings of
-another width are refused in `setup`'s first batch, naming the flag; the embedding store serves
+another width are refused at the first batch, naming the flag; the embedding store serves
 ViT-L/14 vectors that any recipe computed before.
 
 `--aesthetic.model` is the weights file: the default URL is downloaded once into warren's weights
@@ -128,6 +128,8 @@ class Aesthetic(BatchStage):
     def check_params(self) -> None:
         if not self.params.model.strip():
             raise ValueError(f"{self.name}: model must name the predictor's weights")
+        if self.params.min_score < 0:
+            raise ValueError(f"{self.name}: min_score must be >= 0 (0 is off)")
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -155,3 +155,17 @@ def unreadable_reason(raw: memoryview, exc: Exception, max_pixels: int) -> str:
     # image_check could decode it: the failure is in the conversion (an exotic mode).
     message = " ".join(str(exc).split())[:200] or type(exc).__name__
     return f"{type(exc).__name__}: {message}"
+
+
+def onnxruntime_has_cuda() -> bool:
+    """Whether the installed onnxruntime is a CUDA build, read from package metadata so that
+    building a stage on the driver imports nothing heavy."""
+    import importlib.metadata
+
+    for dist in ("onnxruntime-gpu", "ort-nightly-gpu"):
+        try:
+            importlib.metadata.distribution(dist)
+            return True
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import http.client
 import logging
 import os
 import socket
@@ -96,7 +97,10 @@ def weights_file(spec: str, flag: str) -> str:
     if spec.startswith("hf:"):
         from huggingface_hub import hf_hub_download
 
-        repo, _, name = spec[3:].rpartition("/")
+        parts = spec[3:].split("/", 2)
+        if len(parts) < 3 or not all(parts):
+            raise not_found(spec, "an hf: spec is hf:ORG/REPO/PATH/TO/FILE", flag, example)
+        repo, name = f"{parts[0]}/{parts[1]}", parts[2]
         last: BaseException | None = None
         for local_only in [True] + ([False] if may_download() else []):
             try:
@@ -129,8 +133,12 @@ def _download(url: str, path: Path, flag: str, example: str) -> Path:
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as tmp:
         try:
             with urllib.request.urlopen(url, timeout=60) as response:
+                expected = int(response.headers.get("Content-Length") or -1)
                 shutil.copyfileobj(response, tmp)
-        except OSError as exc:  # URLError, HTTPError and time-outs are OSErrors
+            got = tmp.tell()
+            if got == 0 or (expected >= 0 and got != expected):
+                raise OSError(f"{got} bytes received, {expected} announced")
+        except (OSError, http.client.HTTPException) as exc:  # URLError, time-outs, cut bodies
             tmp.close()
             os.unlink(tmp.name)
             raise not_found(url, f"the download failed ({exc})", flag, example) from exc

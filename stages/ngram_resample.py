@@ -15,7 +15,9 @@ captions say only what many other captions say, in the spirit of MetaCLIP:
 - a row whose caption holds no entry is rejected (nothing of it is drawn), unless
   `keep_unmatched`.
 
-Each row's keep probability is kept on the row as `ngram_keep_p`. The draws are seeded uniform
+Each row's keep probability is kept on the row as `ngram_keep_p`. Without a vocabulary file the
+pool's distinct n-grams are counted on the driver: its memory grows with their number (the words
+of a web pool fit; for `ngram_max` 2 or more on a large pool, give a vocabulary). The draws are seeded uniform
 keys (`stages.select.uniform_key`) of the row's id and the entry, with a seed of the rule's own
 (`sub_seed(seed, "ngrams")`): the same input and seed keep the same rows, in any run.
 

@@ -51,7 +51,6 @@ reviewer needs to see.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import os
 from pathlib import Path
 from typing import Any
@@ -59,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from warren.stages.base import Resources, param
-from warren.stages.image_scores import ImageScoreStage
+from warren.stages.image_scores import ImageScoreStage, onnxruntime_has_cuda
 from warren.stages.images import DEFAULT_MAX_PIXELS
 
 SCORE_COLUMN = "nsfw_score"
@@ -125,7 +124,7 @@ class Nsfw(ImageScoreStage):
         self._session: Any = None
 
     def default_resources(self) -> Resources:
-        if not _onnxruntime_has_cuda():
+        if not onnxruntime_has_cuda():
             # The CPU build of onnxruntime never touches a GPU: asking Ray for one would only idle
             # it and cap the pool at four actors per GPU.
             return type(self).resources.replace(num_gpus=0.0)
@@ -261,18 +260,6 @@ def _check_signature(session: Any, path: Path, flag: str) -> None:
             f"nsfw: {path} is not an Open-NSFW-like model (one input (N, 224, 224, 3), output "
             f"(N, 2); found {found}); give {flag} {BUNDLED} or a model of that kind"
         )
-
-
-def _onnxruntime_has_cuda() -> bool:
-    """Whether the installed onnxruntime is a CUDA build, read from package metadata so that
-    building a stage on the driver imports nothing heavy."""
-    for dist in ("onnxruntime-gpu", "ort-nightly-gpu"):
-        try:
-            importlib.metadata.distribution(dist)
-            return True
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return False
 
 
 def _gpu_present() -> bool:

@@ -50,7 +50,7 @@ import pyarrow.compute as pc
 
 from warren.stages.base import BatchStage, Resources, param, put_columns, reject
 from warren.stages.image_check import pil_limits, with_index
-from warren.stages.image_scores import decode_blob
+from warren.stages.image_scores import decode_blob, onnxruntime_has_cuda
 from warren.stages.images import DEFAULT_MAX_PIXELS
 
 RULE = "ocr"
@@ -138,12 +138,19 @@ class Ocr(BatchStage):
     version = "1"
     Params = OcrParams
     uses_model = True
-    resources = Resources(num_cpus=1.0, num_gpus=0.0, batch_size=64)
+    # A small detector and recogniser: a quarter of a GPU per actor, asked for only when
+    # onnxruntime can use one (the onnxruntime-gpu build; default_resources).
+    resources = Resources(num_cpus=1.0, num_gpus=0.25, batch_size=64)
     adds = ("ocr_text", "ocr_boxes", "ocr_area", "ocr_caption_overlap")
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
         self._engine: Any = None
+
+    def default_resources(self) -> Resources:
+        if not onnxruntime_has_cuda():
+            return type(self).resources.replace(num_gpus=0.0)
+        return type(self).resources
 
     def added_columns(self) -> dict[str, Any]:
         added = {
@@ -180,7 +187,10 @@ class Ocr(BatchStage):
         import onnxruntime as ort
 
         threads = self.params.threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or -1
-        cuda = "CUDAExecutionProvider" in ort.get_available_providers() and _gpu_present()
+        from warren.stages.models import default_device
+
+        cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+        cuda = cuda and default_device() == "cuda"
         settings: dict[str, Any] = {
             "text_score": self.params.min_text_score,
             "print_verbose": False,
@@ -213,6 +223,12 @@ class Ocr(BatchStage):
         captions = (
             batch.column("caption").to_pylist() if "caption" in batch.column_names else [None] * n
         )
+        if p.append_text and "ocr_text" in batch.column_names:
+            # A re-run over this stage's own output: the caption without the text appended then.
+            captions = [
+                c[: -len(t) - 1] if c and t and c.endswith("\n" + t) else c
+                for c, t in zip(captions, batch.column("ocr_text").to_pylist(), strict=True)
+            ]
         texts: list[str | None] = [None] * n
         boxes: list[list[dict] | None] = [None] * n
         areas: list[float | None] = [None] * n
@@ -289,12 +305,6 @@ class Ocr(BatchStage):
                 f"{p.min_overlap:g})"
             )
         return None
-
-
-def _gpu_present() -> bool:
-    from warren.stages.models import default_device
-
-    return default_device() == "cuda"
 
 
 __all__ = ["BOX_TYPE", "Ocr", "OcrParams", "caption_overlap", "text_area"]

@@ -120,5 +120,6 @@ def test_lora_under_zero_2_is_merged_like_a_plain_lora_run(setup):
     projector = load_file(str(setup / "lora-zero2" / "mm_projector.safetensors"))
     expected = load_file(str(setup / "lora-plain" / "mm_projector.safetensors"))
     assert_close(projector, expected)
-    # The base saved for the merge is gone: the output is one whole model.
+    # The base saved for the merge, and the adapter pointing at it, are gone: one whole model.
     assert not (setup / "lora-zero2" / "base").exists()
+    assert not (setup / "lora-zero2" / "adapter").exists()

@@ -25,6 +25,21 @@ def weights(tmp_path_factory):
     return path
 
 
+def test_the_head_is_laions_layout():
+    # LAION-5B-WatermarkDetection's head on EfficientNet-B3's 1536 features: the keys and shapes
+    # watermark_model_v1.pt holds (written out by hand, not from detector()).
+    head = {
+        k: tuple(v.shape)
+        for k, v in detector("efficientnet_b3a").state_dict().items()
+        if k.startswith("classifier.")
+    }
+    assert head == {
+        "classifier.0.weight": (625, 1536), "classifier.0.bias": (625,),
+        "classifier.3.weight": (256, 625), "classifier.3.bias": (256,),
+        "classifier.5.weight": (2, 256), "classifier.5.bias": (2,),
+    }  # fmt: skip
+
+
 def photos() -> dict[str, Image.Image]:
     from skimage import data
 

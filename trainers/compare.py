@@ -168,6 +168,12 @@ def compare(
                 train, data=[data], output=str(folder / "model"), seed=seed, workers=0
             )
             summary = run_training(config)
+            if train.max_tokens and not summary.get("max_tokens_reached"):
+                raise ValueError(
+                    f"recipe {name!r}, seed {seed}: {summary['steps']} steps trained "
+                    f"{summary['tokens']:,} tokens, short of the budget of {train.max_tokens:,}: "
+                    "raise --steps (the cap) so every run reaches the budget"
+                )
             results = evaluate(
                 str(folder / "model"), tasks, eval_data, str(folder / "eval"),
                 batch_size=eval_batch_size, limit=limit, max_new_tokens=max_new_tokens,

@@ -872,14 +872,28 @@ def _save_adapter(
     model.peft_config["default"].base_model_name_or_path = base
     model.save_pretrained(adapter, state_dict=state_dict)
     parts.processor.save_pretrained(out)
+    # The projector as trained (fp32), not as the base's dtype would round it on reloading.
+    marker = f".{PROJECTOR}.modules_to_save.default."
+    projector = (
+        {
+            PROJECTOR_PREFIX + k.split(marker, 1)[1]: v.detach().cpu().contiguous()
+            for k, v in state_dict.items()
+            if marker in k
+        }
+        if state_dict is not None
+        else projector_state(model)
+    )
     loaded = PeftModel.from_pretrained(
         LlavaForConditionalGeneration.from_pretrained(base, dtype=dtype), adapter
     )
-    save_file(projector_state(loaded), str(out / PROJECTOR_FILE))
+    save_file(projector or projector_state(loaded), str(out / PROJECTOR_FILE))
     if c.lora_merge:
         loaded.merge_and_unload().save_pretrained(out)
         if not c.from_checkpoint:
-            shutil.rmtree(out / "base")  # saved only for this merge; the output is whole
+            # Saved only for this merge: the output is whole, and an adapter pointing at a base
+            # that is gone would only mislead.
+            shutil.rmtree(out / "base")
+            shutil.rmtree(adapter)
 
 
 if __name__ == "__main__":
