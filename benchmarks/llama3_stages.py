@@ -161,7 +161,8 @@ def bench_aesthetic(n: int, folder: Path) -> tuple[float, float]:
     stage.setup()
 
     def bare() -> None:
-        x = np.array(table.column("image_emb").to_pylist(), np.float32)
+        col = table.column("image_emb").combine_chunks()
+        x = col.values.to_numpy().reshape(len(col), 768).astype(np.float32)
         with torch.inference_mode():
             mlp.layers(torch.from_numpy(x))[:, 0].numpy()
 

@@ -155,7 +155,7 @@ class Aesthetic(BatchStage):
                 "open_clip:ViT-L-14:openai first, or give --aesthetic.model for this width"
             )
         with torch.inference_mode():
-            out = self._model.layers(torch.from_numpy(emb.astype(np.float32)))
+            out = self._model.layers(torch.from_numpy(np.ascontiguousarray(emb, np.float32)))
         return out[:, 0].numpy()
 
     def process(self, batch: pa.Table) -> pa.Table:
@@ -164,13 +164,18 @@ class Aesthetic(BatchStage):
         if ok.any():
             score[ok] = self.scores(emb)
         out = put_column(batch, SCORE_COLUMN, pa.array(score, pa.float32(), mask=~ok))
-        out = reject(out, ~ok, f"{self.name}: missing embedding")
+        if not ok.all():
+            out = reject(out, ~ok, f"{self.name}: missing embedding")
         # 0 is "off" (the threshold's `off` value), whatever a predictor scores.
         low = ok & (score < self.params.min_score) if self.params.min_score > 0 else ok & False
-        reasons = [
-            f"{self.name}: below min_score ({SCORE_COLUMN} {s:.3g} < {self.params.min_score:g})"
-            for s in score
-        ]
+        if not low.any():
+            return out
+        reasons: list[str | None] = [None] * batch.num_rows
+        for i in np.flatnonzero(low):
+            reasons[i] = (
+                f"{self.name}: below min_score ({SCORE_COLUMN} {score[i]:.3g} < "
+                f"{self.params.min_score:g})"
+            )
         return reject(out, low, reasons)
 
 

@@ -80,8 +80,15 @@ class NgramRule:
         that holds no entry)."""
         ids = batch.column("id").to_pylist()
         found = [self.vocab.matches(t) for t in row_texts(batch, self.text)]
-        # one draw per (row, entry): the key of the id and the entry, in a batch of its own
-        pairs = [(i, j) for i, js in enumerate(found) for j in sorted(js)]
+        keep_p = [self.keep_p(js) if js else None for js in found]
+        # one draw per (row, entry) of the rows a rare entry does not keep outright: the key of
+        # the id and the entry
+        pairs = [
+            (i, j)
+            for i, js in enumerate(found)
+            if keep_p[i] is not None and keep_p[i] < 1.0
+            for j in sorted(js)
+        ]
         keys = uniform_key(
             [f"{ids[i]}\x1f{self.vocab.entries[j]}" for i, j in pairs],
             sub_seed(self.seed, "ngrams"),
@@ -99,7 +106,7 @@ class NgramRule:
                     None if self.keep_unmatched else f"{self.name}: no vocabulary n-gram"
                 )
                 continue
-            p = self.keep_p(js)
+            p = keep_p[i]
             probs.append(p)
             if p >= 1.0 or drawn[i]:
                 reasons.append(None)
