@@ -127,6 +127,27 @@ def concept_count_pass(batch: pa.Table, vocab: Vocabulary, which: str) -> pa.Tab
     )
 
 
+def entry_counts(ds, vocab: Vocabulary, which: str) -> tuple[int, ...]:
+    """Rows of the Dataset `ds` that match each vocabulary entry: one pass over its text columns."""
+    counts = np.zeros(len(vocab.entries), np.int64)
+    texts = project(ds, ["caption", "conversations"])
+    for b in texts.map_batches(
+        concept_count_pass, fn_args=(vocab, which), batch_format="pyarrow"
+    ).iter_batches(batch_size=None, batch_format="pyarrow"):
+        np.add.at(counts, b.column("entry").to_numpy(), b.column("n").to_numpy())
+    return tuple(int(c) for c in counts)
+
+
+def vocabulary_hash(params_hash: str, key: str, uri: str) -> str:
+    """A stage's cache key with its vocabulary file's content in it: the vocabulary is data the
+    decision depends on, so a changed file must invalidate the cache."""
+    try:
+        digest = hashlib.sha256(Location.of(uri).read_bytes()).hexdigest()
+    except OSError:
+        digest = "unreadable"
+    return stable_hash({"params": params_hash, key: digest})
+
+
 def sub_seed(seed: int, rule: str) -> int:
     """A seed of its own for one rule, so its draws are independent of the other rules' keys."""
     digest = hashlib.blake2b(f"{seed}:{rule}".encode(), digest_size=8).digest()
@@ -215,26 +236,15 @@ class ConceptBalance(GlobalStage):
 
     @property
     def params_hash(self) -> str:
-        # The vocabulary is data the decision depends on: a changed file must invalidate the cache.
-        try:
-            digest = hashlib.sha256(Location.of(self.params.concepts).read_bytes()).hexdigest()
-        except OSError:
-            digest = "unreadable"
-        return stable_hash({"params": super().params_hash, "concepts": digest})
+        return vocabulary_hash(super().params_hash, "concepts", self.params.concepts)
 
     def concept_rule(self, ds) -> ConceptRule:
         """The rule with each entry's row count over `ds` (one counting pass)."""
         p = self.params
         vocab = load_vocabulary(p.concepts)
-        counts = np.zeros(len(vocab.entries), np.int64)
-        texts = project(ds, ["caption", "conversations"])
-        for b in texts.map_batches(
-            concept_count_pass, fn_args=(vocab, p.concept_text), batch_format="pyarrow"
-        ).iter_batches(batch_size=None, batch_format="pyarrow"):
-            np.add.at(counts, b.column("entry").to_numpy(), b.column("n").to_numpy())
         return ConceptRule(
             vocab,
-            tuple(int(c) for c in counts),
+            entry_counts(ds, vocab, p.concept_text),
             p.concept_cap,
             p.seed,
             p.concept_text,
@@ -253,8 +263,10 @@ __all__ = [
     "ConceptRule",
     "Vocabulary",
     "concept_words",
+    "entry_counts",
     "load_vocabulary",
     "parse_vocabulary",
     "row_texts",
     "sub_seed",
+    "vocabulary_hash",
 ]

@@ -92,12 +92,7 @@ class ImageScoreStage(BatchStage):
     def process(self, batch: pa.Table) -> pa.Table:
         p = self.params
         n = batch.num_rows
-        images = batch.column("images").combine_chunks()
-        counts = pc.fill_null(pc.list_value_length(images), 0).to_numpy(zero_copy_only=False)
-        # flatten() honours slicing and skips null lists, so row i owns [starts[i], +counts[i]).
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        # struct_field propagates null structs to their children: a null image has null bytes.
-        blobs = pc.struct_field(images.flatten(), "bytes")
+        counts, starts, blobs = row_images(batch)
         flat, problems = self.score_blobs([b.as_buffer() for b in blobs])
 
         scores = np.full(n, np.nan, dtype=np.float32)
@@ -169,3 +164,14 @@ def onnxruntime_has_cuda() -> bool:
         except importlib.metadata.PackageNotFoundError:
             continue
     return False
+
+
+def row_images(batch: pa.Table) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+    """Every image of `batch` in one array of encoded bytes (null for a null image), and for each
+    row how many it has and where they start: row i owns blobs[starts[i] : starts[i] + counts[i]]."""
+    images = batch.column("images").combine_chunks()
+    counts = pc.fill_null(pc.list_value_length(images), 0).to_numpy(zero_copy_only=False)
+    # flatten() honours slicing and skips null lists, so the rows' images follow one another.
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    # struct_field propagates null structs to their children: a null image has null bytes.
+    return counts, starts, pc.struct_field(images.flatten(), "bytes")

@@ -46,11 +46,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from warren.stages.base import BatchStage, Resources, param, put_columns, reject
 from warren.stages.image_check import pil_limits, with_index
-from warren.stages.image_scores import decode_blob, onnxruntime_has_cuda
+from warren.stages.image_scores import decode_blob, onnxruntime_has_cuda, row_images
 from warren.stages.images import DEFAULT_MAX_PIXELS
 
 RULE = "ocr"
@@ -216,10 +215,7 @@ class Ocr(BatchStage):
     def process(self, batch: pa.Table) -> pa.Table:
         p = self.params
         n = batch.num_rows
-        images = batch.column("images").combine_chunks()
-        counts = pc.fill_null(pc.list_value_length(images), 0).to_numpy(zero_copy_only=False)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        blobs = pc.struct_field(images.flatten(), "bytes")
+        counts, starts, blobs = row_images(batch)
         captions = (
             batch.column("caption").to_pylist() if "caption" in batch.column_names else [None] * n
         )

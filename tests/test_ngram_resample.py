@@ -137,7 +137,7 @@ def test_params_that_cannot_work_are_refused_and_the_vocabulary_is_in_the_cache_
     vocab = tmp_path / "v.txt"
     vocab.write_text("cat\n")
     with pytest.raises(ValueError, match="ngram_threshold"):
-        NgramResample(ngrams=str(vocab)).check_params()
+        NgramResample(ngrams=str(vocab), ngram_threshold=0)
     before = NgramResample(ngrams=str(vocab), ngram_threshold=5).params_hash
     vocab.write_text("cat\ndog\n")
     assert NgramResample(ngrams=str(vocab), ngram_threshold=5).params_hash != before
