@@ -127,6 +127,12 @@ def concept_count_pass(batch: pa.Table, vocab: Vocabulary, which: str) -> pa.Tab
     )
 
 
+def check_text_choice(stage: str, field: str, value: str) -> None:
+    """A ValueError unless `value` names a text `row_texts` knows."""
+    if value not in ("auto", "caption", "conversations"):
+        raise ValueError(f"{stage}: {field} must be auto, caption or conversations, got {value!r}")
+
+
 def entry_counts(ds, vocab: Vocabulary, which: str) -> tuple[int, ...]:
     """Rows of the Dataset `ds` that match each vocabulary entry: one pass over its text columns."""
     counts = np.zeros(len(vocab.entries), np.int64)
@@ -226,11 +232,7 @@ class ConceptBalance(GlobalStage):
             raise ValueError(f"{name}: concepts must name a vocabulary file")
         if p.concept_cap < 1:
             raise ValueError(f"{name}: concepts need concept_cap >= 1 (MetaCLIP's t)")
-        if p.concept_text not in ("auto", "caption", "conversations"):
-            raise ValueError(
-                f"{name}: concept_text must be auto, caption or conversations, "
-                f"got {p.concept_text!r}"
-            )
+        check_text_choice(name, "concept_text", p.concept_text)
         if not -(2**63) <= p.seed < 2**63:
             raise ValueError(f"{name}: seed must fit in 64 bits, got {p.seed}")
 
@@ -262,6 +264,7 @@ __all__ = [
     "ConceptBalanceParams",
     "ConceptRule",
     "Vocabulary",
+    "check_text_choice",
     "concept_words",
     "entry_counts",
     "load_vocabulary",

@@ -18,6 +18,7 @@ A stage gives: `score_column`, `verdict`, `decode_side`; `setup()` (which loads 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
@@ -175,3 +176,15 @@ def row_images(batch: pa.Table) -> tuple[np.ndarray, np.ndarray, pa.Array]:
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     # struct_field propagates null structs to their children: a null image has null bytes.
     return counts, starts, pc.struct_field(images.flatten(), "bytes")
+
+
+def session_threads(requested: int) -> int:
+    """Intra-op threads for a session: `requested` if > 0, else OMP_NUM_THREADS (which Ray sets
+    to a worker's CPU share, so actors on one node do not each spawn a thread per core), else 0,
+    onnxruntime's own default."""
+    if requested > 0:
+        return requested
+    try:
+        return max(int(os.environ.get("OMP_NUM_THREADS", "0")), 0)
+    except ValueError:
+        return 0

@@ -43,6 +43,7 @@ import pyarrow as pa
 from warren.stages.base import GlobalContext, GlobalStage, param, put_column, reject
 from warren.stages.concept_balance import (
     Vocabulary,
+    check_text_choice,
     concept_words,
     entry_counts,
     load_vocabulary,
@@ -180,11 +181,7 @@ class NgramResample(GlobalStage):
             raise ValueError(f"{self.name}: ngram_max must be at least 1")
         if p.ngram_threshold < 1:
             raise ValueError(f"{self.name}: ngram_threshold (Llama 3's T) must be at least 1")
-        if p.ngram_text not in ("auto", "caption", "conversations"):
-            raise ValueError(
-                f"{self.name}: ngram_text must be auto, caption or conversations, "
-                f"got {p.ngram_text!r}"
-            )
+        check_text_choice(self.name, "ngram_text", p.ngram_text)
         if not -(2**63) <= p.seed < 2**63:
             raise ValueError(f"{self.name}: seed must fit in 64 bits, got {p.seed}")
 

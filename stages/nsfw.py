@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from warren.stages.base import Resources, param
-from warren.stages.image_scores import ImageScoreStage, onnxruntime_has_cuda
+from warren.stages.image_scores import ImageScoreStage, onnxruntime_has_cuda, session_threads
 from warren.stages.images import DEFAULT_MAX_PIXELS
 
 SCORE_COLUMN = "nsfw_score"
@@ -235,18 +235,6 @@ def model_path(spec: str, flag: str = "--nsfw.model") -> Path:
             f"inside the {PACKAGE} package, no download) or {flag} /path/to/model.onnx"
         )
     return path
-
-
-def session_threads(requested: int) -> int:
-    """Intra-op threads for a session: `requested` if > 0, else OMP_NUM_THREADS (which Ray sets
-    to a worker's CPU share, so actors on one node do not each spawn a thread per core), else 0,
-    onnxruntime's own default."""
-    if requested > 0:
-        return requested
-    try:
-        return max(int(os.environ.get("OMP_NUM_THREADS", "0")), 0)
-    except ValueError:
-        return 0
 
 
 def _check_signature(session: Any, path: Path, flag: str) -> None:

@@ -40,7 +40,6 @@ image_check's words (`ocr: unreadable image (truncated image: ...)`).
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from typing import Any
 
@@ -49,7 +48,12 @@ import pyarrow as pa
 
 from warren.stages.base import BatchStage, Resources, param, put_columns, reject
 from warren.stages.image_check import pil_limits, with_index
-from warren.stages.image_scores import decode_blob, onnxruntime_has_cuda, row_images
+from warren.stages.image_scores import (
+    decode_blob,
+    onnxruntime_has_cuda,
+    row_images,
+    session_threads,
+)
 from warren.stages.images import DEFAULT_MAX_PIXELS
 
 RULE = "ocr"
@@ -185,7 +189,7 @@ class Ocr(BatchStage):
             ) from exc
         import onnxruntime as ort
 
-        threads = self.params.threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or -1
+        threads = session_threads(self.params.threads) or -1  # -1: onnxruntime's default
         from warren.stages.models import default_device
 
         cuda = "CUDAExecutionProvider" in ort.get_available_providers()

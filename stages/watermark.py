@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from warren.stages.base import Resources, param
-from warren.stages.image_scores import ImageScoreStage
+from warren.stages.image_scores import ImageScoreStage, session_threads
 from warren.stages.images import DEFAULT_MAX_PIXELS
 
 SCORE_COLUMN = "watermark_prob"
@@ -135,7 +135,7 @@ class Watermark(ImageScoreStage):
 
         flag = f"--{self.name}.model"
         self.device = default_device()
-        self._threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+        self._threads = session_threads(0) or os.cpu_count() or 1
         if self.params.model == DEMO:
             torch.manual_seed(0)
             self._model = detector(DEMO_ARCH).eval().to(self.device)

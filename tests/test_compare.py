@@ -10,8 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_trainers_data import COLORS, color_row, image_processor, word_tokenizer, write_shards
-from tiny_models import llm_config, vision_config
+from test_trainers_data import COLORS, color_row, save_untrained_parts, write_shards
 
 from warren.trainers.compare import data_stats, overlap, render_html, spread, verdicts
 
@@ -72,17 +71,7 @@ class _Text(HTMLParser):
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory) -> Path:
-    import torch
-    from transformers import CLIPVisionModel, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("proxy")
-    tok = word_tokenizer()
-    torch.manual_seed(0)
-    CLIPVisionModel(vision_config()).save_pretrained(root / "vision")
-    image_processor().save_pretrained(root / "vision")
-    LlamaForCausalLM(llm_config(len(tok))).save_pretrained(root / "llm")
-    tok.save_pretrained(root / "llm")
-    return root
+    return save_untrained_parts(tmp_path_factory.mktemp("proxy"))
 
 
 def test_two_recipes_are_trained_per_seed_evaluated_and_reported(proxy, tmp_path):

@@ -450,3 +450,19 @@ def test_a_plain_folder_of_parquet_files_is_still_read_whole(tmp_path):
     write_shards(tmp_path, [color_row(i) for i in range(6)], rows_per_file=4, row_group_size=2)
     ids = [r["id"] for _, r in iter_rows(plan_units(tmp_path), ["id"])]
     assert sorted(ids) == [f"row-{i:04d}" for i in range(6)]
+
+
+def save_untrained_parts(root: Path) -> Path:
+    """root/vision (a tiny CLIP tower and its image processor) and root/llm (a tiny Llama and the
+    word tokenizer), untrained, drawn after seed 0: a LLaVA model assembled from parts."""
+    import torch
+    from tiny_models import llm_config, vision_config
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    tok = word_tokenizer()
+    torch.manual_seed(0)
+    CLIPVisionModel(vision_config()).save_pretrained(root / "vision")
+    image_processor().save_pretrained(root / "vision")
+    LlamaForCausalLM(llm_config(len(tok))).save_pretrained(root / "llm")
+    tok.save_pretrained(root / "llm")
+    return root

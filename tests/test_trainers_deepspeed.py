@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_trainers_data import color_row, image_processor, word_tokenizer, write_shards
-from tiny_models import llm_config, vision_config
+from test_trainers_data import color_row, save_untrained_parts, write_shards
 
 pytest.importorskip("deepspeed")
 
@@ -38,15 +37,7 @@ ZERO = {
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> Path:
-    from transformers import CLIPVisionModel, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("ds")
-    tok = word_tokenizer()
-    torch.manual_seed(0)
-    CLIPVisionModel(vision_config()).save_pretrained(root / "vision")
-    image_processor().save_pretrained(root / "vision")
-    LlamaForCausalLM(llm_config(len(tok))).save_pretrained(root / "llm")
-    tok.save_pretrained(root / "llm")
+    root = save_untrained_parts(tmp_path_factory.mktemp("ds"))
     write_shards(root / "shards", [color_row(i) for i in range(64)], 16, 8)
     for stage in (2, 3):
         config = {**ZERO, "zero_optimization": {"stage": stage}}
